@@ -1,0 +1,227 @@
+"""Typed node settings.
+
+Sources, later ones winning: ``conf/default.yaml``, an optional config file
+(deep-merged: mappings merge key by key, lists and scalars replace), then
+environment variables ``LUMBAR_NODE__<SECTION>__<KEY>`` whose values are parsed
+as YAML (``LUMBAR_NODE__NODE__PORT=11113`` sets ``node.port`` to the int 11113).
+Relative paths are kept as given: relative to the working directory at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "default.yaml"
+ENV_PREFIX = "LUMBAR_NODE__"
+
+
+class ConfigError(ValueError):
+    """The configuration is unreadable or invalid; the message names the key and where it came from."""
+
+
+def _check_ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16:
+        raise ValueError("an AE title must be 1 to 16 characters")
+    if "\\" in value:
+        raise ValueError("an AE title must not contain a backslash")
+    if not value.strip():
+        raise ValueError("an AE title must not be all spaces")
+    return value
+
+
+def _check_level(value: str) -> str:
+    level = value.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError("not a logging level name (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    return level
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class Peer(_Section):
+    """A calling AE allowed to send us studies; ``host`` None means any address."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class NodeSettings(_Section):
+    """Our storage SCP: identity, listening address and who may associate."""
+
+    ae_title: AETitle
+    bind_address: str
+    port: Port
+    max_pdu_size: int = Field(ge=0)  # 0 = unlimited
+    allowed_peers: list[Peer]
+    refuse_unknown_peers: bool
+
+
+class Destination(_Section):
+    """A storage SCP that receives our results."""
+
+    name: str = Field(min_length=1)
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+
+
+class StorageSettings(_Section):
+    """Spool of received instances and the SQLite ledger."""
+
+    spool_dir: Path
+    ledger_path: Path
+    min_free_disk_mb: int = Field(ge=0)
+    fsync: bool
+
+
+class StudySettings(_Section):
+    """When a received study counts as complete."""
+
+    quiet_time_s: float = Field(gt=0)
+    release_when_complete: bool
+
+
+class DeliverySettings(_Section):
+    """Retries of result delivery, with exponential backoff."""
+
+    max_attempts: int = Field(ge=1)
+    backoff_initial_s: float = Field(gt=0)
+    backoff_max_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> DeliverySettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        return self
+
+
+class ModelSettings(_Section):
+    """Where the ONNX model lives (None = bundled default) and how it runs."""
+
+    dir: Path | None
+    providers: list[str] = Field(min_length=1)
+
+
+class LoggingSettings(_Section):
+    """Log format (auto = console on a terminal, JSON otherwise) and level."""
+
+    format: Literal["auto", "json", "console"]
+    level: Annotated[str, AfterValidator(_check_level)]
+
+
+class Settings(_Section):
+    """The whole node configuration."""
+
+    node: NodeSettings
+    destinations: list[Destination]
+    storage: StorageSettings
+    study: StudySettings
+    delivery: DeliverySettings
+    models: ModelSettings
+    workers: int = Field(ge=1)
+    logging: LoggingSettings
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError(f"destination names must be unique (got {names})")
+        return self
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level of a config file must be a mapping")
+    return data
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into a copy of ``base``: dicts recursively, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Set ``LUMBAR_NODE__A__B=value`` as ``data[a][b]``; return {key path: variable name}."""
+    applied: dict[tuple[str, ...], str] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = tuple(name[len(ENV_PREFIX):].lower().split("__"))
+        if not all(parts):
+            raise ConfigError(f"{name}: malformed variable name, expected {ENV_PREFIX}SECTION__KEY")
+        try:
+            value = yaml.safe_load(environ[name])
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: cannot parse value {environ[name]!r}: {exc}") from exc
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {'.'.join(parts[: i + 1])} is not a section")
+        node[parts[-1]] = value
+        applied[parts] = name
+    return applied
+
+
+def _in_file(data: Any, loc: tuple[Any, ...]) -> bool:
+    """True when the value at ``loc`` (or a list/scalar containing it) was set by ``data``."""
+    for part in loc:
+        if not isinstance(data, dict):
+            return True
+        if part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load defaults, merge ``config_file`` and ``LUMBAR_NODE__*`` variables; raise ConfigError if invalid."""
+    environ = os.environ if environ is None else environ
+    data = _read_yaml(DEFAULT_CONFIG)
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        file_data = _read_yaml(Path(config_file))
+        data = _merge(data, file_data)
+    from_env = _apply_env(data, environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            key = ".".join(str(p) for p in loc) or "(top level)"
+            got = "" if err["type"] == "missing" or isinstance(err["input"], (dict, list)) else f" (got {err['input']!r})"
+            env_var = next((v for p, v in from_env.items() if loc and (loc[: len(p)] == p or p[: len(loc)] == loc)), None)
+            if env_var:
+                source = f"environment variable {env_var}"
+            elif config_file is not None and _in_file(file_data, loc):
+                source = str(config_file)
+            else:
+                source = str(DEFAULT_CONFIG)
+            problems.append(f"{key}: {err['msg']}{got} [from {source}]")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,165 @@
+"""Structured logging for the node: JSON lines or console output, patient identifiers scrubbed.
+
+structlog and the standard library ``logging`` (pynetdicom, ...) share one chain
+of processors and one renderer, so every line has the same shape and goes
+through :func:`scrub_phi`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import structlog
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import PersonName
+
+REDACTED = "[redacted]"
+
+#: DICOM keywords whose values never reach a log line. Event-dict keys match
+#: case-insensitively, ignoring underscores (``patient_id`` matches ``PatientID``).
+PHI_KEYWORDS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientBirthName",
+        "PatientAge",
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "PatientMotherBirthName",
+        "IssuerOfPatientID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    }
+)
+_PHI_KEYS = frozenset(k.lower() for k in PHI_KEYWORDS)
+#: The only attributes of a Dataset that are logged in its place.
+DATASET_SUMMARY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+_handler: logging.Handler | None = None
+
+
+def _is_phi_key(key: object) -> bool:
+    return isinstance(key, str) and key.replace("_", "").replace("-", "").lower() in _PHI_KEYS
+
+
+def summarize_dataset(ds: Dataset) -> dict[str, str]:
+    """The UIDs of ``ds`` (safe to log), and nothing else."""
+    return {kw: str(ds.get(kw)) for kw in DATASET_SUMMARY_KEYWORDS if ds.get(kw) is not None}
+
+
+def _scrub_value(value: Any, depth: int) -> Any:
+    if isinstance(value, PersonName):
+        return REDACTED
+    if isinstance(value, Dataset):
+        return summarize_dataset(value)
+    if isinstance(value, DataElement):
+        return REDACTED if value.VR == "PN" or _is_phi_key(value.keyword) else value
+    if depth > 0 and isinstance(value, Mapping):
+        return _scrub_mapping(value, depth - 1)
+    if depth > 0 and isinstance(value, (list, tuple)):
+        items = [_scrub_value(v, depth - 1) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
+
+
+def _scrub_mapping(mapping: Mapping[Any, Any], depth: int) -> dict[Any, Any]:
+    return {k: REDACTED if _is_phi_key(k) else _scrub_value(v, depth) for k, v in mapping.items()}
+
+
+def scrub_phi(logger: Any, method_name: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """structlog processor: redact PHI keys and PersonName values, summarize Datasets (one level deep)."""
+    return _scrub_mapping(event_dict, depth=1)
+
+
+def _scrub_record(record: logging.LogRecord) -> bool:
+    """Handler filter: scrub a stdlib record's message and %-args before they are formatted."""
+    if isinstance(record.args, Mapping):
+        record.args = _scrub_mapping(record.args, depth=0)
+    elif isinstance(record.args, tuple):
+        record.args = tuple(_scrub_value(a, 0) for a in record.args)
+    record.msg = _scrub_value(record.msg, 0)
+    return True
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send structlog and stdlib logging to ``stream`` (default stderr) as JSON lines or console text.
+
+    ``fmt`` is ``json``, ``console`` or ``auto`` (console when ``stream`` is a TTY).
+    Safe to call again: the handler installed by the previous call is replaced.
+    """
+    global _handler
+    stream = sys.stderr if stream is None else stream
+    if fmt == "auto":
+        fmt = "console" if _isatty(stream) else "json"
+    if fmt not in ("json", "console"):
+        raise ValueError(f"unknown log format {fmt!r} (auto, json, console)")
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_phi,  # before positional args are formatted into the event
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    if fmt == "json":
+        render: list[structlog.typing.Processor] = [
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        render = [structlog.dev.ConsoleRenderer(colors=_isatty(stream))]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.addFilter(_scrub_record)
+
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    _handler = handler
+    pynetdicom_level = logging.DEBUG if numeric <= logging.DEBUG else max(logging.WARNING, numeric)
+    logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,  # so that a later configure_logging() takes effect
+    )
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """A structlog logger named ``name`` (default: the calling module's ``__name__``)."""
+    if name is None:
+        name = sys._getframe(1).f_globals.get("__name__", "dicom_node")
+    return structlog.stdlib.get_logger(name)

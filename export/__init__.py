@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX export with Grad-CAM outputs, verified against PyTorch."""

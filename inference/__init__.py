@@ -1,0 +1,1 @@
+"""Everything between DICOM instances and graded levels. Runs ONNX Runtime only (never torch)."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: a phantom data set made once per test session by the real command line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PHANTOM_SEED = 20240
+PHANTOM_STUDIES = 8
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool that the project's setup installs; fail (not skip) without it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run scripts/setup.sh (it installs the Debian packages)")
+    return path
+
+
+def lumbar_node(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``lumbar-node`` console command."""
+    exe = Path(sys.executable).with_name("lumbar-node")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantom")
+    lumbar_node("phantom", "--studies", str(PHANTOM_STUDIES), "--seed", str(PHANTOM_SEED), "--out", str(out),
+                "--workers", "2", "--preview", str(out / "preview.png"))
+    return out
