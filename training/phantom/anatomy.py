@@ -336,19 +336,19 @@ def _rounded_corner(inside_s: F32, p_depth: F32, depth: F32, r: float) -> F32:
 class _Canvas:
     """Painter's algorithm over soft memberships: value and hard tissue label per point."""
 
-    def __init__(self, n: int, values: NDArray[np.float32]):
-        self.img = np.zeros(n, np.float32)
-        self.lab = np.zeros(n, np.uint8)
-        self.values = values
+    def __init__(self, img: F32, lab: NDArray[np.uint8], values: NDArray[np.float32]):
+        self.img, self.lab, self.values = img, lab, values
 
-    def paint(self, tissue: Tissue, m: F32, idx: NDArray[np.intp] | None = None) -> None:
-        v = self.values[tissue]
-        if idx is None:
-            self.img += (v - self.img) * m
-            self.lab[m > 0.5] = tissue
-        else:
-            self.img[idx] += (v - self.img[idx]) * m
-            self.lab[idx[m > 0.5]] = tissue
+    def paint(self, tissue: Tissue, m: F32) -> None:
+        self.img += (self.values[tissue] - self.img) * m
+        self.lab[m > 0.5] = tissue
+
+    def subset(self, idx: NDArray[np.intp]) -> _Canvas:
+        """A canvas over some of the points (contiguous, so painting it is fast)."""
+        return _Canvas(self.img[idx], self.lab[idx], self.values)
+
+    def merge(self, sub: _Canvas, idx: NDArray[np.intp]) -> None:
+        self.img[idx], self.lab[idx] = sub.img, sub.lab
 
 
 def render(
@@ -361,31 +361,32 @@ def render(
     """
     vals = np.arange(len(Tissue), dtype=np.float32) if values is None else values.astype(np.float32)
     x, s, p, y = anat.to_spine(points, with_y=True)
-    cv = _Canvas(len(x), vals)
+    cv = _Canvas(np.zeros(len(x), np.float32), np.zeros(len(x), np.uint8), vals)
     ax = np.abs(x)
 
     # Torso (a cylinder along the body axis): subcutaneous fat, back muscles, abdominal contents.
     t_mid, t_half = (anat.skin_p + anat.front_p) / 2, (anat.skin_p - anat.front_p) / 2
     cv.paint(Tissue.FAT, _soft(_ellipse_sd(x, y - t_mid, anat.torso_w, t_half)))
     inner = _ellipse_sd(x, y - t_mid, anat.torso_w - anat.fat_t, t_half - anat.fat_t)
-    cv.paint(Tissue.MUSCLE, _soft(inner))
-    cv.paint(Tissue.SOFT, _soft(np.maximum(inner, y + 30.0)))  # in front of the spine
+    cv.paint(Tissue.SOFT, _soft(np.maximum(inner, y + 30.0)))  # abdominal contents
+    cv.paint(Tissue.MUSCLE, _soft(np.maximum(inner, _ellipse_sd(x, p - 36.0, 64.0, 38.0))))  # back muscles
 
     # Restrict the spine's structures to points near it.
     near = np.flatnonzero((ax < 70.0) & (p > -60.0) & (p < 60.0))
     x, s, p, ax = x[near], s[near], p[near], ax[near]
+    whole, cv = cv, cv.subset(near)
     bw = anat.vertebra_param(anat.body_w, s)
     bd = anat.vertebra_param(anat.body_d, s)
     below = np.clip((s - anat.disc_center[L1_INDEX]) / 120.0, 0.0, 1.0)  # 0 at L1/L2 .. 1 at sacrum
 
     # Perivertebral fat, psoas muscles (growing towards the pelvis), aorta.
-    cv.paint(Tissue.FAT, _soft(_ellipse_sd(x, p + 0.45 * bd, bw + 7.0, 0.5 * bd + 5.0)), near)
+    cv.paint(Tissue.FAT, _soft(_ellipse_sd(x, p + 0.45 * bd, bw + 7.0, 0.5 * bd + 5.0)))
     psoas_r = 6.0 + 14.0 * below
     psoas = _ellipse_sd(ax - (bw + psoas_r * 0.8), p + 0.45 * bd, psoas_r, psoas_r * 1.2)
-    cv.paint(Tissue.MUSCLE, _soft(np.maximum(psoas, s - 170.0)), near)
+    cv.paint(Tissue.MUSCLE, _soft(np.maximum(psoas, s - 170.0)))
     s_bif = float(anat.disc_center[disc_index(Level.L4_L5)]) - 10.0
     aorta = _ellipse_sd(x - 10.0, p + bd + 12.0, 9.0, 9.0)
-    cv.paint(Tissue.FLOW, _soft(np.maximum(aorta, s - s_bif)), near)
+    cv.paint(Tissue.FLOW, _soft(np.maximum(aorta, s - s_bif)))
 
     # Segment lookup along s: nearest disc, and whether a point is in a body or a disc.
     dc = anat.disc_center
@@ -404,31 +405,31 @@ def render(
     body_s = np.where(ds > 0, ds - half_disc, ds + half_disc)  # from the nearest endplate, + inside
     corner = _rounded_corner(np.abs(body_s), -p, bd, 3.0)
     body_sd = np.maximum(np.maximum(np.maximum(body_cs, -in_disc_sd), column_sd), corner)
-    cv.paint(Tissue.CORTEX, _soft(body_sd), near)
-    cv.paint(Tissue.MARROW, _soft(body_sd + 1.6), near)
+    cv.paint(Tissue.CORTEX, _soft(body_sd))
+    cv.paint(Tissue.MARROW, _soft(body_sd + 1.6))
     disc_sd = np.maximum(np.maximum(body_cs - 0.5, in_disc_sd), column_sd)
-    cv.paint(Tissue.ANNULUS, _soft(np.where(sacral, 1.0, disc_sd)), near)
-    cv.paint(Tissue.CORTEX, _soft(np.where(sacral, disc_sd, 1.0)), near)
+    cv.paint(Tissue.ANNULUS, _soft(np.where(sacral, 1.0, disc_sd)))
+    cv.paint(Tissue.CORTEX, _soft(np.where(sacral, disc_sd, 1.0)))
     nucleus = np.maximum(_ellipse_sd(x, p + 0.45 * bd, 0.6 * bw, 0.3 * bd), _slab_sd(ds, 0.6 * half_disc))
     brightness = np.float32(1.0) - 0.85 * anat.degeneration[k]
-    cv.paint(Tissue.NUCLEUS, _soft(np.where(sacral, 1.0, nucleus)) * brightness, near)
+    cv.paint(Tissue.NUCLEUS, _soft(np.where(sacral, 1.0, nucleus)) * brightness)
 
     # From here on, only the canal and the posterior elements around it.
     zone = np.flatnonzero((ax < cw + 24.0) & (p > -3.0) & (p < ca + 40.0))
-    near = near[zone]
+    around_spine, cv = cv, cv.subset(zone)
     x, s, p, ax, k, ds, half_disc, sacral, cw, ca, bw, column_sd = (
         a[zone] for a in (x, s, p, ax, k, ds, half_disc, sacral, cw, ca, bw, column_sd)
     )
 
     # Posterior elements: pedicle/facet columns either side of the canal, laminae, spinous processes.
-    lateral = np.maximum(_slab_sd(ax - (cw + 7.0), 7.5), _slab_sd(p - (ca + 3.0) / 2, (ca + 5.0) / 2))
+    lateral = _superellipse_sd(ax - (cw + 7.0), p - (ca + 3.0) / 2, 7.5, (ca + 5.0) / 2)
     lateral = np.maximum(lateral, column_sd)
-    cv.paint(Tissue.CORTEX, _soft(lateral), near)
-    cv.paint(Tissue.MARROW, _soft(lateral + 1.4), near)
+    cv.paint(Tissue.CORTEX, _soft(lateral))
+    cv.paint(Tissue.MARROW, _soft(lateral + 1.4))
     # Facet joint: an oblique fluid line at each disc level.
     facet_line = np.abs((ax - (cw + 3.0)) * 0.6 - (p - 0.55 * ca) * 0.8) - 0.6
     facet = np.maximum(np.maximum(facet_line, _slab_sd(ds, 5.0)), lateral + 0.5)
-    cv.paint(Tissue.FLUID, _soft(np.where(sacral, 1.0, facet), 0.7), near)
+    cv.paint(Tissue.FLUID, _soft(np.where(sacral, 1.0, facet), 0.7))
 
     # Neural foramina: fat with the exiting root, between the pedicles; narrowing effaces the fat.
     f_for = np.where(
@@ -440,49 +441,49 @@ def render(
     f_half_s, f_half_p = 0.32 * (anat.body_h[k] + anat.disc_h[k]), 0.36 * ca
     f_lat = np.where(sacral, 1.0, _slab_sd(ax - (cw + FORAMEN_X_OFFSET), 9.0))
     space = np.maximum(_ellipse_sd(s_f, p - 0.45 * ca, f_half_s, f_half_p), f_lat)
-    cv.paint(Tissue.LIGAMENT, _soft(space), near)
+    cv.paint(Tissue.LIGAMENT, _soft(space))
     fat_s, fat_p = f_half_s * (1.0 - 0.5 * f_for), f_half_p * (1.0 - 0.75 * f_for)
     fat = np.maximum(_ellipse_sd(s_f + 0.25 * f_for * f_half_s, p - 0.45 * ca, fat_s, fat_p), f_lat)
-    cv.paint(Tissue.FAT, _soft(fat), near)
+    cv.paint(Tissue.FAT, _soft(fat))
     root_r = 2.3 * (1.0 - 0.3 * f_for)
     root = np.maximum(_ellipse_sd(s_f + 0.3 * f_half_s, p - 0.45 * ca, root_r, root_r), f_lat)
-    cv.paint(Tissue.NERVE, _soft(root), near)
+    cv.paint(Tissue.NERVE, _soft(root))
 
     # Laminae and spinous processes, interrupted at the interlaminar spaces (disc levels).
     gap = np.where(sacral, -1.0, _slab_sd(ds - 1.0, 0.5 * anat.disc_h[k] + 2.5))
     lamina = np.maximum(np.maximum(_slab_sd(p - (ca + 3.5), 3.5), ax - (cw + 4.0)), -gap)
     spinous = np.maximum(np.maximum(_slab_sd(p - (ca + 20.0), 17.0), ax - 3.5), -gap - 2.0)
     posterior = np.maximum(np.minimum(lamina, spinous), column_sd)
-    cv.paint(Tissue.CORTEX, _soft(posterior), near)
-    cv.paint(Tissue.MARROW, _soft(posterior + 1.3), near)
+    cv.paint(Tissue.CORTEX, _soft(posterior))
+    cv.paint(Tissue.MARROW, _soft(posterior + 1.3))
     ligament = np.maximum(np.maximum(_slab_sd(p - (ca + 18.0), 19.0), ax - np.where(p < ca + 4, cw + 2.0, 2.0)), gap)
-    cv.paint(Tissue.LIGAMENT, _soft(np.maximum(ligament, column_sd)), near)
+    cv.paint(Tissue.LIGAMENT, _soft(np.maximum(ligament, column_sd)))
 
     # The canal: epidural fat, thecal sac (CSF), cord or cauda equina, traversing roots.
     canal = np.maximum(_ellipse_sd(x, p - ca / 2, cw, ca / 2 + 0.5), column_sd)
-    cv.paint(Tissue.FAT, _soft(canal), near)
+    cv.paint(Tissue.FAT, _soft(canal))
     sac_w, sac_a = cw - 1.8, ca / 2 - 1.0
     sac = np.maximum(_ellipse_sd(x, p - ca / 2, sac_w, sac_a), column_sd)
-    cv.paint(Tissue.CSF, _soft(sac), near)
+    cv.paint(Tissue.CSF, _soft(sac))
     taper = np.sqrt(np.clip((anat.conus_s - s) / 25.0, 0.0, 1.0))
     cord = _ellipse_sd(x, p - 0.45 * ca, 4.5 * taper + 1e-3, 3.6 * taper + 1e-3)
-    cv.paint(Tissue.CORD, _soft(cord), near)
+    cv.paint(Tissue.CORD, _soft(cord))
     lattice = np.cos(x * np.float32(2 * np.pi / 3.4)) + np.cos(p * np.float32(2 * np.pi / 3.4))
     cauda = np.maximum(np.maximum(sac + 1.2, 0.55 * ca - p), (1.3 - lattice) * 1.5)
     cauda = np.maximum(cauda, anat.conus_s - 15.0 - s)
-    cv.paint(Tissue.NERVE, _soft(cauda, 0.8) * 0.8, near)
+    cv.paint(Tissue.NERVE, _soft(cauda, 0.8) * 0.8)
     trav = _ellipse_sd(ax - (cw - 3.5), p - 0.3 * ca, 1.7, 1.7)
-    cv.paint(Tissue.NERVE, _soft(np.maximum(trav, column_sd)), near)
+    cv.paint(Tissue.NERVE, _soft(np.maximum(trav, column_sd)))
 
     # Spinal stenosis: disc bulge from the front and ligamentum flavum from the back, at the level.
     f_sp = anat.narrowing_array(CONDITIONS[0])[k]
     g = np.exp(-((ds / (0.55 * anat.disc_h[k] + 2.5)) ** 2)) * np.where(sacral, 0.0, 1.0)
     bulge = (0.05 + 0.6 * f_sp) * ca * g
-    bulge_sd = np.maximum(np.maximum(p - bulge * np.exp(-((x / (0.9 * cw)) ** 4)), -p - 0.5), ax - bw)
-    cv.paint(Tissue.ANNULUS, _soft(np.maximum(bulge_sd, _slab_sd(ds, half_disc + 3.0))), near)
+    bulge_sd = np.maximum(np.maximum(p - bulge * np.exp(-((x / (1.1 * cw)) ** 2)), -p - 0.5), ax - bw)
+    cv.paint(Tissue.ANNULUS, _soft(np.maximum(bulge_sd, _slab_sd(ds, half_disc + 3.0))))
     flavum_t = (0.08 + 0.4 * f_sp) * ca * g
-    flavum = np.maximum(np.maximum(ca - flavum_t - p, p - ca - 1.0), ax - cw - 0.5)
-    cv.paint(Tissue.LIGAMENT, _soft(flavum), near)
+    flavum = np.maximum(np.maximum(ca - flavum_t - 0.3 * ax - p, p - ca - 1.0), ax - cw - 0.5)  # a V
+    cv.paint(Tissue.LIGAMENT, _soft(flavum))
 
     # Subarticular stenosis: facet and flavum hypertrophy fill the lateral recess.
     f_sa = np.where(
@@ -493,7 +494,11 @@ def render(
     g_sa = np.exp(-((ds / (0.7 * anat.disc_h[k] + 3.5)) ** 2)) * np.where(sacral, 0.0, 1.0)
     mass_r = (1.5 + 8.5 * f_sa) * g_sa
     mass = _ellipse_sd(ax - (cw + 1.0), p - 0.62 * ca, mass_r + 1e-3, 1.2 * mass_r + 1e-3)
-    cv.paint(Tissue.LIGAMENT, _soft(np.maximum(mass, ax - cw - 1.0)), near)
+    cv.paint(Tissue.LIGAMENT, _soft(np.maximum(mass, ax - cw - 1.0)))
+
+    around_spine.merge(cv, zone)
+    whole.merge(around_spine, near)
+    cv = whole
 
     # Texture in marrow and abdominal contents (cheap smooth random field).
     img = cv.img

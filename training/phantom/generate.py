@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
@@ -194,6 +195,11 @@ def _grade_text(grade: Severity | None) -> str:
     return "" if grade is None else grade.display
 
 
+def _single_threaded() -> None:
+    """One thread per worker process: the processes are the parallelism."""
+    cv2.setNumThreads(1)
+
+
 def _make_and_write(args: tuple[int, int, Path]) -> PhantomStudy:
     seed, index, out = args
     study = make_study(seed, index)
@@ -210,7 +216,7 @@ def generate_dataset(out: Path, n_studies: int, seed: int, workers: int = 1,
     jobs = [(seed, index, out) for index in range(n_studies)]
     studies: list[PhantomStudy] = []
     if workers > 1 and n_studies > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_threaded) as pool:
             for study in pool.imap(_make_and_write, jobs):
                 studies.append(study)
                 if progress:
