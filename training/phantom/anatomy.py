@@ -442,7 +442,7 @@ def render(
     f_lat = np.where(sacral, 1.0, _slab_sd(ax - (cw + FORAMEN_X_OFFSET), 9.0))
     space = np.maximum(_ellipse_sd(s_f, p - 0.45 * ca, f_half_s, f_half_p), f_lat)
     cv.paint(Tissue.LIGAMENT, _soft(space))
-    fat_s, fat_p = f_half_s * (1.0 - 0.5 * f_for), f_half_p * (1.0 - 0.75 * f_for)
+    fat_s, fat_p = f_half_s * (1.0 - 0.55 * f_for), f_half_p * (1.0 - 0.9 * f_for)
     fat = np.maximum(_ellipse_sd(s_f + 0.25 * f_for * f_half_s, p - 0.45 * ca, fat_s, fat_p), f_lat)
     cv.paint(Tissue.FAT, _soft(fat))
     root_r = 2.3 * (1.0 - 0.3 * f_for)
