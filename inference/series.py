@@ -1,0 +1,123 @@
+"""Series of a study and their roles (Sagittal T1, Sagittal T2/STIR, Axial T2).
+
+Roles are decided from what must be in an MR image header, geometry first: the slice orientation
+from ImageOrientationPatient, the contrast from the sequence (ScanningSequence, InversionTime,
+RepetitionTime, EchoTime). SeriesDescription is only a hint, used when the sequence is silent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from inference.geometry import classify_orientation
+from inference.labels import SeriesRole
+
+
+@dataclass
+class SeriesHeader:
+    """One series of a study, known from its headers only (no pixels read)."""
+
+    series_uid: str
+    description: str
+    orientation: str  # sagittal | axial | coronal | oblique | unknown
+    contrast: str | None  # T1 | T2 | STIR | None (unknown)
+    instances: list[tuple[Dataset, Path | None]] = field(default_factory=list)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.instances)
+
+
+_DESCRIPTION_HINTS = (
+    (re.compile(r"stir|tirm|\bir\b", re.I), "STIR"),
+    (re.compile(r"t2", re.I), "T2"),
+    (re.compile(r"t1", re.I), "T1"),
+)
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def contrast_of(ds: Dataset) -> str | None:
+    """T1, T2 or STIR from the sequence parameters, else from the description, else None."""
+    sequence = ds.get("ScanningSequence", "")
+    sequence = {sequence} if isinstance(sequence, str) else set(sequence)
+    ti = _number(ds, "InversionTime")
+    tr, te = _number(ds, "RepetitionTime"), _number(ds, "EchoTime")
+    if ("IR" in sequence and ti is not None and ti < 400) or (ti is not None and 100 < ti < 300):
+        return "STIR"
+    if tr is not None and te is not None:
+        if te >= 60 and tr >= 1500:
+            return "T2"
+        if te <= 30 and tr <= 1200:
+            return "T1"
+    text = f"{ds.get('SeriesDescription', '')} {ds.get('ProtocolName', '')}"
+    for pattern, name in _DESCRIPTION_HINTS:
+        if pattern.search(text):
+            return name
+    return None
+
+
+def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[SeriesHeader]:
+    """Group image headers by SeriesInstanceUID; orientation by majority of the instances."""
+    groups: dict[str, list[tuple[Dataset, Path | None]]] = defaultdict(list)
+    for ds, path in instances:
+        if "ImageOrientationPatient" in ds and "SeriesInstanceUID" in ds:  # images with geometry only
+            groups[str(ds.SeriesInstanceUID)].append((ds, path))
+    out = []
+    for uid, items in groups.items():
+        votes: dict[str, int] = defaultdict(int)
+        for ds, _ in items:
+            try:
+                votes[classify_orientation(ds.ImageOrientationPatient)] += 1
+            except (ValueError, TypeError):
+                votes["unknown"] += 1
+        first = items[0][0]
+        out.append(SeriesHeader(
+            series_uid=uid,
+            description=str(first.get("SeriesDescription", "")),
+            orientation=max(votes, key=lambda k: votes[k]),
+            contrast=contrast_of(first),
+            instances=items,
+        ))
+    return sorted(out, key=lambda s: s.series_uid)
+
+
+def _role(series: SeriesHeader) -> SeriesRole | None:
+    if series.orientation == "sagittal":
+        if series.contrast == "T1":
+            return SeriesRole.SAG_T1
+        if series.contrast in ("T2", "STIR"):
+            return SeriesRole.SAG_T2
+    if series.orientation == "axial" and series.contrast == "T2":
+        return SeriesRole.AX_T2
+    return None
+
+
+def assign_roles(series: list[SeriesHeader], min_images: int = 3) -> dict[SeriesRole, list[SeriesHeader]]:
+    """The series that serve each role. A sagittal role takes the one series with most images
+    (T2 preferred over STIR); the axial role takes every axial T2 series (they are merged)."""
+    roles: dict[SeriesRole, list[SeriesHeader]] = {}
+    candidates: dict[SeriesRole, list[SeriesHeader]] = defaultdict(list)
+    for s in series:
+        role = _role(s)
+        if role is not None and s.n_images >= min_images:
+            candidates[role].append(s)
+    for role, found in candidates.items():
+        if role is SeriesRole.AX_T2:
+            roles[role] = found
+        else:
+            found.sort(key=lambda s: (s.contrast == "T2", s.n_images), reverse=True)
+            roles[role] = found[:1]
+    return roles
