@@ -103,5 +103,115 @@ def phantom(n_studies: int, out: Path, seed: int, workers: int, preview: Path | 
         log.info("preview written", path=str(preview), study_id=studies[0].study_id)
 
 
+@main.command("train")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder in the RSNA 2024 layout (the real data or `lumbar-node phantom` output).")
+@click.option("--out", "run", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder: checkpoints, history, final model.pt. An existing run is resumed.")
+@click.option("--localiser-epochs", type=click.IntRange(min=1), default=14, show_default=True)
+@click.option("--grader-epochs", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Epochs without validation improvement before stopping early.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split and augmentation seed.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@click.option("--training-data", default=None,
+              help="How to describe the training data in the model's metadata and outputs.")
+def train_command(data: Path, run: Path, localiser_epochs: int, grader_epochs: int, patience: int, seed: int,
+                  device: str, training_data: str | None) -> None:
+    """Train the level localiser and the grader (PyTorch) on the RSNA 2024 layout.
+
+    Splits by study, trains the localiser, measures its real error on validation, trains the
+    grader on crops jittered by that error with the competition loss, calibrates a temperature
+    per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume.
+    """
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
+                      seed=seed, device=device)
+    if training_data:
+        cfg.training_data = training_data
+    train(data, run, cfg, log=lambda msg: click.echo(msg, err=True))
+
+
+@main.command("evaluate")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Held-out studies in the RSNA layout.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write evaluation.json and the PNG plots (default: RUN/evaluation).")
+@click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Evaluate this exported ONNX model folder instead of RUN's PyTorch checkpoint.")
+def evaluate_command(run: Path, data: Path, out: Path | None, onnx_dir: Path | None) -> None:
+    """Score a trained run (or its ONNX export) on held-out studies, through the serving pipeline.
+
+    Prints and writes the competition score and its four parts, the class-prior baseline's
+    score on the same studies, per-condition log loss, accuracy, precision/recall/F1, AUC,
+    confusion matrices, Severe recall per condition and level-localisation error in mm.
+    """
+    import json
+
+    from training.evaluate import evaluate
+    from training.runner import load_model
+
+    torch_runner = load_model(run / "model.pt" if run.is_dir() else run)
+    runner = torch_runner
+    if onnx_dir is not None:
+        from inference.runtime import OnnxRunner
+
+        runner = OnnxRunner(onnx_dir)
+    history_path = (run if run.is_dir() else run.parent) / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    out = out or ((run if run.is_dir() else run.parent) / "evaluation")
+    report = evaluate(runner, data, torch_runner.meta["class_prior"], out, history,  # type: ignore[attr-defined]
+                      log=lambda msg: click.echo(msg, err=True))
+    click.echo(json.dumps({k: report[k] for k in ("studies", "score", "class_prior_baseline", "score_over_baseline",
+                                                   "severe_recall", "level_error_mm")}, indent=1))
+    click.echo(f"written: {out / 'evaluation.json'}", err=True)
+
+
+@main.command("export")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Model folder to write (localiser.onnx, grader.onnx, model.json).")
+@click.option("--fp16", is_flag=True, help="Also write fp16 models for GPUs (verified where CUDA is present).")
+def export_command(run: Path, out: Path, fp16: bool) -> None:
+    """Export a trained run to ONNX (opset 17, dynamic batch) with in-graph Grad-CAM, and verify it.
+
+    Fails unless ONNX Runtime matches PyTorch (probabilities within 1e-4) and the in-graph
+    Grad-CAM correlates >= 0.99 with an autograd Grad-CAM. Drop the folder into the node with
+    models.dir in the configuration.
+    """
+    from export.onnx_export import ExportError, export_run
+
+    try:
+        meta = export_run(run, out, fp16=fp16, log=lambda msg: click.echo(msg, err=True))
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"exported {out} (checkpoint sha256 {meta['checkpoint_sha256'][:12]})")
+
+
+@main.command("predict")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Exported model folder (default: the configured models.dir, else the bundled model).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as_json: bool) -> None:
+    """Grade the lumbar spine MRI studies in a folder of DICOM files and print the results.
+
+    Synthetic-phantom models are not clinical models: results are not for diagnosis.
+    """
+    from dicom_node.predict import predict_folder
+
+    settings = _settings(ctx)
+    model_dir = model_dir or settings.models.dir
+    try:
+        predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo)
+    except Exception as exc:  # noqa: BLE001 - a CLI error, not a traceback
+        if isinstance(exc, click.ClickException):
+            raise
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -62,17 +62,41 @@ def _in_plane(direction: NDArray, normal: NDArray) -> NDArray:
     return d / n
 
 
+@dataclass(frozen=True)
+class CropFrame:
+    """Where a crop lies on a slice: the patient point of its centre and its in-plane axes."""
+
+    center: NDArray  # patient point of the crop's centre, on the slice plane
+    u: NDArray  # unit vector along crop columns
+    v: NDArray  # unit vector along crop rows
+    spec: CropSpec
+
+    def to_patient(self, col: NDArray | float, row: NDArray | float) -> NDArray:
+        """Crop pixel (col, row), scalars or arrays -> patient coordinates (..., 3)."""
+        half = (self.spec.pixels - 1) / 2
+        col = np.asarray(col, np.float64)[..., None]
+        row = np.asarray(row, np.float64)[..., None]
+        step = self.spec.mm_per_pixel
+        return self.center + (col - half) * step * self.u + (row - half) * step * self.v
+
+
+def crop_frame(sl: Slice, center: NDArray, u: NDArray, v: NDArray, spec: CropSpec) -> CropFrame:
+    """The frame of a crop around ``center``'s projection onto a slice, axes projected in-plane."""
+    plane = sl.plane
+    normal = plane.normal
+    c = center - ((center - plane.position) @ normal) * normal
+    uu = _in_plane(u, normal)
+    vv = _in_plane(v - (v @ uu) * uu, normal)
+    return CropFrame(c, uu, vv, spec)
+
+
 def sample_slice(sl: Slice, center: NDArray, u: NDArray, v: NDArray, spec: CropSpec,
                  intensity: Intensity) -> NDArray[np.float32]:
     """One slice of a crop: bilinear samples on a square grid around ``center``'s projection."""
-    plane = sl.plane
-    normal = plane.normal
-    c = center - ((center - plane.position) @ normal) * normal  # projection onto the plane
-    uu = _in_plane(u, normal)
-    vv = _in_plane(v - (v @ uu) * uu, normal)
-    offsets = (np.arange(spec.pixels) - (spec.pixels - 1) / 2) * spec.mm_per_pixel
-    grid = c + offsets[None, :, None] * uu + offsets[:, None, None] * vv  # (rows, cols, 3)
-    x, y, _ = plane.to_pixel(grid)
+    frame = crop_frame(sl, center, u, v, spec)
+    idx = np.arange(spec.pixels, dtype=np.float64)
+    grid = frame.to_patient(idx[None, :], idx[:, None])  # (rows, cols, 3)
+    x, y, _ = sl.plane.to_pixel(grid)
     out = cv2.remap(sl.pixels, x.astype(np.float32), y.astype(np.float32), cv2.INTER_LINEAR,
                     borderMode=cv2.BORDER_CONSTANT, borderValue=float(intensity.low))
     return intensity.apply(out)

@@ -1,0 +1,94 @@
+"""ONNX Runtime sessions for the exported model: created once, CUDA first when present, CPU else.
+
+A model folder holds ``localiser.onnx``, ``grader.onnx`` and ``model.json`` (label order,
+preprocessing, version, training data, metrics, checkpoint hash, crop offsets). The default model
+ships inside this package, in ``inference/models/default``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from inference.analyze import ModelInfo
+from inference.labels import LABEL_COLUMNS
+from inference.levels import GRADER_SPEC, LOCALISER_SPEC
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class ModelError(RuntimeError):
+    """The model folder is missing, incomplete or does not match this code's preprocessing."""
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def usable_providers(wanted: tuple[str, ...] = DEFAULT_PROVIDERS) -> list[str]:
+    """The wanted execution providers this machine can run, in order; CPU always last.
+
+    onnxruntime-gpu lists CUDA even where no GPU or driver is present (it then fails noisily at
+    session creation), so CUDA is only asked for when an NVIDIA device node is there."""
+    available = set(ort.get_available_providers())
+    has_gpu = Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+    out = [p for p in wanted if p in available and (p == "CPUExecutionProvider" or has_gpu)]
+    return out if "CPUExecutionProvider" in out else [*out, "CPUExecutionProvider"]
+
+
+def _session(path: Path, providers: tuple[str, ...]) -> ort.InferenceSession:
+    if not path.is_file():
+        raise ModelError(f"missing model file {path}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=usable_providers(providers))
+
+
+class OnnxRunner:
+    """The localiser and grader as ONNX Runtime sessions (see ``inference.analyze.Runner``)."""
+
+    def __init__(self, model_dir: Path | None = None, providers: tuple[str, ...] = DEFAULT_PROVIDERS,
+                 precision: str = "fp32"):
+        self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+        meta_path = self.model_dir / "model.json"
+        if not meta_path.is_file():
+            raise ModelError(f"no model.json in {self.model_dir}")
+        self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
+        self._check(self.metadata)
+        suffix = "" if precision == "fp32" else f".{precision}"
+        self.localiser = _session(self.model_dir / f"localiser{suffix}.onnx", providers)
+        self.grader = _session(self.model_dir / f"grader{suffix}.onnx", providers)
+        self.providers = self.grader.get_providers()
+        self.dtype = np.float16 if precision == "fp16" else np.float32
+        self.info = ModelInfo(
+            name=self.metadata["name"],
+            version=self.metadata["version"],
+            sha256=file_sha256(self.model_dir / f"grader{suffix}.onnx"),
+            training_data=self.metadata["training_data"],
+            offsets_mm={k: tuple(v) for k, v in self.metadata["offsets_mm"].items()},
+        )
+
+    @staticmethod
+    def _check(meta: dict[str, Any]) -> None:
+        if tuple(meta.get("label_columns", ())) != LABEL_COLUMNS:
+            raise ModelError("model.json label order differs from inference.labels")
+        pre = meta.get("preprocessing", {})
+        for name, spec in (("localiser", LOCALISER_SPEC), ("grader", GRADER_SPEC)):
+            got = pre.get(name, {})
+            if (got.get("size_mm"), got.get("pixels"), got.get("n_slices")) != (spec.size_mm, spec.pixels, spec.n_slices):
+                raise ModelError(f"model.json {name} crop {got} differs from this code's {spec}")
+
+    def localise(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
+        return self.localiser.run(None, {"images": images.astype(self.dtype)})[0].astype(np.float32)
+
+    def grade(self, crops: NDArray[np.float32], conditions: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+        probs, cam = self.grader.run(None, {"crops": crops.astype(self.dtype), "conditions": conditions})
+        return probs.astype(np.float32), cam.astype(np.float32)

@@ -1,0 +1,117 @@
+"""Training samples from the RSNA layout: volumes, ground-truth points, localiser images, crops.
+
+Everything geometric goes through ``inference`` (series, volumes, crops, localiser grid), so that
+training sees exactly what serving sees. Per study we keep only small arrays (float16 crops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+
+from inference.geometry import ImagePlane
+from inference.labels import LABELS, LEVELS, ConditionGroup, Label, Level, SeriesRole
+from inference.levels import GRADER_SPEC, crop_axes, heatmap_target, localiser_input, side_sign
+from inference.preprocess import HEAD, LEFT, POSTERIOR, CropSpec, crop_25d, intensity_of
+from inference.series import group_series
+from inference.volume import Volume, load_volume
+from training.rsna import StudyRecord
+
+JITTER_PX = 8  # cached crop windows are this much larger on each side, for translation jitter
+CACHE_SPEC = CropSpec(GRADER_SPEC.mm_per_pixel * (GRADER_SPEC.pixels + 2 * JITTER_PX),
+                      GRADER_SPEC.pixels + 2 * JITTER_PX, GRADER_SPEC.n_slices + 2)
+
+
+@dataclass
+class StudySamples:
+    """What training needs of one study."""
+
+    study_id: int
+    targets: NDArray[np.int64]  # (25,), -1 unlabelled
+    points: dict[Label, NDArray]  # ground-truth patient points of the labelled findings
+    localiser: list[tuple[NDArray[np.float16], NDArray[np.float16]]] = field(default_factory=list)
+    windows: dict[int, NDArray[np.float16]] = field(default_factory=dict)  # label index -> (5, 64, 64)
+
+    def canal_points(self) -> dict[Level, NDArray]:
+        return {lb.level: p for lb, p in self.points.items() if lb.condition.group is ConditionGroup.SPINAL}
+
+
+def read_volumes(record: StudyRecord) -> dict[SeriesRole, Volume]:
+    """The study's volumes by role (CSV description), several Axial T2 series merged."""
+    out = {}
+    for role in SeriesRole:
+        infos = record.series_with_role(role)
+        instances = [(pydicom.dcmread(info.path / f"{n}.dcm", stop_before_pixels=True), info.path / f"{n}.dcm")
+                     for info in infos for n in info.instance_numbers]
+        if instances:
+            out[role] = load_volume(role, group_series(instances))
+    return out
+
+
+def ground_truth_points(record: StudyRecord) -> dict[Label, NDArray]:
+    """Patient coordinates of each labelled point (pixel x/y on its instance -> LPS mm)."""
+    out = {}
+    by_id = {s.series_id: s for s in record.series}
+    for c in record.coordinates:
+        info = by_id.get(c.series_id)
+        if info is None or c.instance_number not in info.instance_numbers:
+            continue
+        ds = pydicom.dcmread(info.path / f"{c.instance_number}.dcm", stop_before_pixels=True)
+        out[c.label] = ImagePlane.from_dataset(ds).to_patient(c.x, c.y)
+    return out
+
+
+def local_components(label: Label, delta: NDArray) -> tuple[float, float, float]:
+    """A patient vector -> (lateral, posterior, head) mm, lateral mirrored for the right side."""
+    return float(delta @ LEFT) * side_sign(label.condition), float(delta @ POSTERIOR), float(delta @ HEAD)
+
+
+def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitter_mm: float = 25.0) -> StudySamples:
+    """Load a study once and cut its localiser images and grader windows."""
+    volumes = read_volumes(record)
+    points = ground_truth_points(record)
+    samples = StudySamples(record.study_id, np.array(record.targets(), np.int64), points)
+    canal = samples.canal_points()
+    for role in (SeriesRole.SAG_T2, SeriesRole.SAG_T1):
+        if role not in volumes or not canal:
+            continue
+        intensity = intensity_of(volumes[role])
+        vol = volumes[role]
+        plane = vol.slices[len(vol.slices) // 2].plane
+        for jitter in (0.0, localiser_jitter_mm):
+            shift = rng.uniform(-jitter, jitter, 2)
+            loc = localiser_input(vol, intensity, plane.center + shift[0] * plane.row_dir + shift[1] * plane.col_dir)
+            target = heatmap_target(loc.frame, canal)
+            samples.localiser.append((loc.image.astype(np.float16), target.astype(np.float16)))
+    intensities = {role: intensity_of(vol) for role, vol in volumes.items()}
+    for i, label in enumerate(LABELS):
+        role = label.condition.series_role
+        if label not in points or role not in volumes or samples.targets[i] < 0:
+            continue
+        u, v, across = crop_axes(label.condition)
+        window = crop_25d(volumes[role], points[label], u, v, across, CACHE_SPEC, intensities[role])
+        samples.windows[i] = window.astype(np.float16)
+    return samples
+
+
+def window_crop(window: NDArray, dx: int, dy: int, dz: int) -> NDArray:
+    """A grader crop out of a cached window, shifted by (dx, dy) pixels and dz slices."""
+    n = GRADER_SPEC.pixels
+    c = CACHE_SPEC.n_slices // 2
+    half = GRADER_SPEC.n_slices // 2
+    z0 = c + dz - half
+    return window[z0: z0 + GRADER_SPEC.n_slices, JITTER_PX + dy: JITTER_PX + dy + n, JITTER_PX + dx: JITTER_PX + dx + n]
+
+
+def level_error_mm(predicted: dict[Level, NDArray], truth: dict[Level, NDArray], normal: NDArray) -> list[float]:
+    """In-plane distance (mm) between predicted and true canal points, on the sagittal plane."""
+    out = []
+    for level in LEVELS:
+        if level in predicted and level in truth:
+            d = predicted[level] - truth[level]
+            d = d - (d @ normal) * normal
+            out.append(float(np.linalg.norm(d)))
+    return out

@@ -1,0 +1,68 @@
+"""The PyTorch networks behind ``inference.analyze.Runner``, and their checkpoint files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from inference.analyze import ModelInfo
+from training.models import Grader, Localiser
+
+MODEL_NAME = "lumbar-node-grader"
+
+
+def device_of(name: str = "auto") -> torch.device:
+    """CUDA when present (``auto``), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TorchRunner:
+    """Localiser and grader in PyTorch eager mode, evaluation mode, no gradients."""
+
+    def __init__(self, localiser: Localiser, grader: Grader, info: ModelInfo, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
+        self.localiser = localiser.to(self.device).eval()
+        self.grader = grader.to(self.device).eval()
+        self.info = info
+
+    @torch.no_grad()
+    def localise(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
+        return self.localiser(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device)).cpu().numpy()
+
+    @torch.no_grad()
+    def grade(self, crops: NDArray[np.float32], conditions: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+        probs, cam = self.grader(torch.from_numpy(np.ascontiguousarray(crops, np.float32)).to(self.device),
+                                 torch.from_numpy(conditions).to(self.device))
+        return probs.cpu().numpy(), cam.cpu().numpy()
+
+
+def model_info(meta: dict[str, Any], sha256: str) -> ModelInfo:
+    return ModelInfo(name=MODEL_NAME, version=meta["version"], sha256=sha256,
+                     training_data=meta["training_data"],
+                     offsets_mm={k: tuple(v) for k, v in meta["offsets_mm"].items()})
+
+
+def save_model(path: Path, localiser: Localiser, grader: Grader, meta: dict[str, Any]) -> str:
+    """Write the final checkpoint (both networks and their metadata); returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"localiser": localiser.state_dict(), "grader": grader.state_dict(), "meta": meta}, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_model(path: Path, device: torch.device | None = None) -> TorchRunner:
+    """A TorchRunner from a final checkpoint (``RUN/model.pt``)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    localiser, grader = Localiser(), Grader()
+    localiser.load_state_dict(state["localiser"])
+    grader.load_state_dict(state["grader"])
+    runner = TorchRunner(localiser, grader, model_info(state["meta"], hashlib.sha256(path.read_bytes()).hexdigest()),
+                         device)
+    runner.meta = state["meta"]  # type: ignore[attr-defined]
+    return runner
