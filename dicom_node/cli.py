@@ -108,9 +108,9 @@ def phantom(n_studies: int, out: Path, seed: int, workers: int, preview: Path | 
               help="Folder in the RSNA 2024 layout (the real data or `lumbar-node phantom` output).")
 @click.option("--out", "run", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: checkpoints, history, final model.pt. An existing run is resumed.")
-@click.option("--localiser-epochs", type=click.IntRange(min=1), default=14, show_default=True)
+@click.option("--localiser-epochs", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--grader-epochs", type=click.IntRange(min=1), default=24, show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--patience", type=click.IntRange(min=1), default=6, show_default=True,
               help="Epochs without validation improvement before stopping early.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and augmentation seed.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")

@@ -8,7 +8,6 @@ autograd Grad-CAM of the same class.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -135,7 +134,49 @@ def export_run(run: Path, out: Path, fp16: bool = False, log=print) -> dict[str,
         "verification": checks,
     })
     (out / "model.json").write_text(json.dumps(meta, indent=1))
-    card = run / "MODEL_CARD.md" if run.is_dir() else None
-    if card is not None and card.is_file():
-        shutil.copy(card, out / "MODEL_CARD.md")
+    evaluation = checkpoint.parent / "evaluation" / "evaluation.json"
+    (out / "MODEL_CARD.md").write_text(model_card(meta, json.loads(evaluation.read_text()) if evaluation.is_file() else None))
     return meta
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3f}"
+
+
+def model_card(meta: dict[str, Any], evaluation: dict[str, Any] | None) -> str:
+    """A short model card: what it is, what data, which numbers on which studies, and its limits."""
+    val = meta["validation"]
+    lines = [
+        f"# Model card: {meta['name']} {meta['version']}",
+        "",
+        "**Not for clinical use.** This model was trained on a synthetic lumbar MRI phantom that the",
+        "project generates (`lumbar-node phantom`). It proves that the pipeline learns; it says nothing",
+        "about real patients.",
+        "",
+        f"- Training data: {meta['training_data']}; {meta['train_studies']} training and "
+        f"{val['studies']} validation studies (split by study, seed {meta['seed']}).",
+        "- Networks: a U-Net level localiser (5 disc heatmaps on the central sagittal slices, 2 mm grid) and",
+        "  one residual grader shared by all levels, sides (right mirrored) and conditions, on 2.5D crops",
+        f"  of {meta['preprocessing']['grader']['size_mm']} mm ({meta['preprocessing']['grader']['pixels']} px, "
+        f"{meta['preprocessing']['grader']['n_slices']} slices); Grad-CAM computed in the graph.",
+        f"- Calibration: temperature per condition {[round(x, 2) for x in meta['temperatures']]} (validation).",
+        f"- Checkpoint sha256: `{meta.get('checkpoint_sha256', '')}`",
+        "",
+        "## Numbers",
+        "",
+        "| data | studies | score (lower is better) | class-prior baseline | spinal | foraminal | subarticular | any severe spinal | median level error (mm) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| validation split (phantom) | {val['studies']} | {_fmt(val['score']['total'])} | "
+        f"{_fmt(val['class_prior_score']['total'])} | {_fmt(val['score']['spinal'])} | {_fmt(val['score']['foraminal'])} | "
+        f"{_fmt(val['score']['subarticular'])} | {_fmt(val['score']['any_severe_spinal'])} | {_fmt(val['median_level_error_mm'])} |",
+    ]
+    if evaluation is not None:
+        s = evaluation["score"]
+        lines.append(
+            f"| held-out phantom studies (`{evaluation['data']}`) | {evaluation['studies']} | {_fmt(s['total'])} | "
+            f"{_fmt(evaluation['class_prior_baseline']['total'])} | {_fmt(s['spinal'])} | {_fmt(s['foraminal'])} | "
+            f"{_fmt(s['subarticular'])} | {_fmt(s['any_severe_spinal'])} | {_fmt(evaluation['level_error_mm']['median'])} |")
+        lines += ["", "Recall of Severe per condition on the held-out studies: "
+                  + ", ".join(f"{k} {_fmt(v)}" for k, v in evaluation["severe_recall"].items()) + "."]
+    lines += ["", "Score: the RSNA 2024 competition metric as implemented in `training/metrics.py`.", ""]
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ from inference.preprocess import (
 )
 from inference.volume import Volume
 
-LOCALISER_SPEC = CropSpec(size_mm=256.0, pixels=128, n_slices=3)
+LOCALISER_SPEC = CropSpec(size_mm=320.0, pixels=128, n_slices=3)  # the whole sagittal field of view
 GRADER_SPEC = CropSpec(size_mm=44.0, pixels=48, n_slices=3)
 
 SAGITTAL_AXES = (POSTERIOR, -HEAD)  # crop columns run posterior, rows run towards the feet

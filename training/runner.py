@@ -34,10 +34,12 @@ class TorchRunner:
 
     @torch.no_grad()
     def localise(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
+        self.localiser.eval()  # the training loop shares these modules and switches them to train()
         return self.localiser(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device)).cpu().numpy()
 
     @torch.no_grad()
     def grade(self, crops: NDArray[np.float32], conditions: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+        self.grader.eval()
         probs, cam = self.grader(torch.from_numpy(np.ascontiguousarray(crops, np.float32)).to(self.device),
                                  torch.from_numpy(conditions).to(self.device))
         return probs.cpu().numpy(), cam.cpu().numpy()

@@ -35,9 +35,9 @@ WEIGHTS = torch.tensor(SEVERITY_WEIGHTS)
 
 @dataclass
 class TrainConfig:
-    localiser_epochs: int = 14
+    localiser_epochs: int = 24
     grader_epochs: int = 24
-    patience: int = 5
+    patience: int = 6
     batch_studies: int = 8
     localiser_batch: int = 16
     lr: float = 2e-3
@@ -214,13 +214,16 @@ def train(data: Path, run: Path, cfg: TrainConfig | None = None, log=print) -> P
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
-            errors = _localiser_errors(localiser, val_pairs, device)
-            median = float(np.median(errors)) if errors else float("nan")
+            errors = np.array(_localiser_errors(localiser, val_pairs, device))
+            median = float(np.median(errors)) if len(errors) else float("nan")
+            mean = float(errors.mean()) if len(errors) else float("inf")  # sees wrong-level misses
             history.append({"stage": "localiser", "epoch": epoch + 1, "loss": float(np.mean(losses)),
-                            "val_median_error_mm": median})
-            log(f"localiser epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation median error {median:.2f} mm")
-            if median < best["error"]:
-                best = {"error": median, "weights": {k: v.clone() for k, v in localiser.state_dict().items()}, "stale": 0}
+                            "val_median_error_mm": median, "val_mean_error_mm": mean,
+                            "val_share_over_10mm": float((errors > 10).mean()) if len(errors) else None})
+            log(f"localiser epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation error median {median:.2f} mm, "
+                f"mean {mean:.2f} mm, {100 * (errors > 10).mean():.1f}% over 10 mm")
+            if mean < best["error"]:
+                best = {"error": mean, "weights": {k: v.clone() for k, v in localiser.state_dict().items()}, "stale": 0}
             else:
                 best["stale"] += 1
             checkpoint("localiser", epoch + 1, best, opt, {})
