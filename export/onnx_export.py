@@ -155,7 +155,8 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any] | None) -> str:
         "",
         f"- Training data: {meta['training_data']}; {meta['train_studies']} training and "
         f"{val['studies']} validation studies (split by study, seed {meta['seed']}).",
-        "- Networks: a U-Net level localiser (5 disc heatmaps on the central sagittal slices, 2 mm grid) and",
+        "- Networks: a U-Net level localiser (5 disc heatmaps on the three central sagittal slices, "
+        f"{meta['preprocessing']['localiser']['size_mm'] / meta['preprocessing']['localiser']['pixels']:g} mm grid) and",
         "  one residual grader shared by all levels, sides (right mirrored) and conditions, on 2.5D crops",
         f"  of {meta['preprocessing']['grader']['size_mm']} mm ({meta['preprocessing']['grader']['pixels']} px, "
         f"{meta['preprocessing']['grader']['n_slices']} slices); Grad-CAM computed in the graph.",
@@ -178,5 +179,7 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any] | None) -> str:
             f"{_fmt(s['subarticular'])} | {_fmt(s['any_severe_spinal'])} | {_fmt(evaluation['level_error_mm']['median'])} |")
         lines += ["", "Recall of Severe per condition on the held-out studies: "
                   + ", ".join(f"{k} {_fmt(v)}" for k, v in evaluation["severe_recall"].items()) + "."]
-    lines += ["", "Score: the RSNA 2024 competition metric as implemented in `training/metrics.py`.", ""]
+    lines += ["", "Score: the RSNA 2024 competition metric as implemented in `training/metrics.py`; the baseline",
+              "predicts the training split's class frequencies for every row. Reproduce with the commands in the",
+              "README, section \"The bundled default model\".", ""]
     return "\n".join(lines)

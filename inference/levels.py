@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 
@@ -47,8 +48,16 @@ def crop_axes(condition: Condition) -> tuple[NDArray, NDArray, NDArray]:
     return POSTERIOR, -HEAD, s * LEFT
 
 
+# Crops of these groups are centred on the canal point itself (both recesses in view, the
+# labelled side always on +u): robust to a localiser point a few mm off the midline.
+CANAL_CENTRED = frozenset({ConditionGroup.SPINAL, ConditionGroup.SUBARTICULAR})
+
+
 def local_offset(condition: Condition, offset: tuple[float, float, float]) -> NDArray:
-    """A (lateral, posterior, head) offset in mm -> a patient vector, mirrored for the right."""
+    """A (lateral, posterior, head) offset in mm -> a patient vector, mirrored for the right;
+    zero for canal-centred groups."""
+    if condition.group in CANAL_CENTRED:
+        return np.zeros(3)
     lateral, posterior, head = offset
     return lateral * side_sign(condition) * LEFT + posterior * POSTERIOR + head * HEAD
 
@@ -93,21 +102,62 @@ def patient_to_crop(frame: CropFrame, point: NDArray) -> tuple[float, float]:
     return float(d @ frame.u / step + half), float(d @ frame.v / step + half)
 
 
+def _peaks(hm: NDArray, k: int = 5, floor: float = 0.05) -> list[tuple[int, int, float]]:
+    """Up to k local maxima (row, col, value) of a heatmap, strongest first."""
+    dilated = cv2.dilate(hm.astype(np.float32), np.ones((5, 5), np.uint8))
+    rows, cols = np.nonzero((hm >= dilated) & (hm > max(floor, 0.1 * float(hm.max()))))
+    order = np.argsort(-hm[rows, cols])[:k]
+    peaks = [(int(rows[i]), int(cols[i]), float(hm[rows[i], cols[i]])) for i in order]
+    return peaks or [(*np.unravel_index(int(np.argmax(hm)), hm.shape), float(hm.max()))]
+
+
+def _ordered_choice(candidates: list[list[tuple[int, int, float]]], step_mm: float,
+                    gap_mm: tuple[float, float] = (12.0, 70.0)) -> list[tuple[int, int, float]]:
+    """One peak per level, head to feet, consecutive levels ``gap_mm`` apart along the rows,
+    maximising the summed log-values (Viterbi); per-level maxima when no such sequence exists."""
+    lo, hi = gap_mm[0] / step_mm, gap_mm[1] / step_mm
+    scores = [np.log([c[2] + 1e-6 for c in candidates[0]])]
+    back: list[list[int]] = []
+    for k in range(1, len(candidates)):
+        cur, ptr = [], []
+        for r, _, v in candidates[k]:
+            best, arg = -np.inf, -1
+            for j, (pr, _, _) in enumerate(candidates[k - 1]):
+                if lo <= r - pr <= hi and scores[-1][j] > best:
+                    best, arg = scores[-1][j], j
+            cur.append(best + np.log(v + 1e-6))
+            ptr.append(arg)
+        scores.append(np.array(cur))
+        back.append(ptr)
+    if not np.isfinite(scores[-1]).any():
+        return [c[0] for c in candidates]
+    idx = int(np.argmax(scores[-1]))
+    chosen = [idx]
+    for ptr in reversed(back):
+        idx = ptr[idx]
+        chosen.append(idx)
+    chosen.reverse()
+    return [candidates[k][i] for k, i in enumerate(chosen)]
+
+
 def decode_heatmaps(heatmaps: NDArray, frame: CropFrame, window: int = 3) -> tuple[NDArray, NDArray]:
-    """Peak of each heatmap refined by a soft-argmax in a (2*window+1)^2 neighbourhood.
+    """One point per disc level: heatmap peaks chosen jointly so that the levels run head to feet
+    in order (a channel that also fires on a neighbouring disc cannot take it), each refined by a
+    soft-argmax in a (2*window+1)^2 neighbourhood.
 
     Returns patient points (5, 3) and peak values (5,), the localiser's confidence per level."""
     n = heatmaps.shape[-1]
+    chosen = _ordered_choice([_peaks(hm) for hm in heatmaps], frame.spec.mm_per_pixel)
     points, peaks = [], []
-    for hm in heatmaps:
-        row, col = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    for hm, (row, col, value) in zip(heatmaps, chosen, strict=True):
         r0, r1 = max(row - window, 0), min(row + window + 1, n)
         c0, c1 = max(col - window, 0), min(col + window + 1, n)
         patch = np.clip(hm[r0:r1, c0:c1], 0, None).astype(np.float64)
         total = float(patch.sum())
+        fr, fc = float(row), float(col)
         if total > 0:
             rr, cc = np.mgrid[r0:r1, c0:c1]
-            row, col = float((patch * rr).sum() / total), float((patch * cc).sum() / total)
-        points.append(frame.to_patient(col, row))
-        peaks.append(float(hm.max()))
+            fr, fc = float((patch * rr).sum() / total), float((patch * cc).sum() / total)
+        points.append(frame.to_patient(fc, fr))
+        peaks.append(value)
     return np.array(points), np.array(peaks)

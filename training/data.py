@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from inference.geometry import ImagePlane
 from inference.labels import LABELS, LEVELS, ConditionGroup, Label, Level, SeriesRole
-from inference.levels import GRADER_SPEC, crop_axes, heatmap_target, localiser_input, side_sign
+from inference.levels import CANAL_CENTRED, GRADER_SPEC, crop_axes, heatmap_target, localiser_input, side_sign
 from inference.preprocess import HEAD, LEFT, POSTERIOR, CropSpec, crop_25d, intensity_of
 from inference.series import group_series
 from inference.volume import Volume, load_volume
@@ -64,6 +64,14 @@ def ground_truth_points(record: StudyRecord) -> dict[Label, NDArray]:
     return out
 
 
+def crop_center(label: Label, points: dict[Label, NDArray], canal: dict[Level, NDArray]) -> NDArray | None:
+    """Where training centres a label's crop: its marked point, except for the subarticular zones,
+    whose crops are centred on the canal like the served ones (``inference.levels.CANAL_CENTRED``)."""
+    if label.condition.group in CANAL_CENTRED:
+        return canal.get(label.level)
+    return points.get(label)
+
+
 def local_components(label: Label, delta: NDArray) -> tuple[float, float, float]:
     """A patient vector -> (lateral, posterior, head) mm, lateral mirrored for the right side."""
     return float(delta @ LEFT) * side_sign(label.condition), float(delta @ POSTERIOR), float(delta @ HEAD)
@@ -89,10 +97,11 @@ def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitte
     intensities = {role: intensity_of(vol) for role, vol in volumes.items()}
     for i, label in enumerate(LABELS):
         role = label.condition.series_role
-        if label not in points or role not in volumes or samples.targets[i] < 0:
+        center = crop_center(label, points, canal)
+        if center is None or role not in volumes or samples.targets[i] < 0:
             continue
         u, v, across = crop_axes(label.condition)
-        window = crop_25d(volumes[role], points[label], u, v, across, CACHE_SPEC, intensities[role])
+        window = crop_25d(volumes[role], center, u, v, across, CACHE_SPEC, intensities[role])
         samples.windows[i] = window.astype(np.float16)
     return samples
 

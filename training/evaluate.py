@@ -111,6 +111,8 @@ def plot(report: dict[str, Any], history: list[dict[str, Any]], out: Path) -> No
     grd = [h for h in history if h["stage"] == "grader"]
     if loc:
         axes[0].plot([h["epoch"] for h in loc], [h["val_median_error_mm"] for h in loc], "o-", label="validation median error (mm)")
+        if "val_mean_error_mm" in loc[0]:
+            axes[0].plot([h["epoch"] for h in loc], [h["val_mean_error_mm"] for h in loc], "s-", label="validation mean error (mm)")
         axes[0].set_title("localiser")
         axes[0].set_xlabel("epoch")
         axes[0].legend()

@@ -24,7 +24,7 @@ from dicom_node import __version__
 from inference.analyze import ModelInfo, StudyResult, analyze_study
 from inference.labels import CONDITIONS, LABEL_COLUMNS, LABELS, LEVELS, SEVERITY_WEIGHTS, ConditionGroup
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
-from training.data import JITTER_PX, StudySamples, level_error_mm, local_components, study_samples, window_crop
+from training.data import JITTER_PX, StudySamples, crop_center, level_error_mm, local_components, study_samples, window_crop
 from training.metrics import competition_score, prior_baseline
 from training.models import CONDITION_GROUP, Grader, Localiser
 from training.rsna import StudyRecord, load_rsna, split_studies
@@ -331,15 +331,18 @@ def _result_errors(result: StudyResult, samples: StudySamples) -> list[float]:
 
 
 def _crop_errors(runner: TorchRunner, val: list, val_samples: list[StudySamples]) -> dict[int, float]:
-    """Median in-plane distance between the pipeline's crop centres and the marked points, per group."""
+    """Median in-plane distance between the pipeline's crop centres and where training centres the
+    same crops (``training.data.crop_center``), per group."""
     errors: dict[int, list[float]] = {0: [], 1: [], 2: []}
     for (_, instances), s in zip(val, val_samples, strict=True):
         result = analyze_study(instances, runner)
+        canal = s.canal_points()
         for r in result.labels:
-            if r.location is None or r.label not in s.points:
+            target = crop_center(r.label, s.points, canal)
+            if r.location is None or target is None:
                 continue
             frame = r.location.crop
-            d = s.points[r.label] - frame.center
+            d = target - frame.center
             normal = np.cross(frame.u, frame.v)
             d = d - (d @ normal) * normal
             errors[CONDITION_GROUP[CONDITIONS.index(r.label.condition)]].append(float(np.linalg.norm(d)))
