@@ -49,6 +49,8 @@ def _session(path: Path, providers: tuple[str, ...]) -> ort.InferenceSession:
         raise ModelError(f"missing model file {path}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Do not let idle worker threads spin between runs: the node's own preprocessing needs the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=usable_providers(providers))
 
 

@@ -54,8 +54,9 @@ def main() -> None:
         for folder in sorted((Path(tmp) / "train_images").iterdir()):
             studies.append([(pydicom.dcmread(f), f) for f in sorted(folder.rglob("*.dcm"))])
     rows = {"onnxruntime": [], "torch eager": []}
-    for instances in studies:
-        for name, runner in (("onnxruntime", onnx_runner), ("torch eager", torch_runner)):
+    for k, instances in enumerate(studies):
+        pair = [("onnxruntime", onnx_runner), ("torch eager", torch_runner)]
+        for name, runner in pair if k % 2 == 0 else pair[::-1]:  # alternate who goes first
             rows[name].append(_median_time(lambda r=runner, i=instances: analyze_study(i, r), args.repeats))
     for name, times in rows.items():
         print(f"whole study ({name:11}): median {statistics.median(times) * 1000:7.1f} ms over {len(times)} studies")
