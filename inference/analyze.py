@@ -23,6 +23,7 @@ from inference.levels import (
     decode_heatmaps,
     local_offset,
     localiser_input,
+    midline_shift,
 )
 from inference.preprocess import CropFrame, crop_25d, crop_frame, intensity_of
 from inference.series import assign_roles, group_series
@@ -137,9 +138,14 @@ def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runn
         result.labels = _not_assessed("no usable sagittal series to localise the disc levels")
         result.seconds = {"load": t1 - t0}
         return result
-    loc = localiser_input(volumes[sagittal], intensity[sagittal])
-    heatmaps = runner.localise(loc.image[None])[0]
-    points, _ = decode_heatmaps(heatmaps, loc.frame)
+    sag = volumes[sagittal]
+    mid = len(sag.slices) // 2
+    inputs = [localiser_input(sag, intensity[sagittal], index=i) for i in range(len(sag.slices))]
+    heatmaps = runner.localise(np.stack([li.image for li in inputs]))
+    points, _ = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
+    normal = sag.slices[mid].plane.normal
+    offsets = np.array([float((sl.plane.position - sag.slices[mid].plane.position) @ normal) for sl in sag.slices])
+    points = points + midline_shift(heatmaps, inputs[mid].frame, points, offsets)[:, None] * normal
     result.levels = {lv.value: tuple(float(v) for v in points[lv.index]) for lv in LEVELS}
     t2 = time.perf_counter()
 

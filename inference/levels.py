@@ -73,14 +73,36 @@ class LocaliserInput:
     frame: CropFrame
 
 
-def localiser_input(volume: Volume, intensity: Intensity, center: NDArray | None = None) -> LocaliserInput:
-    """The central slices of a sagittal volume on the localiser's fixed physical grid, centred on
-    the middle of the central slice (or on ``center``, for training's jitter)."""
+def localiser_input(volume: Volume, intensity: Intensity, center: NDArray | None = None,
+                    index: int | None = None) -> LocaliserInput:
+    """Three adjacent sagittal slices around the central one (or ``index``) on the localiser's
+    fixed physical grid, centred on the middle of the central slice (or on ``center``)."""
     mid = len(volume.slices) // 2
+    index = mid if index is None else index
     center = volume.slices[mid].plane.center if center is None else center
     u, v = SAGITTAL_AXES
-    image = crop_25d(volume, center, u, v, LEFT, LOCALISER_SPEC, intensity, index=mid)
-    return LocaliserInput(image, crop_frame(volume.slices[mid], center, u, v, LOCALISER_SPEC))
+    image = crop_25d(volume, center, u, v, LEFT, LOCALISER_SPEC, intensity, index=index)
+    return LocaliserInput(image, crop_frame(volume.slices[index], center, u, v, LOCALISER_SPEC))
+
+
+def midline_shift(heatmaps: NDArray, frame: CropFrame, points: NDArray, offsets_mm: NDArray,
+                  window: int = 3, power: float = 4.0) -> NDArray:
+    """Per level, how far (mm, along the slice normal) the canal lies from the central slice.
+
+    ``heatmaps`` (n_slices, 5, H, W) are the localiser's answers on every sagittal slice,
+    ``offsets_mm`` each slice's position along the normal relative to the central one. The canal
+    answers most strongly on the slices through it: the confidence-weighted mean position of the
+    peak at each level's decoded point estimates the midline, which the foramen crops start from."""
+    out = np.zeros(len(points))
+    n = frame.spec.pixels
+    for k, point in enumerate(points):
+        col, row = patient_to_crop(frame, point)
+        r, c = int(round(row)), int(round(col))
+        r0, r1, c0, c1 = max(r - window, 0), min(r + window + 1, n), max(c - window, 0), min(c + window + 1, n)
+        w = np.clip(heatmaps[:, k, r0:r1, c0:c1].max(axis=(1, 2)), 0, None) ** power
+        if w.sum() > 0:
+            out[k] = float((w * offsets_mm).sum() / w.sum())
+    return out
 
 
 def heatmap_target(frame: CropFrame, points: dict[Level, NDArray], sigma_px: float = 2.0) -> NDArray[np.float32]:
@@ -104,7 +126,8 @@ def patient_to_crop(frame: CropFrame, point: NDArray) -> tuple[float, float]:
 
 def _peaks(hm: NDArray, k: int = 5, floor: float = 0.05) -> list[tuple[int, int, float]]:
     """Up to k local maxima (row, col, value) of a heatmap, strongest first."""
-    dilated = cv2.dilate(hm.astype(np.float32), np.ones((5, 5), np.uint8))
+    hm = hm.astype(np.float32)
+    dilated = cv2.dilate(hm, np.ones((5, 5), np.uint8))
     rows, cols = np.nonzero((hm >= dilated) & (hm > max(floor, 0.1 * float(hm.max()))))
     order = np.argsort(-hm[rows, cols])[:k]
     peaks = [(int(rows[i]), int(cols[i]), float(hm[rows[i], cols[i]])) for i in order]
