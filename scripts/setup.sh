@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools)
+APT_PACKAGES=(dcmtk dicom3tools libpixelmed-java default-jre-headless)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

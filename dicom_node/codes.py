@@ -1,0 +1,75 @@
+"""Coded concepts of the node's Structured Report: SNOMED CT, DCM and LOINC where they exist (each
+taken from pydicom's verified code dictionary), a documented private scheme where none does.
+
+Private scheme ``99LUMBAR`` (see docs/CONFORMANCE.md): neural foramen, subarticular zone, the
+Normal/Mild class of the RSNA label set, class probabilities, assessment status and reasons.
+"""
+
+from __future__ import annotations
+
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+
+from inference.labels import ConditionGroup, Level, Severity, Side
+
+PRIVATE_SCHEME = "99LUMBAR"
+
+
+def private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, PRIVATE_SCHEME, meaning)
+
+
+def sct(code) -> CodedConcept:  # noqa: ANN001
+    """A pydicom dictionary code as a highdicom CodedConcept."""
+    return CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+PROCEDURE_REPORTED = sct(codes.LN.MRIUnspecifiedBodyRegion)  # in CID 100; the sites say lumbar
+STENOSIS = sct(codes.SCT.Stenosis)  # finding type; the site says which stenosis (post-coordination)
+SEVERITY = sct(codes.SCT.Severity)
+PRESENT, ABSENT = sct(codes.SCT.Present), sct(codes.SCT.Absent)
+DEVICE = sct(codes.DCM.Device)
+
+LEVEL = {
+    Level.L1_L2: sct(codes.SCT.L1L2Disc),
+    Level.L2_L3: sct(codes.SCT.L2L3Disc),
+    Level.L3_L4: sct(codes.SCT.L3L4Disc),
+    Level.L4_L5: sct(codes.SCT.L4L5Disc),
+    Level.L5_S1: sct(codes.SCT.L5S1Disc),
+}
+LATERALITY = {Side.LEFT: sct(codes.SCT.Left), Side.RIGHT: sct(codes.SCT.Right)}
+STRUCTURE = {
+    ConditionGroup.SPINAL: sct(codes.SCT.SpinalCanalStructure),
+    ConditionGroup.FORAMINAL: private("NF", "Neural (intervertebral) foramen"),
+    ConditionGroup.SUBARTICULAR: private("SAZ", "Subarticular zone (lateral recess)"),
+}
+GRADE = {
+    Severity.NORMAL_MILD: private("NM", "Normal or mild"),
+    Severity.MODERATE: sct(codes.SCT.Moderate),
+    Severity.SEVERE: sct(codes.SCT.Severe),
+}
+PROBABILITY = {
+    Severity.NORMAL_MILD: private("PNM", "Probability of normal or mild"),
+    Severity.MODERATE: private("PMO", "Probability of moderate"),
+    Severity.SEVERE: private("PSE", "Probability of severe"),
+}
+UNITLESS = CodedConcept("1", "UCUM", "no units")
+ASSESSMENT = private("AST", "Assessment status")
+NOT_ASSESSED = private("NA", "Not assessed")
+REASON = private("RSN", "Reason not assessed")
+ANY_SEVERE_SPINAL = private("ASS", "Any severe spinal canal stenosis")
+MAX_SEVERE_SPINAL = private("MSS", "Highest probability of severe spinal canal stenosis")
+REASONS = {  # (code, meaning) by the phrase analyze_study puts in LabelResult.reason
+    "no usable sagittal": private("RNL", "Levels not localised: no usable sagittal series"),
+    "series unusable": private("RSU", "Required series unusable"),
+    "not covered": private("RNC", "Level not covered by the required series"),
+    "series in the study": private("RMS", "Required series missing"),
+}
+
+
+def reason_code(reason: str) -> CodedConcept:
+    """The coded reason for a 'not assessed' label."""
+    for phrase, code in REASONS.items():
+        if phrase in reason:
+            return code
+    return private("ROT", "Other reason")

@@ -1,0 +1,138 @@
+"""The study's TID 1500 Measurement Report (highdicom Comprehensive SR), one measurement group per
+level and side, in the study of the source images."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageRegion,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    SourceImageForRegion,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_node import __version__
+from dicom_node import codes as C
+from inference.analyze import LabelResult, StudyResult
+from inference.labels import SEVERITIES, SPINAL, Severity
+
+MANUFACTURER = "Lumbar Node"
+DEVICE_NAME = "lumbar-node"
+SR_SERIES_NUMBER = 9901
+SR_SERIES_DESCRIPTION = "AI lumbar stenosis grading (SR) - not for diagnosis"
+REGION_RADIUS_MM = 4.0
+
+
+def algorithm(result: StudyResult) -> AlgorithmIdentification:
+    info = result.model
+    assert info is not None
+    return AlgorithmIdentification(
+        name=info.name, version=info.version,
+        parameters=[f"model sha256 {info.sha256}",
+                    f"machine-generated result; trained on {info.training_data}; not for clinical use"])
+
+
+def _sites(r: LabelResult) -> list[FindingSite]:
+    side = r.label.condition.side
+    return [FindingSite(C.LEVEL[r.label.level], laterality=C.LATERALITY[side] if side else None),
+            FindingSite(C.STRUCTURE[r.label.condition.group])]
+
+
+def _tracking(study_uid: str, r: LabelResult) -> TrackingIdentifier:
+    # stable per study and label, so that a superseding report tracks the same findings
+    return TrackingIdentifier(uid=generate_uid(entropy_srcs=[study_uid, r.label.column]),
+                              identifier=f"{r.label.level.value} {r.label.condition.display}")
+
+
+def _assessed_group(result: StudyResult, r: LabelResult, source: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    assert r.location is not None and r.probabilities is not None and r.grade is not None
+    x, y = r.location.pixel
+    spacing = float(source.PixelSpacing[1])
+    region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+                         graphic_data=np.array([[x, y], [x + REGION_RADIUS_MM / spacing, y]]),
+                         source_image=SourceImageForRegion.from_source_image(source))
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(result.study_uid, r),
+        referenced_region=region,
+        finding_type=C.STENOSIS,
+        algorithm_id=algorithm(result),
+        finding_sites=_sites(r),
+        measurements=[Measurement(name=C.PROBABILITY[s], value=float(p), unit=C.UNITLESS, algorithm_id=algorithm(result))
+                      for s, p in zip(SEVERITIES, r.probabilities, strict=True)],
+        qualitative_evaluations=[QualitativeEvaluation(C.SEVERITY, C.GRADE[r.grade])],
+    )
+
+
+def _not_assessed_group(result: StudyResult, r: LabelResult) -> MeasurementsAndQualitativeEvaluations:
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(result.study_uid, r),
+        finding_type=C.STENOSIS,
+        algorithm_id=algorithm(result),
+        finding_sites=_sites(r),
+        qualitative_evaluations=[QualitativeEvaluation(C.ASSESSMENT, C.NOT_ASSESSED),
+                                 QualitativeEvaluation(C.REASON, C.reason_code(r.reason or ""))],
+    )
+
+
+def _summary_group(result: StudyResult) -> MeasurementsAndQualitativeEvaluations:
+    spinal = [r for r in result.labels if r.label.condition == SPINAL and r.assessed]
+    worst = max((r.probabilities[Severity.SEVERE] for r in spinal), default=None)  # type: ignore[index]
+    any_severe = any(r.grade is Severity.SEVERE for r in spinal)
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(entropy_srcs=[result.study_uid, "summary"]),
+                                               identifier="Study summary"),
+        finding_type=C.STENOSIS,
+        algorithm_id=algorithm(result),
+        finding_sites=[FindingSite(C.STRUCTURE[SPINAL.group])],
+        measurements=[] if worst is None else [Measurement(name=C.MAX_SEVERE_SPINAL, value=float(worst), unit=C.UNITLESS)],
+        qualitative_evaluations=[QualitativeEvaluation(C.ANY_SEVERE_SPINAL, C.PRESENT if any_severe else C.ABSENT)],
+    )
+
+
+def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid: str | None = None,
+             instance_number: int = 1, predecessors: Sequence[Dataset] = ()) -> hd.sr.ComprehensiveSR:
+    """The report for one graded study. ``sources`` maps SOPInstanceUID -> the source image header
+    (at least every image a finding is located on); ``predecessors`` are earlier reports of the
+    same study that this one supersedes."""
+    groups: list = []
+    evidence: dict[str, Dataset] = {}
+    for r in result.labels:
+        if r.assessed and r.location is not None:
+            source = sources[r.location.sop_instance_uid]
+            evidence[source.SOPInstanceUID] = source
+            groups.append(_assessed_group(result, r, source))
+        else:
+            groups.append(_not_assessed_group(result, r))
+    groups.append(_summary_group(result))
+    if not evidence:
+        evidence = {next(iter(sources)): next(iter(sources.values()))}  # patient/study come from here
+    observer = ObserverContext(
+        observer_type=C.DEVICE,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=[DEVICE_NAME]), name=DEVICE_NAME, manufacturer_name=MANUFACTURER,
+            model_name=f"{DEVICE_NAME} {__version__}"))
+    report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
+                               procedure_reported=C.PROCEDURE_REPORTED, imaging_measurements=groups)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(evidence.values()), content=report,
+        series_instance_uid=series_uid or generate_uid(), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer=MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False,
+        previous_versions=list(predecessors) or None,
+        series_description=SR_SERIES_DESCRIPTION,
+    )
+    return sr
