@@ -195,8 +195,10 @@ def export_command(run: Path, out: Path, fp16: bool) -> None:
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Exported model folder (default: the configured models.dir, else the bundled model).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write each study's DICOM SR and Grad-CAM Secondary Captures under OUT/<StudyInstanceUID>/.")
 @click.pass_context
-def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as_json: bool) -> None:
+def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as_json: bool, out: Path | None) -> None:
     """Grade the lumbar spine MRI studies in a folder of DICOM files and print the results.
 
     Synthetic-phantom models are not clinical models: results are not for diagnosis.
@@ -206,7 +208,7 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     settings = _settings(ctx)
     model_dir = model_dir or settings.models.dir
     try:
-        predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo)
+        predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out)
     except Exception as exc:  # noqa: BLE001 - a CLI error, not a traceback
         if isinstance(exc, click.ClickException):
             raise

@@ -70,9 +70,30 @@ def result_table(result: StudyResult) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(result: StudyResult, instances: list[tuple[pydicom.Dataset, Path]], out: Path) -> list[Path]:
+    """The study's SR and Grad-CAM Secondary Captures under ``out/<StudyInstanceUID>/``."""
+    from dicom_node.sc import build_sc_images
+    from dicom_node.sr import build_sr
+
+    headers = {str(ds.SOPInstanceUID): ds for ds, _ in instances}
+    paths = {str(ds.SOPInstanceUID): path for ds, path in instances}
+    located = {r.location.sop_instance_uid for r in result.labels if r.location is not None}
+    full = {uid: pydicom.dcmread(paths[uid]) for uid in located}
+    folder = out / result.study_uid
+    (folder / "SC").mkdir(parents=True, exist_ok=True)
+    sr = build_sr(result, headers)
+    written = [folder / f"SR_{sr.SOPInstanceUID}.dcm"]
+    sr.save_as(written[0])
+    for sc in build_sc_images(result, full):
+        written.append(folder / "SC" / f"{int(sc.InstanceNumber):02d}_{sc.SOPInstanceUID}.dcm")
+        sc.save_as(written[-1])
+    return written
+
+
 def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, ...], as_json: bool,
-                   echo: Callable[[str], None]) -> list[StudyResult]:
-    """Grade every study found under ``folder`` and print each result."""
+                   echo: Callable[[str], None], out: Path | None = None) -> list[StudyResult]:
+    """Grade every study found under ``folder``, print each result, and with ``out`` write its
+    Structured Report and Grad-CAM Secondary Captures there."""
     studies = read_folder(folder)
     if not studies:
         raise ValueError(f"no DICOM images with geometry under {folder}")
@@ -84,6 +105,9 @@ def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, .
         log.info("study graded", study_uid=study_uid, seconds=round(sum(result.seconds.values()), 3),
                  assessed=sum(r.assessed for r in result.labels))
         results.append(result)
+        if out is not None:
+            written = write_outputs(result, instances, out)
+            log.info("results written", study_uid=study_uid, sr=str(written[0]), secondary_captures=len(written) - 1)
     if as_json:
         echo(json.dumps([result_json(r) for r in results], indent=1))
     else:

@@ -103,6 +103,22 @@ def _summary_group(result: StudyResult) -> MeasurementsAndQualitativeEvaluations
     )
 
 
+# Patient and study attributes copied from the source images onto every object the node writes,
+# so that the PACS files them in the same patient and study.
+PATIENT_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "PatientIdentityRemoved", "DeidentificationMethod", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
+)
+
+
+def copy_patient_study(source: Dataset, target: Dataset) -> None:
+    """Copy the patient and study attributes that the source has (and only those)."""
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            setattr(target, keyword, source.data_element(keyword).value)
+
+
 def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid: str | None = None,
              instance_number: int = 1, predecessors: Sequence[Dataset] = ()) -> hd.sr.ComprehensiveSR:
     """The report for one graded study. ``sources`` maps SOPInstanceUID -> the source image header
@@ -135,4 +151,5 @@ def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid:
         previous_versions=list(predecessors) or None,
         series_description=SR_SERIES_DESCRIPTION,
     )
+    copy_patient_study(next(iter(evidence.values())), sr)
     return sr

@@ -24,3 +24,9 @@ def pixelmed_sr_report(path: Path) -> str:
            "-Xss8m", "-cp", PIXELMED_CP, "com.pixelmed.validate.DicomSRValidator", str(path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return out.stdout + out.stderr
+
+
+def dcentvfy_errors(paths: list[Path]) -> list[str]:
+    """dcentvfy: patient/study/series attributes consistent across the given instances."""
+    out = subprocess.run([require_tool("dcentvfy"), *map(str, paths)], capture_output=True, text=True, timeout=300)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]

@@ -1,0 +1,55 @@
+"""``predict --out``: the SR and the Grad-CAM Secondary Captures of a phantom study, as files a PACS
+accepts, checked with dciodvfy and dcentvfy against their source images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from tests.conftest import lumbar_node
+from tests.dicom_tools import dcentvfy_errors, dciodvfy_errors
+
+
+@pytest.fixture(scope="module")
+def outputs(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    study = sorted((phantom_dir / "train_images").iterdir())[1]
+    out = tmp_path_factory.mktemp("outputs")
+    lumbar_node("predict", str(study), "--out", str(out))
+    [folder] = list(out.iterdir())
+    return study, folder
+
+
+def test_one_sr_and_one_sc_per_graded_label_in_the_source_study(outputs: tuple[Path, Path]) -> None:
+    study, folder = outputs
+    source = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True)
+    [sr_path] = list(folder.glob("SR_*.dcm"))
+    scs = [pydicom.dcmread(p) for p in sorted((folder / "SC").glob("*.dcm"))]
+    sr = pydicom.dcmread(sr_path)
+    assert folder.name == source.StudyInstanceUID == sr.StudyInstanceUID
+    assert len(scs) >= 15
+    assert len({sc.SeriesInstanceUID for sc in scs}) == 1 and scs[0].SeriesInstanceUID != sr.SeriesInstanceUID
+    for sc in scs:
+        assert sc.SOPClassUID == SecondaryCaptureImageStorage
+        assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID
+        assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
+        assert "not for diagnosis" in sc.ImageComments
+        ref = sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert any(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == ref for p in study.rglob("*.dcm"))
+        rgb = sc.pixel_array
+        assert rgb.shape[2] == 3 and np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() > 50  # colour heatmap
+
+
+def test_sr_and_sc_pass_dciodvfy(outputs: tuple[Path, Path]) -> None:
+    _, folder = outputs
+    for path in [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm"))[:5]]:
+        assert dciodvfy_errors(path) == [], path
+
+
+def test_dcentvfy_finds_sr_sc_and_sources_consistent(outputs: tuple[Path, Path]) -> None:
+    study, folder = outputs
+    files = [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *sorted(study.rglob("*.dcm"))]
+    assert dcentvfy_errors(files) == []
