@@ -81,10 +81,20 @@ def write_outputs(result: StudyResult, instances: list[tuple[pydicom.Dataset, Pa
     full = {uid: pydicom.dcmread(paths[uid]) for uid in located}
     folder = out / result.study_uid
     (folder / "SC").mkdir(parents=True, exist_ok=True)
-    sr = build_sr(result, headers)
+    previous = sorted((pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")), key=lambda d: int(d.InstanceNumber))
+    old_sc = sorted((folder / "SC").glob("*.dcm"))
+    sc_series = str(pydicom.dcmread(old_sc[0], stop_before_pixels=True).SeriesInstanceUID) if old_sc else None
+    if previous:  # a re-run: the new report supersedes the newest one, in the same series
+        log.info("superseding an earlier report", study_uid=result.study_uid,
+                 predecessor=str(previous[-1].SOPInstanceUID))
+    sr = build_sr(result, headers, series_uid=str(previous[-1].SeriesInstanceUID) if previous else None,
+                  instance_number=int(previous[-1].InstanceNumber) + 1 if previous else 1,
+                  predecessors=previous[-1:])
     written = [folder / f"SR_{sr.SOPInstanceUID}.dcm"]
     sr.save_as(written[0])
-    for sc in build_sc_images(result, full):
+    for path in old_sc:  # the superseded heatmaps leave this folder (a PACS keeps its copies)
+        path.unlink()
+    for sc in build_sc_images(result, full, series_uid=sc_series):
         written.append(folder / "SC" / f"{int(sc.InstanceNumber):02d}_{sc.SOPInstanceUID}.dcm")
         sc.save_as(written[-1])
     return written

@@ -121,6 +121,8 @@ def copy_patient_study(source: Dataset, target: Dataset) -> None:
 
 def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid: str | None = None,
              instance_number: int = 1, predecessors: Sequence[Dataset] = ()) -> hd.sr.ComprehensiveSR:
+    # A re-run passes the previous report(s) as ``predecessors``: the new SR lists them in its
+    # Predecessor Documents Sequence and is written into the same series (``series_uid``).
     """The report for one graded study. ``sources`` maps SOPInstanceUID -> the source image header
     (at least every image a finding is located on); ``predecessors`` are earlier reports of the
     same study that this one supersedes."""

@@ -53,3 +53,19 @@ def test_dcentvfy_finds_sr_sc_and_sources_consistent(outputs: tuple[Path, Path])
     study, folder = outputs
     files = [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *sorted(study.rglob("*.dcm"))]
     assert dcentvfy_errors(files) == []
+
+
+def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tuple[Path, Path]) -> None:
+    study, folder = outputs
+    [first] = [pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")]
+    sc_series = pydicom.dcmread(next((folder / "SC").glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    lumbar_node("predict", str(study), "--out", str(folder.parent))
+    reports = sorted((pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")), key=lambda d: int(d.InstanceNumber))
+    assert len(reports) == 2
+    newest = reports[-1]
+    assert newest.SeriesInstanceUID == first.SeriesInstanceUID and int(newest.InstanceNumber) == 2
+    predecessor = newest.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    scs = [pydicom.dcmread(p, stop_before_pixels=True) for p in (folder / "SC").glob("*.dcm")]
+    assert {sc.SeriesInstanceUID for sc in scs} == {sc_series}
+    assert len(scs) == len({(sc.SourceImageSequence[0].ReferencedSOPInstanceUID, sc.ImageComments) for sc in scs})
