@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools libpixelmed-java default-jre-headless)
+APT_PACKAGES=(dcmtk dicom3tools libpixelmed-java default-jre-headless orthanc)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
