@@ -24,13 +24,16 @@ from pydicom.dataset import Dataset
 
 from inference.geometry import nearest_plane
 from inference.labels import LABEL_COLUMNS, LABELS, Label, SeriesRole, Severity
-from training.phantom.acquisition import SeriesSpec, axial_series, render_series, sagittal_series
+from training.phantom.acquisition import (
+    SeriesSpec,
+    axial_series,
+    render_series,
+    sagittal_series,
+)
 from training.phantom.anatomy import Anatomy, sample_anatomy
 from training.phantom.dicom import StudyInfo, mr_dataset, study_info
+from training.rsna import COORDINATES_CSV, SERIES_CSV, TRAIN_CSV, Coordinate
 
-TRAIN_CSV = "train.csv"
-COORDINATES_CSV = "train_label_coordinates.csv"
-SERIES_CSV = "train_series_descriptions.csv"
 IMAGES_DIR = "train_images"
 COORDINATE_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")
 
@@ -39,17 +42,6 @@ P_MISSING_SERIES = {SeriesRole.AX_T2: 0.03, SeriesRole.SAG_T1: 0.02, SeriesRole.
 P_TWO_AXIAL_SERIES = 0.08
 P_CONTINUOUS_AXIAL = 0.35
 P_MISSING_LABEL = 0.01
-
-
-@dataclass
-class Coordinate:
-    """One row of train_label_coordinates.csv."""
-
-    label: Label
-    series_id: int
-    instance_number: int
-    x: float
-    y: float
 
 
 @dataclass

@@ -11,7 +11,8 @@ from numpy.typing import NDArray
 
 from inference.labels import LEVELS, ConditionGroup, SeriesRole, Severity, Side
 from training.phantom.acquisition import SeriesSpec
-from training.phantom.generate import Coordinate, PhantomStudy
+from training.phantom.generate import PhantomStudy
+from training.rsna import Coordinate
 
 TILE = 320
 GRADE_COLOURS = {  # BGR
