@@ -1,0 +1,135 @@
+"""The storage SCP: C-ECHO and C-STORE. The C-STORE handler only writes the received encoded
+dataset to the spool (no pixel decoding), fsyncs it, records it in the ledger, then answers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import Settings
+from dicom_node.ledger import Ledger
+from dicom_node.logconfig import get_logger
+
+log = get_logger(__name__)
+
+# Explicit little endian first: pynetdicom keeps the first of its own list that both sides offer.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+]
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(data: bytes, target: Path, fsync: bool = True) -> None:
+    """Write to a temporary file in the target's folder, fsync, rename into place, fsync the folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+        if fsync:
+            _fsync_dir(target.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StorageSCP:
+    """Receives studies into the spool and the ledger."""
+
+    def __init__(self, settings: Settings, ledger: Ledger):
+        self.settings = settings
+        self.ledger = ledger
+        self.spool = Path(settings.storage.spool_dir)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.ae = AE(ae_title=settings.node.ae_title)
+        self.ae.maximum_pdu_size = settings.node.max_pdu_size
+        for context in StoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification)
+        if settings.node.refuse_unknown_peers:
+            self.ae.require_calling_aet = [p.ae_title for p in settings.node.allowed_peers]
+        self.server = None
+
+    def start(self) -> None:
+        """Listen in the background (pynetdicom runs one thread per association)."""
+        node = self.settings.node
+        self.server = self.ae.start_server((node.bind_address, node.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self.handle_store),
+                                                         (evt.EVT_C_ECHO, lambda event: SUCCESS)])
+        log.info("storage SCP listening", ae_title=node.ae_title, port=node.port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def _disk_low(self) -> bool:
+        floor = self.settings.storage.min_free_disk_mb * 2**20
+        return shutil.disk_usage(self.spool).free < floor
+
+    def handle_store(self, event: evt.Event) -> int:
+        """Write, fsync, record, then answer; never raises into pynetdicom."""
+        calling = event.assoc.requestor.ae_title
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        if self._disk_low():
+            log.warning("refused an instance: free disk under the configured floor",
+                        sop_instance_uid=sop_uid, min_free_disk_mb=self.settings.storage.min_free_disk_mb)
+            return OUT_OF_RESOURCES
+        try:
+            ds = event.dataset  # parsed lazily: only the UIDs below are read, pixels are not decoded
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - any malformed payload is answered, not raised
+            log.warning("refused an instance that cannot be parsed", sop_instance_uid=sop_uid,
+                        calling_aet=calling, error=f"{type(exc).__name__}: {exc}")
+            return CANNOT_UNDERSTAND
+        target = self.spool / study_uid / f"{sop_uid}.dcm"
+        try:
+            write_durably(data, target, self.settings.storage.fsync)
+            new = self.ledger.record_instance(sop_uid, study_uid, series_uid,
+                                              str(event.request.AffectedSOPClassUID), target, calling)
+        except OSError as exc:
+            log.error("could not store an instance", sop_instance_uid=sop_uid, error=str(exc))
+            return OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else PROCESSING_FAILURE
+        except Exception as exc:  # noqa: BLE001 - the service keeps running
+            log.error("could not record an instance", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
+            return PROCESSING_FAILURE
+        log.debug("stored", sop_instance_uid=sop_uid, study_uid=study_uid, new=new)
+        return SUCCESS
