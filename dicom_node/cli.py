@@ -215,5 +215,32 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def status_command(ctx: click.Context, as_json: bool) -> None:
+    """The studies the node knows, their states and reasons, from the ledger (storage.ledger_path)."""
+    import json
+    from datetime import datetime, timezone
+
+    from dicom_node.ledger import Ledger
+
+    settings = _settings(ctx)
+    if not settings.storage.ledger_path.exists():
+        raise click.ClickException(f"no ledger at {settings.storage.ledger_path}: the node has not received anything yet")
+    ledger = Ledger(settings.storage.ledger_path)
+    try:
+        studies = ledger.studies()
+    finally:
+        ledger.close()
+    if as_json:
+        click.echo(json.dumps([s.__dict__ for s in studies], indent=1))
+        return
+    click.echo(f"{'study instance UID':64}  {'state':10} {'images':>6}  {'last received (UTC)':19}  reason")
+    for s in studies:
+        when = datetime.fromtimestamp(s.last_received, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{s.study_uid:64}  {s.state:10} {s.instances:>6}  {when}  {s.reason or ''}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

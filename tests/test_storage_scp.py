@@ -102,3 +102,19 @@ def test_a_dataset_that_cannot_be_understood_is_refused_and_the_node_keeps_runni
     echo = subprocess.run(["/usr/bin/echoscu", "-aet", CALLING, "-aec", scp.settings.node.ae_title, "127.0.0.1",
                            str(scp.settings.node.port)], capture_output=True, text=True)
     assert echo.returncode == 0
+
+
+def test_status_lists_the_ledger_studies(node, phantom_dir: Path) -> None:  # noqa: ANN001
+    import json
+    import os
+    import sys
+
+    scp, ledger = node
+    files = _study(phantom_dir)[:4]
+    storescu(files, scp.settings.node.port, called=scp.settings.node.ae_title, calling=CALLING)
+    env = {**os.environ, "LUMBAR_NODE__STORAGE__LEDGER_PATH": str(scp.settings.storage.ledger_path)}
+    exe = Path(sys.executable).with_name("lumbar-node")
+    out = subprocess.run([str(exe), "status", "--json"], capture_output=True, text=True, env=env, check=True).stdout
+    [study] = json.loads(out)
+    assert study["state"] == "receiving" and study["instances"] == 4
+    assert study["study_uid"] == pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
