@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
 from inference.analyze import Runner, analyze_study
 from inference.labels import CONDITIONS, LABELS, LEVELS, ConditionGroup, Severity
 from training.data import ground_truth_points, level_error_mm
-from training.metrics import classification_report, competition_score, per_condition_log_loss
-from training.rsna import load_rsna
+from training.metrics import classification_report, competition_score, fill_not_assessed, per_condition_log_loss
+from training.rsna import load_rsna, read_instances
 
 
 def severe_recall(probs: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
@@ -40,8 +39,7 @@ def evaluate(runner: Runner, data: Path, class_prior: list[list[float]], out: Pa
     prior = np.asarray(class_prior, np.float64)  # (25, 3), from the training split
     all_probs, all_targets, errors, not_assessed, seconds = [], [], [], {}, []
     for record in records:
-        instances = [(pydicom.dcmread(s.path / f"{n}.dcm"), s.path / f"{n}.dcm")
-                     for s in record.series for n in s.instance_numbers]
+        instances = read_instances(record)
         t0 = time.perf_counter()
         result = analyze_study(instances, runner)
         seconds.append(time.perf_counter() - t0)
@@ -49,7 +47,7 @@ def evaluate(runner: Runner, data: Path, class_prior: list[list[float]], out: Pa
         for r in result.labels:
             if not r.assessed:
                 not_assessed[r.reason] = not_assessed.get(r.reason, 0) + 1
-        all_probs.append(np.where(np.isnan(probs), prior, probs))
+        all_probs.append(fill_not_assessed(probs, prior))
         all_targets.append(record.targets())
         truth = {lb.level: p for lb, p in ground_truth_points(record).items()
                  if lb.condition.group is ConditionGroup.SPINAL}

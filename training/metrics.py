@@ -123,6 +123,12 @@ def prior_baseline(targets: np.ndarray, train_targets: np.ndarray | None = None)
     return out
 
 
+def fill_not_assessed(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Rows without a prediction (NaN: not assessed) get the class prior; the metric needs every row."""
+    prior = np.broadcast_to(prior, probs.shape)
+    return np.where(np.isnan(probs).any(axis=-1, keepdims=True), prior, probs)
+
+
 def _div(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
 

@@ -5,7 +5,7 @@
     train_series_descriptions.csv   study_id,series_id,series_description
     train_images/<study_id>/<series_id>/<instance_number>.dcm
 
-Only the CSV files and the file names are read; no DICOM file is opened.
+Loading reads only the CSV files and the file names; ``read_instances`` opens a study's DICOM files.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from inference.labels import (
     LABELS,
@@ -197,6 +198,12 @@ def load_rsna(root: Path, images_dir: str = "train_images", require_images: bool
         log.warning("%d label coordinate(s) point to a series not in their study (kept), e.g. study %d "
                     "series %d", len(stray), *stray[0])
     return records
+
+
+def read_instances(record: StudyRecord) -> list[tuple[pydicom.Dataset, Path]]:
+    """Every image of a study as (dataset with pixels, path), for ``inference.analyze_study``."""
+    return [(pydicom.dcmread(s.path / f"{n}.dcm"), s.path / f"{n}.dcm")
+            for s in record.series for n in s.instance_numbers]
 
 
 def split_studies(records: list[StudyRecord], val_fraction: float = 0.2,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -25,9 +24,9 @@ from inference.analyze import ModelInfo, StudyResult, analyze_study
 from inference.labels import CONDITIONS, LABEL_COLUMNS, LABELS, LEVELS, SEVERITY_WEIGHTS, ConditionGroup
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
 from training.data import JITTER_PX, StudySamples, crop_center, level_error_mm, local_components, study_samples, window_crop
-from training.metrics import competition_score, prior_baseline
+from training.metrics import competition_score, fill_not_assessed, prior_baseline
 from training.models import CONDITION_GROUP, Grader, Localiser
-from training.rsna import StudyRecord, load_rsna, split_studies
+from training.rsna import StudyRecord, load_rsna, read_instances, split_studies
 from training.runner import MODEL_NAME, TorchRunner, device_of, save_model
 
 WEIGHTS = torch.tensor(SEVERITY_WEIGHTS)
@@ -45,10 +44,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     training_data: str = "synthetic lumbar MRI phantom (lumbar-node phantom); not clinical data"
-
-
-def _instances(record: StudyRecord) -> list[tuple[pydicom.Dataset, Path]]:
-    return [(pydicom.dcmread(s.path / f"{n}.dcm"), s.path / f"{n}.dcm") for s in record.series for n in s.instance_numbers]
 
 
 def _info(offsets: dict[str, tuple[float, float, float]], data: str) -> ModelInfo:
@@ -125,14 +120,6 @@ def _evaluate_pipeline(runner: TorchRunner, val: list[tuple[StudyRecord, list]])
     return probs, results
 
 
-def _fill(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """Rows not assessed get the class prior (the competition needs a prediction for every row)."""
-    out = probs.copy()
-    missing = np.isnan(out).any(axis=2)
-    out[missing] = prior[missing]
-    return out
-
-
 def fit_temperatures(probs: np.ndarray, targets: np.ndarray) -> list[float]:
     """Per-condition temperature minimising the class-weighted log loss on validation rows."""
     grid = np.exp(np.linspace(np.log(0.4), np.log(3.0), 41))
@@ -174,7 +161,7 @@ def train(data: Path, run: Path, cfg: TrainConfig | None = None, log=print) -> P
 
     samples = [study_samples(r, rng) for r in tqdm(train_recs, desc="loading training studies", leave=False)]
     val_samples = [study_samples(r, rng) for r in tqdm(val_recs, desc="loading validation studies", leave=False)]
-    val = [(r, _instances(r)) for r in val_recs]
+    val = [(r, read_instances(r)) for r in val_recs]
     offsets = _offsets(samples)
     train_targets = np.stack([s.targets for s in samples])
     prior = prior_baseline(np.stack([s.targets for s in val_samples]), train_targets=train_targets)
@@ -265,7 +252,7 @@ def train(data: Path, run: Path, cfg: TrainConfig | None = None, log=print) -> P
             losses.append(loss.item())
         sched.step()
         probs, _ = _evaluate_pipeline(runner, val)
-        score = competition_score(_fill(probs, prior), val_targets)
+        score = competition_score(fill_not_assessed(probs, prior), val_targets)
         history.append({"stage": "grader", "epoch": epoch + 1, "loss": float(np.mean(losses)),
                         "val_score": score.total, **{f"val_{k}": v for k, v in score.as_dict().items() if k != "total"}})
         log(f"grader epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation score {score.total:.4f}")
@@ -285,7 +272,7 @@ def train(data: Path, run: Path, cfg: TrainConfig | None = None, log=print) -> P
     temperatures = fit_temperatures(probs, val_targets)
     grader.temperature.copy_(torch.tensor(temperatures))
     probs, results = _evaluate_pipeline(runner, val)
-    score = competition_score(_fill(probs, prior), val_targets)
+    score = competition_score(fill_not_assessed(probs, prior), val_targets)
     baseline = competition_score(prior, val_targets)
     loc_err = [e for r, s in zip(results, val_samples, strict=True) for e in _result_errors(r, s)]
     meta = {
