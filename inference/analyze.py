@@ -22,7 +22,7 @@ from inference.levels import (
     crop_axes,
     decode_heatmaps,
     local_offset,
-    localiser_input,
+    localiser_inputs,
     midline_shift,
 )
 from inference.preprocess import CropFrame, crop_25d, crop_frame, intensity_of
@@ -140,7 +140,7 @@ def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runn
         return result
     sag = volumes[sagittal]
     mid = len(sag.slices) // 2
-    inputs = [localiser_input(sag, intensity[sagittal], index=i) for i in range(len(sag.slices))]
+    inputs = localiser_inputs(sag, intensity[sagittal])
     heatmaps = runner.localise(np.stack([li.image for li in inputs]))
     points, _ = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
     normal = sag.slices[mid].plane.normal

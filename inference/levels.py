@@ -25,6 +25,7 @@ from inference.preprocess import (
     Intensity,
     crop_25d,
     crop_frame,
+    sample_slice,
 )
 from inference.volume import Volume
 
@@ -83,6 +84,22 @@ def localiser_input(volume: Volume, intensity: Intensity, center: NDArray | None
     u, v = SAGITTAL_AXES
     image = crop_25d(volume, center, u, v, LEFT, LOCALISER_SPEC, intensity, index=index)
     return LocaliserInput(image, crop_frame(volume.slices[index], center, u, v, LOCALISER_SPEC))
+
+
+def localiser_inputs(volume: Volume, intensity: Intensity) -> list[LocaliserInput]:
+    """``localiser_input`` for every slice of a sagittal volume, sampling each slice only once:
+    the same images as calling it per index, for the per-slice midline estimate."""
+    mid = len(volume.slices) // 2
+    center = volume.slices[mid].plane.center
+    u, v = SAGITTAL_AXES
+    samples = [sample_slice(sl, center, u, v, LOCALISER_SPEC, intensity) for sl in volume.slices]
+    step = 1 if float(volume.slices[mid].plane.normal @ LEFT) >= 0 else -1
+    half, last = LOCALISER_SPEC.n_slices // 2, len(samples) - 1
+    out = []
+    for i, sl in enumerate(volume.slices):
+        picks = [min(max(i + step * k, 0), last) for k in range(-half, half + 1)]
+        out.append(LocaliserInput(np.stack([samples[j] for j in picks]), crop_frame(sl, center, u, v, LOCALISER_SPEC)))
+    return out
 
 
 def midline_shift(heatmaps: NDArray, frame: CropFrame, points: NDArray, offsets_mm: NDArray,

@@ -119,3 +119,16 @@ def test_25d_crop_channels_follow_the_across_direction(two_axial) -> None:  # no
     assert to_left.shape == (3, 48, 48)
     assert np.allclose(to_left[1], to_right[1]) and np.allclose(to_left[0], to_right[2])
     assert not np.allclose(to_left[0], to_left[2])
+
+
+def test_localiser_inputs_for_all_slices_equal_the_per_slice_inputs(two_axial) -> None:  # noqa: ANN001
+    from inference.levels import localiser_input, localiser_inputs
+
+    _, folder = two_axial
+    roles = assign_roles(group_series(_headers(folder)))
+    vol = load_volume(SeriesRole.SAG_T2, roles[SeriesRole.SAG_T2])
+    intensity = intensity_of(vol)
+    for i, batch in enumerate(localiser_inputs(vol, intensity)):
+        single = localiser_input(vol, intensity, index=i)
+        assert np.array_equal(batch.image, single.image)
+        assert np.allclose(batch.frame.center, single.frame.center)
