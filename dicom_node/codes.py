@@ -19,14 +19,15 @@ def private(value: str, meaning: str) -> CodedConcept:
     return CodedConcept(value, PRIVATE_SCHEME, meaning)
 
 
-def sct(code) -> CodedConcept:  # noqa: ANN001
-    """A pydicom dictionary code as a highdicom CodedConcept."""
-    return CodedConcept(code.value, code.scheme_designator, code.meaning)
+def sct(code, meaning: str | None = None) -> CodedConcept:
+    """A pydicom dictionary code as a highdicom CodedConcept; ``meaning`` replaces a dictionary
+    meaning that reads badly in a rendered report (e.g. "Severity (attribute)")."""
+    return CodedConcept(code.value, code.scheme_designator, meaning or code.meaning)
 
 
 PROCEDURE_REPORTED = sct(codes.LN.MRIUnspecifiedBodyRegion)  # in CID 100; the sites say lumbar
-STENOSIS = sct(codes.SCT.Stenosis)  # finding type; the site says which stenosis (post-coordination)
-SEVERITY = sct(codes.SCT.Severity)
+STENOSIS = sct(codes.SCT.Stenosis, "Stenosis")  # finding type; the site says which stenosis (post-coordination)
+SEVERITY = sct(codes.SCT.Severity, "Severity")
 PRESENT, ABSENT = sct(codes.SCT.Present), sct(codes.SCT.Absent)
 DEVICE = sct(codes.DCM.Device)
 
@@ -39,7 +40,7 @@ LEVEL = {
 }
 LATERALITY = {Side.LEFT: sct(codes.SCT.Left), Side.RIGHT: sct(codes.SCT.Right)}
 STRUCTURE = {
-    ConditionGroup.SPINAL: sct(codes.SCT.SpinalCanalStructure),
+    ConditionGroup.SPINAL: sct(codes.SCT.SpinalCanalStructure, "Spinal canal"),
     ConditionGroup.FORAMINAL: private("NF", "Neural (intervertebral) foramen"),
     ConditionGroup.SUBARTICULAR: private("SAZ", "Subarticular zone (lateral recess)"),
 }
@@ -53,7 +54,7 @@ PROBABILITY = {
     Severity.MODERATE: private("PMO", "Probability of moderate"),
     Severity.SEVERE: private("PSE", "Probability of severe"),
 }
-UNITLESS = CodedConcept("1", "UCUM", "no units")
+PERCENT = CodedConcept("%", "UCUM", "percent")  # probabilities are stored as 0-100 %
 ASSESSMENT = private("AST", "Assessment status")
 NOT_ASSESSED = private("NA", "Not assessed")
 REASON = private("RSN", "Reason not assessed")

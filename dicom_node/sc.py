@@ -1,5 +1,6 @@
 """Grad-CAM Secondary Capture images (highdicom SCImage, RGB), one series in the source study: the
-source slice with the heatmap blended over it and the finding written on the image."""
+source slice with the heatmap blended over it, and burned in the finding (label, AI grade, class
+probabilities), the patient orientation and the disclaimer."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.sr import MANUFACTURER, copy_patient_study
+from dicom_node.sr import MANUFACTURER, REGION_RADIUS_MM, copy_patient_study
 from inference.analyze import LabelResult, StudyResult
 from inference.geometry import ImagePlane, direction_letters
+from inference.labels import SEVERITIES
 from inference.volume import decode
 
 SC_SERIES_NUMBER = 9902
@@ -48,36 +50,81 @@ def cam_on_image(r: LabelResult, plane: ImagePlane) -> NDArray[np.float32]:
     return cv2.remap(cam, col, row, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 
 
+MIN_SIDE = 512  # pictures are drawn at least this large, so that the burned-in text stays legible
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _text(img: NDArray[np.uint8], text: str, org: tuple[int, int], size: float, colour: tuple[int, int, int],
+          outline: bool = False) -> None:
+    thick = max(1, round(size * 2))
+    if outline:
+        cv2.putText(img, text, org, FONT, size, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    cv2.putText(img, text, org, FONT, size, colour, thick, cv2.LINE_AA)
+
+
+def _fit(lines: list[str], width: int, size: float) -> float:
+    """The largest font size up to ``size`` at which every line fits the width."""
+    widest = max(cv2.getTextSize(line, FONT, 1.0, 1)[0][0] for line in lines)
+    return min(size, (width - 16) / widest)
+
+
+def _banner(img: NDArray[np.uint8], top: int, bottom: int) -> None:
+    """Darken a full-width band so that text on it reads over any anatomy."""
+    img[top:bottom] = (img[top:bottom] * 0.35).astype(np.uint8)
+
+
+def finding_lines(r: LabelResult) -> list[str]:
+    """What the picture says about its finding: label, AI grade, the three class probabilities."""
+    assert r.probabilities is not None and r.grade is not None
+    probs = "  ".join(f"{s.display} {100 * p:.0f}%" for s, p in zip(SEVERITIES, r.probabilities, strict=True))
+    return [f"{r.label.level.value} {r.label.condition.display}", f"AI grade: {r.grade.display}", probs]
+
+
 def render_overlay(r: LabelResult, source: Dataset) -> NDArray[np.uint8]:
-    """RGB picture: the windowed source slice, the heatmap blended over it, and the finding as text."""
-    assert r.location is not None and r.probabilities is not None and r.grade is not None
+    """RGB picture: the windowed source slice scaled to at least MIN_SIDE pixels, the heatmap blended
+    over it, a circle at the finding, the patient orientation at the edges, the finding and the
+    disclaimer on dark bands at the top and bottom."""
+    assert r.location is not None
     plane = ImagePlane.from_dataset(source)
     gray = _window(source, decode(source))
-    rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
     heat = cam_on_image(r, plane)
+    zoom = max(1.0, MIN_SIDE / max(gray.shape))
+    size = (round(gray.shape[1] * zoom), round(gray.shape[0] * zoom))
+    gray = cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC)
+    heat = np.clip(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR), 0, 1)
     colour = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     alpha = (0.5 * np.clip((heat - 0.15) / 0.85, 0, 1))[..., None]
-    out = (rgb * (1 - alpha) + colour * alpha).astype(np.uint8)
-    x, y = (int(round(v)) for v in r.location.pixel)
-    scale = max(out.shape) / 512
-    radius = max(int(4.0 / float(source.PixelSpacing[1])), 3)
-    cv2.circle(out, (x, y), radius, (255, 255, 255), max(1, int(scale)), cv2.LINE_AA)
-    p = r.probabilities[r.grade.value]
-    lines = [f"{r.label.level.value} {r.label.condition.display}", f"{r.grade.display}  p={p:.2f}"]
-    font, size, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, max(1, int(scale))
-    for i, text in enumerate(lines):
-        cv2.putText(out, text, (6, int(18 * scale * (i + 1))), font, size, (0, 0, 0), thick + 2, cv2.LINE_AA)
-        cv2.putText(out, text, (6, int(18 * scale * (i + 1))), font, size, (255, 255, 0), thick, cv2.LINE_AA)
-    bottom = out.shape[0] - int(8 * scale)
-    cv2.putText(out, DISCLAIMER, (6, bottom), font, size, (0, 0, 0), thick + 2, cv2.LINE_AA)
-    cv2.putText(out, DISCLAIMER, (6, bottom), font, size, (255, 80, 80), thick, cv2.LINE_AA)
+    out = (cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB) * (1 - alpha) + colour * alpha).astype(np.uint8)
+    h, w = out.shape[:2]
+    u = max(h, w) / MIN_SIDE  # 1 at MIN_SIDE
+    x, y = (round(v * zoom) for v in r.location.pixel)
+    radius = max(int(REGION_RADIUS_MM / float(source.PixelSpacing[1]) * zoom), 4)
+    cv2.circle(out, (x, y), radius, (255, 255, 255), max(1, round(1.5 * u)), cv2.LINE_AA)
+
+    lines = finding_lines(r)
+    fs = _fit(lines, w, 0.6 * u)
+    step = int(28 * fs)
+    _banner(out, 0, step * len(lines) + int(10 * u))
+    for i, (text, rgb) in enumerate(zip(lines, [(255, 255, 255), (255, 230, 0), (200, 230, 255)], strict=True)):
+        _text(out, text, (8, step * (i + 1)), fs, rgb)
+    fs_d = _fit([DISCLAIMER], w, 0.6 * u)
+    _banner(out, h - int(34 * fs_d), h)
+    _text(out, DISCLAIMER, (8, h - int(10 * fs_d)), fs_d, (255, 110, 110))
+
+    fs_o = 0.6 * u  # orientation letters, as a viewer shows them
+    (right, down), (left, up) = _orientation(plane), _orientation(plane, opposite=True)
+    top = step * len(lines) + int(34 * u)
+    for text, (ox, oy) in [(left, (6, h // 2)), (right, (w - int(22 * u), h // 2)),
+                           (up, (w // 2, top)), (down, (w // 2, h - int(40 * fs_d)))]:
+        _text(out, text, (ox, oy), fs_o, (255, 255, 255), outline=True)
     return out
 
 
-def _orientation(source: Dataset) -> tuple[str, str]:
-    """Patient Orientation of the picture: the major-axis letter of its rows and columns."""
-    plane = ImagePlane.from_dataset(source)
-    return direction_letters(plane.row_dir)[0], direction_letters(plane.col_dir)[0]
+def _orientation(plane: ImagePlane, opposite: bool = False) -> tuple[str, str]:
+    """Patient Orientation of the picture: the major-axis letter of its rows and columns (toward
+    the right and bottom edges; with ``opposite``, toward the left and top edges)."""
+    sign = -1.0 if opposite else 1.0
+    return direction_letters(sign * plane.row_dir)[0], direction_letters(sign * plane.col_dir)[0]
 
 
 def build_sc_images(result: StudyResult, sources: Mapping[str, Dataset], series_uid: str | None = None) -> list[SCImage]:
@@ -94,13 +141,16 @@ def build_sc_images(result: StudyResult, sources: Mapping[str, Dataset], series_
             ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER,
             sop_instance_uid=generate_uid(), instance_number=len(images) + 1, manufacturer=MANUFACTURER,
-            patient_orientation=_orientation(source),
+            patient_orientation=_orientation(ImagePlane.from_dataset(source)),
         )
         copy_patient_study(source, sc)
         sc.SeriesDescription = SC_SERIES_DESCRIPTION
         sc.BurnedInAnnotation = "YES"
-        sc.Laterality = ""  # General Series Type 2C: unpaired body part
-        sc.ImageComments = f"{r.label.level.value} {r.label.condition.display}: {r.grade.display}. {DISCLAIMER}"
+        if "BodyPartExamined" in source:  # the spine is unpaired: Laterality (Type 2C) stays absent
+            sc.BodyPartExamined = source.BodyPartExamined
+        else:  # unknown body part: Laterality present and empty
+            sc.Laterality = ""
+        sc.ImageComments = ". ".join([*finding_lines(r), DISCLAIMER])
         ref = Dataset()
         ref.ReferencedSOPClassUID = source.SOPClassUID
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID

@@ -4,6 +4,7 @@ level and side, in the study of the source images."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -22,6 +23,7 @@ from highdicom.sr import (
     SourceImageForRegion,
     TrackingIdentifier,
 )
+from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -35,9 +37,11 @@ DEVICE_NAME = "lumbar-node"
 SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "AI lumbar stenosis grading (SR) - not for diagnosis"
 REGION_RADIUS_MM = 4.0
+G = TypeVar("G", bound=Template)
 
 
 def algorithm(result: StudyResult) -> AlgorithmIdentification:
+    """TID 4019: the model's name and version, its sha256 and the machine-generated disclaimer."""
     info = result.model
     assert info is not None
     return AlgorithmIdentification(
@@ -47,9 +51,24 @@ def algorithm(result: StudyResult) -> AlgorithmIdentification:
 
 
 def _sites(r: LabelResult) -> list[FindingSite]:
+    """The disc level, and the structure with its side (the left foramen, not a left disc)."""
     side = r.label.condition.side
-    return [FindingSite(C.LEVEL[r.label.level], laterality=C.LATERALITY[side] if side else None),
-            FindingSite(C.STRUCTURE[r.label.condition.group])]
+    return [FindingSite(C.LEVEL[r.label.level]),
+            FindingSite(C.STRUCTURE[r.label.condition.group], laterality=C.LATERALITY[side] if side else None)]
+
+
+def _percent(name: hd.sr.CodedConcept, probability: float) -> Measurement:
+    """A probability as a NUM in percent, one decimal: what a reader sees is what is stored. The
+    group's algorithm identification covers it (no per-measurement copy)."""
+    return Measurement(name=name, value=round(100.0 * float(probability), 1), unit=C.PERCENT)
+
+
+def _separate(group: G) -> G:
+    """Mark the group's container SEPARATE: renderers such as DCMTK's dsr2html then show each item
+    with its concept name ("Probability of moderate: 12.3 %"), instead of running the values
+    together as one sentence as they do for CONTINUOUS (highdicom's default)."""
+    group[0].ContinuityOfContent = "SEPARATE"
+    return group
 
 
 def _tracking(study_uid: str, r: LabelResult) -> TrackingIdentifier:
@@ -59,6 +78,8 @@ def _tracking(study_uid: str, r: LabelResult) -> TrackingIdentifier:
 
 
 def _assessed_group(result: StudyResult, r: LabelResult, source: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for a graded label: a 4 mm circle on the source image, the three class
+    probabilities and the coded severity."""
     assert r.location is not None and r.probabilities is not None and r.grade is not None
     x, y = r.location.pixel
     spacing = float(source.PixelSpacing[1])
@@ -71,13 +92,13 @@ def _assessed_group(result: StudyResult, r: LabelResult, source: Dataset) -> Pla
         finding_type=C.STENOSIS,
         algorithm_id=algorithm(result),
         finding_sites=_sites(r),
-        measurements=[Measurement(name=C.PROBABILITY[s], value=float(p), unit=C.UNITLESS, algorithm_id=algorithm(result))
-                      for s, p in zip(SEVERITIES, r.probabilities, strict=True)],
+        measurements=[_percent(C.PROBABILITY[s], p) for s, p in zip(SEVERITIES, r.probabilities, strict=True)],
         qualitative_evaluations=[QualitativeEvaluation(C.SEVERITY, C.GRADE[r.grade])],
     )
 
 
 def _not_assessed_group(result: StudyResult, r: LabelResult) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for a label the node could not grade: "Not assessed" and the coded reason."""
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(result.study_uid, r),
         finding_type=C.STENOSIS,
@@ -89,6 +110,7 @@ def _not_assessed_group(result: StudyResult, r: LabelResult) -> MeasurementsAndQ
 
 
 def _summary_group(result: StudyResult) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for the study: any severe spinal canal stenosis, and the highest probability of one."""
     spinal = [r for r in result.labels if r.label.condition == SPINAL and r.assessed]
     worst = max((r.probabilities[Severity.SEVERE] for r in spinal), default=None)  # type: ignore[index]
     any_severe = any(r.grade is Severity.SEVERE for r in spinal)
@@ -98,7 +120,7 @@ def _summary_group(result: StudyResult) -> MeasurementsAndQualitativeEvaluations
         finding_type=C.STENOSIS,
         algorithm_id=algorithm(result),
         finding_sites=[FindingSite(C.STRUCTURE[SPINAL.group])],
-        measurements=[] if worst is None else [Measurement(name=C.MAX_SEVERE_SPINAL, value=float(worst), unit=C.UNITLESS)],
+        measurements=[] if worst is None else [_percent(C.MAX_SEVERE_SPINAL, worst)],
         qualitative_evaluations=[QualitativeEvaluation(C.ANY_SEVERE_SPINAL, C.PRESENT if any_severe else C.ABSENT)],
     )
 
@@ -121,12 +143,11 @@ def copy_patient_study(source: Dataset, target: Dataset) -> None:
 
 def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid: str | None = None,
              instance_number: int = 1, predecessors: Sequence[Dataset] = ()) -> hd.sr.ComprehensiveSR:
-    # A re-run passes the previous report(s) as ``predecessors``: the new SR lists them in its
-    # Predecessor Documents Sequence and is written into the same series (``series_uid``).
     """The report for one graded study. ``sources`` maps SOPInstanceUID -> the source image header
-    (at least every image a finding is located on); ``predecessors`` are earlier reports of the
-    same study that this one supersedes."""
-    groups: list = []
+    (at least every image a finding is located on). A re-run passes the earlier report(s) of the
+    study as ``predecessors``: the new one lists them in its Predecessor Documents Sequence and is
+    written into their series (``series_uid``)."""
+    groups: list = [_summary_group(result)]  # first, where a reader starts
     evidence: dict[str, Dataset] = {}
     for r in result.labels:
         if r.assessed and r.location is not None:
@@ -135,7 +156,7 @@ def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid:
             groups.append(_assessed_group(result, r, source))
         else:
             groups.append(_not_assessed_group(result, r))
-    groups.append(_summary_group(result))
+    groups = [_separate(g) for g in groups]
     if not evidence:
         evidence = {next(iter(sources)): next(iter(sources.values()))}  # patient/study come from here
     observer = ObserverContext(

@@ -3,6 +3,7 @@ accepts, checked with dciodvfy and dcentvfy against their source images."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,27 @@ def test_one_sr_and_one_sc_per_graded_label_in_the_source_study(outputs: tuple[P
         assert any(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == ref for p in study.rglob("*.dcm"))
         rgb = sc.pixel_array
         assert rgb.shape[2] == 3 and np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() > 50  # colour heatmap
+
+
+def test_sc_images_are_readable_without_help(outputs: tuple[Path, Path]) -> None:
+    """Large enough for legible text; the finding, grade and probabilities on a dark band at the top
+    and the disclaimer at the bottom; the source's body part instead of an empty laterality."""
+    study, folder = outputs
+    source = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True)
+    for path in sorted((folder / "SC").glob("*.dcm")):
+        sc = pydicom.dcmread(path)
+        assert max(sc.Rows, sc.Columns) >= 512
+        assert re.fullmatch(r"L\d/[LS]\d [A-Za-z ]+\. AI grade: (Normal/Mild|Moderate|Severe)\. "
+                            r"Normal/Mild \d+%  Moderate \d+%  Severe \d+%\. AI result - not for diagnosis",
+                            sc.ImageComments), sc.ImageComments
+        assert sc.BodyPartExamined == source.BodyPartExamined and "Laterality" not in sc
+        rgb = sc.pixel_array.astype(int)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        top, bottom = slice(0, sc.Rows // 8), slice(sc.Rows - sc.Rows // 14, sc.Rows)
+        yellow = (r > 200) & (g > 180) & (b < 100)  # the grade line
+        red = (r > 200) & (g < 160) & (b < 160)  # the disclaimer
+        assert yellow[top].sum() > 50 and red[bottom].sum() > 50, path.name
+        assert np.median(rgb[top].max(axis=2)) < 60  # the text's band is dark
 
 
 def test_sr_and_sc_pass_dciodvfy(outputs: tuple[Path, Path]) -> None:
