@@ -215,6 +215,77 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 
+@main.command("serve")
+@click.pass_context
+def serve_command(ctx: click.Context) -> None:
+    """Run the DICOM node until SIGTERM or Ctrl-C.
+
+    Answers C-ECHO and C-STORE from the configured peers, spools each instance (fsync) and records
+    it in the ledger before answering, releases a study after the quiet time (earlier when it is
+    complete), grades it in worker processes, and sends the SR and Grad-CAM images to every
+    destination, retrying with backoff. A restart resumes whatever was not finished.
+    """
+    import signal
+    import threading
+
+    from dicom_node.node import Node, run_until_signalled
+
+    settings = _settings(ctx)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        node = Node(settings)
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+    run_until_signalled(node, stop)
+
+
+@main.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo-node"),
+              show_default=True, help="Folder for the phantom study, Orthanc's storage and the node's spool/results.")
+@click.option("--seed", type=int, default=7, show_default=True, help="Phantom seed of the study sent.")
+@click.pass_context
+def demo_command(ctx: click.Context, workdir: Path, seed: int) -> None:
+    """The whole loop on this machine: Orthanc as the PACS, the node, a phantom study.
+
+    Starts a real Orthanc (Debian's package) that routes stable studies to the node, sends it a
+    phantom lumbar spine MRI, waits until the node's SR and Grad-CAM images are back in the same
+    study in Orthanc, and prints the graded table with the paths of the SR and SC.
+    Phantom data and a phantom-trained model: not for diagnosis.
+    """
+    import shutil
+
+    from dicom_node.demo import run_demo
+
+    _settings(ctx)  # validates the configuration and sets up logging
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        run_demo(workdir, seed, click.echo, ctx.obj.get("config_file"))
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise click.ClickException(f"demo failed: {exc}") from None
+
+
+@main.command("reprocess")
+@click.argument("study_uid")
+@click.pass_context
+def reprocess_command(ctx: click.Context, study_uid: str) -> None:
+    """Grade a study the node holds again (after a failure, a skip or a new model).
+
+    The running node picks it up at its next sweep; the new report supersedes the previous one.
+    """
+    from dicom_node.ledger import Ledger
+
+    settings = _settings(ctx)
+    ledger = Ledger(settings.storage.ledger_path)
+    try:
+        if not ledger.reopen(study_uid):
+            raise click.ClickException(f"the ledger does not know study {study_uid}")
+    finally:
+        ledger.close()
+    click.echo(f"study {study_uid} queued for grading")
+
+
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context

@@ -82,6 +82,7 @@ class StorageSettings(_Section):
     """Spool of received instances and the SQLite ledger."""
 
     spool_dir: Path
+    results_dir: Path
     ledger_path: Path
     min_free_disk_mb: int = Field(ge=0)
     fsync: bool

@@ -1,14 +1,25 @@
-"""The ledger: every received instance and every study's state, in SQLite (WAL), durable across
-restarts. States: receiving -> stable -> analysing -> reported -> sending -> done, or failed/skipped
-with a reason."""
+"""The ledger: every received instance, every study's state, every report and every delivery, in
+SQLite (WAL, synchronous=FULL), durable across restarts and kill -9.
+
+A study goes receiving -> analysing -> sending -> done, or ends failed / skipped with a reason.
+A new instance (re)opens its study as receiving and bumps its generation, so that a grading run
+started before it arrived is recognised as stale and the study is graded again; the new report
+then supersedes the previous one.
+"""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+RECEIVING, ANALYSING, SENDING, DONE, FAILED, SKIPPED = "receiving", "analysing", "sending", "done", "failed", "skipped"
+PENDING, DELIVERED, SUPERSEDED = "pending", "delivered", "superseded"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -18,7 +29,8 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_class_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     calling_aet TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    series_size INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS studies (
@@ -27,6 +39,28 @@ CREATE TABLE IF NOT EXISTS studies (
     reason TEXT,
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS reports (
+    study_uid TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    sr_path TEXT NOT NULL,
+    sr_series_uid TEXT NOT NULL,
+    sc_series_uid TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (study_uid, run)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    paths TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
     updated_at REAL NOT NULL
 );
 """
@@ -39,15 +73,38 @@ class StudyState:
     reason: str | None
     instances: int
     last_received: float
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class Report:
+    study_uid: str
+    run: int
+    sr_path: str
+    sr_series_uid: str
+    sc_series_uid: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    study_uid: str
+    run: int
+    destination: str
+    paths: list[str]
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
 
 
 class Ledger:
-    """Thread-safe SQLite ledger (one connection, serialised writes, synchronous=FULL)."""
+    """Thread-safe SQLite ledger (one connection, serialised access, synchronous=FULL)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -56,42 +113,157 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def record_instance(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str,
-                        path: Path, calling_aet: str) -> bool:
-        """Record a stored instance; (re)open its study as receiving. False if it was already known."""
-        now = time.time()
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now))
-                self._db.execute(
-                    "INSERT INTO studies VALUES (?, 'receiving', NULL, ?, ?, ?) "
-                    "ON CONFLICT(study_uid) DO UPDATE SET state='receiving', reason=NULL, "
-                    "last_received=excluded.last_received, updated_at=excluded.updated_at",
-                    (study_uid, now, now, now))
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return cur.rowcount == 1
 
-    def set_state(self, study_uid: str, state: str, reason: str | None = None) -> None:
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            self._db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
-                             (state, reason, time.time(), study_uid))
+            return self._db.execute(sql, args).fetchall()
 
-    def studies(self) -> list[StudyState]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.study_uid, s.state, s.reason, COUNT(i.sop_instance_uid), s.last_received "
-                "FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid "
-                "GROUP BY s.study_uid ORDER BY s.first_received").fetchall()
+    # -- instances and studies --------------------------------------------------------------------
+
+    def record_instance(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str,
+                        path: Path, calling_aet: str, series_size: int | None = None, reopens: bool = True) -> bool:
+        """Record a stored instance; False if it was already known (a re-send changes nothing).
+
+        A new instance that ``reopens`` (an image to grade) sets its study back to receiving and
+        bumps its generation; one that does not (our own SR/SC coming back) only creates the study
+        row when the study is new.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            new = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now,
+                              series_size)).rowcount == 1
+            if new and reopens:
+                db.execute("INSERT INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1) "
+                           "ON CONFLICT(study_uid) DO UPDATE SET state=excluded.state, reason=NULL, "
+                           "last_received=excluded.last_received, updated_at=excluded.updated_at, "
+                           "generation=studies.generation + 1", (study_uid, RECEIVING, now, now, now))
+            elif new:
+                db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1)",
+                           (study_uid, RECEIVING, now, now, now))
+        return new
+
+    def set_state(self, study_uid: str, state: str, reason: str | None = None, generation: int | None = None) -> bool:
+        """Set a study's state; with ``generation``, only if no instance arrived since. True if set."""
+        sql = "UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?"
+        args: tuple = (state, reason, time.time(), study_uid)
+        if generation is not None:
+            sql, args = sql + " AND generation=?", (*args, generation)
+        with self._transaction() as db:
+            return db.execute(sql, args).rowcount == 1
+
+    def studies(self, states: tuple[str, ...] | None = None) -> list[StudyState]:
+        """Every study (or those in ``states``) with its instance count, oldest first."""
+        where = f"WHERE s.state IN ({','.join('?' * len(states))})" if states else ""
+        rows = self._query(
+            "SELECT s.study_uid, s.state, s.reason, COUNT(i.sop_instance_uid), s.last_received, s.generation "
+            f"FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid {where} "
+            "GROUP BY s.study_uid ORDER BY s.first_received", tuple(states or ()))
         return [StudyState(*row) for row in rows]
 
+    def study(self, study_uid: str) -> StudyState | None:
+        return next((s for s in self.studies() if s.study_uid == study_uid), None)
+
     def instance_paths(self, study_uid: str) -> list[Path]:
-        with self._lock:
-            rows = self._db.execute("SELECT path FROM instances WHERE study_uid=? ORDER BY received_at",
-                                    (study_uid,)).fetchall()
+        rows = self._query("SELECT path FROM instances WHERE study_uid=? ORDER BY received_at", (study_uid,))
         return [Path(r[0]) for r in rows]
+
+    def series_counts(self, study_uid: str) -> list[tuple[str, int, int | None, str]]:
+        """(series UID, instances received, ImagesInAcquisition if sent, one file) per series of a study."""
+        return self._query("SELECT series_uid, COUNT(*), MAX(series_size), MIN(path) FROM instances "
+                           "WHERE study_uid=? GROUP BY series_uid", (study_uid,))
+
+    def reopen(self, study_uid: str) -> bool:
+        """Grade a known study again (after a failure, a skip or a model change). False if unknown."""
+        with self._transaction() as db:
+            return db.execute("UPDATE studies SET state=?, reason=NULL, generation=generation+1, updated_at=? "
+                              "WHERE study_uid=?", (RECEIVING, time.time(), study_uid)).rowcount == 1
+
+    def resume(self) -> int:
+        """After a restart: a study that was being graded is graded again. Returns how many."""
+        with self._transaction() as db:
+            return db.execute("UPDATE studies SET state=?, updated_at=? WHERE state=?",
+                              (RECEIVING, time.time(), ANALYSING)).rowcount
+
+    # -- reports and deliveries ---------------------------------------------------------------------
+
+    def last_report(self, study_uid: str) -> Report | None:
+        rows = self._query("SELECT study_uid, run, sr_path, sr_series_uid, sc_series_uid FROM reports "
+                           "WHERE study_uid=? ORDER BY run DESC LIMIT 1", (study_uid,))
+        return Report(*rows[0]) if rows else None
+
+    def add_report(self, report: Report, generation: int, destinations: list[str], paths: list[str]) -> list[int] | None:
+        """Commit a finished run: the report, one pending delivery per destination (their ids), the
+        study 'sending'; earlier undelivered results are superseded. Nothing (None) if the study
+        was re-opened by a late instance meanwhile."""
+        now = time.time()
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM studies WHERE study_uid=? AND generation=?",
+                          (report.study_uid, generation)).fetchone() is None:
+                return None
+            db.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)",
+                       (report.study_uid, report.run, report.sr_path, report.sr_series_uid, report.sc_series_uid, now))
+            db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
+                       (SUPERSEDED, now, report.study_uid, PENDING))
+            ids = [db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
+                              "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              (report.study_uid, report.run, name, json.dumps(paths), PENDING, now, now)).lastrowid
+                   for name in destinations]
+            state = SENDING if destinations else DONE
+            db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
+                       (state, now, report.study_uid))
+        return [int(i) for i in ids]
+
+    def deliveries(self, study_uid: str | None = None, state: str | None = None) -> list[Delivery]:
+        sql = ("SELECT id, study_uid, run, destination, paths, state, attempts, next_attempt_at, last_error "
+               "FROM deliveries WHERE 1=1")
+        args: list = []
+        if study_uid is not None:
+            sql, args = sql + " AND study_uid=?", [*args, study_uid]
+        if state is not None:
+            sql, args = sql + " AND state=?", [*args, state]
+        rows = self._query(sql + " ORDER BY id", tuple(args))
+        return [Delivery(r[0], r[1], r[2], r[3], json.loads(r[4]), *r[5:]) for r in rows]
+
+    def delivery(self, delivery_id: int) -> Delivery | None:
+        found = [d for d in self.deliveries() if d.id == delivery_id]
+        return found[0] if found else None
+
+    def delivery_done(self, delivery_id: int) -> None:
+        """Mark a delivery delivered; the study is done when none of its deliveries is pending."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=NULL, updated_at=? "
+                       "WHERE id=? AND state=?", (DELIVERED, now, delivery_id, PENDING))
+            study_uid = db.execute("SELECT study_uid FROM deliveries WHERE id=?", (delivery_id,)).fetchone()[0]
+            if db.execute("SELECT 1 FROM deliveries WHERE study_uid=? AND state=?", (study_uid, PENDING)).fetchone() is None:
+                db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=? AND state=?",
+                           (DONE, now, study_uid, SENDING))
+
+    def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
+        """Record a failed attempt: retry at ``next_attempt_at``, or (None) give up and fail the study."""
+        now = time.time()
+        with self._transaction() as db:
+            state = PENDING if next_attempt_at is not None else FAILED
+            db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, next_attempt_at=?, "
+                       "updated_at=? WHERE id=? AND state=?",
+                       (state, error, next_attempt_at or now, now, delivery_id, PENDING))
+            study_uid, destination, attempts = db.execute(
+                "SELECT study_uid, destination, attempts FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
+            if next_attempt_at is None:
+                state, reason = FAILED, f"delivery to {destination} failed after {attempts} attempts: {error}"
+            else:
+                when = time.strftime("%H:%M:%S", time.gmtime(next_attempt_at))
+                state, reason = SENDING, f"delivery to {destination}: attempt {attempts} failed ({error}); retry {when} UTC"
+            db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=? AND state=?",
+                       (state, reason, now, study_uid, SENDING))

@@ -144,7 +144,8 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     root.setLevel(numeric)
     _handler = handler
     pynetdicom_level = logging.DEBUG if numeric <= logging.DEBUG else max(logging.WARNING, numeric)
-    logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+    for chatty in ("pynetdicom", "apscheduler", "highdicom"):  # a line per PDU, job run, module copied
+        logging.getLogger(chatty).setLevel(pynetdicom_level)
 
     structlog.configure(
         processors=[

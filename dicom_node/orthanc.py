@@ -31,7 +31,8 @@ function OnStableStudy(studyId, tags, metadata)
     end
   end
   if count > 0 and forwarded[studyId] ~= count then
-    for _, id in ipairs(mr) do SendToModality(id, '%(modality)s') end
+    -- a store job (REST) rather than SendToModality(), which in Orthanc 1.10 fails to read the files
+    RestApiPost('/modalities/%(modality)s/store', DumpJson({Resources = mr, Asynchronous = true}, true))
     forwarded[studyId] = count
     print('routed study ' .. studyId .. ' to %(modality)s: ' .. count .. ' MR instances')
   end

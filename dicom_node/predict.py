@@ -70,8 +70,13 @@ def result_table(result: StudyResult) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: StudyResult, instances: list[tuple[pydicom.Dataset, Path]], out: Path) -> list[Path]:
-    """The study's SR and Grad-CAM Secondary Captures under ``out/<StudyInstanceUID>/``."""
+def write_results(result: StudyResult, instances: list[tuple[pydicom.Dataset, Path]], folder: Path,
+                  previous_sr: pydicom.Dataset | None = None, sc_series_uid: str | None = None) -> list[Path]:
+    """Write a study's SR (``SR_<uid>.dcm``, first) and Grad-CAM SCs (``SC/``) into ``folder``.
+
+    With ``previous_sr`` the new report supersedes it (Predecessor Documents Sequence, same series,
+    next instance number); ``sc_series_uid`` keeps the heatmaps in the series they had.
+    """
     from dicom_node.sc import build_sc_images
     from dicom_node.sr import build_sr
 
@@ -79,25 +84,31 @@ def write_outputs(result: StudyResult, instances: list[tuple[pydicom.Dataset, Pa
     paths = {str(ds.SOPInstanceUID): path for ds, path in instances}
     located = {r.location.sop_instance_uid for r in result.labels if r.location is not None}
     full = {uid: pydicom.dcmread(paths[uid]) for uid in located}
-    folder = out / result.study_uid
     (folder / "SC").mkdir(parents=True, exist_ok=True)
-    previous = sorted((pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")), key=lambda d: int(d.InstanceNumber))
-    old_sc = sorted((folder / "SC").glob("*.dcm"))
-    sc_series = str(pydicom.dcmread(old_sc[0], stop_before_pixels=True).SeriesInstanceUID) if old_sc else None
-    if previous:  # a re-run: the new report supersedes the newest one, in the same series
-        log.info("superseding an earlier report", study_uid=result.study_uid,
-                 predecessor=str(previous[-1].SOPInstanceUID))
-    sr = build_sr(result, headers, series_uid=str(previous[-1].SeriesInstanceUID) if previous else None,
-                  instance_number=int(previous[-1].InstanceNumber) + 1 if previous else 1,
-                  predecessors=previous[-1:])
+    sr = build_sr(result, headers, series_uid=None if previous_sr is None else str(previous_sr.SeriesInstanceUID),
+                  instance_number=1 if previous_sr is None else int(previous_sr.InstanceNumber) + 1,
+                  predecessors=[] if previous_sr is None else [previous_sr])
     written = [folder / f"SR_{sr.SOPInstanceUID}.dcm"]
     sr.save_as(written[0])
-    for path in old_sc:  # the superseded heatmaps leave this folder (a PACS keeps its copies)
-        path.unlink()
-    for sc in build_sc_images(result, full, series_uid=sc_series):
+    for sc in build_sc_images(result, full, series_uid=sc_series_uid):
         written.append(folder / "SC" / f"{int(sc.InstanceNumber):02d}_{sc.SOPInstanceUID}.dcm")
         sc.save_as(written[-1])
     return written
+
+
+def write_outputs(result: StudyResult, instances: list[tuple[pydicom.Dataset, Path]], out: Path) -> list[Path]:
+    """The study's SR and Grad-CAM Secondary Captures under ``out/<StudyInstanceUID>/``; a re-run
+    supersedes the newest SR found there and replaces the heatmaps, keeping their series."""
+    folder = out / result.study_uid
+    previous = sorted((pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")), key=lambda d: int(d.InstanceNumber))
+    old_sc = sorted((folder / "SC").glob("*.dcm"))
+    sc_series = str(pydicom.dcmread(old_sc[0], stop_before_pixels=True).SeriesInstanceUID) if old_sc else None
+    if previous:
+        log.info("superseding an earlier report", study_uid=result.study_uid,
+                 predecessor=str(previous[-1].SOPInstanceUID))
+    for path in old_sc:  # the superseded heatmaps leave this folder (a PACS keeps its copies)
+        path.unlink()
+    return write_results(result, instances, folder, previous[-1] if previous else None, sc_series)
 
 
 def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, ...], as_json: bool,

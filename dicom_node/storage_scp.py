@@ -7,6 +7,8 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from pydicom.uid import (
@@ -42,6 +44,15 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+
+# Stored and recorded, but they do not (re)open a study for grading: Structured Reports (our own
+# results coming back from the PACS among them), Secondary Captures, presentation states.
+_NOT_GRADED_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.11.")
+
+
+def reopens_study(sop_class_uid: str) -> bool:
+    """Whether a new instance of this SOP class means its study must be graded (again)."""
+    return not sop_class_uid.startswith(_NOT_GRADED_PREFIXES)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,22 +94,49 @@ class StorageSCP:
         for context in StoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
-        if settings.node.refuse_unknown_peers:
-            self.ae.require_calling_aet = [p.ae_title for p in settings.node.allowed_peers]
         self.server = None
+        self._in_flight = 0
+        self._idle = threading.Condition()
 
     def start(self) -> None:
         """Listen in the background (pynetdicom runs one thread per association)."""
         node = self.settings.node
         self.server = self.ae.start_server((node.bind_address, node.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self.handle_store),
+                                           evt_handlers=[(evt.EVT_REQUESTED, self.check_peer),
+                                                         (evt.EVT_C_STORE, self.handle_store),
                                                          (evt.EVT_C_ECHO, lambda event: SUCCESS)])
         log.info("storage SCP listening", ae_title=node.ae_title, port=node.port)
 
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new associations, let the C-STORE writes in flight finish, then abort what is left."""
+        if self.server is None:
+            return
+        associations = list(self.server.active_associations)
+        self.server.shutdown()  # closes the listening socket: new associations are refused
+        self.server = None
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+        for assoc in associations:
+            if assoc.is_alive():
+                assoc.abort()
+        log.info("storage SCP stopped", writes_unfinished=self._in_flight, associations_aborted=len(associations))
+
+    def allowed(self, ae_title: str, address: str) -> bool:
+        """Whether a calling AE title (from this address) may associate."""
+        if not self.settings.node.refuse_unknown_peers:
+            return True
+        return any(p.ae_title == ae_title and p.host in (None, address) for p in self.settings.node.allowed_peers)
+
+    def check_peer(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: reject an association from a caller that is not configured."""
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        address = event.assoc.requestor.address
+        if not self.allowed(calling, address):
+            log.warning("rejected an association from an unknown peer", calling_aet=calling, address=address)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent: calling AE title not recognised
+            event.assoc.kill()
 
     def _disk_low(self) -> bool:
         floor = self.settings.storage.min_free_disk_mb * 2**20
@@ -106,6 +144,16 @@ class StorageSCP:
 
     def handle_store(self, event: evt.Event) -> int:
         """Write, fsync, record, then answer; never raises into pynetdicom."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         if self._disk_low():
@@ -115,6 +163,8 @@ class StorageSCP:
         try:
             ds = event.dataset  # parsed lazily: only the UIDs below are read, pixels are not decoded
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            size = ds.get("ImagesInAcquisition")
+            series_size = int(size) if size not in (None, "") else None
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - any malformed payload is answered, not raised
             log.warning("refused an instance that cannot be parsed", sop_instance_uid=sop_uid,
@@ -123,8 +173,9 @@ class StorageSCP:
         target = self.spool / study_uid / f"{sop_uid}.dcm"
         try:
             write_durably(data, target, self.settings.storage.fsync)
-            new = self.ledger.record_instance(sop_uid, study_uid, series_uid,
-                                              str(event.request.AffectedSOPClassUID), target, calling)
+            sop_class = str(event.request.AffectedSOPClassUID)
+            new = self.ledger.record_instance(sop_uid, study_uid, series_uid, sop_class, target, calling,
+                                              series_size, reopens_study(sop_class))
         except OSError as exc:
             log.error("could not store an instance", sop_instance_uid=sop_uid, error=str(exc))
             return OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else PROCESSING_FAILURE

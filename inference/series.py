@@ -94,7 +94,8 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
     return sorted(out, key=lambda s: s.series_uid)
 
 
-def _role(series: SeriesHeader) -> SeriesRole | None:
+def role_of(series: SeriesHeader) -> SeriesRole | None:
+    """The role a series can serve, from its orientation and contrast (None: no role)."""
     if series.orientation == "sagittal":
         if series.contrast == "T1":
             return SeriesRole.SAG_T1
@@ -111,7 +112,7 @@ def assign_roles(series: list[SeriesHeader], min_images: int = 3) -> dict[Series
     roles: dict[SeriesRole, list[SeriesHeader]] = {}
     candidates: dict[SeriesRole, list[SeriesHeader]] = defaultdict(list)
     for s in series:
-        role = _role(s)
+        role = role_of(s)
         if role is not None and s.n_images >= min_images:
             candidates[role].append(s)
     for role, found in candidates.items():

@@ -33,12 +33,13 @@ def test_defaults_load_with_right_types() -> None:
         ("pacs", "ORTHANC", "127.0.0.1", 4242)
     ]
     assert s.storage.spool_dir == Path("var/spool")
+    assert s.storage.results_dir == Path("var/results")
     assert s.storage.ledger_path == Path("var/ledger.sqlite")
     assert s.storage.min_free_disk_mb == 500
     assert s.storage.fsync is True
     assert s.study.quiet_time_s == 30
     assert s.study.release_when_complete is True
-    assert (s.delivery.max_attempts, s.delivery.backoff_initial_s, s.delivery.backoff_max_s) == (8, 10, 600)
+    assert (s.delivery.max_attempts, s.delivery.backoff_initial_s, s.delivery.backoff_max_s) == (20, 10, 600)
     assert s.models.dir is None
     assert s.models.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert s.workers == 1

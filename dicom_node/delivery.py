@@ -1,0 +1,50 @@
+"""Sending result files (SR, SC) to a destination by C-STORE (pynetdicom as the SCU), and the
+retry schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_node.config import DeliverySettings, Destination
+
+# Success, and the warnings that still mean "stored" (coercion, elements discarded, not validated).
+STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+class DeliveryError(RuntimeError):
+    """A destination did not store every file; the message says why (for the ledger and the log)."""
+
+
+def backoff(attempt: int, settings: DeliverySettings) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): doubling, capped."""
+    return min(settings.backoff_initial_s * 2 ** (attempt - 1), settings.backoff_max_s)
+
+
+def send_files(destination: Destination, calling_aet: str, paths: list[Path], timeout: float = 30.0) -> None:
+    """C-STORE every file to ``destination`` over one association; raise DeliveryError unless all are stored."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)"
+        raise DeliveryError(f"{where}: {why}")
+    try:
+        for path, ds in zip(paths, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code not in STORED:
+                detail = "no response" if code is None else f"status 0x{int(code):04X}"
+                raise DeliveryError(f"{where}: {path.name} not stored ({detail})")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()

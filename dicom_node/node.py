@@ -1,0 +1,221 @@
+"""The node: the storage SCP, the ledger, study release, grading in a worker pool, and delivery
+of the results with retries (apscheduler), all resumable from the ledger after a restart.
+
+Threads: pynetdicom runs one thread per association (they only write to the spool and the
+ledger); the scheduler's threads run the release sweep and the deliveries; grading runs in worker
+processes, so the model's CPU time never holds up an association.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import pydicom
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node.config import Settings
+from dicom_node.delivery import DeliveryError, backoff, send_files
+from dicom_node.grading import FAILED, REPORTED, GradeJob, GradeOutcome, grade, has_all_roles, init_worker, worker_ready
+from dicom_node.ledger import ANALYSING, PENDING, RECEIVING, SKIPPED, Delivery, Ledger, Report, StudyState
+from dicom_node.ledger import FAILED as STUDY_FAILED
+from dicom_node.logconfig import get_logger
+from dicom_node.storage_scp import StorageSCP
+
+log = get_logger(__name__)
+
+SWEEP_INTERVAL_S = 0.5
+
+
+class Node:
+    """The running node. ``start()`` resumes from the ledger; ``stop()`` shuts down in order."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.results_dir = Path(settings.storage.results_dir)
+        self.ledger = Ledger(Path(settings.storage.ledger_path))
+        self.scp = StorageSCP(settings, self.ledger)
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc,
+                                             job_defaults={"misfire_grace_time": None, "coalesce": True})
+        self.destinations = {d.name: d for d in settings.destinations}
+        self.pool = self._new_pool()
+        self._grading: set[str] = set()  # studies handed to the pool and not back yet
+        self._checked: dict[str, int] = {}  # study -> instance count already found incomplete by roles
+        self._stopping = threading.Event()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        s = self.settings
+        return ProcessPoolExecutor(
+            s.workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+            initargs=(str(s.models.dir) if s.models.dir else None, tuple(s.models.providers), s.logging.format,
+                      s.logging.level))
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model in every worker, resume the ledger's unfinished work, then listen."""
+        ready = [self.pool.submit(worker_ready) for _ in range(self.settings.workers)]
+        log.info("grading workers ready", workers=self.settings.workers, **ready[0].result())
+        regrade = self.ledger.resume()
+        self.scheduler.start()
+        pending = self.ledger.deliveries(state=PENDING)
+        for delivery in pending:
+            self._schedule_delivery(delivery)
+        log.info("resumed from the ledger", studies_to_grade=regrade + len(self.ledger.studies((RECEIVING,))),
+                 deliveries_pending=len(pending))
+        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_INTERVAL_S, id="sweep", max_instances=1)
+        self.scp.start()
+
+    def stop(self) -> None:
+        """Refuse new associations and finish the writes in flight, let a running grading finish
+        (queued ones are resumed at the next start), stop the deliveries, close the ledger."""
+        self._stopping.set()
+        self.scp.stop()
+        self.scheduler.remove_job("sweep")
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.shutdown(wait=True)
+        self.ledger.close()
+        log.info("node stopped")
+
+    # -- releasing studies ----------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Release every receiving study that is quiet, or complete (when so configured)."""
+        now = time.time()
+        for study in self.ledger.studies((RECEIVING,)):
+            if self._stopping.is_set() or study.study_uid in self._grading:
+                continue
+            if now - study.last_received >= self.settings.study.quiet_time_s:
+                self._release(study, "quiet time")
+            elif self.settings.study.release_when_complete and self._complete(study):
+                self._release(study, "complete")
+
+    def _complete(self, study: StudyState) -> bool:
+        """Every series holds its ImagesInAcquisition instances, and the three needed roles are there."""
+        if self._checked.get(study.study_uid) == study.instances:
+            return False
+        series = self.ledger.series_counts(study.study_uid)
+        if not series or any(size is None or count < size for _, count, size, _ in series):
+            return False
+        self._checked[study.study_uid] = study.instances
+        try:
+            headers = [pydicom.dcmread(path, stop_before_pixels=True) for *_, path in series]
+        except Exception:  # noqa: BLE001 - unreadable: the quiet time will release it
+            return False
+        return has_all_roles(headers)
+
+    def _release(self, study: StudyState, why: str) -> None:
+        uid = study.study_uid
+        if not self.ledger.set_state(uid, ANALYSING, generation=study.generation):
+            return  # an instance arrived in between: next sweep
+        last = self.ledger.last_report(uid)
+        run = last.run + 1 if last else 1
+        folder = self.results_dir / uid / f"run-{run}"
+        shutil.rmtree(folder, ignore_errors=True)  # a run cut short by a crash is redone from scratch
+        job = GradeJob(uid, study.generation, run, [str(p) for p in self.ledger.instance_paths(uid)], str(folder),
+                       last.sr_path if last else None, last.sc_series_uid if last else None)
+        log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
+        self._grading.add(uid)
+        try:
+            future = self.pool.submit(grade, job)
+        except (RuntimeError, BrokenProcessPool) as exc:  # shutting down, or a dead pool
+            self._grading.discard(uid)
+            self.ledger.set_state(uid, RECEIVING, generation=study.generation)
+            if isinstance(exc, BrokenProcessPool):
+                self.pool = self._new_pool()
+            return
+        future.add_done_callback(partial(self._graded, job))
+
+    def _graded(self, job: GradeJob, future: Future) -> None:
+        """Record a worker's outcome (in the pool's thread): report + deliveries, or skipped/failed."""
+        uid = job.study_uid
+        try:
+            if future.cancelled():
+                return  # shut down before it ran: resumed at the next start
+            try:
+                outcome: GradeOutcome = future.result()
+            except BrokenProcessPool:
+                outcome = GradeOutcome(FAILED, "the grading worker process died (out of memory?)")
+                if not self._stopping.is_set():
+                    self.pool = self._new_pool()
+            except Exception as exc:  # noqa: BLE001
+                outcome = GradeOutcome(FAILED, f"grading failed: {type(exc).__name__}: {exc}")
+            if outcome.state != REPORTED:
+                state = SKIPPED if outcome.state == "skipped" else STUDY_FAILED
+                if self.ledger.set_state(uid, state, outcome.reason, generation=job.generation):
+                    log.warning(f"study {state}", study_uid=uid, reason=outcome.reason)
+                return
+            report = Report(uid, job.run, outcome.files[0], str(outcome.sr_series_uid), outcome.sc_series_uid)
+            ids = self.ledger.add_report(report, job.generation, list(self.destinations), outcome.files)
+            if ids is None:
+                log.info("graded run discarded: new instances arrived while grading", study_uid=uid, run=job.run)
+                shutil.rmtree(job.folder, ignore_errors=True)
+                return
+            log.info("results ready", study_uid=uid, run=job.run, sr=outcome.files[0], files=len(outcome.files),
+                     seconds=round(outcome.seconds, 3))
+            for delivery_id in ids:
+                delivery = self.ledger.delivery(delivery_id)
+                if delivery is not None:
+                    self._schedule_delivery(delivery)
+        except Exception:  # noqa: BLE001 - never lose the pool thread; the study stays analysing -> resumed
+            log.exception("could not record a grading outcome", study_uid=uid)
+        finally:
+            self._grading.discard(uid)
+
+    # -- delivering results --------------------------------------------------------------------------
+
+    def _schedule_delivery(self, delivery: Delivery) -> None:
+        if self._stopping.is_set():
+            return
+        self.scheduler.add_job(self._deliver, "date", args=[delivery.id], id=f"delivery-{delivery.id}",
+                               run_date=datetime.fromtimestamp(delivery.next_attempt_at, timezone.utc),
+                               replace_existing=True)
+
+    def _deliver(self, delivery_id: int) -> None:
+        """One delivery attempt; on failure, the next one is scheduled (and recorded) with backoff."""
+        delivery = self.ledger.delivery(delivery_id)
+        if delivery is None or delivery.state != PENDING:
+            return
+        where = {"study_uid": delivery.study_uid, "destination": delivery.destination, "run": delivery.run}
+        destination = self.destinations.get(delivery.destination)
+        try:
+            if destination is None:
+                raise DeliveryError(f"destination {delivery.destination!r} is no longer configured")
+            started = time.perf_counter()
+            send_files(destination, self.settings.node.ae_title, [Path(p) for p in delivery.paths])
+        except (DeliveryError, OSError) as exc:
+            attempt = delivery.attempts + 1
+            if attempt >= self.settings.delivery.max_attempts or destination is None:
+                self.ledger.delivery_failed(delivery_id, str(exc), None)
+                log.error("delivery failed for good: study marked failed", attempts=attempt, error=str(exc), **where)
+                return
+            delay = backoff(attempt, self.settings.delivery)
+            self.ledger.delivery_failed(delivery_id, str(exc), time.time() + delay)
+            log.warning("delivery failed, will retry", attempts=attempt, retry_in_s=delay, error=str(exc), **where)
+            retry = self.ledger.delivery(delivery_id)
+            if retry is not None:
+                self._schedule_delivery(retry)
+            return
+        self.ledger.delivery_done(delivery_id)
+        log.info("results delivered", files=len(delivery.paths), seconds=round(time.perf_counter() - started, 3),
+                 **where)
+
+
+def run_until_signalled(node: Node, stop: threading.Event) -> None:
+    """Start the node, wait for ``stop`` (set by SIGTERM/SIGINT), then stop it."""
+    node.start()
+    log.info("node ready", ae_title=node.settings.node.ae_title, port=node.settings.node.port,
+             destinations=[f"{d.ae_title}@{d.host}:{d.port}" for d in node.destinations.values()])
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("shutting down: refusing new associations, finishing writes in flight")
+        node.stop()
