@@ -49,6 +49,7 @@ class Node:
         self._grading: set[str] = set()  # studies handed to the pool and not back yet
         self._checked: dict[str, int] = {}  # study -> instance count already found incomplete by roles
         self._stopping = threading.Event()
+        self._started_at = time.time()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         s = self.settings
@@ -63,6 +64,7 @@ class Node:
         """Load the model in every worker, resume the ledger's unfinished work, then listen."""
         ready = [self.pool.submit(worker_ready) for _ in range(self.settings.workers)]
         log.info("grading workers ready", workers=self.settings.workers, **ready[0].result())
+        self._started_at = time.time()  # a study cut off by a restart gets a fresh quiet time
         regrade = self.ledger.resume()
         self.scheduler.start()
         pending = self.ledger.deliveries(state=PENDING)
@@ -92,7 +94,7 @@ class Node:
         for study in self.ledger.studies((RECEIVING,)):
             if self._stopping.is_set() or study.study_uid in self._grading:
                 continue
-            if now - study.last_received >= self.settings.study.quiet_time_s:
+            if now - max(study.last_received, self._started_at) >= self.settings.study.quiet_time_s:
                 self._release(study, "quiet time")
             elif self.settings.study.release_when_complete and self._complete(study):
                 self._release(study, "complete")

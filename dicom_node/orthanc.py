@@ -61,6 +61,11 @@ class Orthanc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
             return json.loads(response.read())
 
+    def get_bytes(self, path: str) -> bytes:
+        """GET a REST resource as bytes (e.g. /instances/{id}/file)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            return response.read()
+
     def study_series(self, study_uid: str) -> list[dict[str, Any]]:
         """The series Orthanc holds for a StudyInstanceUID (expanded), or [] if it has none."""
         found = self._post("/tools/lookup", study_uid.encode())

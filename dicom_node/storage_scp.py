@@ -25,6 +25,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -44,10 +48,37 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # Stored and recorded, but they do not (re)open a study for grading: Structured Reports (our own
 # results coming back from the PACS among them), Secondary Captures, presentation states.
 _NOT_GRADED_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.11.")
+
+
+def truncation(ds: Dataset, sop_class_uid: str, transfer_syntax: UID) -> str | None:
+    """Why a received dataset looks cut short, or None. Reads raw element lengths and a few image
+    attributes, never decodes pixels: an image without Pixel Data, a last element shorter than its
+    declared length, or native Pixel Data shorter than Rows x Columns x samples x frames."""
+    tags = list(ds.keys())
+    if not tags:
+        return "empty dataset"
+    if "Image Storage" in UID(sop_class_uid).name and PIXEL_DATA not in tags:
+        return "an image without Pixel Data"
+    last = ds.get_item(tags[-1])
+    if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH and last.value is not None \
+            and len(last.value) != last.length:
+        return f"element {last.tag} holds {len(last.value)} of its {last.length} bytes"
+    if PIXEL_DATA in tags and not transfer_syntax.is_compressed:
+        try:
+            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
+        except (AttributeError, TypeError, ValueError):
+            return "an image without usable Rows, Columns or Bits Allocated"
+        got = len(ds.get_item(PIXEL_DATA).value or b"")
+        if got < expected:
+            return f"Pixel Data holds {got} of the {expected} bytes its image size needs"
+    return None
 
 
 def reopens_study(sop_class_uid: str) -> bool:
@@ -163,6 +194,9 @@ class StorageSCP:
         try:
             ds = event.dataset  # parsed lazily: only the UIDs below are read, pixels are not decoded
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            cut = truncation(ds, str(event.request.AffectedSOPClassUID), UID(event.context.transfer_syntax))
+            if cut is not None:
+                raise ValueError(f"truncated dataset: {cut}")
             size = ds.get("ImagesInAcquisition")
             series_size = int(size) if size not in (None, "") else None
             data = event.encoded_dataset(include_meta=True)
