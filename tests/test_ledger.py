@@ -1,0 +1,78 @@
+"""The ledger's state machine (unit tests on a real SQLite file)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import DeliverySettings
+from dicom_node.delivery import backoff
+from dicom_node.ledger import Ledger, Report
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    led = Ledger(tmp_path / "ledger.sqlite")
+    yield led
+    led.close()
+
+
+def _add(ledger: Ledger, sop: str, study: str = "1.2.3", sop_class: str = "1.2.840.10008.5.1.4.1.1.4") -> bool:
+    return ledger.record_instance(sop, study, "1.2.3.4", sop_class, Path(f"/spool/{sop}.dcm"), "PACS", 3)
+
+
+def test_a_late_instance_makes_a_running_grading_stale(ledger: Ledger) -> None:
+    assert _add(ledger, "1") and not _add(ledger, "1")  # a re-send is recorded once
+    [study] = ledger.studies()
+    assert ledger.set_state(study.study_uid, "analysing", generation=study.generation)
+    _add(ledger, "2")  # arrives while grading
+    assert ledger.study("1.2.3").state == "receiving"
+    report = Report("1.2.3", 1, "/r/SR.dcm", "9.9", "9.8")
+    assert ledger.add_report(report, study.generation, ["pacs"], ["/r/SR.dcm"]) is None
+    assert ledger.last_report("1.2.3") is None and ledger.deliveries() == []
+
+
+def test_our_own_results_coming_back_do_not_reopen_a_study(ledger: Ledger) -> None:
+    _add(ledger, "1")
+    study = ledger.study("1.2.3")
+    ledger.add_report(Report("1.2.3", 1, "/r/SR.dcm", "9.9", None), study.generation, ["pacs"], ["/r/SR.dcm"])
+    sr_class = "1.2.840.10008.5.1.4.1.1.88.33"
+    assert ledger.record_instance("sr", "1.2.3", "9.9", sr_class, Path("/s/sr.dcm"), "PACS", None, reopens=False)
+    assert ledger.study("1.2.3").state == "sending"
+
+
+def test_a_new_report_supersedes_undelivered_results_and_delivery_ends_the_study(ledger: Ledger) -> None:
+    _add(ledger, "1")
+    g = ledger.study("1.2.3").generation
+    [first] = ledger.add_report(Report("1.2.3", 1, "/r1/SR.dcm", "9.9", None), g, ["pacs"], ["/r1/SR.dcm"])
+    ledger.reopen("1.2.3")
+    g = ledger.study("1.2.3").generation
+    [second] = ledger.add_report(Report("1.2.3", 2, "/r2/SR.dcm", "9.9", None), g, ["pacs"], ["/r2/SR.dcm"])
+    assert ledger.delivery(first).state == "superseded" and ledger.delivery(second).state == "pending"
+    ledger.delivery_failed(second, "peer down", time.time() + 5)
+    state = ledger.study("1.2.3")
+    assert state.state == "sending" and "attempt 1 failed (peer down)" in state.reason
+    ledger.delivery_done(second)
+    assert ledger.study("1.2.3").state == "done" and ledger.delivery(second).attempts == 2
+
+
+def test_giving_up_on_a_delivery_fails_the_study_with_the_reason(ledger: Ledger) -> None:
+    _add(ledger, "1")
+    [d] = ledger.add_report(Report("1.2.3", 1, "/r/SR.dcm", "9.9", None), ledger.study("1.2.3").generation,
+                            ["pacs"], ["/r/SR.dcm"])
+    ledger.delivery_failed(d, "association rejected", None)
+    state = ledger.study("1.2.3")
+    assert state.state == "failed" and state.reason == "delivery to pacs failed after 1 attempts: association rejected"
+
+
+def test_resume_regrades_what_was_being_graded(ledger: Ledger) -> None:
+    _add(ledger, "1")
+    ledger.set_state("1.2.3", "analysing")
+    assert ledger.resume() == 1 and ledger.study("1.2.3").state == "receiving"
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    settings = DeliverySettings(max_attempts=5, backoff_initial_s=10, backoff_max_s=60)
+    assert [backoff(n, settings) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
