@@ -12,7 +12,8 @@ as one DCMTK storescu association, the next one only once the previous one is de
   t_delivered "results delivered" (the C-STORE of SR + SCs ended) deliver = t_delivered - t_graded
   t_orthanc   the script first sees an SR instance of the study in Orthanc's REST API (polled every 20 ms
               once "results ready" is logged; the SR is sent first, so this may precede t_delivered)
-  total = t_orthanc - t0; worker = the grading worker's own "seconds" ("study graded").
+  total = t_orthanc - t0; worker = the grading worker's own "seconds" ("study graded"); cstore = the
+  node's own "seconds" of the delivery association ("results delivered"; deliver - cstore = scheduling).
 Log timestamps are UTC from time.time() on this machine, as are t0 and t_orthanc. Modes:
   complete  release_when_complete=true, quiet_time_s=30: released when every series is complete
   quiet     release_when_complete=false, quiet_time_s=2: released by the quiet time (+ <=0.5 s sweep)
@@ -35,15 +36,15 @@ from typing import Any
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dicom_node.orthanc import Orthanc, running_orthanc, storescu  # noqa: E402
-from tests.served_node import NODE_AET, SENDER_AET, ServedNode, wait_for  # noqa: E402
+from dicom_node.orthanc import Orthanc, running_orthanc, storescu
+from tests.served_node import NODE_AET, SENDER_AET, ServedNode, wait_for
 
 ROLES = {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"}
 MODES: dict[str, dict[str, Any]] = {
     "complete": {"quiet_time_s": 30, "study": {"release_when_complete": True}},
     "quiet": {"quiet_time_s": 2, "study": {"release_when_complete": False}},
 }
-COLUMNS = ["images", "send", "wait", "grade", "deliver", "orthanc", "total", "worker"]
+COLUMNS = ["images", "send", "wait", "grade", "deliver", "orthanc", "total", "worker", "cstore"]
 POLL_S = 0.02
 
 
@@ -93,7 +94,10 @@ def measure(files: list[Path], node: ServedNode, log: LogTail, pacs: Orthanc) ->
     t0 = time.time()
     if sent.returncode != 0:
         raise RuntimeError(f"storescu failed: {sent.stdout[-1000:]}{sent.stderr[-1000:]}")
-    tail = lambda: f"study {study_uid}; node log tail:\n{node.log_text()[-3000:]}"  # noqa: E731
+
+    def tail() -> str:
+        return f"study {study_uid}; node log tail:\n{node.log_text()[-3000:]}"
+
     ready = wait_for(tail, lambda: log.find("results ready", study_uid), timeout=300, every=POLL_S)
     wait_for(tail, lambda: sr_in_orthanc(pacs, study_uid), timeout=60, every=POLL_S)
     t_orthanc = time.time()
@@ -104,7 +108,8 @@ def measure(files: list[Path], node: ServedNode, log: LogTail, pacs: Orthanc) ->
     t_release, t_graded, t_delivered = stamp(released), stamp(ready), stamp(delivered)
     return {"images": len(files), "send": t0 - started, "wait": t_release - t0, "grade": t_graded - t_release,
             "deliver": t_delivered - t_graded, "orthanc": t_orthanc - t_delivered, "total": t_orthanc - t0,
-            "worker": float(graded["seconds"]), "why": released["why"]}
+            "worker": float(graded["seconds"]), "cstore": float(delivered["seconds"]), "why": released["why"],
+            "files_delivered": delivered["files"]}
 
 
 def run_mode(mode: str, studies: list[list[Path]], work: Path) -> list[dict[str, Any]]:
@@ -139,9 +144,12 @@ def main() -> None:
         if data is None:
             data = work / "phantom"
             exe = Path(sys.executable).with_name("lumbar-node")
-            subprocess.run([str(exe), "phantom", "--studies", str(args.studies), "--seed", "11", "--out", str(data)],
+            made = str(2 * args.studies)  # not every phantom study has all three series roles
+            subprocess.run([str(exe), "phantom", "--studies", made, "--seed", "11", "--out", str(data)],
                            check=True, capture_output=True)
         studies = complete_studies(data)[:args.studies]
+        if len(studies) < args.studies:
+            print(f"only {len(studies)} complete studies under {data}", file=sys.stderr)
         if not studies:
             raise SystemExit(f"no study with {sorted(ROLES)} under {data}/train_images")
         results = {mode: run_mode(mode, studies, work) for mode in MODES}
