@@ -7,7 +7,9 @@ The worker never touches the ledger; it returns a GradeOutcome and the node reco
 from __future__ import annotations
 
 import json
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +65,17 @@ def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: s
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     configure_logging(log_format, log_level)
     global _runner
     _runner = OnnxRunner(Path(model_dir) if model_dir else None, providers)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose node died (kill -9, OOM killer) exits instead of lingering as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def worker_ready() -> dict[str, object]:

@@ -68,6 +68,19 @@ def _check_results(pacs: Orthanc, study_uid: str, sources: set[str], patient_id:
     return sr
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _assert_no_phi(node: ServedNode, files: list[Path]) -> None:
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     log = node.log_text()
@@ -151,6 +164,8 @@ def test_kill_9_while_a_study_arrives_loses_no_acknowledged_instance_and_reports
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
         assert assoc.is_established
+        workers = _children(node.process.pid)
+        assert workers, "the node has no grading worker processes"
         killer = threading.Timer(0.25, node.process.send_signal, args=[signal.SIGKILL])  # mid-transfer
         acknowledged = []
         killer.start()
@@ -163,6 +178,8 @@ def test_kill_9_while_a_study_arrives_loses_no_acknowledged_instance_and_reports
         killer.join()
         assoc.abort()
         assert node.stop() == -signal.SIGKILL
+        wait_for("the killed node's workers to exit", lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
+                 15)
         assert 0 < len(acknowledged) < len(study), f"the kill landed after {len(acknowledged)} of {len(study)} images"
 
         ledger = node.ledger()
