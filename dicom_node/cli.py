@@ -255,10 +255,12 @@ def demo_command(ctx: click.Context, workdir: Path, seed: int) -> None:
     Phantom data and a phantom-trained model: not for diagnosis.
     """
     import shutil
+    import signal
 
     from dicom_node.demo import run_demo
 
     _settings(ctx)  # validates the configuration and sets up logging
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the node and Orthanc on SIGTERM too
     shutil.rmtree(workdir, ignore_errors=True)
     try:
         run_demo(workdir, seed, click.echo, ctx.obj.get("config_file"))
