@@ -2,8 +2,8 @@
 
     .venv/bin/python tests/bench_ingest.py [--studies 4] [--repeats 3] [--data DIR] [--json]
 
-Receivers: (a) our storage SCP (dicom_node.storage_scp.StorageSCP + Ledger) in its own Python
-process, with storage.fsync on (the product default) and off; (b) DCMTK storescp (--fork, +B
+Receivers: (a) the node as it runs, `lumbar-node serve` (storage SCP + ledger; nothing released
+for grading during the run), with storage.fsync on (the product default) and off; (b) DCMTK storescp (--fork, +B
 bit-preserving, default 16 KB PDU, no fsync); (c) a real Orthanc (dicom_node.orthanc.running_orthanc,
 its defaults: SyncStorageArea=true, i.e. fdatasync of each file, SQLite index, 4 DICOM threads, 16 KB PDU).
 storage.fsync=false skips the node's file and folder fsyncs only: the ledger (SQLite WAL,
@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,25 +52,6 @@ class Target:
     port: int
     aet: str
     received: Callable[[], int]
-
-
-def serve_node() -> None:
-    """--serve-node: run StorageSCP with the LUMBAR_NODE__* environment until SIGTERM."""
-    from dicom_node.config import load_settings
-    from dicom_node.ledger import Ledger
-    from dicom_node.logconfig import configure_logging
-    from dicom_node.storage_scp import StorageSCP
-
-    settings = load_settings(environ=os.environ)
-    configure_logging("json", settings.logging.level)
-    ledger = Ledger(settings.storage.ledger_path)
-    scp = StorageSCP(settings, ledger)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    scp.start()
-    stop.wait()
-    scp.stop()
-    ledger.close()
 
 
 def _wait_echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -103,10 +82,14 @@ def receiver(name: str, workdir: Path) -> Iterator[Target]:
                "LUMBAR_NODE__NODE__BIND_ADDRESS": "127.0.0.1",
                "LUMBAR_NODE__NODE__ALLOWED_PEERS": f"[{{ae_title: {CALLING}}}]",
                "LUMBAR_NODE__STORAGE__SPOOL_DIR": str(spool), "LUMBAR_NODE__STORAGE__LEDGER_PATH": str(ledger),
-               "LUMBAR_NODE__STORAGE__FSYNC": "true" if name == "node-fsync" else "false",
-               "LUMBAR_NODE__LOGGING__LEVEL": "WARNING"}
+               "LUMBAR_NODE__STORAGE__FSYNC": "false" if name.startswith("node-nofsync") else "true",
+               "LUMBAR_NODE__LOGGING__LEVEL": "WARNING",
+               # ingest only: nothing is released for grading while the benchmark runs
+               "LUMBAR_NODE__STUDY__QUIET_TIME_S": "86400", "LUMBAR_NODE__STUDY__RELEASE_WHEN_COMPLETE": "false",
+               "LUMBAR_NODE__STORAGE__RESULTS_DIR": str(workdir / "results"), "LUMBAR_NODE__DESTINATIONS": "[]"}
         log = open(workdir / "node.log", "w")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, __file__, "--serve-node"], env=env, stdout=log, stderr=log)
+        exe = Path(sys.executable).with_name("lumbar-node")
+        proc = subprocess.Popen([str(exe), "serve"], env=env, stdout=log, stderr=log)
 
         def count() -> int:
             with sqlite3.connect(ledger) as db:
@@ -173,10 +156,7 @@ def main() -> None:
     parser.add_argument("--associations", type=int, default=4, help="storescu processes in the parallel mode")
     parser.add_argument("--receivers", nargs="+", default=RECEIVERS, choices=RECEIVERS)
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    parser.add_argument("--serve-node", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_node:
-        return serve_node()
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         data = args.data
