@@ -38,11 +38,15 @@ from dicom_node.logconfig import get_logger
 
 log = get_logger(__name__)
 
-# Explicit little endian first: pynetdicom keeps the first of its own list that both sides offer.
+# pynetdicom accepts the first syntax of this list that the caller proposes, so the order decides
+# what a sender that offers several must send: lossless compressed first (a file compressed
+# losslessly is stored as it was sent, nobody decompresses it), then uncompressed, and lossy last,
+# taken only when the sender offers nothing else (the data is already lossy): the node never asks a
+# sender to compress lossily.
 TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless,
+    JPEGLSLossless, JPEGLosslessSV1, JPEG2000Lossless, RLELossless, DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGLSNearLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000,
 ]
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -36,8 +36,8 @@ def _uids(files: list[Path]) -> tuple[str, set[str]]:
     return str(headers[0].StudyInstanceUID), {str(ds.SOPInstanceUID) for ds in headers}
 
 
-def _send(files: list[Path], port: int, called: str = NODE_AET) -> None:
-    sent = storescu(files, port, called=called, calling=SENDER_AET)
+def _send(files: list[Path], port: int, called: str = NODE_AET, extra: tuple[str, ...] = ()) -> None:
+    sent = storescu(files, port, called=called, calling=SENDER_AET, extra=extra)
     assert sent.returncode == 0, sent.stdout[-1000:] + sent.stderr[-1000:]
 
 
@@ -299,3 +299,32 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     sr_path = Path(out.split("Structured Report: ")[1].splitlines()[0])
     sr = pydicom.dcmread(sr_path)
     assert sr.Modality == "SR" and sr.StudyInstanceUID in out
+
+
+def test_a_compressed_study_is_stored_as_received_and_graded(study: list[Path], tmp_path: Path) -> None:
+    """JPEG-LS, RLE and JPEG lossless files (compressed by DCMTK) go through storescu, the spool keeps
+    their transfer syntax, and the study is graded from them."""
+    # compressor, and the storescu option that offers that syntax with the uncompressed ones
+    kinds = {"jpeg-ls": ("/usr/bin/dcmcjpls", "-xt"), "rle": ("/usr/bin/dcmcrle", "-xr"),
+             "jpeg": ("/usr/bin/dcmcjpeg", "-xs")}
+    compressed, groups = [], {kind: [] for kind in kinds}
+    for i, path in enumerate(study):
+        kind = list(kinds)[i % 3]
+        out = tmp_path / "compressed" / f"{i:03d}.dcm"
+        out.parent.mkdir(exist_ok=True)
+        subprocess.run([kinds[kind][0], str(path), str(out)], check=True, capture_output=True)
+        compressed.append(out)
+        groups[kind].append(out)
+    study_uid, sources = _uids(compressed)
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in compressed}
+    assert len(syntaxes) == 3
+    node = ServedNode(tmp_path / "node", free_port(), quiet_time_s=600).start()
+    for kind, files in groups.items():  # one presentation context offering the compressed and uncompressed
+        _send(files, node.port, extra=(kinds[kind][1], "--combine", "--required"))  # syntaxes: we pick lossless
+    state = node.wait_state(study_uid, ("sending", *FINISHED), timeout=60)
+    spooled = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+               for p in (tmp_path / "node" / "spool" / study_uid).glob("*.dcm")}
+    assert spooled == syntaxes
+    # graded (then delivery is retried: no PACS listens in this test)
+    assert state.state == "sending" and '"assessed": 25' in node.log_text()
+    assert node.stop() == 0
