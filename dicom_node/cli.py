@@ -209,7 +209,7 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     model_dir = model_dir or settings.models.dir
     try:
         predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out)
-    except Exception as exc:  # noqa: BLE001 - a CLI error, not a traceback
+    except Exception as exc:
         if isinstance(exc, click.ClickException):
             raise
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None

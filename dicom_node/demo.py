@@ -12,7 +12,7 @@ import pydicom
 
 from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.delivery import send_files
-from dicom_node.ledger import DONE, FAILED, SKIPPED
+from dicom_node.ledger import DONE, FAILED, SKIPPED, StudyState
 from dicom_node.node import Node
 from dicom_node.orthanc import ORTHANC_AET, free_port, running_orthanc
 
@@ -81,7 +81,7 @@ def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file:
             node.stop()
 
 
-def _wait(node: Node, study_uid: str, deadline: float):  # noqa: ANN202 - a StudyState
+def _wait(node: Node, study_uid: str, deadline: float) -> StudyState:
     """Poll the ledger until the study is done, failed or skipped."""
     while time.monotonic() < deadline:
         state = node.ledger.study(study_uid)

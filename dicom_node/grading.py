@@ -143,6 +143,6 @@ def grade(job: GradeJob) -> GradeOutcome:
                  seconds=round(time.perf_counter() - started, 3), note=DISCLAIMER)
         return GradeOutcome(REPORTED, None, [str(p) for p in written], sr_series, sc_series, assessed,
                             time.perf_counter() - started)
-    except Exception as exc:  # noqa: BLE001 - reported to the node as a failed study, kept for a re-run
+    except Exception as exc:
         log.exception("grading failed", study_uid=job.study_uid)
         return GradeOutcome(FAILED, f"grading failed: {type(exc).__name__}: {exc}")

@@ -23,8 +23,26 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Settings
 from dicom_node.delivery import DeliveryError, backoff, send_files
-from dicom_node.grading import FAILED, REPORTED, GradeJob, GradeOutcome, grade, has_all_roles, init_worker, worker_ready
-from dicom_node.ledger import ANALYSING, PENDING, RECEIVING, SKIPPED, Delivery, Ledger, Report, StudyState
+from dicom_node.grading import (
+    FAILED,
+    REPORTED,
+    GradeJob,
+    GradeOutcome,
+    grade,
+    has_all_roles,
+    init_worker,
+    worker_ready,
+)
+from dicom_node.ledger import (
+    ANALYSING,
+    PENDING,
+    RECEIVING,
+    SKIPPED,
+    Delivery,
+    Ledger,
+    Report,
+    StudyState,
+)
 from dicom_node.ledger import FAILED as STUDY_FAILED
 from dicom_node.logconfig import get_logger
 from dicom_node.storage_scp import StorageSCP
@@ -166,7 +184,7 @@ class Node:
                 delivery = self.ledger.delivery(delivery_id)
                 if delivery is not None:
                     self._schedule_delivery(delivery)
-        except Exception:  # noqa: BLE001 - never lose the pool thread; the study stays analysing -> resumed
+        except Exception:  # never lose the pool's thread; the study stays analysing and is resumed at start
             log.exception("could not record a grading outcome", study_uid=uid)
         finally:
             self._grading.discard(uid)

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE
 
 from dicom_node.orthanc import Orthanc, free_port, running_orthanc, storescu
@@ -315,7 +320,7 @@ def test_a_compressed_study_is_stored_as_received_and_graded(study: list[Path], 
         subprocess.run([kinds[kind][0], str(path), str(out)], check=True, capture_output=True)
         compressed.append(out)
         groups[kind].append(out)
-    study_uid, sources = _uids(compressed)
+    study_uid, _ = _uids(compressed)
     syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in compressed}
     assert len(syntaxes) == 3
     node = ServedNode(tmp_path / "node", free_port(), quiet_time_s=600).start()
