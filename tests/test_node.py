@@ -208,6 +208,38 @@ def test_kill_9_while_a_study_arrives_loses_no_acknowledged_instance_and_reports
     _assert_no_phi(node, study)
 
 
+def test_sigterm_while_studies_arrive_finishes_the_writes_and_exits_cleanly(phantom_dir: Path, tmp_path: Path) -> None:
+    files = sorted((phantom_dir / "train_images").rglob("*.dcm"))  # all the phantom studies: a few seconds
+    node = ServedNode(tmp_path / "node", free_port(), quiet_time_s=600).start()
+    ae = AE(ae_title=SENDER_AET)
+    ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    stopper = threading.Timer(0.5, node.process.send_signal, args=[signal.SIGTERM])
+    acknowledged = []
+    stopper.start()
+    for path in files:
+        status = assoc.send_c_store(path)
+        if status and status.Status == 0x0000:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            acknowledged.append(f"{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm")
+        if not assoc.is_established:
+            break
+    stopper.join()
+    assert node.stop() == 0  # exit code 0 after SIGTERM
+    assert 0 < len(acknowledged) < len(files), f"SIGTERM landed after {len(acknowledged)} of {len(files)} images"
+    ledger = node.ledger()
+    recorded = {f"{p.parent.name}/{p.name}" for s in ledger.studies() for p in ledger.instance_paths(s.study_uid)}
+    ledger.close()
+    assert set(acknowledged) <= recorded
+    assert all((tmp_path / "node" / "spool" / name).is_file() for name in acknowledged)
+    assert not list((tmp_path / "node" / "spool").rglob(".incoming-*"))  # no write was cut in half
+    assert '"node stopped"' in node.log_text()
+    with pytest.raises(OSError):  # nothing listens any more
+        socket.create_connection(("127.0.0.1", node.port), timeout=2).close()
+
+
 def test_results_wait_for_orthanc_and_are_delivered_after_a_node_restart(study: list[Path], tmp_path: Path) -> None:
     study_uid, sources = _uids(study)
     patient_id = str(pydicom.dcmread(study[0], stop_before_pixels=True).PatientID)
