@@ -65,6 +65,7 @@ class NodeSettings(_Section):
     bind_address: str
     port: Port
     max_pdu_size: int = Field(ge=0)  # 0 = unlimited
+    poll_interval_ms: float = Field(gt=0, le=1)  # pynetdicom's polls of each association (its own: 1)
     allowed_peers: list[Peer]
     refuse_unknown_peers: bool
 

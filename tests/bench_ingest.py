@@ -39,9 +39,10 @@ from dicom_node.orthanc import ORTHANC_AET, free_port, running_orthanc, storescu
 CALLING = "BENCH"
 NODE_AET = "LUMBAR_AI"
 DCMTK_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
-RECEIVERS = ["node-fsync", "node-nofsync", "storescp", "orthanc"]
+RECEIVERS = ["node-fsync", "node-nofsync", "node-fsync-1ms", "storescp", "orthanc"]
 # What each receiver syncs per image (checked with strace -f -e fsync,fdatasync on this machine).
-FSYNC = {"node-fsync": "file+dir+ledger", "node-nofsync": "ledger only", "storescp": "none",
+FSYNC = {"node-fsync": "file+dir+ledger", "node-nofsync": "ledger only", "node-fsync-1ms": "file+dir+ledger",
+         "storescp": "none",
          "orthanc": "file (fdatasync)"}
 
 
@@ -87,6 +88,8 @@ def receiver(name: str, workdir: Path) -> Iterator[Target]:
                # ingest only: nothing is released for grading while the benchmark runs
                "LUMBAR_NODE__STUDY__QUIET_TIME_S": "86400", "LUMBAR_NODE__STUDY__RELEASE_WHEN_COMPLETE": "false",
                "LUMBAR_NODE__STORAGE__RESULTS_DIR": str(workdir / "results"), "LUMBAR_NODE__DESTINATIONS": "[]"}
+        if name.endswith("-1ms"):  # pynetdicom's own poll interval, for comparison
+            env["LUMBAR_NODE__NODE__POLL_INTERVAL_MS"] = "1"
         log = open(workdir / "node.log", "w")  # noqa: SIM115 - closed below
         exe = Path(sys.executable).with_name("lumbar-node")
         proc = subprocess.Popen([str(exe), "serve"], env=env, stdout=log, stderr=log)

@@ -27,6 +27,7 @@ def test_defaults_load_with_right_types() -> None:
     assert s.node.bind_address == "0.0.0.0"
     assert s.node.port == 11112 and isinstance(s.node.port, int)
     assert s.node.max_pdu_size == 0
+    assert s.node.poll_interval_ms == 0.2
     assert [(p.ae_title, p.host) for p in s.node.allowed_peers] == [("ORTHANC", None)]
     assert s.node.refuse_unknown_peers is True
     assert [(d.name, d.ae_title, d.host, d.port) for d in s.destinations] == [
