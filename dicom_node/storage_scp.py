@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pynetdicom.association
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -29,7 +30,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-import pynetdicom.association
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
