@@ -225,19 +225,20 @@ class Ledger:
                        (state, now, report.study_uid))
         return [int(i) for i in ids]
 
-    def deliveries(self, study_uid: str | None = None, state: str | None = None) -> list[Delivery]:
+    def deliveries(self, study_uid: str | None = None, state: str | None = None,
+                   delivery_id: int | None = None) -> list[Delivery]:
+        """Deliveries, optionally of one study, in one state, or the one with this id."""
         sql = ("SELECT id, study_uid, run, destination, paths, state, attempts, next_attempt_at, last_error "
                "FROM deliveries WHERE 1=1")
         args: list = []
-        if study_uid is not None:
-            sql, args = sql + " AND study_uid=?", [*args, study_uid]
-        if state is not None:
-            sql, args = sql + " AND state=?", [*args, state]
+        for column, value in (("study_uid", study_uid), ("state", state), ("id", delivery_id)):
+            if value is not None:
+                sql, args = sql + f" AND {column}=?", [*args, value]
         rows = self._query(sql + " ORDER BY id", tuple(args))
         return [Delivery(r[0], r[1], r[2], r[3], json.loads(r[4]), *r[5:]) for r in rows]
 
     def delivery(self, delivery_id: int) -> Delivery | None:
-        found = [d for d in self.deliveries() if d.id == delivery_id]
+        found = self.deliveries(delivery_id=delivery_id)
         return found[0] if found else None
 
     def delivery_done(self, delivery_id: int) -> None:

@@ -135,6 +135,7 @@ class Node:
         uid = study.study_uid
         if not self.ledger.set_state(uid, ANALYSING, generation=study.generation):
             return  # an instance arrived in between: next sweep
+        self._checked.pop(uid, None)
         last = self.ledger.last_report(uid)
         run = last.run + 1 if last else 1
         folder = self.results_dir / uid / f"run-{run}"
