@@ -227,6 +227,7 @@ def serve_command(ctx: click.Context) -> None:
     """
     import signal
     import threading
+    from concurrent.futures.process import BrokenProcessPool
 
     from dicom_node.node import Node, run_until_signalled
 
@@ -235,10 +236,9 @@ def serve_command(ctx: click.Context) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        node = Node(settings)
-    except OSError as exc:
-        raise click.ClickException(f"cannot start: {exc}") from None
-    run_until_signalled(node, stop)
+        run_until_signalled(Node(settings), stop)
+    except (OSError, BrokenProcessPool) as exc:  # the port is taken, the spool unwritable, the model unloadable
+        raise click.ClickException(f"cannot start the node: {type(exc).__name__}: {exc}") from None
 
 
 @main.command("demo")

@@ -98,9 +98,11 @@ class Node:
         (queued ones are resumed at the next start), stop the deliveries, close the ledger."""
         self._stopping.set()
         self.scp.stop()
-        self.scheduler.remove_job("sweep")
+        if self.scheduler.get_job("sweep") is not None:
+            self.scheduler.remove_job("sweep")
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.scheduler.shutdown(wait=True)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
         self.ledger.close()
         log.info("node stopped")
 
@@ -231,10 +233,10 @@ class Node:
 
 def run_until_signalled(node: Node, stop: threading.Event) -> None:
     """Start the node, wait for ``stop`` (set by SIGTERM/SIGINT), then stop it."""
-    node.start()
-    log.info("node ready", ae_title=node.settings.node.ae_title, port=node.settings.node.port,
-             destinations=[f"{d.ae_title}@{d.host}:{d.port}" for d in node.destinations.values()])
     try:
+        node.start()
+        log.info("node ready", ae_title=node.settings.node.ae_title, port=node.settings.node.port,
+                 destinations=[f"{d.ae_title}@{d.host}:{d.port}" for d in node.destinations.values()])
         while not stop.wait(0.5):
             pass
     finally:
