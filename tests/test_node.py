@@ -365,3 +365,14 @@ def test_a_compressed_study_is_stored_as_received_and_graded(study: list[Path], 
     # graded (then delivery is retried: no PACS listens in this test)
     assert state.state == "sending" and '"assessed": 25' in node.log_text()
     assert node.stop() == 0
+
+
+def test_a_port_in_use_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    node = ServedNode(tmp_path / "node", free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", node.port))
+        taken.listen()
+        done = node.command("serve")
+    assert done.returncode == 1
+    assert "cannot start the node: OSError: [Errno 98] Address already in use" in done.stderr
+    assert '"node stopped"' in done.stderr
