@@ -198,9 +198,15 @@ class Ledger:
 
     # -- reports and deliveries ---------------------------------------------------------------------
 
-    def last_report(self, study_uid: str) -> Report | None:
-        rows = self._query("SELECT study_uid, run, sr_path, sr_series_uid, sc_series_uid FROM reports "
-                           "WHERE study_uid=? ORDER BY run DESC LIMIT 1", (study_uid,))
+    def last_report(self, study_uid: str, published: bool = False) -> Report | None:
+        """The newest report of a study; with ``published``, the newest that a destination has (or
+        that had no destination to go to): the one a new report supersedes."""
+        where = ("AND (EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid=r.study_uid AND d.run=r.run "
+                 "AND d.state=?) OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid=r.study_uid "
+                 "AND d.run=r.run))") if published else ""
+        rows = self._query("SELECT study_uid, run, sr_path, sr_series_uid, sc_series_uid FROM reports r "
+                           f"WHERE study_uid=? {where} ORDER BY run DESC LIMIT 1",
+                           (study_uid, DELIVERED) if published else (study_uid,))
         return Report(*rows[0]) if rows else None
 
     def add_report(self, report: Report, generation: int, destinations: list[str], paths: list[str]) -> list[int] | None:

@@ -142,8 +142,9 @@ class Node:
         run = last.run + 1 if last else 1
         folder = self.results_dir / uid / f"run-{run}"
         shutil.rmtree(folder, ignore_errors=True)  # a run cut short by a crash is redone from scratch
+        previous = self.ledger.last_report(uid, published=True)  # what the PACS has is what is superseded
         job = GradeJob(uid, study.generation, run, [str(p) for p in self.ledger.instance_paths(uid)], str(folder),
-                       last.sr_path if last else None, last.sc_series_uid if last else None)
+                       previous.sr_path if previous else None, previous.sc_series_uid if previous else None)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self._grading.add(uid)
         try:

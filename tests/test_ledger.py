@@ -76,3 +76,28 @@ def test_resume_regrades_what_was_being_graded(ledger: Ledger) -> None:
 def test_backoff_doubles_and_is_capped() -> None:
     settings = DeliverySettings(max_attempts=5, backoff_initial_s=10, backoff_max_s=60)
     assert [backoff(n, settings) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+def test_a_new_report_supersedes_the_newest_one_a_destination_has(ledger: Ledger) -> None:
+    _add(ledger, "1")
+
+    def run(n: int) -> int:
+        ledger.reopen("1.2.3")
+        report = Report("1.2.3", n, f"/r{n}/SR.dcm", "9.9", None)
+        [delivery] = ledger.add_report(report, ledger.study("1.2.3").generation, ["pacs"], [report.sr_path])
+        return delivery
+
+    first = run(1)
+    assert ledger.last_report("1.2.3", published=True) is None  # not delivered yet
+    ledger.delivery_done(first)
+    second = run(2)  # pending: the PACS still has run 1 only
+    assert ledger.last_report("1.2.3").run == 2 and ledger.last_report("1.2.3", published=True).run == 1
+    run(3)  # supersedes run 2 before it was ever sent
+    assert ledger.delivery(second).state == "superseded"
+    assert ledger.last_report("1.2.3", published=True).run == 1
+
+
+def test_without_destinations_every_report_counts_as_published(ledger: Ledger) -> None:
+    _add(ledger, "1")
+    ledger.add_report(Report("1.2.3", 1, "/r1/SR.dcm", "9.9", None), ledger.study("1.2.3").generation, [], [])
+    assert ledger.study("1.2.3").state == "done" and ledger.last_report("1.2.3", published=True).run == 1
