@@ -17,6 +17,7 @@ import yaml
 from dicom_node.ledger import Ledger, StudyState
 from dicom_node.orthanc import ORTHANC_AET, free_port
 
+_RUNNING: list[ServedNode] = []  # started and not stopped: stopped by stop_all() after each test
 NODE_AET = "LUMBAR_AI"
 SENDER_AET = "STORESCU"
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class ServedNode:
         self.process = subprocess.Popen([str(exe), "--config", str(self.config), "serve"], stdout=log,
                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
+        _RUNNING.append(self)
         wait_for("the node to be ready", lambda: '"node ready"' in self.log_text()[mark:] or self._died(), 120)
         assert self.process.poll() is None, f"the node exited: {self.log_text()[-3000:]}"
         return self
@@ -85,6 +87,7 @@ class ServedNode:
             self.process.send_signal(sig)
         code = self.process.wait(timeout=timeout)
         self.process = None
+        _RUNNING.remove(self)
         return code
 
     def log_text(self) -> str:
@@ -103,3 +106,12 @@ class ServedNode:
     def wait_state(self, study_uid: str, states: tuple[str, ...], timeout: float = 120.0) -> StudyState:
         return wait_for(lambda: f"study {study_uid} to reach {states}; log tail:\n{self.log_text()[-3000:]}",
                         lambda: (s := self.study(study_uid)) is not None and s.state in states and s, timeout)
+
+
+def stop_all() -> None:
+    """Stop the nodes a test started and left running (it failed half-way); SIGKILL if SIGTERM hangs."""
+    for node in list(_RUNNING):
+        try:
+            node.stop(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.stop(signal.SIGKILL)

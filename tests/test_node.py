@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -21,7 +22,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from dicom_node.orthanc import Orthanc, free_port, running_orthanc, storescu
-from tests.served_node import NODE_AET, SENDER_AET, ServedNode, wait_for
+from tests.served_node import NODE_AET, SENDER_AET, ServedNode, stop_all, wait_for
 
 FINISHED = ("done", "failed", "skipped")
 
@@ -92,6 +93,12 @@ def _assert_no_phi(node: ServedNode, files: list[Path]) -> None:
     assert log, "the node logged nothing"
     for value in (str(ds.PatientName), str(ds.PatientID), "PHANTOM^"):
         assert value not in log, f"patient data {value!r} in the node's log"
+
+
+@pytest.fixture(autouse=True)
+def _no_node_left_running() -> Iterator[None]:
+    yield
+    stop_all()
 
 
 @pytest.fixture
