@@ -95,12 +95,17 @@ def _headers(paths: list[str]) -> list[tuple[pydicom.Dataset, Path]]:
     return headers
 
 
+def mr_images(headers: list[tuple[pydicom.Dataset, Path]]) -> list[tuple[pydicom.Dataset, Path]]:
+    """The MR instances among a study's headers (our own SR/SC and anything else left out)."""
+    return [(ds, p) for ds, p in headers if ds.get("Modality") == "MR"]
+
+
 def skip_reason(headers: list[tuple[pydicom.Dataset, Path]]) -> str | None:
     """Why this study is not a lumbar spine MRI we can grade, or None if it is."""
     if not headers:
         return "no readable DICOM instances"
     modalities = sorted({str(ds.get("Modality", "")) or "none" for ds, _ in headers})
-    mr = [(ds, p) for ds, p in headers if ds.get("Modality") == "MR"]
+    mr = mr_images(headers)
     if not mr:
         return f"not an MR study (modality {', '.join(modalities)})"
     parts = sorted({str(ds.get("BodyPartExamined", "")).upper() for ds, _ in mr} - {""})
@@ -129,7 +134,7 @@ def grade(job: GradeJob) -> GradeOutcome:
         if reason is not None:
             return GradeOutcome(SKIPPED, reason)
         assert _runner is not None, "init_worker was not run"
-        mr = [(ds, p) for ds, p in headers if ds.get("Modality") == "MR"]
+        mr = mr_images(headers)
         result = analyze_study(mr, _runner)
         folder = Path(job.folder)
         previous = pydicom.dcmread(job.previous_sr) if job.previous_sr else None

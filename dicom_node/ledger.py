@@ -163,17 +163,24 @@ class Ledger:
         with self._transaction() as db:
             return db.execute(sql, args).rowcount == 1
 
-    def studies(self, states: tuple[str, ...] | None = None) -> list[StudyState]:
-        """Every study (or those in ``states``) with its instance count, oldest first."""
-        where = f"WHERE s.state IN ({','.join('?' * len(states))})" if states else ""
+    def studies(self, states: tuple[str, ...] | None = None, study_uid: str | None = None) -> list[StudyState]:
+        """Every study (or those in ``states``, or the one ``study_uid``) with its instance count, oldest first."""
+        conditions, args = [], list(states or ())
+        if states:
+            conditions.append(f"s.state IN ({','.join('?' * len(states))})")
+        if study_uid is not None:
+            conditions.append("s.study_uid = ?")
+            args.append(study_uid)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self._query(
             "SELECT s.study_uid, s.state, s.reason, COUNT(i.sop_instance_uid), s.last_received, s.generation "
             f"FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid {where} "
-            "GROUP BY s.study_uid ORDER BY s.first_received", tuple(states or ()))
+            "GROUP BY s.study_uid ORDER BY s.first_received", tuple(args))
         return [StudyState(*row) for row in rows]
 
     def study(self, study_uid: str) -> StudyState | None:
-        return next((s for s in self.studies() if s.study_uid == study_uid), None)
+        found = self.studies(study_uid=study_uid)
+        return found[0] if found else None
 
     def instance_paths(self, study_uid: str) -> list[Path]:
         rows = self._query("SELECT path FROM instances WHERE study_uid=? ORDER BY received_at", (study_uid,))

@@ -219,6 +219,7 @@ class StorageSCP:
     def _store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
         sop_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_class = str(event.request.AffectedSOPClassUID)
         if self._disk_low():
             log.warning("refused an instance: free disk under the configured floor",
                         sop_instance_uid=sop_uid, min_free_disk_mb=self.settings.storage.min_free_disk_mb)
@@ -226,7 +227,7 @@ class StorageSCP:
         try:
             ds = event.dataset  # parsed lazily: only the UIDs below are read, pixels are not decoded
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-            cut = truncation(ds, str(event.request.AffectedSOPClassUID), UID(event.context.transfer_syntax))
+            cut = truncation(ds, sop_class, UID(event.context.transfer_syntax))
             if cut is not None:
                 raise ValueError(f"truncated dataset: {cut}")
             size = ds.get("ImagesInAcquisition")
@@ -239,7 +240,6 @@ class StorageSCP:
         target = self.spool / study_uid / f"{sop_uid}.dcm"
         try:
             write_durably(data, target, self.settings.storage.fsync)
-            sop_class = str(event.request.AffectedSOPClassUID)
             new = self.ledger.record_instance(sop_uid, study_uid, series_uid, sop_class, target, calling,
                                               series_size, reopens_study(sop_class))
         except OSError as exc:
