@@ -1,3 +1,5 @@
 """Lumbar spine MRI AI DICOM node: the service and its command line."""
 
-__version__ = "0.1.0"
+from inference import __version__
+
+__all__ = ["__version__"]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-import time
+from datetime import UTC
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
 import yaml
 
-from dicom_node import __version__
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.logconfig import configure_logging, get_logger
+from dicom_node.logconfig import configure_logging
+from inference import __version__
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -48,6 +48,18 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
     Models trained on the synthetic phantom prove the pipeline; they are not clinical models.
     """
     ctx.ensure_object(dict)["config_file"] = config_file
+    configure_logging("auto", "INFO")  # commands that read the settings reconfigure it from them
+
+
+#: The entry-point group through which the phantom's, training's and export's commands join this
+#: one (pyproject.toml); the node imports none of their code.
+COMMAND_GROUP = "lumbar_node.commands"
+
+
+def add_registered_commands(group: click.Group) -> None:
+    """Add every command registered in the ``lumbar_node.commands`` entry-point group."""
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        group.add_command(entry.load(), entry.name)
 
 
 @main.command("config")
@@ -56,138 +68,6 @@ def show_config(ctx: click.Context) -> None:
     """Validate the configuration and print the effective settings (defaults, file, environment)."""
     settings = _settings(ctx)
     click.echo(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), nl=False)
-
-
-@main.command()
-@click.option("--studies", "n_studies", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Number of studies to make.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder; gets train.csv, train_label_coordinates.csv, "
-              "train_series_descriptions.csv and train_images/.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Random seed; the same seed gives the same studies.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes to render studies with.")
-@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG montage of the first study, with labelled points and grades.")
-def phantom(n_studies: int, out: Path, seed: int, workers: int, preview: Path | None) -> None:
-    """Write synthetic lumbar spine MRI studies in the RSNA 2024 layout.
-
-    Real DICOM (MR Image Storage): Sagittal T1, Sagittal T2/STIR and Axial T2 per study, with
-    consistent patient geometry, RSNA-like grades visible in the pixels and the quirks of the real
-    data (a missing series now and then, two axial series, InstanceNumber out of position order,
-    a few missing labels). Synthetic data: no patient, not for clinical use.
-    """
-    from training.phantom import generate_dataset, make_study
-    from training.phantom.preview import preview as write_preview
-
-    configure_logging("auto", "INFO")
-    log = get_logger("lumbar_node.phantom")
-    started = time.perf_counter()
-    done = 0
-
-    def report(study: object) -> None:
-        nonlocal done
-        done += 1
-        if sys.stderr.isatty():
-            click.echo(f"\r{done}/{n_studies} studies", err=True, nl=done == n_studies)
-
-    studies = generate_dataset(out, n_studies, seed, workers=workers, progress=report)
-    elapsed = time.perf_counter() - started
-    n_series = sum(len(st.series) for st in studies)
-    n_images = sum(len(s.planes) for st in studies for s in st.series)
-    log.info("phantom written", out=str(out), studies=n_studies, series=n_series, images=n_images,
-             seed=seed, seconds=round(elapsed, 2), seconds_per_study=round(elapsed / n_studies, 3))
-    if preview is not None:
-        write_preview(make_study(seed, 0), preview)
-        log.info("preview written", path=str(preview), study_id=studies[0].study_id)
-
-
-@main.command("train")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Folder in the RSNA 2024 layout (the real data or `lumbar-node phantom` output).")
-@click.option("--out", "run", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run folder: checkpoints, history, final model.pt. An existing run is resumed.")
-@click.option("--localiser-epochs", type=click.IntRange(min=1), default=24, show_default=True)
-@click.option("--grader-epochs", type=click.IntRange(min=1), default=24, show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=6, show_default=True,
-              help="Epochs without validation improvement before stopping early.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Split and augmentation seed.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
-@click.option("--training-data", default=None,
-              help="How to describe the training data in the model's metadata and outputs.")
-def train_command(data: Path, run: Path, localiser_epochs: int, grader_epochs: int, patience: int, seed: int,
-                  device: str, training_data: str | None) -> None:
-    """Train the level localiser and the grader (PyTorch) on the RSNA 2024 layout.
-
-    Splits by study, trains the localiser, measures its real error on validation, trains the
-    grader on crops jittered by that error with the competition loss, calibrates a temperature
-    per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume.
-    """
-    from training.train import TrainConfig, train
-
-    cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
-                      seed=seed, device=device)
-    if training_data:
-        cfg.training_data = training_data
-    train(data, run, cfg, log=lambda msg: click.echo(msg, err=True))
-
-
-@main.command("evaluate")
-@click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Held-out studies in the RSNA layout.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to write evaluation.json and the PNG plots (default: RUN/evaluation).")
-@click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Evaluate this exported ONNX model folder instead of RUN's PyTorch checkpoint.")
-def evaluate_command(run: Path, data: Path, out: Path | None, onnx_dir: Path | None) -> None:
-    """Score a trained run (or its ONNX export) on held-out studies, through the serving pipeline.
-
-    Prints and writes the competition score and its four parts, the class-prior baseline's
-    score on the same studies, per-condition log loss, accuracy, precision/recall/F1, AUC,
-    confusion matrices, Severe recall per condition and level-localisation error in mm.
-    """
-    import json
-
-    from training.evaluate import evaluate
-    from training.runner import load_model
-
-    torch_runner = load_model(run / "model.pt" if run.is_dir() else run)
-    runner = torch_runner
-    if onnx_dir is not None:
-        from inference.runtime import OnnxRunner
-
-        runner = OnnxRunner(onnx_dir)
-    history_path = (run if run.is_dir() else run.parent) / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    out = out or ((run if run.is_dir() else run.parent) / "evaluation")
-    report = evaluate(runner, data, torch_runner.meta["class_prior"], out, history,  # type: ignore[attr-defined]
-                      log=lambda msg: click.echo(msg, err=True))
-    click.echo(json.dumps({k: report[k] for k in ("studies", "score", "class_prior_baseline", "score_over_baseline",
-                                                   "severe_recall", "level_error_mm")}, indent=1))
-    click.echo(f"written: {out / 'evaluation.json'}", err=True)
-
-
-@main.command("export")
-@click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Model folder to write (localiser.onnx, grader.onnx, model.json).")
-@click.option("--fp16", is_flag=True, help="Also write fp16 models for GPUs (verified where CUDA is present).")
-def export_command(run: Path, out: Path, fp16: bool) -> None:
-    """Export a trained run to ONNX (opset 17, dynamic batch) with in-graph Grad-CAM, and verify it.
-
-    Fails unless ONNX Runtime matches PyTorch (probabilities within 1e-4) and the in-graph
-    Grad-CAM correlates >= 0.99 with an autograd Grad-CAM. Drop the folder into the node with
-    models.dir in the configuration.
-    """
-    from export.onnx_export import ExportError, export_run
-
-    try:
-        meta = export_run(run, out, fp16=fp16, log=lambda msg: click.echo(msg, err=True))
-    except ExportError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"exported {out} (checkpoint sha256 {meta['checkpoint_sha256'][:12]})")
 
 
 @main.command("predict")
@@ -294,7 +174,7 @@ def reprocess_command(ctx: click.Context, study_uid: str) -> None:
 def status_command(ctx: click.Context, as_json: bool) -> None:
     """The studies the node knows, their states and reasons, from the ledger (storage.ledger_path)."""
     import json
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from dicom_node.ledger import Ledger
 
@@ -311,9 +191,11 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'study instance UID':64}  {'state':10} {'images':>6}  {'last received (UTC)':19}  reason")
     for s in studies:
-        when = datetime.fromtimestamp(s.last_received, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = datetime.fromtimestamp(s.last_received, UTC).strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{s.study_uid:64}  {s.state:10} {s.instances:>6}  {when}  {s.reason or ''}")
 
+
+add_registered_commands(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
+from inference.analyze import NotAssessedReason
 from inference.labels import ConditionGroup, Level, Severity, Side
 
 PRIVATE_SCHEME = "99LUMBAR"
@@ -60,17 +61,9 @@ NOT_ASSESSED = private("NA", "Not assessed")
 REASON = private("RSN", "Reason not assessed")
 ANY_SEVERE_SPINAL = private("ASS", "Any severe spinal canal stenosis")
 MAX_SEVERE_SPINAL = private("MSS", "Highest probability of severe spinal canal stenosis")
-REASONS = {  # (code, meaning) by the phrase analyze_study puts in LabelResult.reason
-    "no usable sagittal": private("RNL", "Levels not localised: no usable sagittal series"),
-    "series unusable": private("RSU", "Required series unusable"),
-    "not covered": private("RNC", "Level not covered by the required series"),
-    "series in the study": private("RMS", "Required series missing"),
+REASONS = {  # the coded reason of a 'not assessed' label
+    NotAssessedReason.NO_SAGITTAL: private("RNL", "Levels not localised: no usable sagittal series"),
+    NotAssessedReason.UNUSABLE_SERIES: private("RSU", "Required series unusable"),
+    NotAssessedReason.NOT_COVERED: private("RNC", "Level not covered by the required series"),
+    NotAssessedReason.MISSING_SERIES: private("RMS", "Required series missing"),
 }
-
-
-def reason_code(reason: str) -> CodedConcept:
-    """The coded reason for a 'not assessed' label."""
-    for phrase, code in REASONS.items():
-        if phrase in reason:
-            return code
-    return private("ROT", "Other reason")

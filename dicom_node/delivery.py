@@ -10,9 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_node.config import DeliverySettings, Destination
-
-# Success, and the warnings that still mean "stored" (coercion, elements discarded, not validated).
-STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+from dicom_node.dimse import STORED
 
 
 class DeliveryError(RuntimeError):

@@ -12,9 +12,13 @@ import pydicom
 
 from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.delivery import send_files
-from dicom_node.ledger import DONE, FAILED, SKIPPED, StudyState
+from dicom_node.ledger import Study
 from dicom_node.node import Node
 from dicom_node.orthanc import ORTHANC_AET, free_port, running_orthanc
+from dicom_node.outputs import SC_FOLDER, TABLE_FILE
+from dicom_node.states import StudyState
+from inference.rsna_layout import IMAGES_DIR
+from phantom.generate import generate_dataset
 
 MODALITY_AET = "PHANTOM_MR"
 
@@ -37,9 +41,6 @@ def demo_settings(workdir: Path, node_port: int, orthanc_port: int, config_file:
 def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file: Path | None = None,
              timeout_s: float = 300.0) -> Path:
     """Run the loop once; print the graded table and where the results are; return the SR's path."""
-    from training.phantom import generate_dataset
-    from training.phantom.generate import IMAGES_DIR
-
     workdir = workdir.resolve()
     [study] = generate_dataset(workdir / "phantom", 1, seed)
     files = sorted((workdir / "phantom" / IMAGES_DIR / str(study.study_id)).rglob("*.dcm"))
@@ -60,7 +61,7 @@ def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file:
             echo(f"sent the study to Orthanc; Orthanc routes it to the node once stable "
                  f"({pacs.workdir / 'routing.lua'})")
             state = _wait(node, study_uid, started + timeout_s)
-            if state.state != DONE:
+            if state.state is not StudyState.DONE:
                 raise RuntimeError(f"study ended {state.state}: {state.reason}")
             series = pacs.study_series(study_uid)
             echo(f"results back in Orthanc after {time.monotonic() - started:.1f} s; the study now holds:")
@@ -69,23 +70,24 @@ def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file:
                 echo(f"  series {tags.get('SeriesNumber', '?'):>4} {tags.get('Modality', '?'):3} "
                      f"{len(s['Instances']):3} instances  {tags.get('SeriesDescription', '')}")
             report = node.ledger.last_report(study_uid)
-            assert report is not None
+            if report is None:
+                raise RuntimeError(f"study {study_uid} is done but the ledger holds no report")
             run = Path(report.sr_path).parent
             echo("")
-            echo((run / "results.txt").read_text())
+            echo((run / TABLE_FILE).read_text())
             echo(f"Structured Report: {report.sr_path}")
-            echo(f"Grad-CAM Secondary Captures: {run / 'SC'} ({len(list((run / 'SC').glob('*.dcm')))} images)")
+            echo(f"Grad-CAM Secondary Captures: {run / SC_FOLDER} ({len(list((run / SC_FOLDER).glob('*.dcm')))} images)")
             echo(f"node status: lumbar-node status  with  LUMBAR_NODE__STORAGE__LEDGER_PATH={settings.storage.ledger_path}")
             return Path(report.sr_path)
         finally:
             node.stop()
 
 
-def _wait(node: Node, study_uid: str, deadline: float) -> StudyState:
+def _wait(node: Node, study_uid: str, deadline: float) -> Study:
     """Poll the ledger until the study is done, failed or skipped."""
     while time.monotonic() < deadline:
         state = node.ledger.study(study_uid)
-        if state is not None and state.state in (DONE, FAILED, SKIPPED):
+        if state is not None and state.state.final:
             return state
         time.sleep(0.2)
     raise TimeoutError(f"study {study_uid} not done in time: {node.ledger.study(study_uid)}")

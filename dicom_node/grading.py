@@ -6,25 +6,27 @@ The worker never touches the ledger; it returns a GradeOutcome and the node reco
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
+from dicom_node.identity import DISCLAIMER
 from dicom_node.logconfig import configure_logging, get_logger
+from dicom_node.outputs import OutputKind, RunOutputs, Supersedes, write_run
+from dicom_node.states import GradeResult, SkipReason
+from inference.analyze import analyze_study
+from inference.instances import Instance, read_headers
 from inference.labels import SeriesRole
 from inference.runtime import OnnxRunner
 from inference.series import assign_roles, group_series, role_of
 
 log = get_logger(__name__)
 
-REPORTED, SKIPPED, FAILED = "reported", "skipped", "failed"
 # BodyPartExamined values (PS3.16 CID 4031 defined terms and common variants) that are a lumbar spine.
 LUMBAR_BODY_PARTS = frozenset({"LSPINE", "SPINE", "TLSPINE", "LSSPINE", "LUMBAR", "LUMBARSPINE", "L-SPINE"})
 ALL_ROLES = frozenset(SeriesRole)
@@ -45,17 +47,38 @@ class GradeJob:
     sc_series_uid: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class GradeOutcome:
-    """What a worker returns: reported (with the files written), skipped or failed, with a reason."""
+    """What a worker returns: a report with the files written, or skipped / failed with a reason."""
 
-    state: str
+    result: GradeResult
     reason: str | None = None
-    files: list[str] = field(default_factory=list)
-    sr_series_uid: str | None = None
-    sc_series_uid: str | None = None
+    outputs: RunOutputs | None = None
     assessed: int = 0
     seconds: float = 0.0
+
+    @classmethod
+    def reported(cls, outputs: RunOutputs, assessed: int, seconds: float) -> GradeOutcome:
+        return cls(GradeResult.REPORTED, None, outputs, assessed, seconds)
+
+    @classmethod
+    def skipped(cls, reason: str) -> GradeOutcome:
+        return cls(GradeResult.SKIPPED, reason)
+
+    @classmethod
+    def failed(cls, reason: str) -> GradeOutcome:
+        return cls(GradeResult.FAILED, reason)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Why a study is not graded: the kind, and what was found (the ledger's reason is its text)."""
+
+    why: SkipReason
+    found: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.why.value} ({self.found})" if self.found else self.why.value
 
 
 def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: str, log_level: str) -> None:
@@ -78,41 +101,37 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
+def _loaded_runner() -> OnnxRunner:
+    if _runner is None:
+        raise RuntimeError("init_worker was not run in this process")
+    return _runner
+
+
 def worker_ready() -> dict[str, object]:
     """The loaded model and providers of this worker (the node calls it once per worker at start)."""
-    assert _runner is not None, "init_worker was not run"
-    info = _runner.info
-    return {"model": info.name, "version": info.version, "sha256": info.sha256[:12], "providers": _runner.providers}
+    runner = _loaded_runner()
+    info = runner.info
+    return {"model": info.name, "version": info.version, "sha256": info.sha256[:12], "providers": runner.providers}
 
 
-def _headers(paths: list[str]) -> list[tuple[pydicom.Dataset, Path]]:
-    headers = []
-    for name in paths:
-        try:
-            headers.append((pydicom.dcmread(name, stop_before_pixels=True), Path(name)))
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            log.warning("left out a spooled file that cannot be read", path=name, error=str(exc))
-    return headers
-
-
-def mr_images(headers: list[tuple[pydicom.Dataset, Path]]) -> list[tuple[pydicom.Dataset, Path]]:
+def mr_images(headers: list[Instance]) -> list[Instance]:
     """The MR instances among a study's headers (our own SR/SC and anything else left out)."""
     return [(ds, p) for ds, p in headers if ds.get("Modality") == "MR"]
 
 
-def skip_reason(headers: list[tuple[pydicom.Dataset, Path]]) -> str | None:
+def skip_reason(headers: list[Instance]) -> Skip | None:
     """Why this study is not a lumbar spine MRI we can grade, or None if it is."""
     if not headers:
-        return "no readable DICOM instances"
+        return Skip(SkipReason.NO_INSTANCES)
     modalities = sorted({str(ds.get("Modality", "")) or "none" for ds, _ in headers})
     mr = mr_images(headers)
     if not mr:
-        return f"not an MR study (modality {', '.join(modalities)})"
+        return Skip(SkipReason.NOT_MR, f"modality {', '.join(modalities)}")
     parts = sorted({str(ds.get("BodyPartExamined", "")).upper() for ds, _ in mr} - {""})
     if parts and not LUMBAR_BODY_PARTS.intersection(parts):
-        return f"not a lumbar spine study (BodyPartExamined {', '.join(parts)})"
+        return Skip(SkipReason.NOT_LUMBAR, f"BodyPartExamined {', '.join(parts)}")
     if not assign_roles(group_series(mr)):
-        return "no Sagittal T1, Sagittal T2/STIR or Axial T2 series found"
+        return Skip(SkipReason.NO_SERIES)
     return None
 
 
@@ -124,30 +143,23 @@ def has_all_roles(headers: list[pydicom.Dataset]) -> bool:
 
 def grade(job: GradeJob) -> GradeOutcome:
     """Grade one study (in a worker process); any error becomes a 'failed' outcome with its reason."""
-    from dicom_node.predict import DISCLAIMER, result_json, result_table, write_results
-    from inference.analyze import analyze_study
-
     started = time.perf_counter()
     try:
-        headers = _headers(job.paths)
-        reason = skip_reason(headers)
-        if reason is not None:
-            return GradeOutcome(SKIPPED, reason)
-        assert _runner is not None, "init_worker was not run"
+        headers = read_headers(job.paths)
+        skip = skip_reason(headers)
+        if skip is not None:
+            return GradeOutcome.skipped(str(skip))
         mr = mr_images(headers)
-        result = analyze_study(mr, _runner)
-        folder = Path(job.folder)
-        previous = pydicom.dcmread(job.previous_sr) if job.previous_sr else None
-        written = write_results(result, mr, folder, previous, job.sc_series_uid)
-        (folder / "results.txt").write_text(result_table(result) + "\n")
-        (folder / "results.json").write_text(json.dumps(result_json(result), indent=1))
-        sc_series = str(pydicom.dcmread(written[1], stop_before_pixels=True).SeriesInstanceUID) if len(written) > 1 else None
-        sr_series = str(pydicom.dcmread(written[0], stop_before_pixels=True).SeriesInstanceUID)
-        assessed = sum(r.assessed for r in result.labels)
+        result = analyze_study(mr, _loaded_runner())
+        supersedes = None
+        if job.previous_sr:
+            supersedes = Supersedes(pydicom.dcmread(job.previous_sr), job.sc_series_uid)
+        outputs = write_run(result, mr, Path(job.folder), supersedes)
+        assessed = len(result.assessed())
         log.info("study graded", study_uid=job.study_uid, run=job.run, assessed=assessed,
+                 sc_series_uid=outputs.series_uid(OutputKind.SC),
                  seconds=round(time.perf_counter() - started, 3), note=DISCLAIMER)
-        return GradeOutcome(REPORTED, None, [str(p) for p in written], sr_series, sc_series, assessed,
-                            time.perf_counter() - started)
+        return GradeOutcome.reported(outputs, assessed, time.perf_counter() - started)
     except Exception as exc:
         log.exception("grading failed", study_uid=job.study_uid)
-        return GradeOutcome(FAILED, f"grading failed: {type(exc).__name__}: {exc}")
+        return GradeOutcome.failed(f"grading failed: {type(exc).__name__}: {exc}")

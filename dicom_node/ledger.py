@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-RECEIVING, ANALYSING, SENDING, DONE, FAILED, SKIPPED = "receiving", "analysing", "sending", "done", "failed", "skipped"
-PENDING, DELIVERED, SUPERSEDED = "pending", "delivered", "superseded"
+from dicom_node.states import DeliveryState, StudyState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -67,9 +66,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 
 
 @dataclass(frozen=True)
-class StudyState:
+class Study:
+    """A study as the ledger holds it."""
+
     study_uid: str
-    state: str
+    state: StudyState
     reason: str | None
     instances: int
     last_received: float
@@ -78,6 +79,8 @@ class StudyState:
 
 @dataclass(frozen=True)
 class Report:
+    """A finished grading run: its SR and the series of its results."""
+
     study_uid: str
     run: int
     sr_path: str
@@ -87,12 +90,14 @@ class Report:
 
 @dataclass(frozen=True)
 class Delivery:
+    """A run's results to one destination, with its attempts."""
+
     id: int
     study_uid: str
     run: int
     destination: str
     paths: list[str]
-    state: str
+    state: DeliveryState
     attempts: int
     next_attempt_at: float
     last_error: str | None
@@ -148,13 +153,13 @@ class Ledger:
                 db.execute("INSERT INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1) "
                            "ON CONFLICT(study_uid) DO UPDATE SET state=excluded.state, reason=NULL, "
                            "last_received=excluded.last_received, updated_at=excluded.updated_at, "
-                           "generation=studies.generation + 1", (study_uid, RECEIVING, now, now, now))
+                           "generation=studies.generation + 1", (study_uid, StudyState.RECEIVING, now, now, now))
             elif new:
                 db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1)",
-                           (study_uid, RECEIVING, now, now, now))
+                           (study_uid, StudyState.RECEIVING, now, now, now))
         return new
 
-    def set_state(self, study_uid: str, state: str, reason: str | None = None, generation: int | None = None) -> bool:
+    def set_state(self, study_uid: str, state: StudyState, reason: str | None = None, generation: int | None = None) -> bool:
         """Set a study's state; with ``generation``, only if no instance arrived since. True if set."""
         sql = "UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?"
         args: tuple = (state, reason, time.time(), study_uid)
@@ -163,7 +168,7 @@ class Ledger:
         with self._transaction() as db:
             return db.execute(sql, args).rowcount == 1
 
-    def studies(self, states: tuple[str, ...] | None = None, study_uid: str | None = None) -> list[StudyState]:
+    def studies(self, states: tuple[StudyState, ...] | None = None, study_uid: str | None = None) -> list[Study]:
         """Every study (or those in ``states``, or the one ``study_uid``) with its instance count, oldest first."""
         conditions, args = [], list(states or ())
         if states:
@@ -176,9 +181,9 @@ class Ledger:
             "SELECT s.study_uid, s.state, s.reason, COUNT(i.sop_instance_uid), s.last_received, s.generation "
             f"FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid {where} "
             "GROUP BY s.study_uid ORDER BY s.first_received", tuple(args))
-        return [StudyState(*row) for row in rows]
+        return [Study(uid, StudyState(state), *rest) for uid, state, *rest in rows]
 
-    def study(self, study_uid: str) -> StudyState | None:
+    def study(self, study_uid: str) -> Study | None:
         found = self.studies(study_uid=study_uid)
         return found[0] if found else None
 
@@ -195,13 +200,13 @@ class Ledger:
         """Grade a known study again (after a failure, a skip or a model change). False if unknown."""
         with self._transaction() as db:
             return db.execute("UPDATE studies SET state=?, reason=NULL, generation=generation+1, updated_at=? "
-                              "WHERE study_uid=?", (RECEIVING, time.time(), study_uid)).rowcount == 1
+                              "WHERE study_uid=?", (StudyState.RECEIVING, time.time(), study_uid)).rowcount == 1
 
     def resume(self) -> int:
         """After a restart: a study that was being graded is graded again. Returns how many."""
         with self._transaction() as db:
             return db.execute("UPDATE studies SET state=?, updated_at=? WHERE state=?",
-                              (RECEIVING, time.time(), ANALYSING)).rowcount
+                              (StudyState.RECEIVING, time.time(), StudyState.ANALYSING)).rowcount
 
     # -- reports and deliveries ---------------------------------------------------------------------
 
@@ -213,7 +218,7 @@ class Ledger:
                  "AND d.run=r.run))") if published else ""
         rows = self._query("SELECT study_uid, run, sr_path, sr_series_uid, sc_series_uid FROM reports r "
                            f"WHERE study_uid=? {where} ORDER BY run DESC LIMIT 1",
-                           (study_uid, DELIVERED) if published else (study_uid,))
+                           (study_uid, DeliveryState.DELIVERED) if published else (study_uid,))
         return Report(*rows[0]) if rows else None
 
     def add_report(self, report: Report, generation: int, destinations: list[str], paths: list[str]) -> list[int] | None:
@@ -228,17 +233,17 @@ class Ledger:
             db.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)",
                        (report.study_uid, report.run, report.sr_path, report.sr_series_uid, report.sc_series_uid, now))
             db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
-                       (SUPERSEDED, now, report.study_uid, PENDING))
+                       (DeliveryState.SUPERSEDED, now, report.study_uid, DeliveryState.PENDING))
             ids = [db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
                               "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (report.study_uid, report.run, name, json.dumps(paths), PENDING, now, now)).lastrowid
+                              (report.study_uid, report.run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid
                    for name in destinations]
-            state = SENDING if destinations else DONE
+            state = StudyState.SENDING if destinations else StudyState.DONE
             db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
                        (state, now, report.study_uid))
         return [int(i) for i in ids]
 
-    def deliveries(self, study_uid: str | None = None, state: str | None = None,
+    def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None,
                    delivery_id: int | None = None) -> list[Delivery]:
         """Deliveries, optionally of one study, in one state, or the one with this id."""
         sql = ("SELECT id, study_uid, run, destination, paths, state, attempts, next_attempt_at, last_error "
@@ -248,7 +253,7 @@ class Ledger:
             if value is not None:
                 sql, args = sql + f" AND {column}=?", [*args, value]
         rows = self._query(sql + " ORDER BY id", tuple(args))
-        return [Delivery(r[0], r[1], r[2], r[3], json.loads(r[4]), *r[5:]) for r in rows]
+        return [Delivery(r[0], r[1], r[2], r[3], json.loads(r[4]), DeliveryState(r[5]), *r[6:]) for r in rows]
 
     def delivery(self, delivery_id: int) -> Delivery | None:
         found = self.deliveries(delivery_id=delivery_id)
@@ -259,26 +264,26 @@ class Ledger:
         now = time.time()
         with self._transaction() as db:
             db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=NULL, updated_at=? "
-                       "WHERE id=? AND state=?", (DELIVERED, now, delivery_id, PENDING))
+                       "WHERE id=? AND state=?", (DeliveryState.DELIVERED, now, delivery_id, DeliveryState.PENDING))
             study_uid = db.execute("SELECT study_uid FROM deliveries WHERE id=?", (delivery_id,)).fetchone()[0]
-            if db.execute("SELECT 1 FROM deliveries WHERE study_uid=? AND state=?", (study_uid, PENDING)).fetchone() is None:
+            if db.execute("SELECT 1 FROM deliveries WHERE study_uid=? AND state=?", (study_uid, DeliveryState.PENDING)).fetchone() is None:
                 db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=? AND state=?",
-                           (DONE, now, study_uid, SENDING))
+                           (StudyState.DONE, now, study_uid, StudyState.SENDING))
 
     def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt: retry at ``next_attempt_at``, or (None) give up and fail the study."""
         now = time.time()
         with self._transaction() as db:
-            state = PENDING if next_attempt_at is not None else FAILED
+            state = DeliveryState.PENDING if next_attempt_at is not None else DeliveryState.FAILED
             db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, next_attempt_at=?, "
                        "updated_at=? WHERE id=? AND state=?",
-                       (state, error, next_attempt_at or now, now, delivery_id, PENDING))
+                       (state, error, next_attempt_at or now, now, delivery_id, DeliveryState.PENDING))
             study_uid, destination, attempts = db.execute(
                 "SELECT study_uid, destination, attempts FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
             if next_attempt_at is None:
-                state, reason = FAILED, f"delivery to {destination} failed after {attempts} attempts: {error}"
+                state, reason = StudyState.FAILED, f"delivery to {destination} failed after {attempts} attempts: {error}"
             else:
                 when = time.strftime("%H:%M:%S", time.gmtime(next_attempt_at))
-                state, reason = SENDING, f"delivery to {destination}: attempt {attempts} failed ({error}); retry {when} UTC"
+                state, reason = StudyState.SENDING, f"delivery to {destination}: attempt {attempts} failed ({error}); retry {when} UTC"
             db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=? AND state=?",
-                       (state, reason, now, study_uid, SENDING))
+                       (state, reason, now, study_uid, StudyState.SENDING))

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -24,8 +24,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node.config import Settings
 from dicom_node.delivery import DeliveryError, backoff, send_files
 from dicom_node.grading import (
-    FAILED,
-    REPORTED,
     GradeJob,
     GradeOutcome,
     grade,
@@ -33,19 +31,11 @@ from dicom_node.grading import (
     init_worker,
     worker_ready,
 )
-from dicom_node.ledger import (
-    ANALYSING,
-    PENDING,
-    RECEIVING,
-    SKIPPED,
-    Delivery,
-    Ledger,
-    Report,
-    StudyState,
-)
-from dicom_node.ledger import FAILED as STUDY_FAILED
+from dicom_node.ledger import Delivery, Ledger, Report, Study
 from dicom_node.logconfig import get_logger
-from dicom_node.storage_scp import StorageSCP
+from dicom_node.outputs import OutputKind
+from dicom_node.states import DeliveryState, GradeResult, StudyState
+from dicom_node.storage_scp import StorageSCP, restore_poll_interval, set_poll_interval
 
 log = get_logger(__name__)
 
@@ -60,7 +50,7 @@ class Node:
         self.results_dir = Path(settings.storage.results_dir)
         self.ledger = Ledger(Path(settings.storage.ledger_path))
         self.scp = StorageSCP(settings, self.ledger)
-        self.scheduler = BackgroundScheduler(timezone=timezone.utc,
+        self.scheduler = BackgroundScheduler(timezone=UTC,
                                              job_defaults={"misfire_grace_time": None, "coalesce": True})
         self.destinations = {d.name: d for d in settings.destinations}
         self.pool = self._new_pool()
@@ -79,16 +69,20 @@ class Node:
     # -- life cycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the model in every worker, resume the ledger's unfinished work, then listen."""
+        """Load the model in every worker, resume the ledger's unfinished work, then listen.
+
+        pynetdicom's reactors are set to poll every ``node.poll_interval_ms`` here, for the whole
+        process (see ``storage_scp.set_poll_interval``), and restored by ``stop()``."""
+        set_poll_interval(self.settings.node.poll_interval_ms / 1000)
         ready = [self.pool.submit(worker_ready) for _ in range(self.settings.workers)]
         log.info("grading workers ready", workers=self.settings.workers, **ready[0].result())
         self._started_at = time.time()  # a study cut off by a restart gets a fresh quiet time
         regrade = self.ledger.resume()
         self.scheduler.start()
-        pending = self.ledger.deliveries(state=PENDING)
+        pending = self.ledger.deliveries(state=DeliveryState.PENDING)
         for delivery in pending:
             self._schedule_delivery(delivery)
-        log.info("resumed from the ledger", studies_to_grade=regrade + len(self.ledger.studies((RECEIVING,))),
+        log.info("resumed from the ledger", studies_to_grade=regrade + len(self.ledger.studies((StudyState.RECEIVING,))),
                  deliveries_pending=len(pending))
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_INTERVAL_S, id="sweep", max_instances=1)
         self.scp.start()
@@ -104,6 +98,7 @@ class Node:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.ledger.close()
+        restore_poll_interval()
         log.info("node stopped")
 
     # -- releasing studies ----------------------------------------------------------------------------
@@ -111,7 +106,7 @@ class Node:
     def sweep(self) -> None:
         """Release every receiving study that is quiet, or complete (when so configured)."""
         now = time.time()
-        for study in self.ledger.studies((RECEIVING,)):
+        for study in self.ledger.studies((StudyState.RECEIVING,)):
             if self._stopping.is_set() or study.study_uid in self._grading:
                 continue
             if now - max(study.last_received, self._started_at) >= self.settings.study.quiet_time_s:
@@ -119,7 +114,7 @@ class Node:
             elif self.settings.study.release_when_complete and self._complete(study):
                 self._release(study, "complete")
 
-    def _complete(self, study: StudyState) -> bool:
+    def _complete(self, study: Study) -> bool:
         """Every series holds its ImagesInAcquisition instances, and the three needed roles are there."""
         if self._checked.get(study.study_uid) == study.instances:
             return False
@@ -133,9 +128,9 @@ class Node:
             return False
         return has_all_roles(headers)
 
-    def _release(self, study: StudyState, why: str) -> None:
+    def _release(self, study: Study, why: str) -> None:
         uid = study.study_uid
-        if not self.ledger.set_state(uid, ANALYSING, generation=study.generation):
+        if not self.ledger.set_state(uid, StudyState.ANALYSING, generation=study.generation):
             return  # an instance arrived in between: next sweep
         self._checked.pop(uid, None)
         last = self.ledger.last_report(uid)
@@ -151,7 +146,7 @@ class Node:
             future = self.pool.submit(grade, job)
         except (RuntimeError, BrokenProcessPool) as exc:  # shutting down, or a dead pool
             self._grading.discard(uid)
-            self.ledger.set_state(uid, RECEIVING, generation=study.generation)
+            self.ledger.set_state(uid, StudyState.RECEIVING, generation=study.generation)
             if isinstance(exc, BrokenProcessPool):
                 self.pool = self._new_pool()
             return
@@ -166,23 +161,25 @@ class Node:
             try:
                 outcome: GradeOutcome = future.result()
             except BrokenProcessPool:
-                outcome = GradeOutcome(FAILED, "the grading worker process died (out of memory?)")
+                outcome = GradeOutcome.failed("the grading worker process died (out of memory?)")
                 if not self._stopping.is_set():
                     self.pool = self._new_pool()
             except Exception as exc:  # noqa: BLE001
-                outcome = GradeOutcome(FAILED, f"grading failed: {type(exc).__name__}: {exc}")
-            if outcome.state != REPORTED:
-                state = SKIPPED if outcome.state == "skipped" else STUDY_FAILED
+                outcome = GradeOutcome.failed(f"grading failed: {type(exc).__name__}: {exc}")
+            if outcome.result is not GradeResult.REPORTED or outcome.outputs is None:
+                state = outcome.result.study_state
                 if self.ledger.set_state(uid, state, outcome.reason, generation=job.generation):
                     log.warning(f"study {state}", study_uid=uid, reason=outcome.reason)
                 return
-            report = Report(uid, job.run, outcome.files[0], str(outcome.sr_series_uid), outcome.sc_series_uid)
-            ids = self.ledger.add_report(report, job.generation, list(self.destinations), outcome.files)
+            outputs = outcome.outputs
+            report = Report(uid, job.run, str(outputs.sr.path), outputs.sr.series_uid, outputs.series_uid(OutputKind.SC))
+            files = [str(p) for p in outputs.paths]
+            ids = self.ledger.add_report(report, job.generation, list(self.destinations), files)
             if ids is None:
                 log.info("graded run discarded: new instances arrived while grading", study_uid=uid, run=job.run)
                 shutil.rmtree(job.folder, ignore_errors=True)
                 return
-            log.info("results ready", study_uid=uid, run=job.run, sr=outcome.files[0], files=len(outcome.files),
+            log.info("results ready", study_uid=uid, run=job.run, sr=report.sr_path, files=len(files),
                      seconds=round(outcome.seconds, 3))
             for delivery_id in ids:
                 delivery = self.ledger.delivery(delivery_id)
@@ -199,13 +196,13 @@ class Node:
         if self._stopping.is_set():
             return
         self.scheduler.add_job(self._deliver, "date", args=[delivery.id], id=f"delivery-{delivery.id}",
-                               run_date=datetime.fromtimestamp(delivery.next_attempt_at, timezone.utc),
+                               run_date=datetime.fromtimestamp(delivery.next_attempt_at, UTC),
                                replace_existing=True)
 
     def _deliver(self, delivery_id: int) -> None:
         """One delivery attempt; on failure, the next one is scheduled (and recorded) with backoff."""
         delivery = self.ledger.delivery(delivery_id)
-        if delivery is None or delivery.state != PENDING:
+        if delivery is None or delivery.state is not DeliveryState.PENDING:
             return
         where = {"study_uid": delivery.study_uid, "destination": delivery.destination, "run": delivery.run}
         destination = self.destinations.get(delivery.destination)

@@ -13,15 +13,15 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.sr import MANUFACTURER, REGION_RADIUS_MM, copy_patient_study
-from inference.analyze import LabelResult, StudyResult
+from dicom_node.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
+from dicom_node.sr import REGION_RADIUS_MM, copy_patient_study
+from inference.analyze import AssessedLabel, StudyResult
 from inference.geometry import ImagePlane, direction_letters
 from inference.labels import SEVERITIES
 from inference.volume import decode
 
 SC_SERIES_NUMBER = 9902
 SC_SERIES_DESCRIPTION = "AI Grad-CAM heatmaps - not for diagnosis"
-DISCLAIMER = "AI result - not for diagnosis"
 
 
 def _window(ds: Dataset, pixels: NDArray[np.float32]) -> NDArray[np.uint8]:
@@ -36,9 +36,8 @@ def _window(ds: Dataset, pixels: NDArray[np.float32]) -> NDArray[np.uint8]:
     return np.clip((pixels - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
 
 
-def cam_on_image(r: LabelResult, plane: ImagePlane) -> NDArray[np.float32]:
+def cam_on_image(r: AssessedLabel, plane: ImagePlane) -> NDArray[np.float32]:
     """The label's Grad-CAM (on its crop grid) resampled onto the source image's pixel grid, 0..1."""
-    assert r.cam is not None and r.location is not None
     frame = r.location.crop
     n = frame.spec.pixels
     cam = cv2.resize(r.cam.astype(np.float32), (n, n), interpolation=cv2.INTER_LINEAR)
@@ -73,18 +72,16 @@ def _banner(img: NDArray[np.uint8], top: int, bottom: int) -> None:
     img[top:bottom] = (img[top:bottom] * 0.35).astype(np.uint8)
 
 
-def finding_lines(r: LabelResult) -> list[str]:
+def finding_lines(r: AssessedLabel) -> list[str]:
     """What the picture says about its finding: label, AI grade, the three class probabilities."""
-    assert r.probabilities is not None and r.grade is not None
     probs = "  ".join(f"{s.display} {100 * p:.0f}%" for s, p in zip(SEVERITIES, r.probabilities, strict=True))
     return [f"{r.label.level.value} {r.label.condition.display}", f"AI grade: {r.grade.display}", probs]
 
 
-def render_overlay(r: LabelResult, source: Dataset) -> NDArray[np.uint8]:
+def render_overlay(r: AssessedLabel, source: Dataset) -> NDArray[np.uint8]:
     """RGB picture: the windowed source slice scaled to at least MIN_SIDE pixels, the heatmap blended
     over it, a circle at the finding, the patient orientation at the edges, the finding and the
     disclaimer on dark bands at the top and bottom."""
-    assert r.location is not None
     plane = ImagePlane.from_dataset(source)
     gray = _window(source, decode(source))
     heat = cam_on_image(r, plane)
@@ -107,15 +104,18 @@ def render_overlay(r: LabelResult, source: Dataset) -> NDArray[np.uint8]:
     _banner(out, 0, step * len(lines) + int(10 * u))
     for i, (text, rgb) in enumerate(zip(lines, [(255, 255, 255), (255, 230, 0), (200, 230, 255)], strict=True)):
         _text(out, text, (8, step * (i + 1)), fs, rgb)
-    fs_d = _fit([DISCLAIMER], w, 0.6 * u)
-    _banner(out, h - int(34 * fs_d), h)
-    _text(out, DISCLAIMER, (8, h - int(10 * fs_d)), fs_d, (255, 110, 110))
+    fs_d = _fit(list(DISCLAIMER_LINES), w, 0.6 * u)
+    step_d = int(28 * fs_d)
+    band = step_d * len(DISCLAIMER_LINES) + int(10 * fs_d)
+    _banner(out, h - band, h)
+    for i, text in enumerate(DISCLAIMER_LINES):
+        _text(out, text, (8, h - band + step_d * (i + 1)), fs_d, (255, 110, 110))
 
     fs_o = 0.6 * u  # orientation letters, as a viewer shows them
     (right, down), (left, up) = _orientation(plane), _orientation(plane, opposite=True)
     top = step * len(lines) + int(34 * u)
     for text, (ox, oy) in [(left, (6, h // 2)), (right, (w - int(22 * u), h // 2)),
-                           (up, (w // 2, top)), (down, (w // 2, h - int(40 * fs_d)))]:
+                           (up, (w // 2, top)), (down, (w // 2, h - band - int(8 * u)))]:
         _text(out, text, (ox, oy), fs_o, (255, 255, 255), outline=True)
     return out
 
@@ -133,7 +133,7 @@ def build_sc_images(result: StudyResult, sources: Mapping[str, Dataset], series_
     series_uid = series_uid or generate_uid()
     images = []
     for r in result.labels:
-        if not r.assessed or r.location is None or r.cam is None:
+        if not isinstance(r, AssessedLabel):
             continue
         source = sources[r.location.sop_instance_uid]
         rgb = render_overlay(r, source)

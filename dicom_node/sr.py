@@ -27,13 +27,11 @@ from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node import __version__
 from dicom_node import codes as C
-from inference.analyze import LabelResult, StudyResult
+from dicom_node.identity import DEVICE_NAME, DEVICE_UID, MANUFACTURER, MODEL_NAME
+from inference.analyze import AssessedLabel, LabelResult, NotAssessedLabel, StudyResult
 from inference.labels import SEVERITIES, SPINAL, Severity
 
-MANUFACTURER = "Lumbar Node"
-DEVICE_NAME = "lumbar-node"
 SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "AI lumbar stenosis grading (SR) - not for diagnosis"
 REGION_RADIUS_MM = 4.0
@@ -43,7 +41,6 @@ G = TypeVar("G", bound=Template)
 def algorithm(result: StudyResult) -> AlgorithmIdentification:
     """TID 4019: the model's name and version, its sha256 and the machine-generated disclaimer."""
     info = result.model
-    assert info is not None
     return AlgorithmIdentification(
         name=info.name, version=info.version,
         parameters=[f"model sha256 {info.sha256}",
@@ -77,10 +74,9 @@ def _tracking(study_uid: str, r: LabelResult) -> TrackingIdentifier:
                               identifier=f"{r.label.level.value} {r.label.condition.display}")
 
 
-def _assessed_group(result: StudyResult, r: LabelResult, source: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+def _assessed_group(result: StudyResult, r: AssessedLabel, source: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 for a graded label: a 4 mm circle on the source image, the three class
     probabilities and the coded severity."""
-    assert r.location is not None and r.probabilities is not None and r.grade is not None
     x, y = r.location.pixel
     spacing = float(source.PixelSpacing[1])
     region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
@@ -97,7 +93,7 @@ def _assessed_group(result: StudyResult, r: LabelResult, source: Dataset) -> Pla
     )
 
 
-def _not_assessed_group(result: StudyResult, r: LabelResult) -> MeasurementsAndQualitativeEvaluations:
+def _not_assessed_group(result: StudyResult, r: NotAssessedLabel) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 for a label the node could not grade: "Not assessed" and the coded reason."""
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(result.study_uid, r),
@@ -105,14 +101,14 @@ def _not_assessed_group(result: StudyResult, r: LabelResult) -> MeasurementsAndQ
         algorithm_id=algorithm(result),
         finding_sites=_sites(r),
         qualitative_evaluations=[QualitativeEvaluation(C.ASSESSMENT, C.NOT_ASSESSED),
-                                 QualitativeEvaluation(C.REASON, C.reason_code(r.reason or ""))],
+                                 QualitativeEvaluation(C.REASON, C.REASONS[r.why])],
     )
 
 
 def _summary_group(result: StudyResult) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501 for the study: any severe spinal canal stenosis, and the highest probability of one."""
-    spinal = [r for r in result.labels if r.label.condition == SPINAL and r.assessed]
-    worst = max((r.probabilities[Severity.SEVERE] for r in spinal), default=None)  # type: ignore[index]
+    spinal = [r for r in result.assessed() if r.label.condition == SPINAL]
+    worst = max((r.probabilities[Severity.SEVERE] for r in spinal), default=None)
     any_severe = any(r.grade is Severity.SEVERE for r in spinal)
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=generate_uid(entropy_srcs=[result.study_uid, "summary"]),
@@ -150,7 +146,7 @@ def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid:
     groups: list = [_summary_group(result)]  # first, where a reader starts
     evidence: dict[str, Dataset] = {}
     for r in result.labels:
-        if r.assessed and r.location is not None:
+        if isinstance(r, AssessedLabel):
             source = sources[r.location.sop_instance_uid]
             evidence[source.SOPInstanceUID] = source
             groups.append(_assessed_group(result, r, source))
@@ -162,8 +158,7 @@ def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid:
     observer = ObserverContext(
         observer_type=C.DEVICE,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=[DEVICE_NAME]), name=DEVICE_NAME, manufacturer_name=MANUFACTURER,
-            model_name=f"{DEVICE_NAME} {__version__}"))
+            uid=DEVICE_UID, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME))
     report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
                                procedure_reported=C.PROCEDURE_REPORTED, imaging_measurements=groups)
     sr = hd.sr.ComprehensiveSR(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pynetdicom.association
+import pynetdicom.dul
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -32,8 +33,10 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import Status
 
 from dicom_node.config import Settings
+from dicom_node.dimse import RejectReason, RejectResult, RejectSource, StoreStatus
 from dicom_node.ledger import Ledger
 from dicom_node.logconfig import get_logger
 
@@ -49,10 +52,6 @@ TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
     JPEGLSNearLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000,
 ]
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -87,11 +86,11 @@ def truncation(ds: Dataset, sop_class_uid: str, transfer_syntax: UID) -> str | N
 
 
 class _PollClock:
-    """``time`` for pynetdicom's association module, with its sleeps capped at ``poll_s``.
+    """``time`` for pynetdicom's association and DUL modules, with their sleeps capped at ``poll_s``.
 
-    pynetdicom's acceptor reactor sleeps a fixed 1 ms between polls of its DIMSE queue (no setting
-    exists for it) and each C-STORE waits for such a poll: at 4 to 5 ms per image that is a large
-    share. The DUL's idle poll is the per-association attribute ``dul._run_loop_delay``.
+    pynetdicom's acceptor reactor sleeps a fixed 1 ms between polls of its DIMSE queue, and each
+    association's DUL reactor 1 ms between polls of its socket; neither has a public setting, and
+    each C-STORE waits for such polls: at 4 to 5 ms per image that is a large share.
     """
 
     def __init__(self, poll_s: float):
@@ -105,8 +104,21 @@ class _PollClock:
 
 
 def set_poll_interval(poll_s: float) -> None:
-    """Poll pynetdicom's association reactors every ``poll_s`` seconds instead of every 1 ms."""
-    pynetdicom.association.time = _PollClock(poll_s)  # type: ignore[attr-defined]
+    """Poll pynetdicom's association and DUL reactors every ``poll_s`` seconds instead of every 1 ms.
+
+    This changes pynetdicom for the whole process (every AE in it, the delivery SCU included): the
+    node applies it once, explicitly, when it starts (``node.poll_interval_ms``), never as a side
+    effect of building an object. ``restore_poll_interval`` undoes it.
+    """
+    clock = _PollClock(poll_s)
+    pynetdicom.association.time = clock  # type: ignore[attr-defined]
+    pynetdicom.dul.time = clock  # type: ignore[attr-defined]
+
+
+def restore_poll_interval() -> None:
+    """pynetdicom's own polling again (1 ms)."""
+    pynetdicom.association.time = time  # type: ignore[attr-defined]
+    pynetdicom.dul.time = time  # type: ignore[attr-defined]
 
 
 def reopens_study(sop_class_uid: str) -> bool:
@@ -153,8 +165,6 @@ class StorageSCP:
         for context in StoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
-        self.poll_s = settings.node.poll_interval_ms / 1000
-        set_poll_interval(self.poll_s)
         self.server = None
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -165,7 +175,7 @@ class StorageSCP:
         self.server = self.ae.start_server((node.bind_address, node.port), block=False,
                                            evt_handlers=[(evt.EVT_REQUESTED, self.check_peer),
                                                          (evt.EVT_C_STORE, self.handle_store),
-                                                         (evt.EVT_C_ECHO, lambda event: SUCCESS)])
+                                                         (evt.EVT_C_ECHO, lambda event: Status.SUCCESS)])
         log.info("storage SCP listening", ae_title=node.ae_title, port=node.port)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -191,14 +201,13 @@ class StorageSCP:
         return any(p.ae_title == ae_title and p.host in (None, address) for p in self.settings.node.allowed_peers)
 
     def check_peer(self, event: evt.Event) -> None:
-        """EVT_REQUESTED: reject an association from a caller that is not configured; poll its
-        connection every ``node.poll_interval_ms``."""
-        event.assoc.dul._run_loop_delay = self.poll_s
+        """EVT_REQUESTED: reject an association from a caller that is not configured."""
         calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
         address = event.assoc.requestor.address
         if not self.allowed(calling, address):
             log.warning("rejected an association from an unknown peer", calling_aet=calling, address=address)
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent: calling AE title not recognised
+            event.assoc.acse.send_reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                                         RejectReason.CALLING_AE_NOT_RECOGNISED)
             event.assoc.kill()
 
     def _disk_low(self) -> bool:
@@ -223,7 +232,7 @@ class StorageSCP:
         if self._disk_low():
             log.warning("refused an instance: free disk under the configured floor",
                         sop_instance_uid=sop_uid, min_free_disk_mb=self.settings.storage.min_free_disk_mb)
-            return OUT_OF_RESOURCES
+            return StoreStatus.OUT_OF_RESOURCES
         try:
             ds = event.dataset  # parsed lazily: only the UIDs below are read, pixels are not decoded
             study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
@@ -236,7 +245,7 @@ class StorageSCP:
         except Exception as exc:  # noqa: BLE001 - any malformed payload is answered, not raised
             log.warning("refused an instance that cannot be parsed", sop_instance_uid=sop_uid,
                         calling_aet=calling, error=f"{type(exc).__name__}: {exc}")
-            return CANNOT_UNDERSTAND
+            return StoreStatus.CANNOT_UNDERSTAND
         target = self.spool / study_uid / f"{sop_uid}.dcm"
         try:
             write_durably(data, target, self.settings.storage.fsync)
@@ -244,9 +253,9 @@ class StorageSCP:
                                               series_size, reopens_study(sop_class))
         except OSError as exc:
             log.error("could not store an instance", sop_instance_uid=sop_uid, error=str(exc))
-            return OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else PROCESSING_FAILURE
+            return StoreStatus.OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else StoreStatus.PROCESSING_FAILURE
         except Exception as exc:  # noqa: BLE001 - the service keeps running
             log.error("could not record an instance", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
-            return PROCESSING_FAILURE
+            return StoreStatus.PROCESSING_FAILURE
         log.debug("stored", sop_instance_uid=sop_uid, study_uid=study_uid, new=new)
-        return SUCCESS
+        return StoreStatus.SUCCESS

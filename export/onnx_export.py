@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import structlog
 import torch
 
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
-from inference.runtime import file_sha256, usable_providers
+from inference.model import ModelMetadata, file_sha256
+from inference.runtime import usable_providers
 from training.models import CONDITION_GROUP, N_CLASSES, N_GROUPS, Grader
 from training.runner import load_model
+
+log = structlog.stdlib.get_logger(__name__)
 
 OPSET = 17
 PROB_TOLERANCE = 1e-4
@@ -101,7 +106,7 @@ def verify(model_dir: Path, runner: Any, precision: str = "fp32") -> dict[str, f
     return result
 
 
-def export_run(run: Path, out: Path, fp16: bool = False, log=print) -> dict[str, Any]:  # noqa: ANN001
+def export_run(run: Path, out: Path, fp16: bool = False) -> ModelMetadata:
     """Export ``run/model.pt`` to ``out`` (localiser.onnx, grader.onnx, model.json) and verify it."""
     checkpoint = run / "model.pt" if run.is_dir() else run
     runner = load_model(checkpoint)
@@ -111,7 +116,7 @@ def export_run(run: Path, out: Path, fp16: bool = False, log=print) -> dict[str,
     _export(runner.grader, (torch.from_numpy(crops), torch.from_numpy(conditions)), out / "grader.onnx",
             ["crops", "conditions"], ["probabilities", "cam"])
     checks = {"fp32": verify(out, runner)}
-    log(f"fp32 verified: {checks['fp32']}")
+    log.info("fp32 export verified", model_dir=str(out), **checks["fp32"])
     if fp16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -120,20 +125,20 @@ def export_run(run: Path, out: Path, fp16: bool = False, log=print) -> dict[str,
             onnx.save(half, str(out / f"{name}.fp16.onnx"))
         if "CUDAExecutionProvider" in usable_providers():
             checks["fp16"] = verify(out, runner, "fp16")
-            log(f"fp16 verified on CUDA: {checks['fp16']}")
+            log.info("fp16 export verified on CUDA", model_dir=str(out), **checks["fp16"])
         else:
-            log("fp16 written but not verified: no CUDA execution provider here (fp16 is for GPUs)")
-    meta = dict(runner.meta)  # type: ignore[attr-defined]
-    meta.update({
-        "checkpoint_sha256": file_sha256(checkpoint),
-        "onnx": {"opset": OPSET, "files": {p.name: file_sha256(p) for p in sorted(out.glob("*.onnx"))},
+            log.warning("fp16 written but not verified: no CUDA execution provider here (fp16 is for GPUs)")
+    meta = replace(
+        runner.metadata,
+        checkpoint_sha256=file_sha256(checkpoint),
+        onnx={"opset": OPSET, "files": {p.name: file_sha256(p) for p in sorted(out.glob("*.onnx"))},
                  "inputs": {"localiser": ["images (B, 3, 128, 128) float32"],
                             "grader": ["crops (B, 3, 48, 48) float32", "conditions (B,) int64, index in conditions"]},
                  "outputs": {"localiser": ["heatmaps (B, 5, 128, 128)"],
                              "grader": ["probabilities (B, 3) calibrated", "cam (B, 6, 6) Grad-CAM of the predicted class"]}},
-        "verification": checks,
-    })
-    (out / "model.json").write_text(json.dumps(meta, indent=1))
+        verification=checks,
+    )
+    meta.write(out / "model.json")
     evaluation = checkpoint.parent / "evaluation" / "evaluation.json"
     (out / "MODEL_CARD.md").write_text(model_card(meta, json.loads(evaluation.read_text()) if evaluation.is_file() else None))
     return meta
@@ -143,25 +148,26 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.3f}"
 
 
-def model_card(meta: dict[str, Any], evaluation: dict[str, Any] | None) -> str:
+def model_card(meta: ModelMetadata, evaluation: dict[str, Any] | None) -> str:
     """A short model card: what it is, what data, which numbers on which studies, and its limits."""
-    val = meta["validation"]
+    val = meta.validation
+    pre = meta.preprocessing
     lines = [
-        f"# Model card: {meta['name']} {meta['version']}",
+        f"# Model card: {meta.name} {meta.version}",
         "",
         "**Not for clinical use.** This model was trained on a synthetic lumbar MRI phantom that the",
         "project generates (`lumbar-node phantom`). It proves that the pipeline learns; it says nothing",
         "about real patients.",
         "",
-        f"- Training data: {meta['training_data']}; {meta['train_studies']} training and "
-        f"{val['studies']} validation studies (split by study, seed {meta['seed']}).",
+        f"- Training data: {meta.training_data}; {meta.train_studies} training and "
+        f"{val['studies']} validation studies (split by study, seed {meta.seed}).",
         "- Networks: a U-Net level localiser (5 disc heatmaps on the three central sagittal slices, "
-        f"{meta['preprocessing']['localiser']['size_mm'] / meta['preprocessing']['localiser']['pixels']:g} mm grid) and",
+        f"{pre['localiser']['size_mm'] / pre['localiser']['pixels']:g} mm grid) and",
         "  one residual grader shared by all levels, sides (right mirrored) and conditions, on 2.5D crops",
-        f"  of {meta['preprocessing']['grader']['size_mm']} mm ({meta['preprocessing']['grader']['pixels']} px, "
-        f"{meta['preprocessing']['grader']['n_slices']} slices); Grad-CAM computed in the graph.",
-        f"- Calibration: temperature per condition {[round(x, 2) for x in meta['temperatures']]} (validation).",
-        f"- Checkpoint sha256: `{meta.get('checkpoint_sha256', '')}`",
+        f"  of {pre['grader']['size_mm']} mm ({pre['grader']['pixels']} px, "
+        f"{pre['grader']['n_slices']} slices); Grad-CAM computed in the graph.",
+        f"- Calibration: temperature per condition {[round(x, 2) for x in meta.temperatures]} (validation).",
+        f"- Checkpoint sha256: `{meta.checkpoint_sha256 or ''}`",
         "",
         "## Numbers",
         "",

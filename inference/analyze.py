@@ -1,22 +1,32 @@
-"""Grade one study: series roles, volumes, level localisation, all crops in one batch, results.
+"""Grade one study in five steps: series roles -> volumes -> levels -> crops -> grades.
 
 ``analyze_study`` works with any ``Runner`` (ONNX Runtime when serving, PyTorch when evaluating a
-training run), so that what is evaluated is what is served.
+training run), so that what is evaluated is what is served. Its result is complete when built:
+each of the 25 labels is an ``AssessedLabel`` or a ``NotAssessedLabel``, never half of one.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from inference.labels import CONDITIONS, LABELS, LEVELS, Label, SeriesRole, Severity
+from inference.labels import (
+    CONDITIONS,
+    LABELS,
+    LEVELS,
+    Label,
+    Level,
+    SeriesRole,
+    Severity,
+)
 from inference.levels import (
     GRADER_SPEC,
     crop_axes,
@@ -25,22 +35,20 @@ from inference.levels import (
     localiser_inputs,
     midline_shift,
 )
-from inference.preprocess import CropFrame, crop_25d, crop_frame, intensity_of
-from inference.series import assign_roles, group_series
+from inference.model import ModelInfo
+from inference.preprocess import (
+    CropFrame,
+    Intensity,
+    crop_25d,
+    crop_frame,
+    intensity_of,
+)
+from inference.series import SeriesHeader, assign_roles, group_series
 from inference.volume import Volume, load_volume
 
 MAX_SLICE_DISTANCE_MM = 8.0  # a level farther than this from every slice of its series is not assessed
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the grading model is, for the outputs' algorithm identification."""
-
-    name: str
-    version: str
-    sha256: str
-    training_data: str
-    offsets_mm: dict[str, tuple[float, float, float]]  # group -> (lateral, posterior, head)
+Point = tuple[float, float, float]  # LPS millimetres
 
 
 class Runner(Protocol):
@@ -57,7 +65,16 @@ class Runner(Protocol):
         ...
 
 
-@dataclass
+class NotAssessedReason(StrEnum):
+    """Why a label was not graded (the SR codes each one)."""
+
+    MISSING_SERIES = "missing series"
+    UNUSABLE_SERIES = "unusable series"
+    NO_SAGITTAL = "no sagittal series"
+    NOT_COVERED = "level not covered"
+
+
+@dataclass(frozen=True)
 class Location:
     """Where a label was graded: the source image and the point on it."""
 
@@ -66,50 +83,149 @@ class Location:
     sop_class_uid: str
     instance_number: int
     pixel: tuple[float, float]  # (column x, row y) on that image
-    patient: tuple[float, float, float]  # LPS millimetres
+    patient: Point
     crop: CropFrame  # the crop's frame: maps the Grad-CAM back onto the image
 
 
-@dataclass
-class LabelResult:
-    """One of the 25 labels: probabilities and grade, or why it was not assessed."""
+@dataclass(frozen=True)
+class AssessedLabel:
+    """A graded label: class probabilities, the image and point it was graded on, its Grad-CAM."""
 
     label: Label
-    probabilities: tuple[float, float, float] | None = None
-    location: Location | None = None
-    cam: NDArray[np.float32] | None = None  # Grad-CAM of the predicted class on the crop grid, 0..1
-    reason: str | None = None  # set when not assessed
+    probabilities: tuple[float, float, float]
+    location: Location
+    cam: NDArray[np.float32]  # Grad-CAM of the predicted class on the crop grid, 0..1
+    assessed: ClassVar[bool] = True
 
     @property
-    def assessed(self) -> bool:
-        return self.probabilities is not None
-
-    @property
-    def grade(self) -> Severity | None:
-        return None if self.probabilities is None else Severity(int(np.argmax(self.probabilities)))
+    def grade(self) -> Severity:
+        return Severity(int(np.argmax(self.probabilities)))
 
 
-@dataclass
+@dataclass(frozen=True)
+class NotAssessedLabel:
+    """A label the study does not allow to grade, with the kind of reason and its wording."""
+
+    label: Label
+    why: NotAssessedReason
+    reason: str
+    assessed: ClassVar[bool] = False
+
+
+LabelResult = AssessedLabel | NotAssessedLabel
+
+
+@dataclass(frozen=True)
 class StudyResult:
-    """Everything the node reports for a study."""
+    """Everything the node reports for a study; ``labels`` in LABELS order."""
 
     study_uid: str
-    labels: list[LabelResult]
-    levels: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # level -> canal point
-    series_roles: dict[str, list[str]] = field(default_factory=dict)  # role -> series UIDs
-    model: ModelInfo | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
+    labels: tuple[LabelResult, ...]
+    model: ModelInfo
+    levels: dict[Level, Point]  # canal point per level (empty when not localised)
+    series_roles: dict[SeriesRole, tuple[str, ...]]  # role -> series UIDs
+    seconds: dict[str, float]
 
     def result(self, label: Label) -> LabelResult:
-        return next(r for r in self.labels if r.label == label)
+        return self.labels[LABELS.index(label)]
+
+    def assessed(self) -> list[AssessedLabel]:
+        return [r for r in self.labels if isinstance(r, AssessedLabel)]
 
     def probabilities(self) -> NDArray[np.float64]:
         """(25, 3) in LABELS order; NaN rows where not assessed."""
-        return np.array([r.probabilities if r.assessed else (np.nan,) * 3 for r in self.labels])
+        return np.array([r.probabilities if isinstance(r, AssessedLabel) else (np.nan,) * 3 for r in self.labels])
 
 
-def _not_assessed(reason: str) -> list[LabelResult]:
-    return [LabelResult(label, reason=reason) for label in LABELS]
+@dataclass(frozen=True)
+class _Volumes:
+    """Step 2's output: a volume per usable role, and why each other role is not usable."""
+
+    volumes: dict[SeriesRole, Volume]
+    intensity: dict[SeriesRole, Intensity]
+    problems: dict[SeriesRole, tuple[NotAssessedReason, str]]
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """Step 4's output for one label: its 2.5D crop, condition index and where it lies."""
+
+    label: Label
+    pixels: NDArray[np.float32]
+    condition: int
+    location: Location
+
+
+def _load_volumes(roles: dict[SeriesRole, list[SeriesHeader]]) -> _Volumes:
+    """Step 2: each role's series as a volume sorted along its normal; an unusable one is noted."""
+    volumes: dict[SeriesRole, Volume] = {}
+    problems: dict[SeriesRole, tuple[NotAssessedReason, str]] = {}
+    for role in SeriesRole:
+        if role not in roles:
+            problems[role] = (NotAssessedReason.MISSING_SERIES, f"no {role.value} series in the study")
+            continue
+        try:
+            volumes[role] = load_volume(role, roles[role])
+        except Exception as exc:  # noqa: BLE001 - an unreadable series is reported, not fatal
+            problems[role] = (NotAssessedReason.UNUSABLE_SERIES,
+                              f"{role.value} series unusable: {type(exc).__name__}: {exc}")
+    return _Volumes(volumes, {role: intensity_of(vol) for role, vol in volumes.items()}, problems)
+
+
+def _localise_levels(vols: _Volumes, runner: Runner) -> dict[Level, NDArray[np.float64]] | None:
+    """Step 3: the canal point of each disc level (None without a usable sagittal series).
+
+    The localiser runs on every sagittal slice; the five heatmaps of the central one are decoded
+    jointly, and each level's midline is where its heatmap answers most strongly across slices."""
+    sagittal = SeriesRole.SAG_T2 if SeriesRole.SAG_T2 in vols.volumes else SeriesRole.SAG_T1
+    if sagittal not in vols.volumes:
+        return None
+    sag = vols.volumes[sagittal]
+    mid = len(sag.slices) // 2
+    inputs = localiser_inputs(sag, vols.intensity[sagittal])
+    heatmaps = runner.localise(np.stack([li.image for li in inputs]))
+    points, _ = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
+    normal = sag.slices[mid].plane.normal
+    offsets = np.array([float((sl.plane.position - sag.slices[mid].plane.position) @ normal) for sl in sag.slices])
+    points = points + midline_shift(heatmaps, inputs[mid].frame, points, offsets)[:, None] * normal
+    return {lv: points[lv.index] for lv in LEVELS}
+
+
+def _place_crop(label: Label, vols: _Volumes, canal: NDArray[np.float64], info: ModelInfo) -> _Crop | NotAssessedLabel:
+    """Step 4 for one label: the crop on the slice of its series nearest its centre, or why not."""
+    role = label.condition.series_role
+    if role not in vols.volumes:
+        return NotAssessedLabel(label, *vols.problems[role])
+    center = canal + local_offset(label.condition, info.offsets_mm[label.condition.group])
+    vol = vols.volumes[role]
+    try:
+        index, distance = vol.nearest(center)
+    except ValueError:
+        index, distance = -1, np.inf
+    if distance > MAX_SLICE_DISTANCE_MM:
+        return NotAssessedLabel(label, NotAssessedReason.NOT_COVERED,
+                                f"{label.level.value} is not covered by the {role.value} images")
+    u, v, across = crop_axes(label.condition)
+    pixels = crop_25d(vol, center, u, v, across, GRADER_SPEC, vols.intensity[role], index=index)
+    sl = vol.slices[index]
+    x, y, _ = sl.plane.to_pixel(center)
+    frame = crop_frame(sl, center, u, v, GRADER_SPEC)
+    location = Location(sl.series_uid, sl.sop_instance_uid, sl.sop_class_uid, sl.instance_number,
+                        (float(x), float(y)), tuple(float(c) for c in frame.center), frame)
+    return _Crop(label, pixels.astype(np.float32), CONDITIONS.index(label.condition), location)
+
+
+def _grade_crops(crops: list[_Crop], runner: Runner) -> list[AssessedLabel]:
+    """Step 5: every crop of the study through the grader in one batch."""
+    if not crops:
+        return []
+    probs, cams = runner.grade(np.stack([c.pixels for c in crops]), np.array([c.condition for c in crops], np.int64))
+    graded = []
+    for crop, p, cam in zip(crops, probs, cams, strict=True):
+        peak = float(cam.max())
+        graded.append(AssessedLabel(crop.label, (float(p[0]), float(p[1]), float(p[2])), crop.location,
+                                    (cam / peak if peak > 0 else cam).astype(np.float32)))
+    return graded
 
 
 def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runner) -> StudyResult:
@@ -117,71 +233,20 @@ def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runn
     t0 = time.perf_counter()
     instances = list(instances)
     study_uid = str(instances[0][0].StudyInstanceUID) if instances else ""
-    roles = assign_roles(group_series(instances))
-    volumes: dict[SeriesRole, Volume] = {}
-    problems: dict[SeriesRole, str] = {}
-    for role in SeriesRole:
-        if role not in roles:
-            problems[role] = f"no {role.value} series in the study"
-            continue
-        try:
-            volumes[role] = load_volume(role, roles[role])
-        except Exception as exc:  # noqa: BLE001 - an unreadable series is reported, not fatal
-            problems[role] = f"{role.value} series unusable: {type(exc).__name__}: {exc}"
-    intensity = {role: intensity_of(vol) for role, vol in volumes.items()}
-    result = StudyResult(study_uid, [], model=runner.info,
-                         series_roles={r.value: [s.series_uid for s in ss] for r, ss in roles.items()})
+    roles = assign_roles(group_series(instances))  # step 1
+    series_roles = {role: tuple(s.series_uid for s in series) for role, series in roles.items()}
+    vols = _load_volumes(roles)
     t1 = time.perf_counter()
-
-    sagittal = SeriesRole.SAG_T2 if SeriesRole.SAG_T2 in volumes else SeriesRole.SAG_T1
-    if sagittal not in volumes:
-        result.labels = _not_assessed("no usable sagittal series to localise the disc levels")
-        result.seconds = {"load": t1 - t0}
-        return result
-    sag = volumes[sagittal]
-    mid = len(sag.slices) // 2
-    inputs = localiser_inputs(sag, intensity[sagittal])
-    heatmaps = runner.localise(np.stack([li.image for li in inputs]))
-    points, _ = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
-    normal = sag.slices[mid].plane.normal
-    offsets = np.array([float((sl.plane.position - sag.slices[mid].plane.position) @ normal) for sl in sag.slices])
-    points = points + midline_shift(heatmaps, inputs[mid].frame, points, offsets)[:, None] * normal
-    result.levels = {lv.value: tuple(float(v) for v in points[lv.index]) for lv in LEVELS}
+    canal = _localise_levels(vols, runner)
     t2 = time.perf_counter()
-
-    crops, conditions, pending = [], [], []
-    for label in LABELS:
-        role = label.condition.series_role
-        if role not in volumes:
-            result.labels.append(LabelResult(label, reason=problems[role]))
-            continue
-        group = label.condition.group
-        center = points[label.level.index] + local_offset(label.condition, runner.info.offsets_mm[group.value])
-        vol = volumes[role]
-        try:
-            index, distance = vol.nearest(center)
-        except ValueError:
-            index, distance = -1, np.inf
-        if distance > MAX_SLICE_DISTANCE_MM:
-            result.labels.append(LabelResult(label, reason=f"{label.level.value} is not covered by the {role.value} images"))
-            continue
-        u, v, across = crop_axes(label.condition)
-        crops.append(crop_25d(vol, center, u, v, across, GRADER_SPEC, intensity[role], index=index))
-        conditions.append(CONDITIONS.index(label.condition))
-        sl = vol.slices[index]
-        x, y, _ = sl.plane.to_pixel(center)
-        frame = crop_frame(sl, center, u, v, GRADER_SPEC)
-        location = Location(sl.series_uid, sl.sop_instance_uid, sl.sop_class_uid, sl.instance_number,
-                            (float(x), float(y)), tuple(float(c) for c in frame.center), frame)
-        pending.append(LabelResult(label, location=location))
-        result.labels.append(pending[-1])
-    if crops:
-        probs, cams = runner.grade(np.stack(crops).astype(np.float32), np.array(conditions, np.int64))
-        for r, p, cam in zip(pending, probs, cams, strict=True):
-            r.probabilities = tuple(float(v) for v in p)
-            peak = float(cam.max())
-            r.cam = (cam / peak if peak > 0 else cam).astype(np.float32)
-    result.labels.sort(key=lambda r: LABELS.index(r.label))
-    result.seconds = {"load": t1 - t0, "localise": t2 - t1, "grade": time.perf_counter() - t2}
-    return result
-
+    if canal is None:
+        labels: tuple[LabelResult, ...] = tuple(
+            NotAssessedLabel(label, NotAssessedReason.NO_SAGITTAL, "no usable sagittal series to localise the disc levels")
+            for label in LABELS)
+        return StudyResult(study_uid, labels, runner.info, {}, series_roles, {"load": t1 - t0})
+    placed = [_place_crop(label, vols, canal[label.level], runner.info) for label in LABELS]
+    graded = {r.label: r for r in _grade_crops([p for p in placed if isinstance(p, _Crop)], runner)}
+    labels = tuple(graded[p.label] if isinstance(p, _Crop) else p for p in placed)
+    levels = {lv: (float(p[0]), float(p[1]), float(p[2])) for lv, p in canal.items()}
+    seconds = {"load": t1 - t0, "localise": t2 - t1, "grade": time.perf_counter() - t2}
+    return StudyResult(study_uid, labels, runner.info, levels, series_roles, seconds)

@@ -7,30 +7,17 @@ ships inside this package, in ``inference/models/default``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from inference.analyze import ModelInfo
-from inference.labels import LABEL_COLUMNS
-from inference.levels import GRADER_SPEC, LOCALISER_SPEC
+from inference.model import ModelError, ModelInfo, ModelMetadata, file_sha256
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-class ModelError(RuntimeError):
-    """The model folder is missing, incomplete or does not match this code's preprocessing."""
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def usable_providers(wanted: tuple[str, ...] = DEFAULT_PROVIDERS) -> list[str]:
@@ -60,33 +47,13 @@ class OnnxRunner:
     def __init__(self, model_dir: Path | None = None, providers: tuple[str, ...] = DEFAULT_PROVIDERS,
                  precision: str = "fp32"):
         self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
-        meta_path = self.model_dir / "model.json"
-        if not meta_path.is_file():
-            raise ModelError(f"no model.json in {self.model_dir}")
-        self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
-        self._check(self.metadata)
+        self.metadata = ModelMetadata.read(self.model_dir / "model.json")
         suffix = "" if precision == "fp32" else f".{precision}"
         self.localiser = _session(self.model_dir / f"localiser{suffix}.onnx", providers)
         self.grader = _session(self.model_dir / f"grader{suffix}.onnx", providers)
         self.providers = self.grader.get_providers()
         self.dtype = np.float16 if precision == "fp16" else np.float32
-        self.info = ModelInfo(
-            name=self.metadata["name"],
-            version=self.metadata["version"],
-            sha256=file_sha256(self.model_dir / f"grader{suffix}.onnx"),
-            training_data=self.metadata["training_data"],
-            offsets_mm={k: tuple(v) for k, v in self.metadata["offsets_mm"].items()},
-        )
-
-    @staticmethod
-    def _check(meta: dict[str, Any]) -> None:
-        if tuple(meta.get("label_columns", ())) != LABEL_COLUMNS:
-            raise ModelError("model.json label order differs from inference.labels")
-        pre = meta.get("preprocessing", {})
-        for name, spec in (("localiser", LOCALISER_SPEC), ("grader", GRADER_SPEC)):
-            got = pre.get(name, {})
-            if (got.get("size_mm"), got.get("pixels"), got.get("n_slices")) != (spec.size_mm, spec.pixels, spec.n_slices):
-                raise ModelError(f"model.json {name} crop {got} differs from this code's {spec}")
+        self.info = ModelInfo(self.metadata, file_sha256(self.model_dir / f"grader{suffix}.onnx"))
 
     def localise(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
         return self.localiser.run(None, {"images": images.astype(self.dtype)})[0].astype(np.float32)

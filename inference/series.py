@@ -35,9 +35,9 @@ class SeriesHeader:
 
 
 _DESCRIPTION_HINTS = (
-    (re.compile(r"stir|tirm|\bir\b", re.I), "STIR"),
-    (re.compile(r"t2", re.I), "T2"),
-    (re.compile(r"t1", re.I), "T1"),
+    (re.compile(r"stir|tirm|\bir\b", re.IGNORECASE), "STIR"),
+    (re.compile(r"t2", re.IGNORECASE), "T2"),
+    (re.compile(r"t1", re.IGNORECASE), "T1"),
 )
 
 

@@ -1,34 +1,34 @@
-"""Shared fixtures: a phantom data set made once per test session by the real command line."""
+"""Shared fixtures, and markers by kind: every test is marked by the folder it lives in.
+
+    tests/unit/         unit tests (small test doubles at most)            -m unit
+    tests/integration/  real DCMTK, dicom3tools, PixelMed, Orthanc peers   -m integration
+    tests/e2e/          the node as a process, the demo                    -m e2e
+
+``pytest -m "not e2e"`` is the fast loop.
+"""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-PHANTOM_SEED = 20240
-PHANTOM_STUDIES = 8
+from tests.support.tools import PHANTOM_SEED, PHANTOM_STUDIES, lumbar_node
+
+KINDS = ("unit", "integration", "e2e")
 
 
-def require_tool(name: str) -> str:
-    """Path of an external tool that the project's setup installs; fail (not skip) without it."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run scripts/setup.sh (it installs the Debian packages)")
-    return path
-
-
-def lumbar_node(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``lumbar-node`` console command."""
-    exe = Path(sys.executable).with_name("lumbar-node")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, timeout=600)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        kind = Path(item.fspath).relative_to(root).parts[0]
+        if kind in KINDS:  # tests/unit/test_layout.py checks that every test file is in one of them
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A phantom data set made once per test session by the real command line."""
     out = tmp_path_factory.mktemp("phantom")
     lumbar_node("phantom", "--studies", str(PHANTOM_STUDIES), "--seed", str(PHANTOM_SEED), "--out", str(out),
                 "--workers", "2", "--preview", str(out / "preview.png"))

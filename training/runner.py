@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from inference.analyze import ModelInfo
+from inference.model import ModelInfo, ModelMetadata, file_sha256
 from training.models import Grader, Localiser
 
 MODEL_NAME = "lumbar-node-grader"
@@ -32,6 +30,10 @@ class TorchRunner:
         self.grader = grader.to(self.device).eval()
         self.info = info
 
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self.info.metadata
+
     @torch.no_grad()
     def localise(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
         self.localiser.eval()  # the training loop shares these modules and switches them to train()
@@ -45,26 +47,17 @@ class TorchRunner:
         return probs.cpu().numpy(), cam.cpu().numpy()
 
 
-def model_info(meta: dict[str, Any], sha256: str) -> ModelInfo:
-    return ModelInfo(name=MODEL_NAME, version=meta["version"], sha256=sha256,
-                     training_data=meta["training_data"],
-                     offsets_mm={k: tuple(v) for k, v in meta["offsets_mm"].items()})
-
-
-def save_model(path: Path, localiser: Localiser, grader: Grader, meta: dict[str, Any]) -> str:
+def save_model(path: Path, localiser: Localiser, grader: Grader, meta: ModelMetadata) -> str:
     """Write the final checkpoint (both networks and their metadata); returns its sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"localiser": localiser.state_dict(), "grader": grader.state_dict(), "meta": meta}, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    torch.save({"localiser": localiser.state_dict(), "grader": grader.state_dict(), "meta": meta.to_json()}, path)
+    return file_sha256(path)
 
 
 def load_model(path: Path, device: torch.device | None = None) -> TorchRunner:
-    """A TorchRunner from a final checkpoint (``RUN/model.pt``)."""
+    """A TorchRunner from a final checkpoint (``RUN/model.pt``); its metadata is ``runner.metadata``."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     localiser, grader = Localiser(), Grader()
     localiser.load_state_dict(state["localiser"])
     grader.load_state_dict(state["grader"])
-    runner = TorchRunner(localiser, grader, model_info(state["meta"], hashlib.sha256(path.read_bytes()).hexdigest()),
-                         device)
-    runner.meta = state["meta"]  # type: ignore[attr-defined]
-    return runner
+    return TorchRunner(localiser, grader, ModelInfo(ModelMetadata.from_json(state["meta"]), file_sha256(path)), device)

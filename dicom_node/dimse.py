@@ -1,0 +1,53 @@
+"""DICOM status codes and association reject reasons by name (PS3.4 Annex B, PS3.8 9.3.4).
+
+pynetdicom names only a few statuses (``pynetdicom.status.Status``: SUCCESS, PENDING, ...); the
+Storage Service Class statuses the node answers and accepts are named here, with the meanings of
+``pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS`` (a unit test checks they agree).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from pynetdicom.status import Status
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses (PS3.4 Table B.2-1 and the general ones of PS3.7 Annex C)."""
+
+    SUCCESS = Status.SUCCESS
+    PROCESSING_FAILURE = 0x0110
+    OUT_OF_RESOURCES = 0xA700
+    CANNOT_UNDERSTAND = 0xC000
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    ELEMENTS_DISCARDED = 0xB006
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+
+
+#: The statuses that mean "stored" to a sender: success, and the warnings.
+STORED = frozenset({StoreStatus.SUCCESS, StoreStatus.COERCION_OF_DATA_ELEMENTS, StoreStatus.ELEMENTS_DISCARDED,
+                    StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS})
+
+
+class RejectResult(IntEnum):
+    """A-ASSOCIATE-RJ Result."""
+
+    PERMANENT = 0x01
+    TRANSIENT = 0x02
+
+
+class RejectSource(IntEnum):
+    """A-ASSOCIATE-RJ Source."""
+
+    SERVICE_USER = 0x01
+    SERVICE_PROVIDER_ACSE = 0x02
+    SERVICE_PROVIDER_PRESENTATION = 0x03
+
+
+class RejectReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. when the source is the service user."""
+
+    NO_REASON = 0x01
+    APPLICATION_CONTEXT_NOT_SUPPORTED = 0x02
+    CALLING_AE_NOT_RECOGNISED = 0x03
+    CALLED_AE_NOT_RECOGNISED = 0x07

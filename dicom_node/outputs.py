@@ -1,0 +1,120 @@
+"""The one writer of a grading run's outputs: the SR, the Grad-CAM Secondary Captures and the
+result as text and JSON, into one folder, returned as a typed record.
+
+    <folder>/SR_<SOPInstanceUID>.dcm
+    <folder>/SC/<nn>_<SOPInstanceUID>.dcm
+    <folder>/results.txt, results.json
+
+The node writes a run per folder (results/<study>/run-<n>/); ``predict --out`` writes a folder
+per study and supersedes what it finds there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.sc import build_sc_images
+from dicom_node.sr import build_sr
+from dicom_node.summary import result_json, result_table
+from inference.analyze import AssessedLabel, StudyResult
+from inference.instances import Instance
+
+SR_GLOB = "SR_*.dcm"
+SC_FOLDER = "SC"
+TABLE_FILE = "results.txt"
+JSON_FILE = "results.json"
+
+
+class OutputKind(StrEnum):
+    """The kinds of DICOM object a run sends to the PACS."""
+
+    SR = "SR"
+    SC = "SC"
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One DICOM object a run wrote."""
+
+    kind: OutputKind
+    path: Path
+    series_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """What a run wrote: its DICOM objects in delivery order (the SR first) and its text files."""
+
+    folder: Path
+    files: tuple[OutputFile, ...]
+    table: Path
+    json: Path
+
+    @property
+    def sr(self) -> OutputFile:
+        return next(f for f in self.files if f.kind is OutputKind.SR)
+
+    def series_uid(self, kind: OutputKind) -> str | None:
+        """The series of this kind's objects (None when the run wrote none)."""
+        return next((f.series_uid for f in self.files if f.kind is kind), None)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [f.path for f in self.files]
+
+
+@dataclass(frozen=True)
+class Supersedes:
+    """What a new run replaces: the report it supersedes and the heatmaps' series it keeps."""
+
+    sr: Dataset
+    sc_series_uid: str | None
+
+
+def _save(ds: Dataset, kind: OutputKind, path: Path) -> OutputFile:
+    ds.save_as(path)
+    return OutputFile(kind, path, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+
+
+def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
+              supersedes: Supersedes | None = None) -> RunOutputs:
+    """Write a study's SR, Grad-CAM SCs, table and JSON into ``folder``.
+
+    ``instances`` are the study's headers with their paths; the images a finding is located on
+    are read in full for the heatmaps. With ``supersedes`` the new report lists the old one as its
+    predecessor (same series, next instance number) and the heatmaps keep their series.
+    """
+    headers = {str(ds.SOPInstanceUID): ds for ds, _ in instances}
+    paths = {str(ds.SOPInstanceUID): path for ds, path in instances}
+    located = {r.location.sop_instance_uid for r in result.labels if isinstance(r, AssessedLabel)}
+    full = {uid: pydicom.dcmread(paths[uid]) for uid in located}
+    (folder / SC_FOLDER).mkdir(parents=True, exist_ok=True)
+    previous = supersedes.sr if supersedes else None
+    sr = build_sr(result, headers, series_uid=None if previous is None else str(previous.SeriesInstanceUID),
+                  instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
+                  predecessors=[] if previous is None else [previous])
+    files = [_save(sr, OutputKind.SR, folder / f"SR_{sr.SOPInstanceUID}.dcm")]
+    for sc in build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None):
+        files.append(_save(sc, OutputKind.SC, folder / SC_FOLDER / f"{int(sc.InstanceNumber):02d}_{sc.SOPInstanceUID}.dcm"))
+    table, data = folder / TABLE_FILE, folder / JSON_FILE
+    table.write_text(result_table(result) + "\n")
+    data.write_text(json.dumps(result_json(result), indent=1))
+    return RunOutputs(folder, tuple(files), table, data)
+
+
+def previous_outputs(folder: Path) -> Supersedes | None:
+    """What a folder written by ``write_run`` holds to supersede: its newest SR and the SC series."""
+    reports = sorted((pydicom.dcmread(p) for p in folder.glob(SR_GLOB)), key=lambda d: int(d.InstanceNumber))
+    if not reports:
+        return None
+    old_sc = sorted((folder / SC_FOLDER).glob("*.dcm"))
+    sc_series = str(pydicom.dcmread(old_sc[0], stop_before_pixels=True).SeriesInstanceUID) if old_sc else None
+    return Supersedes(reports[-1], sc_series)

@@ -1,0 +1,55 @@
+"""The fixed sets of values of the node's life cycle, one definition each.
+
+Study and delivery states are stored in the ledger as their string values (StrEnum), so a
+ledger written before these types existed reads the same.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StudyState(StrEnum):
+    """receiving -> analysing -> sending -> done, or failed / skipped with a reason."""
+
+    RECEIVING = "receiving"
+    ANALYSING = "analysing"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def final(self) -> bool:
+        return self in (StudyState.DONE, StudyState.FAILED, StudyState.SKIPPED)
+
+
+class DeliveryState(StrEnum):
+    """A run's results for one destination: pending until delivered, or superseded by a newer run."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    SUPERSEDED = "superseded"
+    FAILED = "failed"
+
+
+class GradeResult(StrEnum):
+    """What grading one study came to."""
+
+    REPORTED = "reported"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+    @property
+    def study_state(self) -> StudyState:
+        """The state a study takes for an outcome that is not a report."""
+        return StudyState.SKIPPED if self is GradeResult.SKIPPED else StudyState.FAILED
+
+
+class SkipReason(StrEnum):
+    """Why a study is not a lumbar spine MRI the node grades (the text is the ledger's reason)."""
+
+    NO_INSTANCES = "no readable DICOM instances"
+    NOT_MR = "not an MR study"
+    NOT_LUMBAR = "not a lumbar spine study"
+    NO_SERIES = "no Sagittal T1, Sagittal T2/STIR or Axial T2 series found"

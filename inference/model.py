@@ -1,0 +1,143 @@
+"""What a model is: the metadata that ``model.json`` holds (written by training and export, read
+by the runtime), the identity the outputs quote, and the one sha256 helper.
+
+A model folder holds ``localiser.onnx``, ``grader.onnx`` and ``model.json``; a training run's
+``model.pt`` carries the same metadata. One type, one reader and one writer serve all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from inference.labels import CONDITIONS, LABEL_COLUMNS, SEVERITY_NAMES, ConditionGroup
+from inference.levels import GRADER_SPEC, LOCALISER_SPEC
+
+Offset = tuple[float, float, float]  # (lateral, posterior, head) millimetres from the canal point
+
+
+class ModelError(RuntimeError):
+    """The model folder is missing, incomplete or does not match this code's preprocessing."""
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (models, checkpoints, ONNX graphs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_preprocessing() -> dict[str, Any]:
+    """The preprocessing this code applies, as model.json records it."""
+    return {"localiser": asdict(LOCALISER_SPEC), "grader": asdict(GRADER_SPEC),
+            "intensity": "per volume (value - p1) / (p99.5 - p1)",
+            "localiser_input": "3 central sagittal slices, columns posterior, rows to the feet",
+            "crops": "inference.levels.crop_axes; right side mirrored"}
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """The contents of model.json (and of a checkpoint's ``meta``), field for field."""
+
+    name: str
+    version: str
+    training_data: str
+    offsets_mm: dict[ConditionGroup, Offset]
+    label_columns: tuple[str, ...] = LABEL_COLUMNS
+    classes: tuple[str, ...] = SEVERITY_NAMES
+    conditions: tuple[str, ...] = tuple(c.key for c in CONDITIONS)
+    preprocessing: dict[str, Any] = field(default_factory=default_preprocessing)
+    temperatures: tuple[float, ...] = ()
+    class_prior: tuple[tuple[float, float, float], ...] = ()  # per label, LABELS order
+    validation: dict[str, Any] = field(default_factory=dict)
+    train_studies: int = 0
+    seed: int = 0
+    created: str = ""
+    # written by the export only
+    checkpoint_sha256: str | None = None
+    onnx: dict[str, Any] | None = None
+    verification: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON, in model.json's key order; the export-only keys only when set."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "offsets_mm":
+                value = {group.value: list(v) for group, v in value.items()}
+            elif isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelMetadata:
+        """Parse model.json's contents; ModelError names a missing or unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"model metadata has unknown keys {unknown}")
+        try:
+            values = dict(data)
+            values["offsets_mm"] = {ConditionGroup(k): tuple(float(x) for x in v)
+                                    for k, v in data["offsets_mm"].items()}
+            for key in ("label_columns", "classes", "conditions", "temperatures"):
+                if key in values:
+                    values[key] = tuple(values[key])
+            if "class_prior" in values:
+                values["class_prior"] = tuple(tuple(row) for row in values["class_prior"])
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model metadata is incomplete or malformed: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def read(cls, path: Path) -> ModelMetadata:
+        """Read and check ``model.json``."""
+        if not path.is_file():
+            raise ModelError(f"no model.json in {path.parent}")
+        meta = cls.from_json(json.loads(path.read_text()))
+        meta.check()
+        return meta
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1))
+
+    def check(self) -> None:
+        """Raise ModelError unless the label order and crop geometry are this code's."""
+        if tuple(self.label_columns) != LABEL_COLUMNS:
+            raise ModelError("model.json label order differs from inference.labels")
+        for name, spec in (("localiser", LOCALISER_SPEC), ("grader", GRADER_SPEC)):
+            got = self.preprocessing.get(name, {})
+            if (got.get("size_mm"), got.get("pixels"), got.get("n_slices")) != (spec.size_mm, spec.pixels, spec.n_slices):
+                raise ModelError(f"model.json {name} crop {got} differs from this code's {spec}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model that graded a study: its metadata and the sha256 of the weights that ran."""
+
+    metadata: ModelMetadata
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    @property
+    def training_data(self) -> str:
+        return self.metadata.training_data
+
+    @property
+    def offsets_mm(self) -> dict[ConditionGroup, Offset]:
+        return self.metadata.offsets_mm

@@ -1,0 +1,11 @@
+"""Synthetic lumbar spine MRI phantom written as real DICOM in the RSNA 2024 layout."""
+
+from phantom.generate import (
+    PhantomStudy,
+    generate_dataset,
+    make_study,
+    write_csvs,
+    write_study,
+)
+
+__all__ = ["PhantomStudy", "generate_dataset", "make_study", "write_csvs", "write_study"]

@@ -1,0 +1,172 @@
+"""Benchmark: end-to-end time from a study's last instance sent to the node until its SR is in Orthanc.
+
+    .venv/bin/python tests/benchmarks/bench_end_to_end.py [--studies 5] [--data DIR] [--json]
+
+One real Orthanc (the node's only destination) and one ``lumbar-node serve`` process (tests/support/served_node.py,
+JSON log) per mode; the phantom studies (``lumbar-node phantom --seed 11``, or the RSNA-layout folder
+--data names) that hold Sagittal T1, Sagittal T2/STIR and Axial T2 are sent one after the other, each
+as one DCMTK storescu association, the next one only once the previous one is delivered. Per study:
+  t0          storescu exits (every C-STORE acknowledged; send = storescu start -> exit)
+  t_release   "study released for grading" in the node's log     wait   = t_release - t0
+  t_graded    "results ready" (SR + SC written, in the ledger)     grade  = t_graded - t_release
+  t_delivered "results delivered" (the C-STORE of SR + SCs ended) deliver = t_delivered - t_graded
+  t_orthanc   the script first sees an SR instance of the study in Orthanc's REST API (polled every 20 ms
+              once "results ready" is logged; the SR is sent first, so this may precede t_delivered)
+  total = t_orthanc - t0; worker = the grading worker's own "seconds" ("study graded"); cstore = the
+  node's own "seconds" of the delivery association ("results delivered"; deliver - cstore = scheduling).
+Log timestamps are UTC from time.time() on this machine, as are t0 and t_orthanc. Modes:
+  complete  release_when_complete=true, quiet_time_s=30: released when every series is complete
+  quiet     release_when_complete=false, quiet_time_s=2: released by the quiet time (+ <=0.5 s sweep)
+Prints the median and max over studies per mode (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
+from dicom_node.orthanc import Orthanc, running_orthanc, storescu
+from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, wait_for
+
+ROLES = {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"}
+MODES: dict[str, dict[str, Any]] = {
+    "complete": {"quiet_time_s": 30, "study": {"release_when_complete": True}},
+    "quiet": {"quiet_time_s": 2, "study": {"release_when_complete": False}},
+}
+COLUMNS = ["images", "send", "wait", "grade", "deliver", "orthanc", "total", "worker", "cstore"]
+POLL_S = 0.02
+
+
+def complete_studies(data: Path) -> list[list[Path]]:
+    """The files of every study under data/train_images that has the three series roles."""
+    studies = []
+    for folder in sorted((data / "train_images").iterdir()):
+        descriptions = {pydicom.dcmread(next(s.glob("*.dcm")), stop_before_pixels=True).SeriesDescription
+                        for s in folder.iterdir() if s.is_dir()}
+        if ROLES <= descriptions:
+            studies.append(sorted(folder.rglob("*.dcm")))
+    return studies
+
+
+class LogTail:
+    """The node's JSON log events, read incrementally."""
+
+    def __init__(self, node: ServedNode) -> None:
+        self.path, self.offset, self.events = node.log_path, 0, []
+
+    def find(self, event: str, study_uid: str) -> dict[str, Any] | None:
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind("\n") + 1]  # a line still being written waits for the next read
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+        return next((e for e in self.events if e.get("event") == event and e.get("study_uid") == study_uid), None)
+
+
+def stamp(event: dict[str, Any]) -> float:
+    """An event's ISO UTC timestamp as time.time() seconds."""
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def sr_in_orthanc(pacs: Orthanc, study_uid: str) -> bool:
+    return any(s["MainDicomTags"].get("Modality") == "SR" and s["Instances"] for s in pacs.study_series(study_uid))
+
+
+def measure(files: list[Path], node: ServedNode, log: LogTail, pacs: Orthanc) -> dict[str, Any]:
+    """Send one study to the node and time each stage until its SR is in Orthanc."""
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    started = time.time()
+    sent = storescu(files, node.port, called=NODE_AET, calling=SENDER_AET)
+    t0 = time.time()
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu failed: {sent.stdout[-1000:]}{sent.stderr[-1000:]}")
+
+    def tail() -> str:
+        return f"study {study_uid}; node log tail:\n{node.log_text()[-3000:]}"
+
+    ready = wait_for(tail, lambda: log.find("results ready", study_uid), timeout=300, every=POLL_S)
+    wait_for(tail, lambda: sr_in_orthanc(pacs, study_uid), timeout=60, every=POLL_S)
+    t_orthanc = time.time()
+    delivered = wait_for(tail, lambda: log.find("results delivered", study_uid), timeout=60, every=POLL_S)
+    released = log.find("study released for grading", study_uid)
+    graded = log.find("study graded", study_uid)
+    assert released is not None and graded is not None, tail()
+    t_release, t_graded, t_delivered = stamp(released), stamp(ready), stamp(delivered)
+    return {"images": len(files), "send": t0 - started, "wait": t_release - t0, "grade": t_graded - t_release,
+            "deliver": t_delivered - t_graded, "orthanc": t_orthanc - t_delivered, "total": t_orthanc - t0,
+            "worker": float(graded["seconds"]), "cstore": float(delivered["seconds"]), "why": released["why"],
+            "files_delivered": delivered["files"]}
+
+
+def run_mode(mode: str, studies: list[list[Path]], work: Path) -> list[dict[str, Any]]:
+    with running_orthanc(work / mode / "pacs") as pacs:
+        node = ServedNode(work / mode / "node", pacs.dicom_port, **MODES[mode]).start()
+        try:
+            log = LogTail(node)
+            rows = []
+            for files in studies:
+                rows.append(measure(files, node, log, pacs))
+                print(f"  {mode}: " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in rows[-1].items()), file=sys.stderr)
+            return rows
+        finally:
+            node.stop()
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {c: {"median": statistics.median(r[c] for r in rows), "max": max(r[c] for r in rows)} for c in COLUMNS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=5, help="phantom studies to make and send (default 5)")
+    parser.add_argument("--data", type=Path, help="reuse this RSNA-layout folder instead of making phantoms")
+    parser.add_argument("--json", action="store_true", help="print every measurement as JSON instead of a table")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        work = Path(tmp)
+        data = args.data
+        if data is None:
+            data = work / "phantom"
+            exe = Path(sys.executable).with_name("lumbar-node")
+            made = str(2 * args.studies)  # not every phantom study has all three series roles
+            subprocess.run([str(exe), "phantom", "--studies", made, "--seed", "11", "--out", str(data)],
+                           check=True, capture_output=True)
+        studies = complete_studies(data)[:args.studies]
+        if len(studies) < args.studies:
+            print(f"only {len(studies)} complete studies under {data}", file=sys.stderr)
+        if not studies:
+            raise SystemExit(f"no study with {sorted(ROLES)} under {data}/train_images")
+        results = {mode: run_mode(mode, studies, work) for mode in MODES}
+
+    if args.json:
+        print(json.dumps({m: {"studies": rows, "summary": summary(rows)} for m, rows in results.items()}, indent=1))
+        return
+    print(f"{len(studies)} studies, seconds (median / max); orthanc = t_orthanc - t_delivered, polled every "
+          f"{POLL_S * 1000:.0f} ms")
+    print(f"{'mode':<9}" + "".join(f"{c:>15}" for c in COLUMNS))
+    for mode, rows in results.items():
+        stats = summary(rows)
+        cells = [f"{stats[c]['median']:.0f} / {stats[c]['max']:.0f}" if c == "images"
+                 else f"{stats[c]['median']:.2f} / {stats[c]['max']:.2f}" for c in COLUMNS]
+        whys = ",".join(sorted({r["why"] for r in rows}))
+        print(f"{mode:<9}" + "".join(f"{c:>15}" for c in cells) + f"   (released by: {whys})")
+
+
+if __name__ == "__main__":
+    main()

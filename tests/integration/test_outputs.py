@@ -1,0 +1,93 @@
+"""``predict --out``: the SR and the Grad-CAM Secondary Captures of a phantom study, as files a PACS
+accepts, checked with dciodvfy and dcentvfy against their source images."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from tests.support.tools import lumbar_node
+from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
+
+
+@pytest.fixture(scope="module")
+def outputs(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    study = sorted((phantom_dir / "train_images").iterdir())[1]
+    out = tmp_path_factory.mktemp("outputs")
+    lumbar_node("predict", str(study), "--out", str(out))
+    [folder] = list(out.iterdir())
+    return study, folder
+
+
+def test_one_sr_and_one_sc_per_graded_label_in_the_source_study(outputs: tuple[Path, Path]) -> None:
+    study, folder = outputs
+    source = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True)
+    [sr_path] = list(folder.glob("SR_*.dcm"))
+    scs = [pydicom.dcmread(p) for p in sorted((folder / "SC").glob("*.dcm"))]
+    sr = pydicom.dcmread(sr_path)
+    assert folder.name == source.StudyInstanceUID == sr.StudyInstanceUID
+    assert len(scs) >= 15
+    assert len({sc.SeriesInstanceUID for sc in scs}) == 1 and scs[0].SeriesInstanceUID != sr.SeriesInstanceUID
+    for sc in scs:
+        assert sc.SOPClassUID == SecondaryCaptureImageStorage
+        assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID
+        assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
+        assert "not for diagnosis" in sc.ImageComments
+        ref = sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert any(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == ref for p in study.rglob("*.dcm"))
+        rgb = sc.pixel_array
+        assert rgb.shape[2] == 3 and np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() > 50  # colour heatmap
+
+
+def test_sc_images_are_readable_without_help(outputs: tuple[Path, Path]) -> None:
+    """Large enough for legible text; the finding, grade and probabilities on a dark band at the top
+    and the disclaimer at the bottom; the source's body part instead of an empty laterality."""
+    study, folder = outputs
+    source = pydicom.dcmread(next(study.rglob("*.dcm")), stop_before_pixels=True)
+    for path in sorted((folder / "SC").glob("*.dcm")):
+        sc = pydicom.dcmread(path)
+        assert max(sc.Rows, sc.Columns) >= 512
+        assert re.fullmatch(r"L\d/[LS]\d [A-Za-z ]+\. AI grade: (Normal/Mild|Moderate|Severe)\. "
+                            r"Normal/Mild \d+%  Moderate \d+%  Severe \d+%\. AI result - not for diagnosis",
+                            sc.ImageComments), sc.ImageComments
+        assert sc.BodyPartExamined == source.BodyPartExamined and "Laterality" not in sc
+        rgb = sc.pixel_array.astype(int)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        top, bottom = slice(0, sc.Rows // 8), slice(sc.Rows - sc.Rows // 14, sc.Rows)
+        yellow = (r > 200) & (g > 180) & (b < 100)  # the grade line
+        red = (r > 200) & (g < 160) & (b < 160)  # the disclaimer
+        assert yellow[top].sum() > 50 and red[bottom].sum() > 50, path.name
+        assert np.median(rgb[top].max(axis=2)) < 60  # the text's band is dark
+
+
+def test_sr_and_sc_pass_dciodvfy(outputs: tuple[Path, Path]) -> None:
+    _, folder = outputs
+    for path in [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm"))[:5]]:
+        assert dciodvfy_errors(path) == [], path
+
+
+def test_dcentvfy_finds_sr_sc_and_sources_consistent(outputs: tuple[Path, Path]) -> None:
+    study, folder = outputs
+    files = [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *sorted(study.rglob("*.dcm"))]
+    assert dcentvfy_errors(files) == []
+
+
+def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tuple[Path, Path]) -> None:
+    study, folder = outputs
+    [first] = [pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")]
+    sc_series = pydicom.dcmread(next((folder / "SC").glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    lumbar_node("predict", str(study), "--out", str(folder.parent))
+    reports = sorted((pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")), key=lambda d: int(d.InstanceNumber))
+    assert len(reports) == 2
+    newest = reports[-1]
+    assert newest.SeriesInstanceUID == first.SeriesInstanceUID and int(newest.InstanceNumber) == 2
+    predecessor = newest.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    scs = [pydicom.dcmread(p, stop_before_pixels=True) for p in (folder / "SC").glob("*.dcm")]
+    assert {sc.SeriesInstanceUID for sc in scs} == {sc_series}
+    assert len(scs) == len({(sc.SourceImageSequence[0].ReferencedSOPInstanceUID, sc.ImageComments) for sc in scs})

@@ -1,0 +1,1 @@
+"""Support code for the tests and benchmarks: the real tools, the node as a process, helpers."""

@@ -1,0 +1,227 @@
+"""The RSNA 2024 layout reader: the phantom round-trips, and each quirk of the real data is handled."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from pathlib import Path
+
+import pytest
+
+from inference.labels import LABEL_COLUMNS, LABELS, LEVELS, SPINAL, Label, SeriesRole, Severity
+from phantom import PhantomStudy, generate_dataset
+from training.rsna import StudyRecord, load_rsna, split_studies
+
+AX, SAG_T1, SAG_T2 = SeriesRole.AX_T2.value, SeriesRole.SAG_T1.value, SeriesRole.SAG_T2.value
+COORD_HEADER = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[PhantomStudy]]:
+    root = tmp_path_factory.mktemp("rsna_phantom")
+    return root, generate_dataset(root, 3, seed=1)
+
+
+def _write(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _layout(root: Path, studies: dict[int, dict[str, str]], series: list[tuple[int, int, str]],
+            files: dict[tuple[int, int], list[int]], coords: list[list[object]] | None = None) -> Path:
+    """A hand-made layout: label cells default to Normal/Mild; files are empty .dcm files."""
+    _write(root / "train.csv", ["study_id", *LABEL_COLUMNS],
+           [[sid, *(cells.get(c, "Normal/Mild") for c in LABEL_COLUMNS)] for sid, cells in studies.items()])
+    _write(root / "train_series_descriptions.csv", ["study_id", "series_id", "series_description"],
+           [list(s) for s in series])
+    _write(root / "train_label_coordinates.csv", COORD_HEADER, coords or [])
+    for (study_id, series_id), numbers in files.items():
+        folder = root / "train_images" / str(study_id) / str(series_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in numbers:
+            (folder / f"{n}.dcm").write_bytes(b"")
+    return root
+
+
+def _standard(root: Path, study_ids: list[int] = [1]) -> Path:
+    series = [(s, s * 10 + k, d) for s in study_ids for k, d in enumerate((SAG_T1, SAG_T2, AX))]
+    return _layout(root, {s: {} for s in study_ids}, series, {(s, sid): [1, 2, 3] for s, sid, _ in series})
+
+
+def test_phantom_layout_loads_labels_series_and_coordinates(phantom: tuple[Path, list[PhantomStudy]]) -> None:
+    root, studies = phantom
+    records = load_rsna(root)
+    by_id = {st.study_id: st for st in studies}
+    assert [r.study_id for r in records] == sorted(by_id)
+    for record in records:
+        st = by_id[record.study_id]
+        assert list(record.labels) == list(LABELS)
+        assert record.labels == st.labels
+        assert record.targets() == [-1 if st.labels[lb] is None else int(st.labels[lb]) for lb in LABELS]
+        specs = {spec.series_id: spec for spec in st.series}
+        assert {s.series_id for s in record.series} == set(specs)
+        for s in record.series:
+            assert s.role is specs[s.series_id].role and s.description == specs[s.series_id].description
+            assert s.instance_numbers == sorted(specs[s.series_id].instance_numbers)
+            assert s.path == root / "train_images" / str(st.study_id) / str(s.series_id)
+        assert len(record.coordinates) == len(st.coordinates) > 0
+        for got, want in zip(record.coordinates, st.coordinates):
+            assert (got.label, got.series_id, got.instance_number) == (want.label, want.series_id, want.instance_number)
+            assert got.x == pytest.approx(want.x, abs=1e-3) and got.y == pytest.approx(want.y, abs=1e-3)
+            assert got.series_id in {s.series_id for s in record.series}
+            (series,) = [s for s in record.series if s.series_id == got.series_id]
+            assert got.instance_number in series.instance_numbers
+        for label in LABELS:
+            assert record.coordinates_for(label) == [c for c in record.coordinates if c.label == label]
+
+
+def test_column_order_and_extra_columns_do_not_matter(phantom: tuple[Path, list[PhantomStudy]],
+                                                     tmp_path: Path) -> None:
+    root, _ = phantom
+    with open(root / "train.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    order = list(range(len(rows[0])))
+    random.Random(3).shuffle(order)
+    _write(tmp_path / "train.csv", [rows[0][i] for i in order] + ["comment"],
+           [[row[i] for i in order] + ["x"] for row in rows[1:]])
+    for name in ("train_series_descriptions.csv", "train_label_coordinates.csv"):
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    images = str(root / "train_images")  # absolute: the same paths from either root
+    assert load_rsna(tmp_path, images_dir=images) == load_rsna(root, images_dir=images)
+
+
+def test_missing_label_column_is_an_error_naming_it(tmp_path: Path) -> None:
+    _standard(tmp_path)
+    _write(tmp_path / "train.csv", ["study_id", *LABEL_COLUMNS[:-1]], [[1, *["Moderate"] * 24]])
+    with pytest.raises(ValueError, match=LABEL_COLUMNS[-1]):
+        load_rsna(tmp_path)
+
+
+def test_missing_label_cells_are_none_and_target_minus_one(tmp_path: Path) -> None:
+    lb = Label(SPINAL, LEVELS[3])
+    _layout(tmp_path, {1: {lb.column: "", LABEL_COLUMNS[0]: "Severe", LABEL_COLUMNS[1]: "nan"}},
+            [(1, 10, SAG_T2)], {(1, 10): [1]})
+    (record,) = load_rsna(tmp_path)
+    assert record.labels[lb] is None and record.labels[LABELS[1]] is None
+    assert record.labels[LABELS[0]] is Severity.SEVERE
+    targets = record.targets()
+    assert len(targets) == 25
+    assert targets[LABELS.index(lb)] == -1 and targets[1] == -1 and targets[0] == 2
+    assert targets.count(0) == 22
+
+
+def test_bad_severity_names_study_column_and_value(tmp_path: Path) -> None:
+    _layout(tmp_path, {42: {LABEL_COLUMNS[7]: "Very bad"}}, [(42, 10, AX)], {(42, 10): [1]})
+    with pytest.raises(ValueError, match=r"42.*" + LABEL_COLUMNS[7] + r".*Very bad"):
+        load_rsna(tmp_path)
+
+
+def test_study_missing_a_series(tmp_path: Path) -> None:
+    _layout(tmp_path, {1: {}}, [(1, 11, SAG_T2), (1, 12, AX)], {(1, 11): [1], (1, 12): [1]})
+    (record,) = load_rsna(tmp_path)
+    assert record.series_with_role(SeriesRole.SAG_T1) == []
+    assert [s.series_id for s in record.series_with_role(SeriesRole.AX_T2)] == [12]
+
+
+def test_missing_series_folder_is_dropped_or_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _layout(tmp_path, {1: {}}, [(1, 10, SAG_T1), (1, 11, SAG_T2), (1, 12, AX)], {(1, 10): [1], (1, 12): [1]})
+    with caplog.at_level(logging.WARNING, logger="training.rsna"):
+        (record,) = load_rsna(tmp_path)
+    assert [s.series_id for s in record.series] == [10, 12]
+    assert "11" in caplog.text
+    (kept,) = load_rsna(tmp_path, require_images=False)
+    (sag_t2,) = kept.series_with_role(SeriesRole.SAG_T2)
+    assert sag_t2.series_id == 11 and sag_t2.instance_numbers == []
+
+
+def test_two_axial_t2_series_are_both_returned(tmp_path: Path) -> None:
+    _layout(tmp_path, {1: {}}, [(1, 10, SAG_T1), (1, 30, AX), (1, 20, AX)],
+            {(1, 10): [1], (1, 20): [1, 2], (1, 30): [1, 2, 3]})
+    (record,) = load_rsna(tmp_path)
+    axial = record.series_with_role(SeriesRole.AX_T2)
+    assert sorted(s.series_id for s in axial) == [20, 30]
+    assert all(s.description == AX for s in axial)
+
+
+def test_instance_numbers_come_from_file_names_not_positions(tmp_path: Path) -> None:
+    _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [10, 3, 100, 7]})
+    (tmp_path / "train_images/1/10/notes.txt").write_text("ignored")
+    (record,) = load_rsna(tmp_path)
+    assert record.series[0].instance_numbers == [3, 7, 10, 100]
+
+
+def test_series_on_disk_but_not_described_has_no_role(tmp_path: Path) -> None:
+    _layout(tmp_path, {1: {}}, [(1, 10, AX), (1, 11, "Coronal STIR")], {(1, 10): [1], (1, 11): [1], (1, 99): [5]})
+    (record,) = load_rsna(tmp_path)
+    by_id = {s.series_id: s for s in record.series}
+    assert set(by_id) == {10, 11, 99}
+    assert by_id[99].description == "" and by_id[99].role is None and by_id[99].instance_numbers == [5]
+    assert by_id[11].description == "Coronal STIR" and by_id[11].role is None
+
+
+def test_study_without_images_is_dropped_unless_not_required(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    _layout(tmp_path, {2: {}, 1: {}}, [(1, 10, AX), (2, 20, AX)], {(1, 10): [1]})
+    with caplog.at_level(logging.WARNING, logger="training.rsna"):
+        assert [r.study_id for r in load_rsna(tmp_path)] == [1]
+    assert "study 2" in caplog.text
+    assert [r.study_id for r in load_rsna(tmp_path, require_images=False)] == [1, 2]
+
+
+def test_coordinates_parse_errors_and_stray_series(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    coords = [[1, 10, 3, "Left Subarticular Stenosis", "L4/L5", 1.5, 2.5],
+              [1, 77, 1, "Spinal Canal Stenosis", "L1/L2", 0, 0],
+              [1, 78, 1, "Spinal Canal Stenosis", "L2/L3", 0, 0],
+              [9, 10, 1, "Spinal Canal Stenosis", "L2/L3", 0, 0]]  # study 9 is not in train.csv
+    _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, coords)
+    with caplog.at_level(logging.WARNING, logger="training.rsna"):
+        (record,) = load_rsna(tmp_path)
+    assert len(record.coordinates) == 3
+    (c,) = record.coordinates_for(Label(LABELS[15].condition, LEVELS[3]))
+    assert (c.series_id, c.instance_number, c.x, c.y) == (10, 3, 1.5, 2.5)
+    assert len([r for r in caplog.records if "not in their study" in r.getMessage()]) == 1
+
+    _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, coords + [[1, 10, 3, "Central Stenosis", "L1/L2", 0, 0]])
+    with pytest.raises(ValueError, match="row 6"):
+        load_rsna(tmp_path)
+    _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, [[1, 10, 3, "Spinal Canal Stenosis", "L6/S1", 0, 0]])
+    with pytest.raises(ValueError, match="row 2"):
+        load_rsna(tmp_path)
+
+
+def _records(ids: list[int]) -> list[StudyRecord]:
+    return [StudyRecord(i, dict.fromkeys(LABELS)) for i in ids]
+
+
+def test_split_is_by_study_deterministic_disjoint_and_order_independent() -> None:
+    ids = list(range(100, 150))
+    train, val = split_studies(_records(ids), val_fraction=0.2, seed=5)
+    t_ids, v_ids = [r.study_id for r in train], [r.study_id for r in val]
+    assert len(v_ids) == 10 and not set(t_ids) & set(v_ids) and sorted(t_ids + v_ids) == ids
+    shuffled = ids[:]
+    random.Random(0).shuffle(shuffled)
+    again = split_studies(_records(shuffled), val_fraction=0.2, seed=5)
+    assert [[r.study_id for r in part] for part in again] == [t_ids, v_ids]
+    other = split_studies(_records(ids), val_fraction=0.2, seed=6)
+    assert [r.study_id for r in other[1]] != v_ids
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_split_keeps_a_study_in_each_part(n: int) -> None:
+    for fraction in (0.01, 0.5, 0.99):
+        train, val = split_studies(_records(list(range(n))), val_fraction=fraction)
+        assert train and val and len(train) + len(val) == n
+    assert split_studies(_records([1]))[1] == []
+    with pytest.raises(ValueError):
+        split_studies(_records([1, 2]), val_fraction=1.0)
+
+
+def test_split_of_phantom_records(phantom: tuple[Path, list[PhantomStudy]]) -> None:
+    records = load_rsna(phantom[0])
+    train, val = split_studies(records, val_fraction=0.34, seed=0)
+    assert len(val) == 1 and len(train) == 2
+    assert {r.study_id for r in train} | {r.study_id for r in val} == {r.study_id for r in records}
