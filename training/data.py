@@ -14,7 +14,14 @@ from numpy.typing import NDArray
 
 from inference.geometry import ImagePlane
 from inference.labels import LABELS, LEVELS, ConditionGroup, Label, Level, SeriesRole
-from inference.levels import CANAL_CENTRED, GRADER_SPEC, crop_axes, heatmap_target, localiser_input, side_sign
+from inference.levels import (
+    CANAL_CENTRED,
+    GRADER_SPEC,
+    crop_axes,
+    heatmap_target,
+    localiser_input,
+    side_sign,
+)
 from inference.preprocess import HEAD, LEFT, POSTERIOR, CropSpec, crop_25d, intensity_of
 from inference.series import group_series
 from inference.volume import Volume, load_volume

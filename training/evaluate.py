@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
-from inference.analyze import Runner, analyze_study
+from inference.analyze import NotAssessedLabel, Runner, analyze_study
 from inference.labels import CONDITIONS, LABELS, LEVELS, ConditionGroup, Severity
 from training.data import ground_truth_points, level_error_mm
-from training.metrics import classification_report, competition_score, fill_not_assessed, per_condition_log_loss
+from training.metrics import (
+    classification_report,
+    competition_score,
+    fill_not_assessed,
+    per_condition_log_loss,
+)
 from training.rsna import load_rsna, read_instances
+
+log = structlog.stdlib.get_logger(__name__)
 
 
 def severe_recall(probs: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
@@ -32,12 +41,16 @@ def severe_recall(probs: np.ndarray, targets: np.ndarray) -> dict[str, float | N
     return out
 
 
-def evaluate(runner: Runner, data: Path, class_prior: list[list[float]], out: Path | None = None,
-             history: list[dict[str, Any]] | None = None, log=print) -> dict[str, Any]:  # noqa: ANN001
-    """Grade every study under ``data`` with ``runner`` and compare with its labels."""
+def evaluate(runner: Runner, data: Path, class_prior: Sequence[Sequence[float]], out: Path | None = None,
+             history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Grade every study under ``data`` with ``runner`` and compare with its labels.
+
+    ``class_prior`` is the model's (25 rows of 3 class probabilities, LABELS order, from the training
+    split): it fills the labels the pipeline does not assess, and is the baseline scored alongside."""
     records = load_rsna(data)
-    prior = np.asarray(class_prior, np.float64)  # (25, 3), from the training split
-    all_probs, all_targets, errors, not_assessed, seconds = [], [], [], {}, []
+    prior = np.asarray(class_prior, np.float64)  # (25, 3)
+    all_probs, all_targets, errors, seconds = [], [], [], []
+    not_assessed: dict[str, int] = {}
     for record in records:
         instances = read_instances(record)
         t0 = time.perf_counter()
@@ -45,13 +58,13 @@ def evaluate(runner: Runner, data: Path, class_prior: list[list[float]], out: Pa
         seconds.append(time.perf_counter() - t0)
         probs = result.probabilities()
         for r in result.labels:
-            if not r.assessed:
+            if isinstance(r, NotAssessedLabel):
                 not_assessed[r.reason] = not_assessed.get(r.reason, 0) + 1
         all_probs.append(fill_not_assessed(probs, prior))
         all_targets.append(record.targets())
         truth = {lb.level: p for lb, p in ground_truth_points(record).items()
                  if lb.condition.group is ConditionGroup.SPINAL}
-        predicted = {lv: np.array(result.levels[lv.value]) for lv in LEVELS if lv.value in result.levels}
+        predicted = {lv: np.array(result.levels[lv]) for lv in LEVELS if lv in result.levels}
         errors += level_error_mm(predicted, truth, np.array([1.0, 0.0, 0.0]))
     probs, targets = np.stack(all_probs), np.array(all_targets)
     score = competition_score(probs, targets)
@@ -69,8 +82,9 @@ def evaluate(runner: Runner, data: Path, class_prior: list[list[float]], out: Pa
         "not_assessed": not_assessed,
         "seconds_per_study": {"median": float(np.median(seconds)), "max": float(np.max(seconds))},
     }
-    log(f"score {score.total:.4f} (class prior {baseline.total:.4f}, ratio {report['score_over_baseline']:.3f}); "
-        f"median level error {report['level_error_mm']['median']:.2f} mm on {len(records)} studies")
+    log.info("evaluated", studies=len(records), score=score.total, class_prior_score=baseline.total,
+             score_over_baseline=report["score_over_baseline"],
+             median_level_error_mm=report["level_error_mm"]["median"])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(report, indent=1))
@@ -92,7 +106,8 @@ def plot(report: dict[str, Any], history: list[dict[str, Any]], out: Path) -> No
         ax.imshow(cm, cmap="Blues")
         for i in range(3):
             for j in range(3):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="black" if cm[i, j] < cm.max() / 2 else "white")
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                        color="black" if cm[i, j] < cm.max() / 2 else "white")
         ax.set_xticks(range(3), names, rotation=20)
         ax.set_yticks(range(3), names)
         ax.set_xlabel("predicted")
@@ -108,9 +123,10 @@ def plot(report: dict[str, Any], history: list[dict[str, Any]], out: Path) -> No
     loc = [h for h in history if h["stage"] == "localiser"]
     grd = [h for h in history if h["stage"] == "grader"]
     if loc:
-        axes[0].plot([h["epoch"] for h in loc], [h["val_median_error_mm"] for h in loc], "o-", label="validation median error (mm)")
+        epochs = [h["epoch"] for h in loc]
+        axes[0].plot(epochs, [h["val_median_error_mm"] for h in loc], "o-", label="validation median error (mm)")
         if "val_mean_error_mm" in loc[0]:
-            axes[0].plot([h["epoch"] for h in loc], [h["val_mean_error_mm"] for h in loc], "s-", label="validation mean error (mm)")
+            axes[0].plot(epochs, [h["val_mean_error_mm"] for h in loc], "s-", label="validation mean error (mm)")
         axes[0].set_title("localiser")
         axes[0].set_xlabel("epoch")
         axes[0].legend()

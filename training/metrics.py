@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from inference.labels import CONDITIONS, LABELS, SEVERITY_WEIGHTS, ConditionGroup, Severity
+from inference.labels import (
+    CONDITIONS,
+    LABELS,
+    SEVERITY_WEIGHTS,
+    ConditionGroup,
+    Severity,
+)
 
 EPS = 1e-15  # probabilities are clipped to [EPS, 1 - EPS] before taking logs
 N_CLASSES = len(Severity)

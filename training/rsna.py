@@ -11,12 +11,12 @@ Loading reads only the CSV files and the file names; ``read_instances`` opens a 
 from __future__ import annotations
 
 import csv
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import structlog
 
 from inference.labels import (
     LABELS,
@@ -28,12 +28,16 @@ from inference.labels import (
     parse_level,
     parse_severity,
 )
+from inference.rsna_layout import (
+    COORDINATES_CSV,
+    IMAGES_DIR,
+    SERIES_CSV,
+    TRAIN_CSV,
+    Coordinate,
+)
 
-log = logging.getLogger(__name__)
+log = structlog.stdlib.get_logger(__name__)
 
-TRAIN_CSV = "train.csv"
-COORDINATES_CSV = "train_label_coordinates.csv"
-SERIES_CSV = "train_series_descriptions.csv"
 
 _ROLE_BY_DESCRIPTION = {role.value.lower(): role for role in SeriesRole}
 
@@ -47,17 +51,6 @@ class SeriesInfo:
     role: SeriesRole | None
     path: Path
     instance_numbers: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Coordinate:
-    """One row of train_label_coordinates.csv: where a label was marked, in pixels."""
-
-    label: Label
-    series_id: int
-    instance_number: int
-    x: float
-    y: float
 
 
 @dataclass
@@ -132,7 +125,7 @@ def _read_labels(path: Path) -> dict[int, dict[Label, Severity | None]]:
 def _read_coordinates(path: Path, studies: set[int]) -> dict[int, list[Coordinate]]:
     out: dict[int, list[Coordinate]] = {}
     if not path.exists():
-        log.warning("%s not found: studies have no label coordinates", path)
+        log.warning("label coordinates file not found: studies have no label coordinates", path=str(path))
         return out
     for line, row in enumerate(_rows(path)[1], start=2):
         try:
@@ -147,7 +140,7 @@ def _read_coordinates(path: Path, studies: set[int]) -> dict[int, list[Coordinat
     return out
 
 
-def load_rsna(root: Path, images_dir: str = "train_images", require_images: bool = True) -> list[StudyRecord]:
+def load_rsna(root: Path, images_dir: str = IMAGES_DIR, require_images: bool = True) -> list[StudyRecord]:
     """Read the RSNA 2024 layout under ``root``: one StudyRecord per study of train.csv, sorted.
 
     With ``require_images`` (the default) series whose folder is missing are dropped, and so are
@@ -174,17 +167,18 @@ def load_rsna(root: Path, images_dir: str = "train_images", require_images: bool
             folder = study_dir / str(series_id)
             if series_id not in on_disk:
                 if require_images:
-                    log.warning("study %d: series %d (%s) has no folder %s: dropped",
-                                study_id, series_id, description, folder)
+                    log.warning("series has no folder: dropped", study=study_id, series=series_id,
+                                description=description, folder=str(folder))
                     continue
                 numbers: list[int] = []
             else:
                 numbers = _instance_numbers(folder)
                 if series_id not in descriptions:
-                    log.warning("study %d: series %d is not in %s: role unknown", study_id, series_id, SERIES_CSV)
+                    log.warning("series not in the descriptions file: role unknown", study=study_id,
+                                series=series_id, file=SERIES_CSV)
             series.append(SeriesInfo(series_id, description, role_of(description), folder, numbers))
         if require_images and not on_disk:
-            log.warning("study %d has no images under %s: dropped", study_id, images)
+            log.warning("study has no images: dropped", study=study_id, images=str(images))
             continue
         records.append(StudyRecord(study_id, labels[study_id], series))
 
@@ -195,8 +189,8 @@ def load_rsna(root: Path, images_dir: str = "train_images", require_images: bool
         known = {s.series_id for s in record.series}
         stray += [(record.study_id, c.series_id) for c in record.coordinates if c.series_id not in known]
     if stray:
-        log.warning("%d label coordinate(s) point to a series not in their study (kept), e.g. study %d "
-                    "series %d", len(stray), *stray[0])
+        log.warning("label coordinates point to a series not in their study (kept)", count=len(stray),
+                    example_study=stray[0][0], example_series=stray[0][1])
     return records
 
 

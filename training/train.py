@@ -10,26 +10,62 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+import structlog
 import torch
+from numpy.typing import NDArray
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from dicom_node import __version__
-from inference.analyze import ModelInfo, StudyResult, analyze_study
-from inference.labels import CONDITIONS, LABEL_COLUMNS, LABELS, LEVELS, SEVERITY_WEIGHTS, ConditionGroup
+from inference import __version__
+from inference.analyze import AssessedLabel, StudyResult, analyze_study
+from inference.labels import (
+    CONDITIONS,
+    LABELS,
+    LEVELS,
+    SEVERITY_WEIGHTS,
+    ConditionGroup,
+)
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
-from training.data import JITTER_PX, StudySamples, crop_center, level_error_mm, local_components, study_samples, window_crop
+from inference.model import ModelInfo, ModelMetadata, Offset
+from training.data import (
+    JITTER_PX,
+    StudySamples,
+    crop_center,
+    level_error_mm,
+    local_components,
+    study_samples,
+    window_crop,
+)
 from training.metrics import competition_score, fill_not_assessed, prior_baseline
 from training.models import CONDITION_GROUP, Grader, Localiser
 from training.rsna import StudyRecord, load_rsna, read_instances, split_studies
 from training.runner import MODEL_NAME, TorchRunner, device_of, save_model
 
+log = structlog.stdlib.get_logger(__name__)
+
 WEIGHTS = torch.tensor(SEVERITY_WEIGHTS)
+
+Instances = list[tuple[pydicom.Dataset, Path]]
+LocaliserPair = tuple[NDArray[np.float16], NDArray[np.float16]]  # (image, heatmap target)
+
+
+class Stage(StrEnum):
+    """The stage a checkpoint is in; its value is what state.pt and history.json store."""
+
+    LOCALISER = "localiser"
+    GRADER = "grader"
+
+
+_BEST_KEY = {Stage.LOCALISER: "error", Stage.GRADER: "score"}  # the best number's key in state.pt
 
 
 @dataclass
@@ -46,19 +82,7 @@ class TrainConfig:
     training_data: str = "synthetic lumbar MRI phantom (lumbar-node phantom); not clinical data"
 
 
-def _info(offsets: dict[str, tuple[float, float, float]], data: str) -> ModelInfo:
-    return ModelInfo(MODEL_NAME, __version__, "", data, offsets)
-
-
-def _offsets(samples: list[StudySamples]) -> dict[str, tuple[float, float, float]]:
-    """Median (lateral, posterior, head) of each group's marked point from the canal point at its level."""
-    found: dict[str, list[tuple[float, float, float]]] = {g.value: [] for g in ConditionGroup}
-    for s in samples:
-        canal = s.canal_points()
-        for label, point in s.points.items():
-            if label.level in canal and label.condition.group is not ConditionGroup.SPINAL:
-                found[label.condition.group.value].append(local_components(label, point - canal[label.level]))
-    return {g: (tuple(float(x) for x in np.median(v, axis=0)) if v else (0.0, 0.0, 0.0)) for g, v in found.items()}
+# ---- losses, batches, calibration ------------------------------------------------------------------
 
 
 def _localiser_loss(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,7 +90,8 @@ def _localiser_loss(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     return ((pred - target) ** 2 * (1 + 30 * target)).mean()
 
 
-def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.Tensor, studies: torch.Tensor) -> torch.Tensor:
+def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.Tensor,
+                studies: torch.Tensor) -> torch.Tensor:
     """The competition loss: class-weighted cross-entropy per condition group (normalised by the
     weights) plus the any-severe-spinal binary term per study; the mean of the four parts."""
     group = torch.tensor(CONDITION_GROUP, device=logits.device)[conditions]
@@ -94,7 +119,9 @@ def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.T
     return torch.stack(parts).mean()
 
 
-def _grader_batch(batch: list[StudySamples], sigma_px: dict[int, float], rng: np.random.Generator, train: bool):
+def _grader_batch(batch: list[StudySamples], sigma_px: dict[int, float], rng: np.random.Generator,
+                  train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crops, targets, condition indices, study index in the batch); jittered and rescaled when training."""
     crops, targets, conditions, studies = [], [], [], []
     for k, s in enumerate(batch):
         for i, window in s.windows.items():
@@ -112,12 +139,6 @@ def _grader_batch(batch: list[StudySamples], sigma_px: dict[int, float], rng: np
             conditions.append(cond)
             studies.append(k)
     return (torch.from_numpy(np.stack(crops)), torch.tensor(targets), torch.tensor(conditions), torch.tensor(studies))
-
-
-def _evaluate_pipeline(runner: TorchRunner, val: list[tuple[StudyRecord, list]]) -> tuple[np.ndarray, list[StudyResult]]:
-    results = [analyze_study(instances, runner) for _, instances in val]
-    probs = np.stack([r.probabilities() for r in results])
-    return probs, results
 
 
 def fit_temperatures(probs: np.ndarray, targets: np.ndarray) -> list[float]:
@@ -144,159 +165,199 @@ def fit_temperatures(probs: np.ndarray, targets: np.ndarray) -> list[float]:
     return out
 
 
-def train(data: Path, run: Path, cfg: TrainConfig | None = None, log=print) -> Path:  # noqa: ANN001, C901
-    """Train on the RSNA layout at ``data``; write checkpoints and the final model under ``run``."""
-    cfg = cfg or TrainConfig()
-    run.mkdir(parents=True, exist_ok=True)
-    device = device_of(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    state_path = run / "state.pt"
-    state: dict[str, Any] = torch.load(state_path, weights_only=False) if state_path.exists() else {}
-    if state:
-        log(f"resuming from {state_path}: stage {state['stage']}, epoch {state['epoch']}")
+# ---- step 1: the data and its split ------------------------------------------------------------------
+
+
+@dataclass
+class _Split:
+    """The run's studies split by study, and what training and validation need of them."""
+
+    train: list[StudyRecord]
+    val: list[StudyRecord]
+    samples: list[StudySamples]  # training studies
+    val_samples: list[StudySamples]
+    val_instances: list[Instances]  # validation studies' images, for the serving pipeline
+    val_targets: NDArray[np.int64]  # (n_val, 25), -1 unlabelled
+    prior: NDArray[np.float64]  # (n_val, 25, 3): the training split's class frequencies
+
+
+def _load_split(data: Path, cfg: TrainConfig, rng: np.random.Generator, device: torch.device) -> _Split:
+    """Read the RSNA layout, split it by study and load the samples of both parts."""
     records = load_rsna(data)
     train_recs, val_recs = split_studies(records, cfg.val_fraction, cfg.seed)
-    log(f"device {device}; {len(train_recs)} training and {len(val_recs)} validation studies from {data}")
-
+    log.info("training data", device=str(device), train_studies=len(train_recs), validation_studies=len(val_recs),
+             data=str(data))
     samples = [study_samples(r, rng) for r in tqdm(train_recs, desc="loading training studies", leave=False)]
     val_samples = [study_samples(r, rng) for r in tqdm(val_recs, desc="loading validation studies", leave=False)]
-    val = [(r, read_instances(r)) for r in val_recs]
-    offsets = _offsets(samples)
+    val_instances = [read_instances(r) for r in val_recs]
     train_targets = np.stack([s.targets for s in samples])
     prior = prior_baseline(np.stack([s.targets for s in val_samples]), train_targets=train_targets)
-
-    localiser, grader = Localiser().to(device), Grader().to(device)
-    history: list[dict[str, Any]] = state.get("history", [])
-    stage, start = state.get("stage", "localiser"), state.get("epoch", 0)
-    if state:
-        localiser.load_state_dict(state["localiser"])
-        grader.load_state_dict(state["grader"])
-
-    def checkpoint(stage_name: str, epoch: int, best: dict[str, Any], optimiser: torch.optim.Optimizer, extra: dict) -> None:
-        torch.save({"stage": stage_name, "epoch": epoch, "localiser": localiser.state_dict(),
-                    "grader": grader.state_dict(), "optimiser": optimiser.state_dict(), "best": best,
-                    "history": history, **extra}, state_path)
-        (run / "history.json").write_text(json.dumps(history, indent=1))
-
-    # ---- stage 1: localiser --------------------------------------------------------------------
-    if stage == "localiser":
-        pairs = [p for s in samples for p in s.localiser]
-        val_pairs = [(s, p) for s in val_samples for p in s.localiser[::2]]  # the unjittered ones
-        opt = torch.optim.AdamW(localiser.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        best = state.get("best", {"error": float("inf"), "weights": None, "stale": 0})
-        if state.get("optimiser") and state["stage"] == "localiser":
-            opt.load_state_dict(state["optimiser"])
-        for epoch in range(start, cfg.localiser_epochs):
-            localiser.train()
-            order = rng.permutation(len(pairs))
-            losses = []
-            for b in tqdm(range(0, len(order), cfg.localiser_batch), desc=f"localiser epoch {epoch + 1}", leave=False):
-                idx = order[b: b + cfg.localiser_batch]
-                x = torch.from_numpy(np.stack([pairs[i][0] for i in idx]).astype(np.float32)).to(device)
-                y = torch.from_numpy(np.stack([pairs[i][1] for i in idx]).astype(np.float32)).to(device)
-                x = x * torch.empty(len(idx), 1, 1, 1, device=device).uniform_(0.85, 1.15)
-                loss = _localiser_loss(localiser.logits(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            errors = np.array(_localiser_errors(localiser, val_pairs, device))
-            median = float(np.median(errors)) if len(errors) else float("nan")
-            mean = float(errors.mean()) if len(errors) else float("inf")  # sees wrong-level misses
-            history.append({"stage": "localiser", "epoch": epoch + 1, "loss": float(np.mean(losses)),
-                            "val_median_error_mm": median, "val_mean_error_mm": mean,
-                            "val_share_over_10mm": float((errors > 10).mean()) if len(errors) else None})
-            log(f"localiser epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation error median {median:.2f} mm, "
-                f"mean {mean:.2f} mm, {100 * (errors > 10).mean():.1f}% over 10 mm")
-            if mean < best["error"]:
-                best = {"error": mean, "weights": {k: v.clone() for k, v in localiser.state_dict().items()}, "stale": 0}
-            else:
-                best["stale"] += 1
-            checkpoint("localiser", epoch + 1, best, opt, {})
-            if best["stale"] >= cfg.patience:
-                log("localiser: early stop")
-                break
-        if best["weights"] is not None:
-            localiser.load_state_dict(best["weights"])
-        stage, start = "grader", 0
-        state = {}
-
-    # ---- stage 2: grader, on crops jittered by the localiser's real error -----------------------
-    runner = TorchRunner(localiser, grader, _info(offsets, cfg.training_data), device)
-    sigma_mm = state.get("sigma_mm") or _crop_errors(runner, val, val_samples)
-    sigma_px = {g: max(sigma_mm[g] / GRADER_SPEC.mm_per_pixel, 0.5) for g in range(3)}
-    log(f"crop placement error on validation (median, mm): spinal {sigma_mm[0]:.2f}, "
-        f"foraminal {sigma_mm[1]:.2f}, subarticular {sigma_mm[2]:.2f}; training jitter uses them")
-    opt = torch.optim.AdamW(grader.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grader_epochs)
-    best = state.get("best", {"score": float("inf"), "weights": None, "stale": 0})
-    if state.get("optimiser") and state.get("stage") == "grader":
-        opt.load_state_dict(state["optimiser"])
-        for _ in range(start):
-            sched.step()
     val_targets = np.stack([np.array(r.targets()) for r in val_recs])
-    for epoch in range(start, cfg.grader_epochs):
-        grader.train()
-        order = rng.permutation(len(samples))
+    return _Split(train_recs, val_recs, samples, val_samples, val_instances, val_targets, prior)
+
+
+def _offsets(samples: list[StudySamples]) -> dict[ConditionGroup, Offset]:
+    """Median (lateral, posterior, head) of each group's marked point from the canal point at its level."""
+    found: dict[ConditionGroup, list[Offset]] = {g: [] for g in ConditionGroup}
+    for s in samples:
+        canal = s.canal_points()
+        for label, point in s.points.items():
+            if label.level in canal and label.condition.group is not ConditionGroup.SPINAL:
+                found[label.condition.group].append(local_components(label, point - canal[label.level]))
+    return {g: (tuple(float(x) for x in np.median(v, axis=0)) if v else (0.0, 0.0, 0.0)) for g, v in found.items()}
+
+
+def _metadata(split: _Split, cfg: TrainConfig) -> ModelMetadata:
+    """The model's metadata as far as training knows it before calibration and validation."""
+    return ModelMetadata(name=MODEL_NAME, version=__version__, training_data=cfg.training_data,
+                         offsets_mm=_offsets(split.samples), train_studies=len(split.train), seed=cfg.seed)
+
+
+# ---- the run folder and the shared epoch loop --------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """A run folder's networks, history and the checkpoint it resumed from; writes the checkpoints."""
+
+    folder: Path
+    localiser: Localiser
+    grader: Grader
+    resumed: dict[str, Any] = field(default_factory=dict)  # state.pt as found ({} for a new run)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.pt"
+
+    @property
+    def stage(self) -> Stage:
+        """The stage to start at: the checkpoint's, else the first."""
+        return Stage(self.resumed.get("stage", Stage.LOCALISER.value))
+
+    def resumed_stage(self, stage: Stage) -> dict[str, Any]:
+        """The checkpoint when it was written in ``stage`` (that stage resumes from it), else {}."""
+        return self.resumed if self.resumed.get("stage") == stage.value else {}
+
+    def checkpoint(self, stage: Stage, epoch: int, best: dict[str, Any], optimiser: torch.optim.Optimizer,
+                   extra: dict[str, Any]) -> None:
+        """Write state.pt (everything to resume after ``epoch`` of ``stage``) and history.json."""
+        torch.save({"stage": stage.value, "epoch": epoch, "localiser": self.localiser.state_dict(),
+                    "grader": self.grader.state_dict(), "optimiser": optimiser.state_dict(), "best": best,
+                    "history": self.history, **extra}, self.state_path)
+        (self.folder / "history.json").write_text(json.dumps(self.history, indent=1))
+
+
+def _open_run(folder: Path, device: torch.device) -> _Run:
+    """The run in ``folder``: new networks, or those of its state.pt with its history."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / "state.pt"
+    state: dict[str, Any] = torch.load(state_path, weights_only=False) if state_path.exists() else {}
+    if state:
+        log.info("resuming from checkpoint", path=str(state_path), stage=state["stage"], epoch=state["epoch"])
+    run = _Run(folder, Localiser().to(device), Grader().to(device), state, state.get("history", []))
+    if state:
+        run.localiser.load_state_dict(state["localiser"])
+        run.grader.load_state_dict(state["grader"])
+    return run
+
+
+@dataclass
+class _Best:
+    """The lowest validation number so far, a copy of its weights, and the epochs since it."""
+
+    value: float = float("inf")
+    weights: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, key: str) -> _Best:
+        return cls(state[key], state["weights"], state["stale"]) if state else cls()
+
+    def to_state(self, key: str) -> dict[str, Any]:
+        return {key: self.value, "weights": self.weights, "stale": self.stale}
+
+    def update(self, value: float, model: torch.nn.Module) -> None:
+        if value < self.value:
+            self.value, self.stale = value, 0
+            self.weights = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            self.stale += 1
+
+
+TrainEpoch = Callable[[int], list[float]]  # epoch index -> the losses of its batches
+Validate = Callable[[], tuple[float, dict[str, Any]]]  # -> (the number to minimise, history.json fields)
+
+
+def _run_epochs(run: _Run, stage: Stage, epochs: int, patience: int, model: torch.nn.Module,
+                optimiser: torch.optim.Optimizer, train_epoch: TrainEpoch, validate: Validate,
+                extra: dict[str, Any] | None = None) -> None:
+    """The epoch loop of both stages: train an epoch, validate, keep the best weights, checkpoint;
+    stop after ``epochs`` or ``patience`` epochs without improvement; leave ``model`` at its best.
+
+    Resumes from the run's checkpoint when it was written in this stage: after its epoch, with its
+    optimiser state and best so far (no epoch is repeated). ``extra`` goes into every checkpoint."""
+    resumed = run.resumed_stage(stage)
+    key = _BEST_KEY[stage]
+    best = _Best.from_state(resumed.get("best"), key)
+    if resumed.get("optimiser"):
+        optimiser.load_state_dict(resumed["optimiser"])
+    epoch = resumed.get("epoch", 0)
+    while epoch < epochs and best.stale < patience:
+        losses = train_epoch(epoch)
+        number, fields = validate()
+        epoch, loss = epoch + 1, float(np.mean(losses))
+        run.history.append({"stage": stage.value, "epoch": epoch, "loss": loss, **fields})
+        log.info(f"{stage.value} epoch", epoch=epoch, loss=loss, **fields)
+        best.update(number, model)
+        run.checkpoint(stage, epoch, best.to_state(key), optimiser, extra or {})
+    if best.stale >= patience:
+        log.info(f"{stage.value} early stop", epoch=epoch, best_validation=best.value)
+    if best.weights is not None:
+        model.load_state_dict(best.weights)
+
+
+# ---- step 2: the localiser ------------------------------------------------------------------------
+
+
+def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, rng: np.random.Generator,
+                     device: torch.device) -> None:
+    """Stage 1: the level localiser on heatmap targets; keeps the weights of the lowest mean
+    validation error (the mean, unlike the median, sees wrong-level misses)."""
+    localiser = run.localiser
+    pairs = [p for s in split.samples for p in s.localiser]
+    val_pairs = [(s, p) for s in split.val_samples for p in s.localiser[::2]]  # the unjittered ones
+    opt = torch.optim.AdamW(localiser.parameters(), lr=cfg.lr, weight_decay=1e-4)
+
+    def train_epoch(epoch: int) -> list[float]:
+        localiser.train()
+        order = rng.permutation(len(pairs))
         losses = []
-        for b in tqdm(range(0, len(order), cfg.batch_studies), desc=f"grader epoch {epoch + 1}", leave=False):
-            batch = [samples[i] for i in order[b: b + cfg.batch_studies]]
-            x, t, c, s = _grader_batch(batch, sigma_px, rng, train=True)
-            if len(t) == 0:
-                continue
-            loss = grader_loss(grader.logits(x.to(device)), t.to(device), c.to(device), s.to(device))
+        for b in tqdm(range(0, len(order), cfg.localiser_batch), desc=f"localiser epoch {epoch + 1}", leave=False):
+            idx = order[b: b + cfg.localiser_batch]
+            x = torch.from_numpy(np.stack([pairs[i][0] for i in idx]).astype(np.float32)).to(device)
+            y = torch.from_numpy(np.stack([pairs[i][1] for i in idx]).astype(np.float32)).to(device)
+            x = x * torch.empty(len(idx), 1, 1, 1, device=device).uniform_(0.85, 1.15)
+            loss = _localiser_loss(localiser.logits(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        sched.step()
-        probs, _ = _evaluate_pipeline(runner, val)
-        score = competition_score(fill_not_assessed(probs, prior), val_targets)
-        history.append({"stage": "grader", "epoch": epoch + 1, "loss": float(np.mean(losses)),
-                        "val_score": score.total, **{f"val_{k}": v for k, v in score.as_dict().items() if k != "total"}})
-        log(f"grader epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation score {score.total:.4f}")
-        if score.total < best["score"]:
-            best = {"score": score.total, "weights": {k: v.clone() for k, v in grader.state_dict().items()}, "stale": 0}
-        else:
-            best["stale"] += 1
-        checkpoint("grader", epoch + 1, best, opt, {"sigma_mm": sigma_mm})
-        if best["stale"] >= cfg.patience:
-            log("grader: early stop")
-            break
-    if best["weights"] is not None:
-        grader.load_state_dict(best["weights"])
+        return losses
 
-    # ---- stage 3: temperature per condition, on validation ---------------------------------------
-    probs, results = _evaluate_pipeline(runner, val)
-    temperatures = fit_temperatures(probs, val_targets)
-    grader.temperature.copy_(torch.tensor(temperatures))
-    probs, results = _evaluate_pipeline(runner, val)
-    score = competition_score(fill_not_assessed(probs, prior), val_targets)
-    baseline = competition_score(prior, val_targets)
-    loc_err = [e for r, s in zip(results, val_samples, strict=True) for e in _result_errors(r, s)]
-    meta = {
-        "name": MODEL_NAME, "version": __version__, "training_data": cfg.training_data,
-        "label_columns": list(LABEL_COLUMNS), "classes": ["Normal/Mild", "Moderate", "Severe"],
-        "conditions": [c.key for c in CONDITIONS],
-        "preprocessing": {"localiser": asdict(LOCALISER_SPEC), "grader": asdict(GRADER_SPEC),
-                          "intensity": "per volume (value - p1) / (p99.5 - p1)",
-                          "localiser_input": "3 central sagittal slices, columns posterior, rows to the feet",
-                          "crops": "inference.levels.crop_axes; right side mirrored"},
-        "offsets_mm": offsets, "temperatures": temperatures,
-        "class_prior": prior[0].tolist(),
-        "validation": {"studies": len(val_recs), "score": score.as_dict(), "class_prior_score": baseline.as_dict(),
-                       "median_level_error_mm": float(np.median(loc_err)) if loc_err else None},
-        "train_studies": len(train_recs), "seed": cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    sha = save_model(run / "model.pt", localiser.cpu(), grader.cpu(), meta)
-    log(f"calibrated temperatures {np.round(temperatures, 2).tolist()}; validation score {score.total:.4f} "
-        f"(class prior {baseline.total:.4f}); model {run / 'model.pt'} sha256 {sha[:12]}")
-    return run / "model.pt"
+    def validate() -> tuple[float, dict[str, Any]]:
+        errors = np.array(_localiser_errors(localiser, val_pairs, device))
+        median = float(np.median(errors)) if len(errors) else float("nan")
+        mean = float(errors.mean()) if len(errors) else float("inf")
+        return mean, {"val_median_error_mm": median, "val_mean_error_mm": mean,
+                      "val_share_over_10mm": float((errors > 10).mean()) if len(errors) else None}
+
+    _run_epochs(run, Stage.LOCALISER, cfg.localiser_epochs, cfg.patience, localiser, opt, train_epoch, validate)
 
 
 @torch.no_grad()
-def _localiser_errors(localiser: Localiser, val_pairs: list, device: torch.device) -> list[float]:
+def _localiser_errors(localiser: Localiser, val_pairs: list[tuple[StudySamples, LocaliserPair]],
+                      device: torch.device) -> list[float]:
     """Pixel distance (x2 mm) between heatmap peaks and targets' peaks on validation images."""
     localiser.eval()
     errors = []
@@ -311,22 +372,28 @@ def _localiser_errors(localiser: Localiser, val_pairs: list, device: torch.devic
     return errors
 
 
-def _result_errors(result: StudyResult, samples: StudySamples) -> list[float]:
-    truth = samples.canal_points()
-    predicted = {lv: np.array(result.levels[lv.value]) for lv in LEVELS if lv.value in result.levels}
-    return level_error_mm(predicted, truth, np.array([1.0, 0.0, 0.0]))
+# ---- step 3: where the pipeline really places the crops ------------------------------------------------
 
 
-def _crop_errors(runner: TorchRunner, val: list, val_samples: list[StudySamples]) -> dict[int, float]:
+def _crop_error_mm(run: _Run, runner: TorchRunner, split: _Split) -> dict[int, float]:
+    """The median crop placement error per group (0 spinal, 1 foraminal, 2 subarticular), in mm:
+    the grader checkpoint's when resuming the grader, else measured through the pipeline."""
+    sigma_mm = run.resumed_stage(Stage.GRADER).get("sigma_mm") or _crop_errors(runner, split)
+    log.info("crop placement error on validation (median mm); training jitter uses it",
+             spinal=sigma_mm[0], foraminal=sigma_mm[1], subarticular=sigma_mm[2])
+    return sigma_mm
+
+
+def _crop_errors(runner: TorchRunner, split: _Split) -> dict[int, float]:
     """Median in-plane distance between the pipeline's crop centres and where training centres the
     same crops (``training.data.crop_center``), per group."""
     errors: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    for (_, instances), s in zip(val, val_samples, strict=True):
+    for instances, s in zip(split.val_instances, split.val_samples, strict=True):
         result = analyze_study(instances, runner)
         canal = s.canal_points()
         for r in result.labels:
             target = crop_center(r.label, s.points, canal)
-            if r.location is None or target is None:
+            if not isinstance(r, AssessedLabel) or target is None:
                 continue
             frame = r.location.crop
             d = target - frame.center
@@ -336,3 +403,111 @@ def _crop_errors(runner: TorchRunner, val: list, val_samples: list[StudySamples]
     return {g: float(np.median(v)) if v else 2.0 for g, v in errors.items()}
 
 
+# ---- step 4: the grader --------------------------------------------------------------------------------
+
+
+def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[int, float], cfg: TrainConfig,
+                  rng: np.random.Generator, device: torch.device) -> None:
+    """Stage 2: the grader with the competition loss, on crops jittered by the measured placement
+    error, cosine learning rate; keeps the weights of the best validation score through the pipeline."""
+    grader = run.grader
+    sigma_px = {g: max(sigma_mm[g] / GRADER_SPEC.mm_per_pixel, 0.5) for g in range(3)}
+    opt = torch.optim.AdamW(grader.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grader_epochs)
+    with warnings.catch_warnings():  # fast-forwarding warns that no optimiser step came first
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        for _ in range(run.resumed_stage(Stage.GRADER).get("epoch", 0)):
+            sched.step()  # to the resumed epoch; the loop then restores the optimiser's saved state
+
+    def train_epoch(epoch: int) -> list[float]:
+        grader.train()
+        order = rng.permutation(len(split.samples))
+        losses = []
+        for b in tqdm(range(0, len(order), cfg.batch_studies), desc=f"grader epoch {epoch + 1}", leave=False):
+            batch = [split.samples[i] for i in order[b: b + cfg.batch_studies]]
+            x, t, c, s = _grader_batch(batch, sigma_px, rng, train=True)
+            if len(t) == 0:
+                continue
+            loss = grader_loss(grader.logits(x.to(device)), t.to(device), c.to(device), s.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        return losses
+
+    def validate() -> tuple[float, dict[str, Any]]:
+        probs, _ = _evaluate_pipeline(runner, split.val_instances)
+        score = competition_score(fill_not_assessed(probs, split.prior), split.val_targets)
+        return score.total, {"val_score": score.total,
+                             **{f"val_{k}": v for k, v in score.as_dict().items() if k != "total"}}
+
+    _run_epochs(run, Stage.GRADER, cfg.grader_epochs, cfg.patience, grader, opt, train_epoch, validate,
+                {"sigma_mm": sigma_mm})
+
+
+def _evaluate_pipeline(runner: TorchRunner, studies: list[Instances]) -> tuple[np.ndarray, list[StudyResult]]:
+    """Every study through the serving pipeline: (probabilities (n, 25, 3), NaN where not assessed; results)."""
+    results = [analyze_study(instances, runner) for instances in studies]
+    probs = np.stack([r.probabilities() for r in results])
+    return probs, results
+
+
+# ---- step 5: temperatures and the final metadata --------------------------------------------------------
+
+
+def _calibrate(runner: TorchRunner, split: _Split) -> list[float]:
+    """Fit a temperature per condition on validation and set it in the grader."""
+    probs, _ = _evaluate_pipeline(runner, split.val_instances)
+    temperatures = fit_temperatures(probs, split.val_targets)
+    runner.grader.temperature.copy_(torch.tensor(temperatures))
+    return temperatures
+
+
+def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperatures: list[float]) -> ModelMetadata:
+    """``meta`` completed: temperatures, class prior and the calibrated model's validation results."""
+    probs, results = _evaluate_pipeline(runner, split.val_instances)
+    score = competition_score(fill_not_assessed(probs, split.prior), split.val_targets)
+    baseline = competition_score(split.prior, split.val_targets)
+    loc_err = [e for r, s in zip(results, split.val_samples, strict=True) for e in _result_errors(r, s)]
+    validation = {"studies": len(split.val), "score": score.as_dict(), "class_prior_score": baseline.as_dict(),
+                  "median_level_error_mm": float(np.median(loc_err)) if loc_err else None}
+    return replace(meta, temperatures=tuple(temperatures),
+                   class_prior=tuple(tuple(float(x) for x in row) for row in split.prior[0]),
+                   validation=validation, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def _result_errors(result: StudyResult, samples: StudySamples) -> list[float]:
+    """Distance (mm) between the pipeline's canal point of each level and the marked one."""
+    truth = samples.canal_points()
+    predicted = {lv: np.array(result.levels[lv]) for lv in LEVELS if lv in result.levels}
+    return level_error_mm(predicted, truth, np.array([1.0, 0.0, 0.0]))
+
+
+# ---- the whole run ------------------------------------------------------------------------------------
+
+
+def train(data: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
+    """Train on the RSNA layout at ``data``; write checkpoints and the final model under ``run``.
+
+    A run folder with a state.pt is resumed at its stage and epoch."""
+    cfg = cfg or TrainConfig()
+    device = device_of(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    training = _open_run(run, device)
+    split = _load_split(data, cfg, rng, device)
+    meta = _metadata(split, cfg)
+    if training.stage is Stage.LOCALISER:
+        _train_localiser(training, split, cfg, rng, device)
+    runner = TorchRunner(training.localiser, training.grader, ModelInfo(meta, ""), device)
+    sigma_mm = _crop_error_mm(training, runner, split)
+    _train_grader(training, runner, split, sigma_mm, cfg, rng, device)
+    temperatures = _calibrate(runner, split)
+    meta = _validated(meta, runner, split, temperatures)
+    path = run / "model.pt"
+    sha = save_model(path, training.localiser.cpu(), training.grader.cpu(), meta)
+    log.info("model written", path=str(path), sha256=sha[:12], temperatures=[round(t, 2) for t in temperatures],
+             val_score=meta.validation["score"]["total"],
+             class_prior_score=meta.validation["class_prior_score"]["total"])
+    return path

@@ -22,7 +22,13 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from dicom_node.orthanc import Orthanc, free_port, running_orthanc, storescu
-from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, stop_all, wait_for
+from tests.support.served_node import (
+    NODE_AET,
+    SENDER_AET,
+    ServedNode,
+    stop_all,
+    wait_for,
+)
 
 FINISHED = ("done", "failed", "skipped")
 

@@ -11,8 +11,9 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from tests.support.tools import lumbar_node
+from dicom_node.identity import DISCLAIMER
 from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
+from tests.support.tools import lumbar_node
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_sc_images_are_readable_without_help(outputs: tuple[Path, Path]) -> None
         sc = pydicom.dcmread(path)
         assert max(sc.Rows, sc.Columns) >= 512
         assert re.fullmatch(r"L\d/[LS]\d [A-Za-z ]+\. AI grade: (Normal/Mild|Moderate|Severe)\. "
-                            r"Normal/Mild \d+%  Moderate \d+%  Severe \d+%\. AI result - not for diagnosis",
+                            r"Normal/Mild \d+%  Moderate \d+%  Severe \d+%\. " + re.escape(DISCLAIMER),
                             sc.ImageComments), sc.ImageComments
         assert sc.BodyPartExamined == source.BodyPartExamined and "Laterality" not in sc
         rgb = sc.pixel_array.astype(int)

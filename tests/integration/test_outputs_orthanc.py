@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.tools import lumbar_node
 from dicom_node.orthanc import running_orthanc, storescu
+from tests.support.tools import lumbar_node
 
 
 def test_results_land_in_the_same_study_as_the_source_images(phantom_dir: Path, tmp_path: Path) -> None:

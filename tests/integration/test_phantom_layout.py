@@ -22,8 +22,8 @@ from inference.labels import (
     parse_condition,
     parse_level,
 )
-from tests.support.tools import PHANTOM_SEED, PHANTOM_STUDIES, require_tool
 from phantom import make_study
+from tests.support.tools import PHANTOM_SEED, PHANTOM_STUDIES, require_tool
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

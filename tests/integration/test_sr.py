@@ -16,8 +16,8 @@ from dicom_node.sr import build_sr
 from inference.analyze import AssessedLabel, LabelResult, StudyResult, analyze_study
 from inference.labels import SEVERITIES
 from inference.runtime import OnnxRunner
-from tests.support.tools import require_tool
 from tests.support.dicom_tools import dciodvfy_errors, pixelmed_sr_report
+from tests.support.tools import require_tool
 
 # Qualitative evaluations (TID 1410 row 12 / TID 1501 row 11: CODE with any concept name) are not in
 # the TID 1410/1501 tables compiled into Debian's PixelMed, which reports each as "not in template"

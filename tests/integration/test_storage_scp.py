@@ -11,8 +11,8 @@ import pytest
 
 from dicom_node.config import load_settings
 from dicom_node.ledger import Ledger
-from dicom_node.storage_scp import StorageSCP
 from dicom_node.orthanc import free_port, storescu
+from dicom_node.storage_scp import StorageSCP
 
 CALLING = "LUMBAR_TEST"
 

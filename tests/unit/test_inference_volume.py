@@ -9,7 +9,15 @@ import pydicom
 import pytest
 
 from inference.labels import LEVELS, SeriesRole, Side
-from inference.preprocess import HEAD, LEFT, POSTERIOR, CropSpec, crop_25d, intensity_of, sample_slice
+from inference.preprocess import (
+    HEAD,
+    LEFT,
+    POSTERIOR,
+    CropSpec,
+    crop_25d,
+    intensity_of,
+    sample_slice,
+)
 from inference.series import assign_roles, contrast_of, group_series
 from inference.volume import load_volume
 from phantom import make_study, write_study

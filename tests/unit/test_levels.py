@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.levels import LOCALISER_SPEC, decode_heatmaps, midline_shift, patient_to_crop
+from inference.levels import (
+    LOCALISER_SPEC,
+    decode_heatmaps,
+    midline_shift,
+    patient_to_crop,
+)
 from inference.preprocess import CropFrame
 
 FRAME = CropFrame(center=np.zeros(3), u=np.array([0.0, 1.0, 0.0]), v=np.array([0.0, 0.0, -1.0]), spec=LOCALISER_SPEC)

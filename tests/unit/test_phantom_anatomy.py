@@ -26,9 +26,9 @@ from inference.labels import (
     parse_condition,
     parse_level,
 )
-from tests.support.tools import PHANTOM_SEED, PHANTOM_STUDIES
 from phantom import PhantomStudy, make_study
 from phantom.anatomy import disc_index, region_of
+from tests.support.tools import PHANTOM_SEED, PHANTOM_STUDIES
 
 # Extra studies (pixels in memory only) so that every grade is measured often enough.
 MEASURED_STUDIES = 24

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import csv
-import logging
 import random
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from inference.labels import LABEL_COLUMNS, LABELS, LEVELS, SPINAL, Label, SeriesRole, Severity
+from inference.labels import (
+    LABEL_COLUMNS,
+    LABELS,
+    LEVELS,
+    SPINAL,
+    Label,
+    SeriesRole,
+    Severity,
+)
 from phantom import PhantomStudy, generate_dataset
 from training.rsna import StudyRecord, load_rsna, split_studies
 
@@ -127,12 +135,12 @@ def test_study_missing_a_series(tmp_path: Path) -> None:
     assert [s.series_id for s in record.series_with_role(SeriesRole.AX_T2)] == [12]
 
 
-def test_missing_series_folder_is_dropped_or_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_series_folder_is_dropped_or_kept(tmp_path: Path) -> None:
     _layout(tmp_path, {1: {}}, [(1, 10, SAG_T1), (1, 11, SAG_T2), (1, 12, AX)], {(1, 10): [1], (1, 12): [1]})
-    with caplog.at_level(logging.WARNING, logger="training.rsna"):
+    with capture_logs() as logs:
         (record,) = load_rsna(tmp_path)
     assert [s.series_id for s in record.series] == [10, 12]
-    assert "11" in caplog.text
+    assert [(e["log_level"], e["series"]) for e in logs if "has no folder" in e["event"]] == [("warning", 11)]
     (kept,) = load_rsna(tmp_path, require_images=False)
     (sag_t2,) = kept.series_with_role(SeriesRole.SAG_T2)
     assert sag_t2.series_id == 11 and sag_t2.instance_numbers == []
@@ -163,27 +171,27 @@ def test_series_on_disk_but_not_described_has_no_role(tmp_path: Path) -> None:
     assert by_id[11].description == "Coronal STIR" and by_id[11].role is None
 
 
-def test_study_without_images_is_dropped_unless_not_required(tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_study_without_images_is_dropped_unless_not_required(tmp_path: Path) -> None:
     _layout(tmp_path, {2: {}, 1: {}}, [(1, 10, AX), (2, 20, AX)], {(1, 10): [1]})
-    with caplog.at_level(logging.WARNING, logger="training.rsna"):
+    with capture_logs() as logs:
         assert [r.study_id for r in load_rsna(tmp_path)] == [1]
-    assert "study 2" in caplog.text
+    assert [e["study"] for e in logs if e["event"] == "study has no images: dropped"] == [2]
     assert [r.study_id for r in load_rsna(tmp_path, require_images=False)] == [1, 2]
 
 
-def test_coordinates_parse_errors_and_stray_series(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_coordinates_parse_errors_and_stray_series(tmp_path: Path) -> None:
     coords = [[1, 10, 3, "Left Subarticular Stenosis", "L4/L5", 1.5, 2.5],
               [1, 77, 1, "Spinal Canal Stenosis", "L1/L2", 0, 0],
               [1, 78, 1, "Spinal Canal Stenosis", "L2/L3", 0, 0],
               [9, 10, 1, "Spinal Canal Stenosis", "L2/L3", 0, 0]]  # study 9 is not in train.csv
     _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, coords)
-    with caplog.at_level(logging.WARNING, logger="training.rsna"):
+    with capture_logs() as logs:
         (record,) = load_rsna(tmp_path)
     assert len(record.coordinates) == 3
     (c,) = record.coordinates_for(Label(LABELS[15].condition, LEVELS[3]))
     assert (c.series_id, c.instance_number, c.x, c.y) == (10, 3, 1.5, 2.5)
-    assert len([r for r in caplog.records if "not in their study" in r.getMessage()]) == 1
+    [stray] = [e for e in logs if "not in their study" in e["event"]]
+    assert (stray["count"], stray["example_study"], stray["example_series"]) == (2, 1, 77)
 
     _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, coords + [[1, 10, 3, "Central Stenosis", "L1/L2", 0, 0]])
     with pytest.raises(ValueError, match="row 6"):

@@ -4,6 +4,7 @@ metadata read and written by one type."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,8 @@ def test_states_are_stored_as_their_strings_and_read_back_as_enums(tmp_path: Pat
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.record_instance("1.2.3.4", "1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.4", tmp_path / "x.dcm", "AE")
     ledger.set_state("1.2.3", StudyState.SKIPPED, "not an MR study")
-    [row] = ledger._query("SELECT state FROM studies")
-    assert row == ("skipped",)
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        assert db.execute("SELECT state FROM studies").fetchall() == [("skipped",)]
     study = ledger.study("1.2.3")
     assert study is not None and study.state is StudyState.SKIPPED and study.state.final
     ledger.close()

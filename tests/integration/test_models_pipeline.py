@@ -13,7 +13,7 @@ import torch
 
 from export.onnx_export import ExportError, autograd_gradcam, sample_inputs, verify
 from inference.labels import CONDITIONS, LABEL_COLUMNS, LABELS, ConditionGroup
-from tests.conftest import lumbar_node
+from tests.support.tools import lumbar_node
 from training.metrics import competition_score
 from training.models import CONDITION_GROUP, Grader
 from training.runner import load_model
@@ -35,11 +35,11 @@ def test_training_writes_a_resumable_run_and_a_model(trained: tuple[Path, Path],
     assert (run / "model.pt").is_file() and (run / "state.pt").is_file()
     history = json.loads((run / "history.json").read_text())
     assert [h["stage"] for h in history] == ["localiser", "grader"]
-    meta = load_model(run / "model.pt").meta  # type: ignore[attr-defined]
-    assert meta["label_columns"] == list(LABEL_COLUMNS)
-    assert set(meta["offsets_mm"]) == {g.value for g in ConditionGroup}
-    assert len(meta["temperatures"]) == len(CONDITIONS)
-    assert meta["validation"]["score"]["total"] > 0
+    meta = load_model(run / "model.pt").metadata
+    assert meta.label_columns == LABEL_COLUMNS
+    assert set(meta.offsets_mm) == set(ConditionGroup)
+    assert len(meta.temperatures) == len(CONDITIONS)
+    assert meta.validation["score"]["total"] > 0
     # running again over the same run folder resumes from its checkpoint: no epoch is repeated
     again = lumbar_node("train", "--data", str(phantom_dir), "--out", str(run), "--localiser-epochs", "1",
                         "--grader-epochs", "1")
