@@ -124,6 +124,24 @@ class ModelSettings(_Section):
     providers: list[str] = Field(min_length=1)
 
 
+class LimitsSettings(_Section):
+    """What one peer, one instance or one study may cost the node (hostile or careless input)."""
+
+    socket_timeout_s: float = Field(gt=0)  # an accepted connection that sends nothing for this long is closed
+    acse_timeout_s: float = Field(gt=0)  # association negotiation and release
+    dimse_timeout_s: float = Field(gt=0)  # between DIMSE messages of an association
+    network_timeout_s: float = Field(gt=0)  # an association idle this long is aborted
+    max_associations: int = Field(ge=1)  # in total
+    max_associations_per_address: int = Field(ge=1)
+    max_instance_mb: float = Field(gt=0)  # an encoded dataset (after inflating Deflate)
+    max_pixels: int = Field(ge=1)  # Rows x Columns x frames x samples of one image
+    max_series_images: int = Field(ge=1)  # images of one series graded; ImagesInAcquisition above it is ignored
+    localiser_batch: int = Field(ge=1)  # sagittal slices per localiser run
+    worker_memory_mb: int = Field(ge=256)  # address space of a grading worker (RLIMIT_AS)
+    grading_timeout_s: float = Field(gt=0)  # one study's grading; a study over it fails, the worker is replaced
+    worker_deaths_before_giving_up: int = Field(ge=1)  # a study that killed its worker this often is failed
+
+
 class LoggingSettings(_Section):
     """Log format (auto = console on a terminal, JSON otherwise) and level."""
 
@@ -141,6 +159,7 @@ class Settings(_Section):
     delivery: DeliverySettings
     models: ModelSettings
     workers: int = Field(ge=1)
+    limits: LimitsSettings
     logging: LoggingSettings
 
     @model_validator(mode="after")

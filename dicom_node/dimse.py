@@ -51,3 +51,10 @@ class RejectReason(IntEnum):
     APPLICATION_CONTEXT_NOT_SUPPORTED = 0x02
     CALLING_AE_NOT_RECOGNISED = 0x03
     CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+class ProviderRejectReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. when the source is the service provider (presentation)."""
+
+    TEMPORARY_CONGESTION = 0x01
+    LOCAL_LIMIT_EXCEEDED = 0x02

@@ -7,6 +7,7 @@ The worker never touches the ledger; it returns a GradeOutcome and the node reco
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ from dicom_node.identity import DISCLAIMER
 from dicom_node.logconfig import configure_logging, get_logger
 from dicom_node.outputs import OutputKind, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult, SkipReason
-from inference.analyze import analyze_study
+from inference.analyze import AnalysisLimits, analyze_study
 from inference.instances import Instance, read_headers
 from inference.labels import SeriesRole
 from inference.runtime import OnnxRunner
@@ -31,7 +32,15 @@ log = get_logger(__name__)
 LUMBAR_BODY_PARTS = frozenset({"LSPINE", "SPINE", "TLSPINE", "LSSPINE", "LUMBAR", "LUMBARSPINE", "L-SPINE"})
 ALL_ROLES = frozenset(SeriesRole)
 
+#: Written into a run's folder when its grading starts and removed when it ends: a run folder
+#: that still holds it after the worker is gone is the study the worker died on.
+RUNNING_MARKER = ".grading"
+
 _runner: OnnxRunner | None = None
+
+
+class GradingTimeout(Exception):
+    """The grading of one study took longer than ``limits.grading_timeout_s``."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class GradeJob:
     folder: str
     previous_sr: str | None = None
     sc_series_uid: str | None = None
+    limits: AnalysisLimits = AnalysisLimits()
+    timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -81,13 +92,19 @@ class Skip:
         return f"{self.why.value} ({self.found})" if self.found else self.why.value
 
 
-def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: str, log_level: str) -> None:
-    """Process-pool initializer: logging, and the ONNX sessions loaded once per worker.
+def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: str, log_level: str,
+                memory_mb: int | None = None) -> None:
+    """Process-pool initializer: logging, the memory limit, and the ONNX sessions loaded once.
 
     Ctrl-C and SIGTERM go to the node, which shuts the pool down in order; workers ignore them.
+    With ``memory_mb`` the worker's address space is limited (RLIMIT_AS): a study that needs more
+    fails with MemoryError instead of taking the machine's memory.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if memory_mb is not None:
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     configure_logging(log_format, log_level)
     global _runner
@@ -141,8 +158,32 @@ def has_all_roles(headers: list[pydicom.Dataset]) -> bool:
     return ALL_ROLES <= roles
 
 
+def _timed_out(signum: int, frame: object) -> None:
+    raise GradingTimeout
+
+
 def grade(job: GradeJob) -> GradeOutcome:
-    """Grade one study (in a worker process); any error becomes a 'failed' outcome with its reason."""
+    """Grade one study (in a worker process) within ``job.timeout_s``; any error becomes a
+    'failed' outcome with its reason. A grading stuck where Python cannot interrupt it (inside a
+    native call) ends the worker 30 s after the timeout; the node then replaces it."""
+    marker = Path(job.folder) / RUNNING_MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    watchdog = threading.Timer(job.timeout_s + 30.0, os._exit, (70,))
+    watchdog.daemon = True
+    watchdog.start()
+    previous = signal.signal(signal.SIGALRM, _timed_out)
+    signal.setitimer(signal.ITIMER_REAL, job.timeout_s)
+    try:
+        return _grade(job)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        watchdog.cancel()
+        marker.unlink(missing_ok=True)
+
+
+def _grade(job: GradeJob) -> GradeOutcome:
     started = time.perf_counter()
     try:
         headers = read_headers(job.paths)
@@ -150,7 +191,7 @@ def grade(job: GradeJob) -> GradeOutcome:
         if skip is not None:
             return GradeOutcome.skipped(str(skip))
         mr = mr_images(headers)
-        result = analyze_study(mr, _loaded_runner())
+        result = analyze_study(mr, _loaded_runner(), job.limits)
         supersedes = None
         if job.previous_sr:
             supersedes = Supersedes(pydicom.dcmread(job.previous_sr), job.sc_series_uid)
@@ -160,6 +201,12 @@ def grade(job: GradeJob) -> GradeOutcome:
                  sc_series_uid=outputs.series_uid(OutputKind.SC),
                  seconds=round(time.perf_counter() - started, 3), note=DISCLAIMER)
         return GradeOutcome.reported(outputs, assessed, time.perf_counter() - started)
+    except GradingTimeout:
+        log.error("grading timed out", study_uid=job.study_uid, timeout_s=job.timeout_s)
+        return GradeOutcome.failed(f"grading took longer than {job.timeout_s:g} s (limits.grading_timeout_s)")
+    except MemoryError:
+        log.error("grading ran out of memory", study_uid=job.study_uid)
+        return GradeOutcome.failed("grading needed more memory than a worker may use (limits.worker_memory_mb)")
     except Exception as exc:
         log.exception("grading failed", study_uid=job.study_uid)
         return GradeOutcome.failed(f"grading failed: {type(exc).__name__}: {exc}")

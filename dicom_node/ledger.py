@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from dicom_node.states import DeliveryState, StudyState
@@ -29,7 +30,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     calling_aet TEXT NOT NULL,
     received_at REAL NOT NULL,
-    series_size INTEGER
+    series_size INTEGER,
+    digest TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS studies (
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS studies (
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
     updated_at REAL NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 0
+    generation INTEGER NOT NULL DEFAULT 0,
+    worker_deaths INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS reports (
     study_uid TEXT NOT NULL,
@@ -63,6 +66,17 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at REAL NOT NULL
 );
 """
+# Columns added after the first release: (table, column, declaration), added to older ledgers at open.
+MIGRATIONS = (("instances", "digest", "TEXT"), ("studies", "worker_deaths", "INTEGER NOT NULL DEFAULT 0"))
+
+
+class Recorded(StrEnum):
+    """What recording a received instance came to."""
+
+    NEW = "new"
+    RESENT = "resent"  # the same bytes again: nothing changes
+    REPLACED = "replaced"  # the same SOP Instance UID with other bytes: the study is graded again
+    OTHER_STUDY = "other study"  # the SOP Instance UID is already filed under another study: refused
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,10 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        for table, column, declaration in MIGRATIONS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -136,28 +154,42 @@ class Ledger:
 
     # -- instances and studies --------------------------------------------------------------------
 
-    def record_instance(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str,
-                        path: Path, calling_aet: str, series_size: int | None = None, reopens: bool = True) -> bool:
-        """Record a stored instance; False if it was already known (a re-send changes nothing).
+    def instance(self, sop_instance_uid: str) -> tuple[str, str | None] | None:
+        """(study UID, content digest) of a recorded instance, or None."""
+        rows = self._query("SELECT study_uid, digest FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
-        A new instance that ``reopens`` (an image to grade) sets its study back to receiving and
-        bumps its generation; one that does not (our own SR/SC coming back) only creates the study
-        row when the study is new.
+    def record_instance(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str,
+                        path: Path, calling_aet: str, series_size: int | None = None, reopens: bool = True,
+                        digest: str | None = None) -> Recorded:
+        """Record a stored instance.
+
+        A new instance, or a known one with other content (``digest``), that ``reopens`` (an image
+        to grade) sets its study back to receiving and bumps its generation; one that does not
+        (our own SR/SC coming back) only creates the study row when the study is new. The same
+        bytes again change nothing; a SOP Instance UID filed under another study is not recorded.
         """
         now = time.time()
         with self._transaction() as db:
-            new = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now,
-                              series_size)).rowcount == 1
-            if new and reopens:
-                db.execute("INSERT INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1) "
+            known = db.execute("SELECT study_uid, digest FROM instances WHERE sop_instance_uid=?",
+                               (sop_instance_uid,)).fetchone()
+            if known is not None and known[0] != study_uid:
+                return Recorded.OTHER_STUDY
+            if known is not None and (digest is None or known[1] == digest):
+                return Recorded.RESENT
+            outcome = Recorded.NEW if known is None else Recorded.REPLACED
+            db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now,
+                        series_size, digest))
+            if reopens:
+                db.execute("INSERT INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0) "
                            "ON CONFLICT(study_uid) DO UPDATE SET state=excluded.state, reason=NULL, "
                            "last_received=excluded.last_received, updated_at=excluded.updated_at, "
                            "generation=studies.generation + 1", (study_uid, StudyState.RECEIVING, now, now, now))
-            elif new:
-                db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1)",
+            else:
+                db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0)",
                            (study_uid, StudyState.RECEIVING, now, now, now))
-        return new
+        return outcome
 
     def set_state(self, study_uid: str, state: StudyState, reason: str | None = None, generation: int | None = None) -> bool:
         """Set a study's state; with ``generation``, only if no instance arrived since. True if set."""
@@ -199,14 +231,28 @@ class Ledger:
     def reopen(self, study_uid: str) -> bool:
         """Grade a known study again (after a failure, a skip or a model change). False if unknown."""
         with self._transaction() as db:
-            return db.execute("UPDATE studies SET state=?, reason=NULL, generation=generation+1, updated_at=? "
-                              "WHERE study_uid=?", (StudyState.RECEIVING, time.time(), study_uid)).rowcount == 1
+            return db.execute("UPDATE studies SET state=?, reason=NULL, generation=generation+1, worker_deaths=0, "
+                              "updated_at=? WHERE study_uid=?",
+                              (StudyState.RECEIVING, time.time(), study_uid)).rowcount == 1
 
     def resume(self) -> int:
         """After a restart: a study that was being graded is graded again. Returns how many."""
         with self._transaction() as db:
             return db.execute("UPDATE studies SET state=?, updated_at=? WHERE state=?",
                               (StudyState.RECEIVING, time.time(), StudyState.ANALYSING)).rowcount
+
+    def worker_died(self, study_uid: str, limit: int, reason: str) -> bool:
+        """Count a grading worker that died while grading this study. At ``limit`` deaths the study
+        fails with ``reason`` and is not graded again until ``reopen`` (True); before that it is
+        queued to be graded once more (False)."""
+        with self._transaction() as db:
+            db.execute("UPDATE studies SET worker_deaths=worker_deaths+1 WHERE study_uid=?", (study_uid,))
+            row = db.execute("SELECT worker_deaths FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            given_up = row is not None and row[0] >= limit
+            state, why = (StudyState.FAILED, reason) if given_up else (StudyState.RECEIVING, None)
+            db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
+                       (state, why, time.time(), study_uid))
+        return given_up
 
     # -- reports and deliveries ---------------------------------------------------------------------
 

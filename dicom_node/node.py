@@ -9,7 +9,6 @@ processes, so the model's CPU time never holds up an association.
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node.config import Settings
 from dicom_node.delivery import DeliveryError, backoff, send_files
 from dicom_node.grading import (
+    RUNNING_MARKER,
     GradeJob,
     GradeOutcome,
     grade,
@@ -34,8 +34,10 @@ from dicom_node.grading import (
 from dicom_node.ledger import Delivery, Ledger, Report, Study
 from dicom_node.logconfig import get_logger
 from dicom_node.outputs import OutputKind
+from dicom_node.safety import UnsafePath, remove_tree, under
 from dicom_node.states import DeliveryState, GradeResult, StudyState
 from dicom_node.storage_scp import StorageSCP, restore_poll_interval, set_poll_interval
+from inference.analyze import AnalysisLimits
 
 log = get_logger(__name__)
 
@@ -57,6 +59,7 @@ class Node:
         self._grading: set[str] = set()  # studies handed to the pool and not back yet
         self._checked: dict[str, int] = {}  # study -> instance count already found incomplete by roles
         self._stopping = threading.Event()
+        self._pool_lock = threading.Lock()
         self._started_at = time.time()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -64,7 +67,15 @@ class Node:
         return ProcessPoolExecutor(
             s.workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
             initargs=(str(s.models.dir) if s.models.dir else None, tuple(s.models.providers), s.logging.format,
-                      s.logging.level))
+                      s.logging.level, s.limits.worker_memory_mb))
+
+    def _run_folder(self, study_uid: str, run: int) -> Path:
+        """results/<study>/run-<n>, checked to lie under the results folder (UnsafePath otherwise)."""
+        return under(self.results_dir, study_uid, f"run-{run}")
+
+    def _next_run(self, study_uid: str) -> int:
+        last = self.ledger.last_report(study_uid)
+        return last.run + 1 if last else 1
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -77,6 +88,7 @@ class Node:
         ready = [self.pool.submit(worker_ready) for _ in range(self.settings.workers)]
         log.info("grading workers ready", workers=self.settings.workers, **ready[0].result())
         self._started_at = time.time()  # a study cut off by a restart gets a fresh quiet time
+        self._count_worker_deaths()
         regrade = self.ledger.resume()
         self.scheduler.start()
         pending = self.ledger.deliveries(state=DeliveryState.PENDING)
@@ -87,14 +99,41 @@ class Node:
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_INTERVAL_S, id="sweep", max_instances=1)
         self.scp.start()
 
-    def stop(self) -> None:
+    def _count_worker_deaths(self) -> None:
+        """At start: a study left analysing whose run folder still holds the running marker was
+        being graded when its worker (and the node) died; count it, and give up on it at the limit."""
+        for study in self.ledger.studies((StudyState.ANALYSING,)):
+            try:
+                folder = self._run_folder(study.study_uid, self._next_run(study.study_uid))
+            except UnsafePath:
+                continue
+            if (folder / RUNNING_MARKER).exists():
+                self._worker_died(study.study_uid)
+
+    def _worker_died(self, study_uid: str) -> None:
+        limit = self.settings.limits.worker_deaths_before_giving_up
+        reason = (f"the grading worker died on this study {limit} times (out of memory or killed); "
+                  "not graded again until `lumbar-node reprocess`")
+        if self.ledger.worker_died(study_uid, limit, reason):
+            log.error("study failed: its grading killed the worker", study_uid=study_uid, deaths=limit)
+        else:
+            log.warning("the grading worker died on this study: it will be graded once more", study_uid=study_uid)
+
+    def stop(self, grace_s: float = 30.0) -> None:
         """Refuse new associations and finish the writes in flight, let a running grading finish
-        (queued ones are resumed at the next start), stop the deliveries, close the ledger."""
+        within ``grace_s`` (queued ones are resumed at the next start; a grading that hangs is
+        ended), stop the deliveries, close the ledger."""
         self._stopping.set()
         self.scp.stop()
         if self.scheduler.get_job("sweep") is not None:
             self.scheduler.remove_job("sweep")
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace_s
+        for worker in multiprocessing.active_children():
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.warning("a grading worker did not finish in time: ended", pid=worker.pid, grace_s=grace_s)
+                worker.kill()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.ledger.close()
@@ -133,26 +172,40 @@ class Node:
         if not self.ledger.set_state(uid, StudyState.ANALYSING, generation=study.generation):
             return  # an instance arrived in between: next sweep
         self._checked.pop(uid, None)
-        last = self.ledger.last_report(uid)
-        run = last.run + 1 if last else 1
-        folder = self.results_dir / uid / f"run-{run}"
-        shutil.rmtree(folder, ignore_errors=True)  # a run cut short by a crash is redone from scratch
+        run = self._next_run(uid)
+        try:
+            folder = self._run_folder(uid, run)
+        except UnsafePath as exc:  # a ledger from before UIDs were checked at the door
+            self.ledger.set_state(uid, StudyState.FAILED, f"not graded: {exc}", generation=study.generation)
+            return
+        remove_tree(self.results_dir, folder)  # a run cut short by a crash is redone from scratch
         previous = self.ledger.last_report(uid, published=True)  # what the PACS has is what is superseded
+        limits = self.settings.limits
         job = GradeJob(uid, study.generation, run, [str(p) for p in self.ledger.instance_paths(uid)], str(folder),
-                       previous.sr_path if previous else None, previous.sc_series_uid if previous else None)
+                       previous.sr_path if previous else None, previous.sc_series_uid if previous else None,
+                       AnalysisLimits(limits.max_series_images, limits.max_pixels, limits.localiser_batch),
+                       limits.grading_timeout_s)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self._grading.add(uid)
+        pool = self.pool
         try:
-            future = self.pool.submit(grade, job)
+            future = pool.submit(grade, job)
         except (RuntimeError, BrokenProcessPool) as exc:  # shutting down, or a dead pool
             self._grading.discard(uid)
             self.ledger.set_state(uid, StudyState.RECEIVING, generation=study.generation)
             if isinstance(exc, BrokenProcessPool):
-                self.pool = self._new_pool()
+                self._replace_pool(pool)
             return
-        future.add_done_callback(partial(self._graded, job))
+        future.add_done_callback(partial(self._graded, job, pool))
 
-    def _graded(self, job: GradeJob, future: Future) -> None:
+    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+        """A new worker pool in place of ``broken`` (once, however many of its futures report it)."""
+        with self._pool_lock:
+            if self.pool is broken and not self._stopping.is_set():
+                self.pool = self._new_pool()
+                log.warning("grading workers replaced after one of them died")
+
+    def _graded(self, job: GradeJob, pool: ProcessPoolExecutor, future: Future) -> None:
         """Record a worker's outcome (in the pool's thread): report + deliveries, or skipped/failed."""
         uid = job.study_uid
         try:
@@ -161,9 +214,14 @@ class Node:
             try:
                 outcome: GradeOutcome = future.result()
             except BrokenProcessPool:
-                outcome = GradeOutcome.failed("the grading worker process died (out of memory?)")
-                if not self._stopping.is_set():
-                    self.pool = self._new_pool()
+                self._replace_pool(pool)
+                if self._stopping.is_set():
+                    return  # ended by the shutdown: resumed at the next start
+                if (Path(job.folder) / RUNNING_MARKER).exists():
+                    self._worker_died(uid)  # the study the worker died on
+                else:  # queued behind it: graded by the new pool, not failed with it
+                    self.ledger.set_state(uid, StudyState.RECEIVING, generation=job.generation)
+                return
             except Exception as exc:  # noqa: BLE001
                 outcome = GradeOutcome.failed(f"grading failed: {type(exc).__name__}: {exc}")
             if outcome.result is not GradeResult.REPORTED or outcome.outputs is None:
@@ -177,7 +235,7 @@ class Node:
             ids = self.ledger.add_report(report, job.generation, list(self.destinations), files)
             if ids is None:
                 log.info("graded run discarded: new instances arrived while grading", study_uid=uid, run=job.run)
-                shutil.rmtree(job.folder, ignore_errors=True)
+                remove_tree(self.results_dir, Path(job.folder))
                 return
             log.info("results ready", study_uid=uid, run=job.run, sr=report.sr_path, files=len(files),
                      seconds=round(outcome.seconds, 3))

@@ -4,11 +4,16 @@ dataset to the spool (no pixel decoding), fsyncs it, records it in the ledger, t
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
 import shutil
+import socket
+import socketserver
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pynetdicom.association
@@ -34,11 +39,19 @@ from pydicom.uid import (
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
-from dicom_node.dimse import RejectReason, RejectResult, RejectSource, StoreStatus
-from dicom_node.ledger import Ledger
+from dicom_node.dimse import (
+    ProviderRejectReason,
+    RejectReason,
+    RejectResult,
+    RejectSource,
+    StoreStatus,
+)
+from dicom_node.ledger import Ledger, Recorded
 from dicom_node.logconfig import get_logger
+from dicom_node.safety import UnsafePath, uid_problem, under
 
 log = get_logger(__name__)
 
@@ -152,6 +165,101 @@ def write_durably(data: bytes, target: Path, fsync: bool = True) -> None:
         raise
 
 
+class Refused(Exception):
+    """An instance the node does not store: the status to answer and why (for the log)."""
+
+    def __init__(self, status: StoreStatus, why: str):
+        super().__init__(why)
+        self.status = status
+
+
+def image_size_problem(ds: Dataset, max_pixels: int) -> str | None:
+    """Why an image's declared size is refused (Rows x Columns x frames x samples over
+    ``max_pixels``, or not numbers), read from the header before anything is decoded."""
+    if PIXEL_DATA not in ds:
+        return None
+    try:
+        pixels = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                  * int(ds.get("SamplesPerPixel", 1) or 1))
+    except (AttributeError, TypeError, ValueError):
+        return "an image without usable Rows, Columns, NumberOfFrames or SamplesPerPixel"
+    if pixels > max_pixels:
+        return f"an image of {pixels} pixels (Rows x Columns x frames x samples; at most {max_pixels})"
+    return None
+
+
+def inflated_size_problem(raw: bytes, max_bytes: int) -> str | None:
+    """Why a Deflated Explicit VR Little Endian dataset is refused: it inflates beyond ``max_bytes``
+    (checked in bounded steps, so a deflate bomb never inflates in full), or is not deflate data."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, data = 0, raw
+    try:
+        while data:
+            total += len(inflater.decompress(data, 1 << 20))
+            if total > max_bytes:
+                return f"a deflated dataset that inflates beyond {max_bytes // 2**20} MiB"
+            data = inflater.unconsumed_tail
+    except zlib.error as exc:
+        return f"a deflated dataset that does not inflate ({exc})"
+    return None
+
+
+def series_size_of(ds: Dataset, max_images: int) -> int | None:
+    """ImagesInAcquisition when it is a plausible series size (1..max_images), else None (ignored)."""
+    try:
+        value = int(str(ds.get("ImagesInAcquisition", "")).strip())
+    except (TypeError, ValueError):
+        return None
+    return value if 1 <= value <= max_images else None
+
+
+class _GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a timeout on each accepted socket: a peer that connects
+    and sends nothing, or half a PDU, is dropped after ``socket_timeout_s`` instead of holding an
+    association slot for ever."""
+
+    socket_timeout_s: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.settimeout(self.socket_timeout_s)
+        return client, address
+
+    def shutdown(self) -> None:
+        """Stop serving and close the listening socket (this server is not in the AE's own list:
+        the node starts it itself, not through ``AE.start_server``)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class _OnceperConnection(logging.Filter):
+    """Lets the first pynetdicom error of each association thread through and counts the rest,
+    so that protocol garbage costs a bounded number of log lines (the count is logged when the
+    connection closes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        name = threading.current_thread().name
+        with self._lock:
+            if name in self.suppressed:
+                self.suppressed[name] += 1
+                return False
+            self.suppressed[name] = 0
+        record.exc_info, record.exc_text = None, None  # the first line says what; no traceback per PDU
+        return True
+
+    def closed(self, thread_name: str) -> int:
+        """Forget a connection's thread; how many of its errors were suppressed."""
+        with self._lock:
+            return self.suppressed.pop(thread_name, 0)
+
+
 class StorageSCP:
     """Receives studies into the spool and the ledger."""
 
@@ -162,6 +270,14 @@ class StorageSCP:
         self.spool.mkdir(parents=True, exist_ok=True)
         self.ae = AE(ae_title=settings.node.ae_title)
         self.ae.maximum_pdu_size = settings.node.max_pdu_size
+        limits = settings.limits
+        self.ae.acse_timeout = limits.acse_timeout_s
+        self.ae.dimse_timeout = limits.dimse_timeout_s
+        self.ae.network_timeout = limits.network_timeout_s
+        self.ae.maximum_associations = limits.max_associations
+        self.max_instance_bytes = int(limits.max_instance_mb * 2**20)
+        self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
+        self._errors = _OnceperConnection()
         for context in StoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
@@ -172,10 +288,15 @@ class StorageSCP:
     def start(self) -> None:
         """Listen in the background (pynetdicom runs one thread per association)."""
         node = self.settings.node
-        self.server = self.ae.start_server((node.bind_address, node.port), block=False,
-                                           evt_handlers=[(evt.EVT_REQUESTED, self.check_peer),
-                                                         (evt.EVT_C_STORE, self.handle_store),
-                                                         (evt.EVT_C_ECHO, lambda event: Status.SUCCESS)])
+        handlers = [(evt.EVT_REQUESTED, self.check_peer), (evt.EVT_C_STORE, self.handle_store),
+                    (evt.EVT_C_ECHO, lambda event: Status.SUCCESS), (evt.EVT_DATA_RECV, self._count_data),
+                    (evt.EVT_CONN_CLOSE, self._closed)]
+        _GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
+        server = self.ae.make_server((node.bind_address, node.port), evt_handlers=handlers,
+                                     server_class=_GuardedServer)
+        threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
+        self.server = server
+        logging.getLogger("pynetdicom").addFilter(self._errors)
         log.info("storage SCP listening", ae_title=node.ae_title, port=node.port)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -185,6 +306,7 @@ class StorageSCP:
         associations = list(self.server.active_associations)
         self.server.shutdown()  # closes the listening socket: new associations are refused
         self.server = None
+        logging.getLogger("pynetdicom").removeFilter(self._errors)
         deadline = time.monotonic() + timeout
         with self._idle:
             while self._in_flight and time.monotonic() < deadline:
@@ -202,13 +324,49 @@ class StorageSCP:
 
     def check_peer(self, event: evt.Event) -> None:
         """EVT_REQUESTED: reject an association from a caller that is not configured."""
-        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-        address = event.assoc.requestor.address
-        if not self.allowed(calling, address):
-            log.warning("rejected an association from an unknown peer", calling_aet=calling, address=address)
-            event.assoc.acse.send_reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
-                                         RejectReason.CALLING_AE_NOT_RECOGNISED)
-            event.assoc.kill()
+        try:
+            calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+            address = event.assoc.requestor.address
+            if not self.allowed(calling, address):
+                log.warning("rejected an association from an unknown peer", calling_aet=calling, address=address)
+                self._reject(event, RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                             RejectReason.CALLING_AE_NOT_RECOGNISED)
+                return
+            server = self.server
+            mine = [a for a in (server.active_associations if server else []) if a.requestor.address == address]
+            if len(mine) > self.settings.limits.max_associations_per_address:
+                log.warning("rejected an association: too many from one address", address=address,
+                            open=len(mine) - 1, limit=self.settings.limits.max_associations_per_address)
+                self._reject(event, RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                             ProviderRejectReason.LOCAL_LIMIT_EXCEEDED)
+        except Exception as exc:  # noqa: BLE001 - a check that fails rejects (fail closed), never lets in
+            log.error("rejected an association: the peer check failed", error=f"{type(exc).__name__}: {exc}")
+            self._reject(event, RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.NO_REASON)
+
+    @staticmethod
+    def _reject(event: evt.Event, result: int, source: int, reason: int) -> None:
+        event.assoc.acse.send_reject(result, source, reason)
+        event.assoc.kill()
+
+    def _count_data(self, event: evt.Event) -> None:
+        """EVT_DATA_RECV: abort an association whose dataset grows beyond the instance limit, so
+        that no peer can make the node hold more than ``limits.max_instance_mb`` for it."""
+        key = id(event.assoc)
+        total = self._received.get(key, 0) + len(event.data)
+        self._received[key] = total
+        if total > self.max_instance_bytes + 2**20:  # the command set and PDU headers on top
+            log.warning("aborted an association: an instance larger than the limit",
+                        address=event.assoc.requestor.address, max_instance_mb=self.settings.limits.max_instance_mb)
+            self._received.pop(key, None)
+            event.assoc.abort()
+
+    def _closed(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: forget the connection; say how many protocol errors it caused."""
+        self._received.pop(id(event.assoc), None)
+        suppressed = self._errors.closed(threading.current_thread().name)
+        if suppressed:
+            log.warning("connection closed after protocol errors", address=event.address[0],
+                        errors_not_logged=suppressed)
 
     def _disk_low(self) -> bool:
         floor = self.settings.storage.min_free_disk_mb * 2**20
@@ -227,35 +385,83 @@ class StorageSCP:
 
     def _store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
-        sop_class = str(event.request.AffectedSOPClassUID)
-        if self._disk_low():
-            log.warning("refused an instance: free disk under the configured floor",
-                        sop_instance_uid=sop_uid, min_free_disk_mb=self.settings.storage.min_free_disk_mb)
-            return StoreStatus.OUT_OF_RESOURCES
+        self._received.pop(id(event.assoc), None)  # this instance has arrived in full
+        try:
+            return self._file(event, calling)
+        except Refused as exc:
+            log.warning("refused an instance", calling_aet=calling, status=f"0x{exc.status:04X}", why=str(exc))
+            return exc.status
+
+    def _checked(self, event: evt.Event) -> tuple[Dataset, str, str, str, str]:
+        """The dataset and its UIDs (SOP instance, SOP class, study, series), checked before
+        anything touches the disk; Refused otherwise."""
+        request = event.request
+        sop_uid, sop_class = str(request.AffectedSOPInstanceUID or ""), str(request.AffectedSOPClassUID or "")
+        for value, name in ((sop_uid, "Affected SOP Instance UID"), (sop_class, "Affected SOP Class UID")):
+            if (problem := uid_problem(value, name)) is not None:
+                raise Refused(StoreStatus.CANNOT_UNDERSTAND, problem)
+        transfer_syntax = UID(event.context.transfer_syntax)
+        raw = request.DataSet.getvalue() if request.DataSet is not None else b""
+        if len(raw) > self.max_instance_bytes:
+            raise Refused(StoreStatus.OUT_OF_RESOURCES, f"an instance of {len(raw)} bytes")
+        if transfer_syntax == DeflatedExplicitVRLittleEndian and (
+                problem := inflated_size_problem(raw, self.max_instance_bytes)) is not None:
+            raise Refused(StoreStatus.OUT_OF_RESOURCES, problem)
         try:
             ds = event.dataset  # parsed lazily: only the UIDs below are read, pixels are not decoded
-            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-            cut = truncation(ds, sop_class, UID(event.context.transfer_syntax))
-            if cut is not None:
-                raise ValueError(f"truncated dataset: {cut}")
-            size = ds.get("ImagesInAcquisition")
-            series_size = int(size) if size not in (None, "") else None
-            data = event.encoded_dataset(include_meta=True)
+            uids = {name: str(ds.get(name, "") or "") for name in
+                    ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+            cut = truncation(ds, sop_class, transfer_syntax)
+            too_big = image_size_problem(ds, self.settings.limits.max_pixels)
         except Exception as exc:  # noqa: BLE001 - any malformed payload is answered, not raised
-            log.warning("refused an instance that cannot be parsed", sop_instance_uid=sop_uid,
-                        calling_aet=calling, error=f"{type(exc).__name__}: {exc}")
-            return StoreStatus.CANNOT_UNDERSTAND
-        target = self.spool / study_uid / f"{sop_uid}.dcm"
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"cannot be parsed: {type(exc).__name__}: {exc}") from None
+        if uids["SOPInstanceUID"] != sop_uid:
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, "the dataset's SOP Instance UID differs from the command's")
+        for name in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if (problem := uid_problem(uids[name], name)) is not None:
+                raise Refused(StoreStatus.CANNOT_UNDERSTAND, problem)
+        if cut is not None:
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"truncated dataset: {cut}")
+        if too_big is not None:
+            raise Refused(StoreStatus.OUT_OF_RESOURCES, too_big)
+        return ds, sop_uid, sop_class, uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
+
+    def _file(self, event: evt.Event, calling: str) -> int:
+        if self._disk_low():
+            raise Refused(StoreStatus.OUT_OF_RESOURCES, "free disk under the configured floor")
+        ds, sop_uid, sop_class, study_uid, series_uid = self._checked(event)
+        try:
+            target = under(self.spool, study_uid, f"{sop_uid}.dcm")
+            data = event.encoded_dataset(include_meta=True)
+        except UnsafePath as exc:
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"cannot be encoded: {type(exc).__name__}: {exc}") from None
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        known = self.ledger.instance(sop_uid)
+        if known is not None and known[0] != study_uid:
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"SOP Instance UID {sop_uid} is already filed under "
+                                                          f"another study ({known[0]})")
+        if known is not None and known[1] == digest:
+            log.debug("re-sent instance, same content", sop_instance_uid=sop_uid, study_uid=study_uid)
+            return StoreStatus.SUCCESS
+        series_size = series_size_of(ds, self.settings.limits.max_series_images)
         try:
             write_durably(data, target, self.settings.storage.fsync)
-            new = self.ledger.record_instance(sop_uid, study_uid, series_uid, sop_class, target, calling,
-                                              series_size, reopens_study(sop_class))
+            recorded = self.ledger.record_instance(sop_uid, study_uid, series_uid, sop_class, target, calling,
+                                                   series_size, reopens_study(sop_class), digest)
         except OSError as exc:
             log.error("could not store an instance", sop_instance_uid=sop_uid, error=str(exc))
             return StoreStatus.OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else StoreStatus.PROCESSING_FAILURE
         except Exception as exc:  # noqa: BLE001 - the service keeps running
             log.error("could not record an instance", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
             return StoreStatus.PROCESSING_FAILURE
-        log.debug("stored", sop_instance_uid=sop_uid, study_uid=study_uid, new=new)
+        if recorded is Recorded.OTHER_STUDY:  # filed under another study between our check and now
+            target.unlink(missing_ok=True)
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"SOP Instance UID {sop_uid} is already filed under "
+                                                          "another study")
+        if recorded is Recorded.REPLACED:
+            log.info("instance re-sent with new content: replaced, study re-opened", sop_instance_uid=sop_uid,
+                     study_uid=study_uid)
+        log.debug("stored", sop_instance_uid=sop_uid, study_uid=study_uid, recorded=recorded.value)
         return StoreStatus.SUCCESS

@@ -43,10 +43,19 @@ from inference.preprocess import (
     crop_frame,
     intensity_of,
 )
-from inference.series import SeriesHeader, assign_roles, group_series
-from inference.volume import Volume, load_volume
+from inference.series import MAX_SERIES_IMAGES, SeriesHeader, assign_roles, group_series
+from inference.volume import MAX_PIXELS, Volume, load_volume
 
 MAX_SLICE_DISTANCE_MM = 8.0  # a level farther than this from every slice of its series is not assessed
+
+
+@dataclass(frozen=True)
+class AnalysisLimits:
+    """What one study may cost the analysis (the node sets them from ``limits.*``)."""
+
+    max_series_images: int = MAX_SERIES_IMAGES  # a larger series is not used
+    max_pixels: int = MAX_PIXELS  # per image, checked before decoding
+    localiser_batch: int = 16  # sagittal slices per localiser run
 
 Point = tuple[float, float, float]  # LPS millimetres
 
@@ -156,7 +165,7 @@ class _Crop:
     location: Location
 
 
-def _load_volumes(roles: dict[SeriesRole, list[SeriesHeader]]) -> _Volumes:
+def _load_volumes(roles: dict[SeriesRole, list[SeriesHeader]], limits: AnalysisLimits) -> _Volumes:
     """Step 2: each role's series as a volume sorted along its normal; an unusable one is noted."""
     volumes: dict[SeriesRole, Volume] = {}
     problems: dict[SeriesRole, tuple[NotAssessedReason, str]] = {}
@@ -165,14 +174,14 @@ def _load_volumes(roles: dict[SeriesRole, list[SeriesHeader]]) -> _Volumes:
             problems[role] = (NotAssessedReason.MISSING_SERIES, f"no {role.value} series in the study")
             continue
         try:
-            volumes[role] = load_volume(role, roles[role])
+            volumes[role] = load_volume(role, roles[role], limits.max_pixels)
         except Exception as exc:  # noqa: BLE001 - an unreadable series is reported, not fatal
             problems[role] = (NotAssessedReason.UNUSABLE_SERIES,
                               f"{role.value} series unusable: {type(exc).__name__}: {exc}")
     return _Volumes(volumes, {role: intensity_of(vol) for role, vol in volumes.items()}, problems)
 
 
-def _localise_levels(vols: _Volumes, runner: Runner) -> dict[Level, NDArray[np.float64]] | None:
+def _localise_levels(vols: _Volumes, runner: Runner, batch: int) -> dict[Level, NDArray[np.float64]] | None:
     """Step 3: the canal point of each disc level (None without a usable sagittal series).
 
     The localiser runs on every sagittal slice; the five heatmaps of the central one are decoded
@@ -183,7 +192,8 @@ def _localise_levels(vols: _Volumes, runner: Runner) -> dict[Level, NDArray[np.f
     sag = vols.volumes[sagittal]
     mid = len(sag.slices) // 2
     inputs = localiser_inputs(sag, vols.intensity[sagittal])
-    heatmaps = runner.localise(np.stack([li.image for li in inputs]))
+    images = [li.image for li in inputs]
+    heatmaps = np.concatenate([runner.localise(np.stack(images[i:i + batch])) for i in range(0, len(images), batch)])
     points, _ = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
     normal = sag.slices[mid].plane.normal
     offsets = np.array([float((sl.plane.position - sag.slices[mid].plane.position) @ normal) for sl in sag.slices])
@@ -228,21 +238,22 @@ def _grade_crops(crops: list[_Crop], runner: Runner) -> list[AssessedLabel]:
     return graded
 
 
-def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runner) -> StudyResult:
+def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runner,
+                  limits: AnalysisLimits = AnalysisLimits()) -> StudyResult:
     """Grade a study from its image headers (pixels are read from ``path`` when not loaded)."""
     t0 = time.perf_counter()
     instances = list(instances)
     study_uid = str(instances[0][0].StudyInstanceUID) if instances else ""
-    roles = assign_roles(group_series(instances))  # step 1
+    roles = assign_roles(group_series(instances), max_images=limits.max_series_images)  # step 1
     series_roles = {role: tuple(s.series_uid for s in series) for role, series in roles.items()}
-    vols = _load_volumes(roles)
+    vols = _load_volumes(roles, limits)
     t1 = time.perf_counter()
-    canal = _localise_levels(vols, runner)
+    canal = _localise_levels(vols, runner, limits.localiser_batch)
     t2 = time.perf_counter()
     if canal is None:
-        labels: tuple[LabelResult, ...] = tuple(
-            NotAssessedLabel(label, NotAssessedReason.NO_SAGITTAL, "no usable sagittal series to localise the disc levels")
-            for label in LABELS)
+        why = "no usable sagittal series to localise the disc levels"
+        labels: tuple[LabelResult, ...] = tuple(NotAssessedLabel(label, NotAssessedReason.NO_SAGITTAL, why)
+                                                for label in LABELS)
         return StudyResult(study_uid, labels, runner.info, {}, series_roles, {"load": t1 - t0})
     placed = [_place_crop(label, vols, canal[label.level], runner.info) for label in LABELS]
     graded = {r.label: r for r in _grade_crops([p for p in placed if isinstance(p, _Crop)], runner)}

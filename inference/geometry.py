@@ -41,13 +41,24 @@ class ImagePlane:
         iop = np.asarray(orientation, dtype=np.float64)
         if iop.shape != (6,):
             raise ValueError(f"ImageOrientationPatient needs 6 values, got {len(iop)}")
+        if not np.isfinite(iop).all():
+            raise ValueError("ImageOrientationPatient holds a value that is not a finite number")
+        for name, v in (("row", iop[:3]), ("column", iop[3:])):
+            if abs(float(np.linalg.norm(v)) - 1.0) > UNIT_TOLERANCE:
+                raise ValueError(f"ImageOrientationPatient {name} direction is not a unit vector")
+        pos = np.asarray(position, dtype=np.float64).reshape(-1)
+        if pos.shape != (3,) or not np.isfinite(pos).all() or float(np.abs(pos).max()) > MAX_POSITION_MM:
+            raise ValueError(f"ImagePositionPatient must be 3 finite values within {MAX_POSITION_MM:g} mm")
         row_dir, col_dir = _unit(iop[:3]), _unit(iop[3:])
         if abs(float(row_dir @ col_dir)) > 1e-3:
             raise ValueError("ImageOrientationPatient row and column directions are not orthogonal")
-        if len(spacing) != 2 or min(float(spacing[0]), float(spacing[1])) <= 0:
+        if len(spacing) != 2 or not np.isfinite(np.asarray(spacing, np.float64)).all() \
+                or min(float(spacing[0]), float(spacing[1])) <= 0:
             raise ValueError(f"PixelSpacing must be two positive values, got {list(spacing)}")
+        if int(rows) < 1 or int(columns) < 1:
+            raise ValueError(f"Rows and Columns must be positive, got {rows} x {columns}")
         return cls(
-            position=np.asarray(position, dtype=np.float64).reshape(3),
+            position=pos,
             row_dir=row_dir,
             col_dir=col_dir,
             row_spacing=float(spacing[0]),
@@ -111,6 +122,10 @@ class ImagePlane:
         ys = (np.arange(r) + 0.5) * (self.rows / r) - 0.5
         xs = (np.arange(c) + 0.5) * (self.columns / c) - 0.5
         return self.to_patient(xs[None, :], ys[:, None])
+
+
+UNIT_TOLERANCE = 0.01  # |direction| may differ from 1 by this much (rounded values in real files)
+MAX_POSITION_MM = 1e5  # a patient fits in 100 m: farther is a broken header, not a position
 
 
 def _unit(v: FloatArray) -> FloatArray:

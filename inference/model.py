@@ -115,7 +115,8 @@ class ModelMetadata:
             raise ModelError("model.json label order differs from inference.labels")
         for name, spec in (("localiser", LOCALISER_SPEC), ("grader", GRADER_SPEC)):
             got = self.preprocessing.get(name, {})
-            if (got.get("size_mm"), got.get("pixels"), got.get("n_slices")) != (spec.size_mm, spec.pixels, spec.n_slices):
+            wanted = (spec.size_mm, spec.pixels, spec.n_slices)
+            if (got.get("size_mm"), got.get("pixels"), got.get("n_slices")) != wanted:
                 raise ModelError(f"model.json {name} crop {got} differs from this code's {spec}")
 
 

@@ -13,10 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 from pydicom.dataset import Dataset
 
-from inference.geometry import classify_orientation
+from inference.geometry import ImagePlane, classify_orientation
 from inference.labels import SeriesRole
+
+log = structlog.stdlib.get_logger(__name__)
+
+MAX_SERIES_IMAGES = 1000  # images of one series the analysis takes (a worker's memory bounds it)
 
 
 @dataclass
@@ -69,12 +74,33 @@ def contrast_of(ds: Dataset) -> str | None:
     return None
 
 
+def usable_geometry(ds: Dataset) -> str | None:
+    """Why an image's geometry cannot be used (NaN, non-unit or non-orthogonal directions, an
+    absurd position, no spacing), or None when it can."""
+    try:
+        ImagePlane.from_dataset(ds)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[SeriesHeader]:
-    """Group image headers by SeriesInstanceUID; orientation by majority of the instances."""
+    """Group image headers by SeriesInstanceUID; orientation by majority of the instances.
+
+    An image whose geometry cannot be used is left out (a log line per series says how many and
+    why), so that one broken header does not decide a series' orientation or fail the study."""
     groups: dict[str, list[tuple[Dataset, Path | None]]] = defaultdict(list)
+    left_out: dict[str, list[str]] = defaultdict(list)
     for ds, path in instances:
-        if "ImageOrientationPatient" in ds and "SeriesInstanceUID" in ds:  # images with geometry only
-            groups[str(ds.SeriesInstanceUID)].append((ds, path))
+        if "ImageOrientationPatient" not in ds or "SeriesInstanceUID" not in ds:  # images with geometry only
+            continue
+        problem = usable_geometry(ds)
+        if problem is not None:
+            left_out[str(ds.SeriesInstanceUID)].append(problem)
+            continue
+        groups[str(ds.SeriesInstanceUID)].append((ds, path))
+    for uid, problems in left_out.items():
+        log.warning("images left out: unusable geometry", series_uid=uid, images=len(problems), example=problems[0])
     out = []
     for uid, items in groups.items():
         votes: dict[str, int] = defaultdict(int)
@@ -106,13 +132,19 @@ def role_of(series: SeriesHeader) -> SeriesRole | None:
     return None
 
 
-def assign_roles(series: list[SeriesHeader], min_images: int = 3) -> dict[SeriesRole, list[SeriesHeader]]:
+def assign_roles(series: list[SeriesHeader], min_images: int = 3,
+                 max_images: int = MAX_SERIES_IMAGES) -> dict[SeriesRole, list[SeriesHeader]]:
     """The series that serve each role. A sagittal role takes the one series with most images
-    (T2 preferred over STIR); the axial role takes every axial T2 series (they are merged)."""
+    (T2 preferred over STIR); the axial role takes every axial T2 series (they are merged). A
+    series of more than ``max_images`` images is not used (it would not fit a worker's memory)."""
     roles: dict[SeriesRole, list[SeriesHeader]] = {}
     candidates: dict[SeriesRole, list[SeriesHeader]] = defaultdict(list)
     for s in series:
         role = role_of(s)
+        if role is not None and s.n_images > max_images:
+            log.warning("series not used: too many images", series_uid=s.series_uid, images=s.n_images,
+                        limit=max_images)
+            continue
         if role is not None and s.n_images >= min_images:
             candidates[role].append(s)
     for role, found in candidates.items():

@@ -48,9 +48,17 @@ class Volume:
         return nearest_plane(self.planes, point)
 
 
-def decode(ds: Dataset) -> NDArray[np.float32]:
+MAX_PIXELS = 2**25  # Rows x Columns x frames x samples decoded at most (32 Mi: 128 MiB as float32)
+
+
+def decode(ds: Dataset, max_pixels: int = MAX_PIXELS) -> NDArray[np.float32]:
     """Pixel data as float32, modality rescale applied, MONOCHROME1 inverted. Compressed transfer
-    syntaxes decode through pydicom's plugins (pylibjpeg, pillow, gdcm when installed)."""
+    syntaxes decode through pydicom's plugins (pylibjpeg, pillow, gdcm when installed). The size
+    the header declares is checked before anything is decoded (a 2 kB file may declare 4 Gi pixels)."""
+    declared = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.get("SamplesPerPixel", 1) or 1))
+    if declared > max_pixels:
+        raise ValueError(f"an image of {declared} pixels (Rows x Columns x frames x samples; at most {max_pixels})")
     arr = ds.pixel_array
     if arr.ndim != 2:
         raise ValueError(f"expected a single-frame greyscale image, got shape {arr.shape}")
@@ -66,7 +74,7 @@ def _full_dataset(ds: Dataset, path: Path | None) -> Dataset:
     return pydicom.dcmread(path)
 
 
-def load_volume(role: SeriesRole, series: list[SeriesHeader]) -> Volume:
+def load_volume(role: SeriesRole, series: list[SeriesHeader], max_pixels: int = MAX_PIXELS) -> Volume:
     """Decode the images of these series and sort them along the slice normal."""
     slices = []
     for s in series:
@@ -74,7 +82,7 @@ def load_volume(role: SeriesRole, series: list[SeriesHeader]) -> Volume:
             ds = _full_dataset(header, path)
             slices.append(Slice(
                 plane=ImagePlane.from_dataset(ds),
-                pixels=decode(ds),
+                pixels=decode(ds, max_pixels),
                 series_uid=s.series_uid,
                 sop_instance_uid=str(ds.SOPInstanceUID),
                 sop_class_uid=str(ds.SOPClassUID),

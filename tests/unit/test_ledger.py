@@ -9,7 +9,8 @@ import pytest
 
 from dicom_node.config import DeliverySettings
 from dicom_node.delivery import backoff
-from dicom_node.ledger import Ledger, Report
+from dicom_node.ledger import Ledger, Recorded, Report
+from dicom_node.states import StudyState
 
 
 @pytest.fixture
@@ -19,12 +20,13 @@ def ledger(tmp_path: Path) -> Ledger:
     led.close()
 
 
-def _add(ledger: Ledger, sop: str, study: str = "1.2.3", sop_class: str = "1.2.840.10008.5.1.4.1.1.4") -> bool:
-    return ledger.record_instance(sop, study, "1.2.3.4", sop_class, Path(f"/spool/{sop}.dcm"), "PACS", 3)
+def _add(ledger: Ledger, sop: str, study: str = "1.2.3", sop_class: str = "1.2.840.10008.5.1.4.1.1.4",
+         digest: str = "d1") -> Recorded:
+    return ledger.record_instance(sop, study, "1.2.3.4", sop_class, Path(f"/spool/{sop}.dcm"), "PACS", 3, digest=digest)
 
 
 def test_a_late_instance_makes_a_running_grading_stale(ledger: Ledger) -> None:
-    assert _add(ledger, "1") and not _add(ledger, "1")  # a re-send is recorded once
+    assert _add(ledger, "1") is Recorded.NEW and _add(ledger, "1") is Recorded.RESENT  # a re-send is recorded once
     [study] = ledger.studies()
     assert ledger.set_state(study.study_uid, "analysing", generation=study.generation)
     _add(ledger, "2")  # arrives while grading
@@ -101,3 +103,17 @@ def test_without_destinations_every_report_counts_as_published(ledger: Ledger) -
     _add(ledger, "1")
     ledger.add_report(Report("1.2.3", 1, "/r1/SR.dcm", "9.9", None), ledger.study("1.2.3").generation, [], [])
     assert ledger.study("1.2.3").state == "done" and ledger.last_report("1.2.3", published=True).run == 1
+
+
+def test_new_content_under_a_known_uid_reopens_the_study_and_another_study_is_refused(ledger: Ledger) -> None:
+    _add(ledger, "1")
+    study = ledger.study("1.2.3")
+    assert study is not None
+    ledger.set_state("1.2.3", StudyState.DONE)
+    assert _add(ledger, "1", digest="d1") is Recorded.RESENT
+    assert ledger.study("1.2.3").state is StudyState.DONE  # type: ignore[union-attr]
+    assert _add(ledger, "1", digest="d2") is Recorded.REPLACED
+    again = ledger.study("1.2.3")
+    assert again is not None and again.state is StudyState.RECEIVING and again.generation == study.generation + 1
+    assert _add(ledger, "1", study="9.8.7") is Recorded.OTHER_STUDY
+    assert ledger.study("9.8.7") is None and ledger.instance("1") == ("1.2.3", "d2")
