@@ -133,6 +133,7 @@ class LimitsSettings(_Section):
     network_timeout_s: float = Field(gt=0)  # an association idle this long is aborted
     max_associations: int = Field(ge=1)  # in total
     max_associations_per_address: int = Field(ge=1)
+    max_connections: int = Field(ge=1)  # open TCP connections, associated or not
     max_instance_mb: float = Field(gt=0)  # an encoded dataset (after inflating Deflate)
     max_pixels: int = Field(ge=1)  # Rows x Columns x frames x samples of one image
     max_series_images: int = Field(ge=1)  # images of one series graded; ImagesInAcquisition above it is ignored

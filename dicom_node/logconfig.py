@@ -137,6 +137,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     handler.setFormatter(formatter)
     handler.addFilter(_scrub_record)
 
+    logging.captureWarnings(True)  # pydicom's and numpy's warnings: through the same chain, not raw stderr
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)

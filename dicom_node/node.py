@@ -127,13 +127,15 @@ class Node:
         self.scp.stop()
         if self.scheduler.get_job("sweep") is not None:
             self.scheduler.remove_job("sweep")
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + grace_s
-        for worker in multiprocessing.active_children():
-            worker.join(max(0.0, deadline - time.monotonic()))
-            if worker.is_alive():
+        shutdown = threading.Thread(target=self.pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                    name="pool-shutdown", daemon=True)
+        shutdown.start()
+        shutdown.join(grace_s)
+        if shutdown.is_alive():  # a grading that hangs: end its worker rather than wait for ever
+            for worker in multiprocessing.active_children():
                 log.warning("a grading worker did not finish in time: ended", pid=worker.pid, grace_s=grace_s)
                 worker.kill()
+            shutdown.join(10.0)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.ledger.close()

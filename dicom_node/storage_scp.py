@@ -37,6 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
@@ -66,6 +67,7 @@ TRANSFER_SYNTAXES = [
     JPEGLSNearLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000,
 ]
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+C_STORE_RQ_FIELD = 0x0001  # Command Field of a C-STORE request (PS3.7 E.1)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # Stored and recorded, but they do not (re)open a study for grading: Structured Reports (our own
@@ -98,19 +100,35 @@ def truncation(ds: Dataset, sop_class_uid: str, transfer_syntax: UID) -> str | N
     return None
 
 
+IDLE_POLL_S = 0.1  # an association idle for IDLE_AFTER_S polls ten times a second
+IDLE_AFTER_S = 1.0
+
+
 class _PollClock:
-    """``time`` for pynetdicom's association and DUL modules, with their sleeps capped at ``poll_s``.
+    """``time`` for pynetdicom's association and DUL modules: their sleeps capped at ``poll_s``
+    while a reactor has work, and ``idle_s`` long once it has had none for ``idle_after_s``.
 
     pynetdicom's acceptor reactor sleeps a fixed 1 ms between polls of its DIMSE queue, and each
     association's DUL reactor 1 ms between polls of its socket; neither has a public setting, and
-    each C-STORE waits for such polls: at 4 to 5 ms per image that is a large share.
+    each C-STORE waits for such polls: at 4 to 5 ms per image that is a large share. A reactor
+    that calls ``sleep`` again right after the last one returned found nothing to do; once that
+    has lasted ``idle_after_s`` its polls slow down to ``idle_s``, so an idle association costs
+    (near) no CPU, and the first message after the pause waits at most ``idle_s``.
     """
 
-    def __init__(self, poll_s: float):
-        self.poll_s = poll_s
+    BUSY_GAP_S = 0.0005  # more than this between two sleeps of a thread: it did some work
+
+    def __init__(self, poll_s: float, idle_s: float = IDLE_POLL_S, idle_after_s: float = IDLE_AFTER_S):
+        self.poll_s, self.idle_s, self.idle_after_s = poll_s, idle_s, idle_after_s
+        self._threads = threading.local()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.poll_s))
+        state, now = self._threads, time.monotonic()
+        if now - getattr(state, "last_wake", 0.0) > self.BUSY_GAP_S:
+            state.idle_since = now
+        idle = now - getattr(state, "idle_since", now) >= self.idle_after_s
+        time.sleep(max(seconds, self.idle_s) if idle else min(seconds, self.poll_s))
+        state.last_wake = time.monotonic()
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
@@ -214,11 +232,19 @@ def series_size_of(ds: Dataset, max_images: int) -> int | None:
 
 
 class _GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with a timeout on each accepted socket: a peer that connects
-    and sends nothing, or half a PDU, is dropped after ``socket_timeout_s`` instead of holding an
-    association slot for ever."""
+    """pynetdicom's threaded server with a timeout on each accepted socket (a peer that sends half
+    a PDU is dropped after ``socket_timeout_s`` instead of holding its thread for ever) and a cap
+    on open connections (each costs a thread until it associates or its ACSE timeout ends it):
+    beyond ``max_connections`` a new connection is closed at once."""
 
     socket_timeout_s: float = 30.0
+    max_connections: int = 64
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        if len(self.active_associations) < self.max_connections:
+            return True
+        log.warning("closed a connection: too many open connections", limit=self.max_connections)
+        return False
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
@@ -274,7 +300,12 @@ class StorageSCP:
         self.ae.acse_timeout = limits.acse_timeout_s
         self.ae.dimse_timeout = limits.dimse_timeout_s
         self.ae.network_timeout = limits.network_timeout_s
-        self.ae.maximum_associations = limits.max_associations
+        # pynetdicom counts every open connection, even one that never sends an A-ASSOCIATE-RQ;
+        # the node's limits (check_peer) count associations only, so silent sockets held open by
+        # someone cannot lock the PACS out: pynetdicom's own count is only the connection cap.
+        self.ae.maximum_associations = limits.max_connections
+        self._associations: dict[int, str] = {}  # id(association) -> peer address, once requested
+        self._lock = threading.Lock()
         self.max_instance_bytes = int(limits.max_instance_mb * 2**20)
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
         self._errors = _OnceperConnection()
@@ -290,8 +321,9 @@ class StorageSCP:
         node = self.settings.node
         handlers = [(evt.EVT_REQUESTED, self.check_peer), (evt.EVT_C_STORE, self.handle_store),
                     (evt.EVT_C_ECHO, lambda event: Status.SUCCESS), (evt.EVT_DATA_RECV, self._count_data),
-                    (evt.EVT_CONN_CLOSE, self._closed)]
+                    (evt.EVT_DIMSE_RECV, self._answer_malformed), (evt.EVT_CONN_CLOSE, self._closed)]
         _GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
+        _GuardedServer.max_connections = self.settings.limits.max_connections
         server = self.ae.make_server((node.bind_address, node.port), evt_handlers=handlers,
                                      server_class=_GuardedServer)
         threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
@@ -332,11 +364,17 @@ class StorageSCP:
                 self._reject(event, RejectResult.PERMANENT, RejectSource.SERVICE_USER,
                              RejectReason.CALLING_AE_NOT_RECOGNISED)
                 return
-            server = self.server
-            mine = [a for a in (server.active_associations if server else []) if a.requestor.address == address]
-            if len(mine) > self.settings.limits.max_associations_per_address:
-                log.warning("rejected an association: too many from one address", address=address,
-                            open=len(mine) - 1, limit=self.settings.limits.max_associations_per_address)
+            limits = self.settings.limits
+            with self._lock:
+                total = len(self._associations)
+                mine = sum(a == address for a in self._associations.values())
+                over = total >= limits.max_associations or mine >= limits.max_associations_per_address
+                if not over:
+                    self._associations[id(event.assoc)] = address
+            if over:
+                log.warning("rejected an association: too many at once", address=address, open=total,
+                            open_from_address=mine, limit=limits.max_associations,
+                            limit_per_address=limits.max_associations_per_address)
                 self._reject(event, RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
                              ProviderRejectReason.LOCAL_LIMIT_EXCEEDED)
         except Exception as exc:  # noqa: BLE001 - a check that fails rejects (fail closed), never lets in
@@ -360,9 +398,39 @@ class StorageSCP:
             self._received.pop(key, None)
             event.assoc.abort()
 
+    def _answer_malformed(self, event: evt.Event) -> None:
+        """EVT_DIMSE_RECV: answer 0xC000 to a C-STORE request whose command set pynetdicom cannot
+        serve (an empty Affected SOP Instance UID, no Message ID, ...): pynetdicom drops such a
+        request without a response, so the sender would wait for its own timeout. One whose
+        command set cannot even be read (an over-long UID) pynetdicom answers with an A-ABORT."""
+        message = event.message
+        command = message.command_set
+        if command is None or command.get("CommandField") != C_STORE_RQ_FIELD:
+            return
+        try:
+            if message.message_to_primitive().is_valid_request:
+                return  # the storage service answers it (the handler checks the UIDs)
+        except Exception:  # noqa: BLE001 - pynetdicom answers it with an A-ABORT itself (Evt19)
+            log.warning("aborted an association: a C-STORE command set that cannot be read",
+                        calling_aet=event.assoc.requestor.ae_title)
+            return
+        response = C_STORE()
+        message_id = command.get("MessageID")
+        response.MessageIDBeingRespondedTo = message_id if isinstance(message_id, int) and 0 <= message_id < 2**16 else 0
+        if uid_problem(str(command.get("AffectedSOPClassUID", "")), "class") is None:
+            response.AffectedSOPClassUID = command.AffectedSOPClassUID
+        response.Status = StoreStatus.CANNOT_UNDERSTAND
+        log.warning("refused a C-STORE request with a malformed command set", calling_aet=event.assoc.requestor.ae_title,
+                    status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
+                    why=uid_problem(str(command.get("AffectedSOPInstanceUID", "")), "Affected SOP Instance UID")
+                    or "required command elements missing")
+        event.assoc.dimse.send_msg(response, message.context_id)
+
     def _closed(self, event: evt.Event) -> None:
         """EVT_CONN_CLOSE: forget the connection; say how many protocol errors it caused."""
         self._received.pop(id(event.assoc), None)
+        with self._lock:
+            self._associations.pop(id(event.assoc), None)
         suppressed = self._errors.closed(threading.current_thread().name)
         if suppressed:
             log.warning("connection closed after protocol errors", address=event.address[0],

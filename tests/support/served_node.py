@@ -39,7 +39,7 @@ def wait_for(what: str | Callable[[], str], probe: Callable[[], T | None], timeo
 class ServedNode:
     """One node installation (config, spool, ledger, results) under ``root``; start/stop it at will."""
 
-    def __init__(self, root: Path, destination_port: int, quiet_time_s: float = 3.0, **sections: dict):
+    def __init__(self, root: Path, destination_port: int, quiet_time_s: float = 3.0, **sections: dict | list):
         self.root = root
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
@@ -53,8 +53,8 @@ class ServedNode:
             "delivery": {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_attempts": 100},
             "logging": {"format": "json", "level": "INFO"},
         }
-        for name, values in sections.items():
-            config[name] = {**config.get(name, {}), **values}
+        for name, values in sections.items():  # a section's keys merge; a list (destinations) replaces
+            config[name] = values if isinstance(values, list) else {**config.get(name, {}), **values}
         self.config = root / "node.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.log_path = root / "node.log"

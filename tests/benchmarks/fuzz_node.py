@@ -1,0 +1,355 @@
+"""Fuzz the node as it is served: malformed files, studies and protocol garbage, deterministic for a seed.
+
+    .venv/bin/python tests/benchmarks/fuzz_node.py [--cases 1000] [--seed 0] [--json]
+
+Starts ``lumbar-node serve`` (tests/support/served_node.py, no destinations, quiet time 2 s) in a
+fresh folder and sends ``--cases`` cases, drawn from a seeded generator:
+  bytes      byte mutations of valid files: bit flips, truncations, corrupted lengths, inserted bytes
+  fields     one attribute changed: Rows/Columns/BitsAllocated/PixelSpacing/orientation/position
+             missing, zero, negative, NaN or of the wrong kind; Pixel Data short or long; 65535 x
+             65535 declared with tiny data (RLE); long and non-ASCII strings; bad character sets;
+             hostile UIDs in the data set and in the command set (traversal, absolute paths, empty,
+             over-long, leading zeros)
+  studies    whole phantom studies made malformed in one way that reaches grading: noise pixels,
+             ImagePositionPatient 1e300, NaN orientation, mixed matrix sizes, WindowCenter "abc", a
+             bad character set, a Deflate bomb, a study whose instances repeat another study's UIDs
+  protocol   random bytes, HTTP, an A-ASSOCIATE-RQ followed by garbage, huge PDU lengths, half a
+             data set then a closed socket, silent sockets, bursts of connect-and-close
+Every 50 cases it sends a C-ECHO. At the end it waits for every study to reach a final state and
+reports: node alive, C-ECHO answered every time, no file outside the node's folder, every study
+final with a reason, tracebacks that escaped a handler (raw lines in the node's log), log lines
+per protocol-garbage case, RSS of the node and its workers before / peak / after, CPU seconds.
+Exit status 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.config import IGNORE, settings
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
+
+from dicom_node.ledger import Ledger  # noqa: E402
+from tests.support.procfs import children, cpu_seconds, proc_status  # noqa: E402
+from tests.support.raw_dicom import echo, encode, raw_bytes, raw_store  # noqa: E402
+from tests.support.served_node import SENDER_AET, ServedNode, wait_for  # noqa: E402
+
+settings.writing_validation_mode = IGNORE  # the fuzzer writes what a careless peer would
+settings.reading_validation_mode = IGNORE
+
+FINAL = ("done", "failed", "skipped")
+Case = Callable[[], object]
+
+
+class Fuzzer:
+    """The cases, drawn from one generator, sent to one served node."""
+
+    def __init__(self, node: ServedNode, study_dir: Path, rng: np.random.Generator, outside: Path):
+        self.node, self.rng, self.outside = node, rng, outside
+        self.files = sorted(study_dir.rglob("*.dcm"))
+        self.study = [pydicom.dcmread(p) for p in self.files]
+        self.extra = [pydicom.dcmread(get_testdata_file(n)) for n in
+                      ("MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "image_dfl.dcm")]
+        self.statuses: Counter[str] = Counter()
+        self.garbage_cases = 0
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _pick(self) -> Dataset:
+        return copy.deepcopy(self.study[int(self.rng.integers(len(self.study)))])
+
+    def _store(self, ds: Dataset, sop_uid: str | None = None, data: bytes | None = None,
+               syntax: str = ExplicitVRLittleEndian) -> None:
+        uid = str(ds.get("SOPInstanceUID", "")) if sop_uid is None else sop_uid
+        status = raw_store(self.node.port, encode(ds) if data is None else data, uid,
+                           str(ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.4")), syntax, SENDER_AET)
+        self.statuses["none" if status is None else f"0x{status:04X}"] += 1
+
+    def _fresh(self, ds: Dataset, study_uid: str | None = None) -> Dataset:
+        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = str(ds.SeriesInstanceUID) + ".9" if len(str(ds.SeriesInstanceUID)) < 62 else generate_uid()
+        if study_uid is not None:
+            ds.StudyInstanceUID = study_uid
+        return ds
+
+    # -- bytes -----------------------------------------------------------------------------------
+
+    def bytes_case(self) -> None:
+        ds = self._pick()
+        data = bytearray(encode(ds))
+        kind = self.rng.integers(4)
+        if kind == 0:
+            for _ in range(int(self.rng.integers(1, 20))):
+                i = int(self.rng.integers(len(data)))
+                data[i] ^= 1 << int(self.rng.integers(8))
+        elif kind == 1:
+            data = data[: int(self.rng.integers(1, len(data)))]
+        elif kind == 2:
+            i = int(self.rng.integers(0, min(len(data) - 4, 4000)))
+            data[i:i + 4] = self.rng.choice([b"\xff\xff\xff\xff", b"\xff\xff\xff\x7f", b"\x00\x00\x00\x00"])
+        else:
+            i = int(self.rng.integers(len(data)))
+            data[i:i] = self.rng.bytes(int(self.rng.integers(1, 64)))
+        self._store(ds, data=bytes(data))
+
+    # -- fields ------------------------------------------------------------------------------------
+
+    def field_case(self) -> None:
+        ds = self._fresh(self._pick())
+        kind = int(self.rng.integers(12))
+        value_choices: list[object] = [None, 0, -1, float("nan"), "abc", 65535, [1, 2, 3]]
+        if kind <= 4:
+            name = ["Rows", "Columns", "BitsAllocated", "PixelSpacing", "SamplesPerPixel"][kind]
+            value = value_choices[int(self.rng.integers(len(value_choices)))]
+            if value is None:
+                del ds[name]
+            else:
+                ds[name].value = value
+        elif kind == 5:
+            name = ["ImageOrientationPatient", "ImagePositionPatient"][int(self.rng.integers(2))]
+            choice = int(self.rng.integers(5))
+            if choice == 0:
+                del ds[name]
+            else:
+                values = {1: [float("nan")] * (6 if "Orient" in name else 3), 2: [1e300] * 3, 3: [0] * 6, 4: [1]}[choice]
+                ds[name].value = values
+        elif kind == 6:
+            pixels = ds.PixelData
+            ds.PixelData = pixels[: len(pixels) // 3] if self.rng.random() < 0.5 else pixels + pixels
+        elif kind == 7:  # 65535 x 65535 declared in a small RLE file
+            rle = copy.deepcopy(self.extra[1])
+            rle.SOPInstanceUID, rle.StudyInstanceUID = generate_uid(), ds.StudyInstanceUID
+            rle.Rows = rle.Columns = 65535
+            self._store(rle, syntax=RLELossless, data=encode(rle))
+            return
+        elif kind == 8:
+            name = ["PatientName", "SeriesDescription", "InstitutionName", "StudyDescription"][int(self.rng.integers(4))]
+            ds[name].value = "".join(chr(int(c)) for c in self.rng.integers(32, 0x2FFF, int(self.rng.integers(1, 3000))))
+        elif kind == 9:
+            ds.SpecificCharacterSet = ["FOO_BAR", "ISO_IR 999", "", "ISO 2022 IR 87\\BAD"][int(self.rng.integers(4))]
+        elif kind == 10:  # hostile UIDs in the data set
+            name = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"][int(self.rng.integers(3))]
+            value = self._hostile_uid()
+            ds[name].value = value
+            self._store(ds, sop_uid=value if name == "SOPInstanceUID" else str(ds.SOPInstanceUID))
+            return
+        else:  # hostile UID in the command set only
+            self._store(ds, sop_uid=self._hostile_uid())
+            return
+        self._store(ds)
+
+    def _hostile_uid(self) -> str:
+        return ["../../x", f"{self.outside}/fuzz-x", "", ".", "1.02.3", "1." + "2" * 70, "1.2.3\u00e9",
+                "../../../victim", "1.2..3", "1.2.3 "][int(self.rng.integers(10))]
+
+    # -- studies -----------------------------------------------------------------------------------
+
+    def study_case(self) -> None:
+        kind = int(self.rng.integers(8))
+        study_uid = generate_uid()
+        series = {str(ds.SeriesInstanceUID): generate_uid() for ds in self.study}
+        for original in self.study:
+            ds = copy.deepcopy(original)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series[str(original.SeriesInstanceUID)]
+            ds.SOPInstanceUID = generate_uid() if kind != 7 else original.SOPInstanceUID  # 7: UIDs of another study
+            syntax = ExplicitVRLittleEndian
+            if kind == 0:
+                ds.PixelData = self.rng.integers(0, 4096, int(ds.Rows) * int(ds.Columns), dtype=np.uint16).tobytes()
+            elif kind == 1:
+                ds.ImagePositionPatient = [1e300, 1e300, 1e300]
+            elif kind == 2 and "Sagittal T1" in str(ds.get("SeriesDescription", "")):
+                ds.ImageOrientationPatient = [float("nan")] * 6
+            elif kind == 3 and int(ds.InstanceNumber) % 2:
+                ds.Rows, ds.Columns = int(ds.Rows) // 2, int(ds.Columns) // 2
+                ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4]
+            elif kind == 4:
+                ds.WindowCenter, ds.WindowWidth = "abc", "1\\2\\x"
+            elif kind == 5:
+                ds.SpecificCharacterSet = "FOO_BAR"
+            elif kind == 6:  # a Deflate bomb: a small data set that inflates to hundreds of MiB
+                bomb = copy.deepcopy(ds)
+                bomb.PixelData = bytes(200 * 2**20)
+                packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+                data = packer.compress(encode(bomb)) + packer.flush()
+                self._store(bomb, data=data, syntax=DeflatedExplicitVRLittleEndian)
+                return
+            self._store(ds, syntax=syntax)
+
+    # -- protocol ------------------------------------------------------------------------------------
+
+    def protocol_case(self) -> None:
+        self.garbage_cases += 1
+        port, kind = self.node.port, int(self.rng.integers(7))
+        if kind == 0:
+            raw_bytes(port, [self.rng.bytes(int(self.rng.integers(1, 100_000)))])
+        elif kind == 1:
+            raw_bytes(port, [b"GET / HTTP/1.1\r\nHost: node\r\n\r\n"])
+        elif kind == 2:  # an A-ASSOCIATE-RQ header followed by garbage
+            body = self.rng.bytes(int(self.rng.integers(10, 400)))
+            raw_bytes(port, [struct.pack(">BBI", 0x01, 0, len(body)) + body])
+        elif kind == 3:  # a PDU that says it is 4 GiB long
+            raw_bytes(port, [struct.pack(">BBI", int(self.rng.choice([1, 4])), 0, 0xFFFFFFF0) + b"\x00" * 64])
+        elif kind == 4:  # half a data set, then the socket is closed
+            ds = self._fresh(self._pick())
+            data = encode(ds)
+            self._half_store(data[: len(data) // 2])
+        elif kind == 5:  # silent sockets held open while a real peer is served
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(int(self.rng.integers(5, 21)))]
+            try:
+                if not echo(port, SENDER_AET):
+                    self.statuses["echo refused while sockets were silent"] += 1
+            finally:
+                for s in socks:
+                    s.close()
+        else:  # a burst of connect-and-close
+            for _ in range(int(self.rng.integers(5, 30))):
+                socket.create_connection(("127.0.0.1", port)).close()
+
+    def _half_store(self, data: bytes) -> None:
+        """Associate, send the first P-DATA fragments of a C-STORE, then drop the connection."""
+        from pynetdicom import AE
+
+        ae = AE(SENDER_AET)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", self.node.port, ae_title="LUMBAR_AI")
+        if not assoc.is_established:
+            return
+        sock = assoc.dul.socket.socket  # the raw socket under the association: write half a PDU on it
+        pdu = struct.pack(">BBI", 0x04, 0, len(data) + 6) + struct.pack(">IBB", len(data) + 2, 1, 0x00) + data
+        try:
+            sock.sendall(pdu[: len(pdu) // 2])
+        except OSError:
+            pass
+        assoc.abort()
+
+    def cases(self, n: int) -> list[Case]:
+        """``n`` cases: about 30 % bytes, 33 % fields, 4 % whole studies, 33 % protocol garbage."""
+        weights = {self.bytes_case: 0.30, self.field_case: 0.33, self.study_case: 0.04, self.protocol_case: 0.33}
+        kinds = list(weights)
+        return [kinds[i] for i in self.rng.choice(len(kinds), size=n, p=list(weights.values()))]
+
+
+def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
+    """Send the cases and check the node; the report."""
+    rng = np.random.default_rng(seed)
+    data, outside = workdir / "data", workdir / "outside"
+    outside.mkdir()
+    exe = Path(sys.executable).with_name("lumbar-node")
+    subprocess.run([str(exe), "phantom", "--studies", "1", "--seed", "3", "--out", str(data)], check=True,
+                   capture_output=True)
+    node = ServedNode(workdir / "node", destination_port=1, quiet_time_s=2.0, destinations=[],
+                      limits={"socket_timeout_s": 5, "acse_timeout_s": 10, "grading_timeout_s": 120})
+    node.start()
+    assert node.process is not None
+    pid = node.process.pid
+    rss_before = proc_status(pid)["VmRSS"]
+    cpu_before = cpu_seconds(pid)
+    fuzzer = Fuzzer(node, data / "train_images", rng, outside)
+    plan = fuzzer.cases(cases)
+    echo_failures, kinds = 0, Counter()
+    worker_peak, garbage_lines = 0, 0
+    started = time.monotonic()
+    for i in range(cases):
+        case = plan[i]
+        kinds[case.__name__] += 1
+        lines_before = _lines(node.log_path) if case.__name__ == "protocol_case" else 0
+        try:
+            case()
+        except Exception as exc:  # noqa: BLE001 - a client-side failure (the node refused hard): counted
+            fuzzer.statuses[f"client {type(exc).__name__}"] += 1
+        if case.__name__ == "protocol_case":
+            garbage_lines += _lines(node.log_path) - lines_before
+        worker_peak = max([worker_peak, *(proc_status(c)["VmHWM"] for c in children(pid))])
+        if (i + 1) % 50 == 0 and not echo(node.port, SENDER_AET):
+            echo_failures += 1
+    if not echo(node.port, SENDER_AET):
+        echo_failures += 1
+    sent_s = time.monotonic() - started
+    ledger = Ledger(node.root / "ledger.sqlite")
+    try:
+        wait_for("every study to reach a final state",
+                 lambda: all(s.state in FINAL for s in ledger.studies()), timeout=600, every=1.0)
+        studies = ledger.studies()
+    finally:
+        ledger.close()
+    alive = node.process.poll() is None
+    rss = proc_status(pid)
+    cpu = cpu_seconds(pid) - cpu_before
+    log = node.log_text()
+    node.stop()
+    raw_lines = [line for line in log.splitlines() if line and not line.startswith("{")]
+    strays = sorted(str(p.relative_to(workdir)) for p in workdir.iterdir() if p.name not in ("data", "node", "outside"))
+    strays += sorted(str(p) for p in outside.iterdir())
+    report: dict[str, object] = {
+        "cases": cases, "seed": seed, "kinds": dict(kinds), "seconds_sending": round(sent_s, 1),
+        "statuses": dict(fuzzer.statuses),
+        "checks": {
+            "node_alive": alive,
+            "echo_failures": echo_failures,
+            "files_outside_node_folders": strays,
+            "studies_not_final": [s.study_uid for s in studies if s.state not in FINAL],
+            "final_without_reason": [s.study_uid for s in studies if s.state in ("failed", "skipped") and not s.reason],
+            "tracebacks_escaped": sum("Traceback" in line for line in raw_lines),
+        },
+        "studies": dict(Counter(str(s.state) for s in studies)),
+        "reasons": dict(Counter((s.reason or "")[:100] for s in studies if s.state != "done")),
+        "log_lines": len(log.splitlines()), "raw_log_lines": len(raw_lines),
+        "log_lines_per_garbage_case": round(garbage_lines / max(1, fuzzer.garbage_cases), 1),
+        "node_rss_mb": {"before": round(rss_before / 1024), "peak": round(rss["VmHWM"] / 1024),
+                        "after": round(rss["VmRSS"] / 1024)},
+        "worker_peak_rss_mb": round(worker_peak / 1024),
+        "node_cpu_s": round(cpu, 1),
+    }
+    return report
+
+
+def _lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def failed_checks(report: dict[str, object]) -> list[str]:
+    checks = report["checks"]
+    assert isinstance(checks, dict)
+    return [name for name, value in checks.items() if (value is not True if name == "node_alive" else bool(value))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lumbar-fuzz-") as tmp:
+        report = run(args.cases, args.seed, Path(tmp))
+    failed = failed_checks(report)
+    report["failed_checks"] = failed
+    print(json.dumps(report, indent=None if args.json else 1))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
