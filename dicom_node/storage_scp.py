@@ -37,6 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
@@ -286,6 +287,20 @@ class _OnceperConnection(logging.Filter):
             return self.suppressed.pop(thread_name, 0)
 
 
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: a pynetdicom reactor thread (an association or its DUL) that meets an
+    exception ends its association (A-ABORT) instead of leaving the peer waiting; logged once."""
+    thread = args.thread
+    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    log.error("a thread ended with an exception", thread=getattr(thread, "name", "?"),
+              error=f"{args.exc_type.__name__}: {args.exc_value}", association=assoc is not None)
+    if isinstance(assoc, Association) and assoc.is_alive():
+        try:
+            assoc.abort()
+        except Exception:  # noqa: BLE001 - the association is already broken
+            pass
+
+
 class StorageSCP:
     """Receives studies into the spool and the ledger."""
 
@@ -329,6 +344,7 @@ class StorageSCP:
         threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
         self.server = server
         logging.getLogger("pynetdicom").addFilter(self._errors)
+        threading.excepthook = _thread_died
         log.info("storage SCP listening", ae_title=node.ae_title, port=node.port)
 
     def stop(self, timeout: float = 30.0) -> None:
