@@ -10,7 +10,7 @@ import click
 import yaml
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.logconfig import configure_logging
+from dicom_node.logconfig import PHI_VALUES, configure_logging
 from inference import __version__
 
 
@@ -92,7 +92,7 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     except Exception as exc:
         if isinstance(exc, click.ClickException):
             raise
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        raise click.ClickException(PHI_VALUES.scrub(f"{type(exc).__name__}: {exc}")) from None
 
 
 @main.command("serve")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_node.identity import DISCLAIMER
-from dicom_node.logconfig import configure_logging, get_logger
+from dicom_node.logconfig import PHI_VALUES, configure_logging, get_logger
 from dicom_node.outputs import OutputKind, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult, SkipReason
 from inference.analyze import AnalysisLimits, analyze_study
@@ -31,6 +31,8 @@ log = get_logger(__name__)
 # BodyPartExamined values (PS3.16 CID 4031 defined terms and common variants) that are a lumbar spine.
 LUMBAR_BODY_PARTS = frozenset({"LSPINE", "SPINE", "TLSPINE", "LSSPINE", "LUMBAR", "LUMBARSPINE", "L-SPINE"})
 ALL_ROLES = frozenset(SeriesRole)
+
+MIXED_PATIENTS = "instances of more than one patient (PatientID differs): not graded, nothing sent"
 
 #: Written into a run's folder when its grading starts and removed when it ends: a run folder
 #: that still holds it after the worker is gone is the study the worker died on.
@@ -187,10 +189,14 @@ def _grade(job: GradeJob) -> GradeOutcome:
     started = time.perf_counter()
     try:
         headers = read_headers(job.paths)
+        for ds, _ in headers:
+            PHI_VALUES.add_from(ds)  # scrubbed from this worker's log lines and from the reasons it returns
         skip = skip_reason(headers)
         if skip is not None:
             return GradeOutcome.skipped(str(skip))
         mr = mr_images(headers)
+        if len({str(ds.get("PatientID", "")) for ds, _ in mr}) > 1:  # a mislabelled instance: never mix patients
+            return GradeOutcome.failed(MIXED_PATIENTS)
         result = analyze_study(mr, _loaded_runner(), job.limits)
         supersedes = None
         if job.previous_sr:
@@ -209,4 +215,4 @@ def _grade(job: GradeJob) -> GradeOutcome:
         return GradeOutcome.failed("grading needed more memory than a worker may use (limits.worker_memory_mb)")
     except Exception as exc:
         log.exception("grading failed", study_uid=job.study_uid)
-        return GradeOutcome.failed(f"grading failed: {type(exc).__name__}: {exc}")
+        return GradeOutcome.failed(PHI_VALUES.scrub(f"grading failed: {type(exc).__name__}: {exc}"))

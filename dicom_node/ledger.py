@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received REAL NOT NULL,
     updated_at REAL NOT NULL,
     generation INTEGER NOT NULL DEFAULT 0,
-    worker_deaths INTEGER NOT NULL DEFAULT 0
+    worker_deaths INTEGER NOT NULL DEFAULT 0,
+    purged_at REAL,
+    purged TEXT
 );
 CREATE TABLE IF NOT EXISTS reports (
     study_uid TEXT NOT NULL,
@@ -67,7 +69,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 """
 # Columns added after the first release: (table, column, declaration), added to older ledgers at open.
-MIGRATIONS = (("instances", "digest", "TEXT"), ("studies", "worker_deaths", "INTEGER NOT NULL DEFAULT 0"))
+MIGRATIONS = (("instances", "digest", "TEXT"), ("studies", "worker_deaths", "INTEGER NOT NULL DEFAULT 0"),
+              ("studies", "purged_at", "REAL"), ("studies", "purged", "TEXT"))
 
 
 class Recorded(StrEnum):
@@ -182,12 +185,12 @@ class Ledger:
                        (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now,
                         series_size, digest))
             if reopens:
-                db.execute("INSERT INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0) "
+                db.execute("INSERT INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0, NULL, NULL) "
                            "ON CONFLICT(study_uid) DO UPDATE SET state=excluded.state, reason=NULL, "
                            "last_received=excluded.last_received, updated_at=excluded.updated_at, "
                            "generation=studies.generation + 1", (study_uid, StudyState.RECEIVING, now, now, now))
             else:
-                db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0)",
+                db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0, NULL, NULL)",
                            (study_uid, StudyState.RECEIVING, now, now, now))
         return outcome
 
@@ -253,6 +256,29 @@ class Ledger:
             db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
                        (state, why, time.time(), study_uid))
         return given_up
+
+    # -- retention -----------------------------------------------------------------------------------
+
+    def purgeable(self, received_before: float) -> list[tuple[str, list[Path]]]:
+        """Finished studies (done, failed, skipped) with files, whose last instance came before
+        ``received_before``, oldest first: (study UID, the instance files the ledger holds)."""
+        finished = (StudyState.DONE, StudyState.FAILED, StudyState.SKIPPED)
+        rows = self._query("SELECT s.study_uid, i.path FROM studies s JOIN instances i ON i.study_uid = s.study_uid "
+                           f"WHERE s.state IN ({','.join('?' * len(finished))}) AND s.last_received < ? "
+                           "ORDER BY s.last_received, s.study_uid", (*finished, received_before))
+        out: dict[str, list[Path]] = {}
+        for study_uid, path in rows:
+            out.setdefault(study_uid, []).append(Path(path))
+        return list(out.items())
+
+    def purged(self, study_uid: str, files: list[Path], what: str) -> None:
+        """Record a purge: the instances whose files were removed are forgotten (a re-send is new
+        again), the study keeps its line with what was purged and when."""
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("DELETE FROM instances WHERE study_uid=? AND path=?",
+                           [(study_uid, str(p)) for p in files])
+            db.execute("UPDATE studies SET purged_at=?, purged=? WHERE study_uid=?", (now, what, study_uid))
 
     # -- reports and deliveries ---------------------------------------------------------------------
 

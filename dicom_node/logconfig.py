@@ -8,7 +8,9 @@ through :func:`scrub_phi`.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -45,6 +47,75 @@ _PHI_KEYS = frozenset(k.lower() for k in PHI_KEYWORDS)
 DATASET_SUMMARY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 _handler: logging.Handler | None = None
+
+#: Attributes whose values, once seen in a received or read dataset, are scrubbed from every
+#: rendered log line of the process (tracebacks and warnings included), not only under their key.
+PHI_VALUE_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAge",
+                      "IssuerOfPatientID", "AccessionNumber", "ReferringPhysicianName", "PatientBirthName",
+                      "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers")
+MIN_PHI_VALUE_LENGTH = 3  # shorter values ("M", "1") would redact half of every line
+
+
+class PhiValues:
+    """The identifying values of the studies a process handled lately, to scrub by value."""
+
+    def __init__(self, size: int = 512):
+        self._values: dict[str, None] = {}  # insertion order: the oldest are forgotten first
+        self._size = size
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, value: object) -> None:
+        text = str(value).strip()
+        variants = {text, *re.split(r"[\\^=]", text)}
+        if re.fullmatch(r"\d{8}", text):  # a DA: also as a person would write it
+            variants |= {f"{text[:4]}-{text[4:6]}-{text[6:]}", f"{text[6:]}.{text[4:6]}.{text[:4]}"}
+        if m := re.fullmatch(r"0*(\d+)([DWMY])", text):  # an AS: 045Y is also "45 years"
+            unit = {"D": "days", "W": "weeks", "M": "months", "Y": "years"}[m.group(2)]
+            variants |= {f"{m.group(1)} {unit}", f"{m.group(1)}{m.group(2)}"}
+        variants = {v.strip() for v in variants if len(v.strip()) >= MIN_PHI_VALUE_LENGTH}
+        with self._lock:
+            new = [v for v in variants if v not in self._values]
+            if not new:
+                return
+            for v in new:
+                self._values[v] = None
+            while len(self._values) > self._size:
+                self._values.pop(next(iter(self._values)))
+            self._pattern = None
+
+    def add_from(self, ds: Dataset) -> None:
+        """Remember the identifying values a dataset carries (never raises)."""
+        for keyword in PHI_VALUE_KEYWORDS:
+            try:
+                value = ds.get(keyword)
+            except Exception:  # noqa: BLE001 - a malformed value is still a value: take the raw bytes
+                elem = ds.get_item(keyword)
+                value = getattr(elem, "value", None)
+                if isinstance(value, bytes):
+                    value = value.decode("latin-1", errors="replace")
+            if value is None or value == "":
+                continue
+            for item in value if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1 else [value]:
+                self.add(item)
+
+    def scrub(self, text: str) -> str:
+        with self._lock:
+            if not self._values:
+                return text
+            if self._pattern is None:
+                ordered = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+            pattern = self._pattern
+        return pattern.sub(REDACTED, text)
+
+
+PHI_VALUES = PhiValues()
+
+
+def _scrub_rendered(logger: Any, method_name: str, rendered: Any) -> Any:
+    """Last processor: the rendered line without any identifying value seen lately."""
+    return PHI_VALUES.scrub(rendered) if isinstance(rendered, str) else rendered
 
 
 def _is_phi_key(key: object) -> bool:
@@ -131,7 +202,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
         render = [structlog.dev.ConsoleRenderer(colors=_isatty(stream))]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render, _scrub_rendered],
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)

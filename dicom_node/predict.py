@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicom_node.logconfig import get_logger
+from dicom_node.logconfig import PHI_VALUES, get_logger
 from dicom_node.outputs import SC_FOLDER, RunOutputs, previous_outputs, write_run
 from dicom_node.summary import result_json, result_table
 from inference.analyze import StudyResult, analyze_study
@@ -34,6 +34,9 @@ def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, .
     """Grade every study found under ``folder``, print each result, and with ``out`` write its
     Structured Report and Grad-CAM Secondary Captures there."""
     studies = read_folder(folder)
+    for instances in studies.values():
+        for ds, _ in instances:
+            PHI_VALUES.add_from(ds)
     if not studies:
         raise ValueError(f"no DICOM images with geometry under {folder}")
     runner = OnnxRunner(model_dir, providers)
