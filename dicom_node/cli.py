@@ -88,7 +88,8 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     settings = _settings(ctx)
     model_dir = model_dir or settings.models.dir
     try:
-        predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out)
+        predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out,
+                       pdf=settings.outputs.pdf)
     except Exception as exc:
         if isinstance(exc, click.ClickException):
             raise

@@ -11,7 +11,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 from inference.analyze import NotAssessedReason
-from inference.labels import ConditionGroup, Level, Severity, Side
+from inference.labels import CONDITIONS, ConditionGroup, Level, Severity, Side
 
 PRIVATE_SCHEME = "99LUMBAR"
 
@@ -31,6 +31,14 @@ STENOSIS = sct(codes.SCT.Stenosis, "Stenosis")  # finding type; the site says wh
 SEVERITY = sct(codes.SCT.Severity, "Severity")
 PRESENT, ABSENT = sct(codes.SCT.Present), sct(codes.SCT.Absent)
 DEVICE = sct(codes.DCM.Device)
+FINDING = sct(codes.DCM.Finding)
+# TID 1500's document-level "Qualitative Evaluations" container (PS3.16; not in pydicom's dictionary)
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+# IHE AI Results (Rev 1.1, 6.5.3.1): the Purpose of Reference of an algorithm in the Contributing
+# Equipment Sequence, as MONAI Deploy writes it. Not DCM 109103, which is "Modifying Equipment"
+# (pydicom's dictionary, CID 7005); CID 7005 has no code for an algorithm.
+PROCESSING_ALGORITHM = CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment  # CID 7005, what highdicom accepts before the swap
 
 LEVEL = {
     Level.L1_L2: sct(codes.SCT.L1L2Disc),
@@ -56,6 +64,11 @@ PROBABILITY = {
     Severity.SEVERE: private("PSE", "Probability of severe"),
 }
 PERCENT = CodedConcept("%", "UCUM", "percent")  # probabilities are stored as 0-100 %
+# The grade again as an ordinal NUM (1 normal/mild, 2 moderate, 3 severe) named after its condition,
+# its unit the grade's name as a UCUM annotation (dimensionless): viewers that draw only a group's
+# NUM items and first finding site beside its region (OHIF 3.13) then show condition and grade.
+GRADE_OF = {c: private(f"G{''.join(w[0] for w in c.key.split('_')).upper()}", f"{c.display} grade") for c in CONDITIONS}
+GRADE_UNIT = {s: CodedConcept(f"{{{s.display}}}", "UCUM", s.display) for s in Severity}
 ASSESSMENT = private("AST", "Assessment status")
 NOT_ASSESSED = private("NA", "Not assessed")
 REASON = private("RSN", "Reason not assessed")

@@ -50,12 +50,60 @@ def _check_level(value: str) -> str:
     return level
 
 
+def _check_group(value: str | None) -> str | None:
+    if value is not None:
+        import grp
+
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError(f"no group named {value!r} on this machine") from None
+    return value
+
+
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+def _check_pem_file(value: Path) -> Path:
+    try:
+        text = value.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+    if "-----BEGIN " not in text:
+        raise ValueError(f"{value} is not a PEM file (no -----BEGIN line)")
+    return value
+
+
+PEMFile = Annotated[Path, AfterValidator(_check_pem_file)]
+
+
+class TLSSettings(_Section):
+    """TLS of an association (PEM files; see dicom_node.tls): our certificate and key, and the CAs
+    whose certificates we trust (for the node: client certificates required when set)."""
+
+    certificate: PEMFile | None = None
+    private_key: PEMFile | None = None
+    ca_certificates: PEMFile | None = None
+
+    @model_validator(mode="after")
+    def _files_load(self) -> TLSSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: set both or neither")
+        from dicom_node.tls import check
+
+        check(self)
+        return self
+
+
+def _check_server_tls(value: TLSSettings | None) -> TLSSettings | None:
+    if value is not None and value.certificate is None:
+        raise ValueError("the node's TLS needs its certificate and private_key")
+    return value
 
 
 class Peer(_Section):
@@ -75,6 +123,7 @@ class NodeSettings(_Section):
     poll_interval_ms: float = Field(gt=0, le=1)  # pynetdicom's polls of each association (its own: 1)
     allowed_peers: list[Peer]
     refuse_unknown_peers: bool
+    tls: Annotated[TLSSettings | None, AfterValidator(_check_server_tls)] = None  # None: plain TCP only
 
 
 class Destination(_Section):
@@ -84,6 +133,7 @@ class Destination(_Section):
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
+    tls: TLSSettings | None = None  # None: plain TCP
 
 
 class StorageSettings(_Section):
@@ -94,6 +144,9 @@ class StorageSettings(_Section):
     ledger_path: Path
     min_free_disk_mb: int = Field(ge=0)
     fsync: bool
+    group: Annotated[str | None, AfterValidator(_check_group)] = None  # also readable by it (0640 / 0750)
+    retention_days: float | None = Field(default=None, gt=0)  # purge finished studies older than this
+    purge_below_free_mb: int = Field(default=0, ge=0)  # purge finished studies, oldest first, below this free disk
 
 
 class StudySettings(_Section):
@@ -109,6 +162,7 @@ class DeliverySettings(_Section):
     max_attempts: int = Field(ge=1)
     backoff_initial_s: float = Field(gt=0)
     backoff_max_s: float = Field(gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)  # ACSE, DIMSE and network timeout of one attempt
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DeliverySettings:
@@ -150,6 +204,12 @@ class LoggingSettings(_Section):
     level: Annotated[str, AfterValidator(_check_level)]
 
 
+class OutputsSettings(_Section):
+    """Which optional objects a run writes besides the SR and the Grad-CAM SCs."""
+
+    pdf: bool = True  # the one-page Encapsulated PDF summary (its own series, delivered with the SR)
+
+
 class Settings(_Section):
     """The whole node configuration."""
 
@@ -162,6 +222,7 @@ class Settings(_Section):
     workers: int = Field(ge=1)
     limits: LimitsSettings
     logging: LoggingSettings
+    outputs: OutputsSettings = Field(default_factory=OutputsSettings)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Settings:

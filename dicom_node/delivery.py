@@ -11,6 +11,7 @@ from pynetdicom import AE
 
 from dicom_node.config import DeliverySettings, Destination
 from dicom_node.dimse import STORED
+from dicom_node.tls import client_context
 
 
 class DeliveryError(RuntimeError):
@@ -26,13 +27,16 @@ def send_files(destination: Destination, calling_aet: str, paths: list[Path], ti
     """C-STORE every file to ``destination`` over one association; raise DeliveryError unless all are stored."""
     datasets = [pydicom.dcmread(p) for p in paths]
     ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (client_context(destination.tls), destination.host) if destination.tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)"
+        if tls_args is not None and not assoc.is_rejected:
+            why = "no association (peer unreachable, aborted, or the TLS handshake failed: see the log)"
         raise DeliveryError(f"{where}: {why}")
     try:
         for path, ds in zip(paths, datasets, strict=True):

@@ -58,6 +58,7 @@ class GradeJob:
     sc_series_uid: str | None = None
     limits: AnalysisLimits = AnalysisLimits()
     timeout_s: float = 600.0
+    pdf: bool = True  # outputs.pdf: write the PDF summary too
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def _grade(job: GradeJob) -> GradeOutcome:
         supersedes = None
         if job.previous_sr:
             supersedes = Supersedes(pydicom.dcmread(job.previous_sr), job.sc_series_uid)
-        outputs = write_run(result, mr, Path(job.folder), supersedes)
+        outputs = write_run(result, mr, Path(job.folder), supersedes, pdf=job.pdf)
         assessed = len(result.assessed())
         log.info("study graded", study_uid=job.study_uid, run=job.run, assessed=assessed,
                  sc_series_uid=outputs.series_uid(OutputKind.SC),

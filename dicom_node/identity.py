@@ -18,3 +18,9 @@ DISCLAIMER_LINES = (
     "Model trained on synthetic phantom data, not a clinical model.",
 )
 DISCLAIMER = " ".join(DISCLAIMER_LINES)
+
+
+def model_device_uid(sha256: str) -> str:
+    """The Device UID of a model in the Contributing Equipment Sequence: one per set of weights, so
+    that a retrained model is a new device (IHE AI Results)."""
+    return generate_uid(entropy_srcs=[DEVICE_NAME, "model", sha256])

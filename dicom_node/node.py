@@ -9,6 +9,7 @@ processes, so the model's CPU time never holds up an association.
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -22,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Settings
 from dicom_node.delivery import DeliveryError, backoff, send_files
+from dicom_node.durable import fsync_files, restrict_access
 from dicom_node.grading import (
     RUNNING_MARKER,
     GradeJob,
@@ -37,11 +39,13 @@ from dicom_node.outputs import OutputKind
 from dicom_node.safety import UnsafePath, remove_tree, under
 from dicom_node.states import DeliveryState, GradeResult, StudyState
 from dicom_node.storage_scp import StorageSCP, restore_poll_interval, set_poll_interval
+from dicom_node.tls import describe
 from inference.analyze import AnalysisLimits
 
 log = get_logger(__name__)
 
 SWEEP_INTERVAL_S = 0.5
+PURGE_INTERVAL_S = 10.0
 
 
 class Node:
@@ -49,6 +53,9 @@ class Node:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        storage = settings.storage
+        restrict_access([Path(storage.spool_dir), Path(storage.results_dir)], storage.group,
+                        shared=[Path(storage.ledger_path).parent])
         self.results_dir = Path(settings.storage.results_dir)
         self.ledger = Ledger(Path(settings.storage.ledger_path))
         self.scp = StorageSCP(settings, self.ledger)
@@ -97,6 +104,10 @@ class Node:
         log.info("resumed from the ledger", studies_to_grade=regrade + len(self.ledger.studies((StudyState.RECEIVING,))),
                  deliveries_pending=len(pending))
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_INTERVAL_S, id="sweep", max_instances=1)
+        storage = self.settings.storage
+        if storage.retention_days is not None or storage.purge_below_free_mb:
+            self.scheduler.add_job(self.purge, "interval", seconds=PURGE_INTERVAL_S, id="purge", max_instances=1,
+                                   next_run_time=datetime.now(UTC))
         self.scp.start()
 
     def _count_worker_deaths(self) -> None:
@@ -125,8 +136,9 @@ class Node:
         ended), stop the deliveries, close the ledger."""
         self._stopping.set()
         self.scp.stop()
-        if self.scheduler.get_job("sweep") is not None:
-            self.scheduler.remove_job("sweep")
+        for job in ("sweep", "purge"):
+            if self.scheduler.get_job(job) is not None:
+                self.scheduler.remove_job(job)
         shutdown = threading.Thread(target=self.pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
                                     name="pool-shutdown", daemon=True)
         shutdown.start()
@@ -141,6 +153,43 @@ class Node:
         self.ledger.close()
         restore_poll_interval()
         log.info("node stopped")
+
+    # -- retention -----------------------------------------------------------------------------------
+
+    def purge(self) -> int:
+        """Remove the spool files and results of finished studies past ``storage.retention_days``,
+        and, oldest first, while free disk is under ``storage.purge_below_free_mb``. Only the files
+        the ledger lists are removed (an instance arriving meanwhile stays); a study in work never
+        is a candidate. Returns how many studies were purged."""
+        storage, now = self.settings.storage, time.time()
+        settle = self.settings.study.quiet_time_s  # nothing that may still be arriving
+        candidates = self.ledger.purgeable(now - settle)
+        spool, results = Path(storage.spool_dir), self.results_dir
+        purged = 0
+        for study_uid, files in candidates:
+            too_old = storage.retention_days is not None and self._last_received(study_uid) < now - storage.retention_days * 86400
+            disk_low = storage.purge_below_free_mb and shutil.disk_usage(spool).free < storage.purge_below_free_mb * 2**20
+            if not (too_old or disk_low):
+                continue
+            try:
+                for path in files:
+                    under(spool, *path.resolve().relative_to(spool.resolve()).parts).unlink(missing_ok=True)
+                for folder in {p.parent for p in files}:
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
+                remove_tree(results, under(results, study_uid))
+            except (UnsafePath, ValueError, OSError) as exc:
+                log.error("could not purge a study", study_uid=study_uid, error=f"{type(exc).__name__}: {exc}")
+                continue
+            why = "retention" if too_old else "disk watermark"
+            self.ledger.purged(study_uid, files, f"{len(files)} spooled instances and the results ({why})")
+            log.info("study purged", study_uid=study_uid, instances=len(files), why=why)
+            purged += 1
+        return purged
+
+    def _last_received(self, study_uid: str) -> float:
+        study = self.ledger.study(study_uid)
+        return study.last_received if study is not None else time.time()
 
     # -- releasing studies ----------------------------------------------------------------------------
 
@@ -186,7 +235,7 @@ class Node:
         job = GradeJob(uid, study.generation, run, [str(p) for p in self.ledger.instance_paths(uid)], str(folder),
                        previous.sr_path if previous else None, previous.sc_series_uid if previous else None,
                        AnalysisLimits(limits.max_series_images, limits.max_pixels, limits.localiser_batch),
-                       limits.grading_timeout_s)
+                       limits.grading_timeout_s, pdf=self.settings.outputs.pdf)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self._grading.add(uid)
         pool = self.pool
@@ -234,6 +283,8 @@ class Node:
             outputs = outcome.outputs
             report = Report(uid, job.run, str(outputs.sr.path), outputs.sr.series_uid, outputs.series_uid(OutputKind.SC))
             files = [str(p) for p in outputs.paths]
+            if self.settings.storage.fsync:  # on disk before the commit that publishes them
+                fsync_files([*outputs.paths, outputs.table, outputs.json])
             ids = self.ledger.add_report(report, job.generation, list(self.destinations), files)
             if ids is None:
                 log.info("graded run discarded: new instances arrived while grading", study_uid=uid, run=job.run)
@@ -260,7 +311,10 @@ class Node:
                                replace_existing=True)
 
     def _deliver(self, delivery_id: int) -> None:
-        """One delivery attempt; on failure, the next one is scheduled (and recorded) with backoff."""
+        """One delivery attempt; on failure of any kind (refused, unreachable, a destination that
+        does not take a SOP class, a file that cannot be read, a hang ended by the timeouts) the
+        attempt is recorded with its reason and the next one scheduled with backoff, or the study
+        fails after ``delivery.max_attempts``: a result is never dropped silently."""
         delivery = self.ledger.delivery(delivery_id)
         if delivery is None or delivery.state is not DeliveryState.PENDING:
             return
@@ -270,16 +324,18 @@ class Node:
             if destination is None:
                 raise DeliveryError(f"destination {delivery.destination!r} is no longer configured")
             started = time.perf_counter()
-            send_files(destination, self.settings.node.ae_title, [Path(p) for p in delivery.paths])
-        except (DeliveryError, OSError) as exc:
+            send_files(destination, self.settings.node.ae_title, [Path(p) for p in delivery.paths],
+                       timeout=self.settings.delivery.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every failure is an attempt with its reason
+            error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
             attempt = delivery.attempts + 1
             if attempt >= self.settings.delivery.max_attempts or destination is None:
-                self.ledger.delivery_failed(delivery_id, str(exc), None)
-                log.error("delivery failed for good: study marked failed", attempts=attempt, error=str(exc), **where)
+                self.ledger.delivery_failed(delivery_id, error, None)
+                log.error("delivery failed for good: study marked failed", attempts=attempt, error=error, **where)
                 return
             delay = backoff(attempt, self.settings.delivery)
-            self.ledger.delivery_failed(delivery_id, str(exc), time.time() + delay)
-            log.warning("delivery failed, will retry", attempts=attempt, retry_in_s=delay, error=str(exc), **where)
+            self.ledger.delivery_failed(delivery_id, error, time.time() + delay)
+            log.warning("delivery failed, will retry", attempts=attempt, retry_in_s=delay, error=error, **where)
             retry = self.ledger.delivery(delivery_id)
             if retry is not None:
                 self._schedule_delivery(retry)
@@ -293,8 +349,15 @@ def run_until_signalled(node: Node, stop: threading.Event) -> None:
     """Start the node, wait for ``stop`` (set by SIGTERM/SIGINT), then stop it."""
     try:
         node.start()
-        log.info("node ready", ae_title=node.settings.node.ae_title, port=node.settings.node.port,
-                 destinations=[f"{d.ae_title}@{d.host}:{d.port}" for d in node.destinations.values()])
+        own = node.settings.node
+        if own.tls is None or own.tls.ca_certificates is None:
+            anywhere = [p.ae_title for p in own.allowed_peers if p.host is None]
+            if anywhere:
+                log.warning("peers accepted from any address: the AE title alone authenticates them; set their "
+                            "host, or node.tls with ca_certificates (client certificates)", peers=anywhere)
+        log.info("node ready", ae_title=own.ae_title, port=own.port, tls=describe(own.tls),
+                 destinations=[f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+                               for d in node.destinations.values()])
         while not stop.wait(0.5):
             pass
     finally:

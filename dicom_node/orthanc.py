@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC_AET = "ORTHANC"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian orthanc-dicomweb
+DICOMWEB_ROOT = "/dicom-web/"
 
 # Orthanc's own routing (Lua, built into Orthanc): when a study is stable, forward its MR series to
 # the node. A study is forwarded again only when it holds more MR instances than last time, so the
@@ -88,11 +90,13 @@ def orthanc_executable() -> str:
 
 @contextmanager
 def running_orthanc(workdir: Path, peers: dict[str, tuple[str, int]] | None = None, route_to: str | None = None,
-                    stable_age: int = 2, dicom_port: int | None = None) -> Iterator[Orthanc]:
+                    stable_age: int = 2, dicom_port: int | None = None, dicomweb: bool = False) -> Iterator[Orthanc]:
     """Start Orthanc with its own storage under ``workdir`` and stop it afterwards.
 
     ``peers`` maps modality names to (AE title, port) on 127.0.0.1; ``route_to`` names the peer that
-    each stable study's MR series are forwarded to (Orthanc's Lua routing).
+    each stable study's MR series are forwarded to (Orthanc's Lua routing); ``dicomweb`` loads the
+    DICOMweb plugin (QIDO-RS, WADO-RS under ``/dicom-web/``, WADO-URI under ``/wado``), as web
+    viewers such as OHIF read a PACS.
     """
     exe = orthanc_executable()
     dicom_port, http_port = dicom_port or free_port(), free_port()
@@ -109,6 +113,12 @@ def running_orthanc(workdir: Path, peers: dict[str, tuple[str, int]] | None = No
             raise ValueError(f"route_to={route_to!r} is not one of the peers")
         (workdir / "routing.lua").write_text(ROUTING_LUA % {"modality": route_to})
         config["LuaScripts"] = [str(workdir / "routing.lua")]
+    if dicomweb:
+        if not DICOMWEB_PLUGIN.is_file():
+            raise FileNotFoundError(f"{DICOMWEB_PLUGIN} is missing: run scripts/setup.sh (apt package 'orthanc-dicomweb')")
+        config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+        config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": True, "WadoRoot": "/wado",
+                              "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
     log = open(workdir / "orthanc.log", "a")  # noqa: SIM115 - closed below
     process = subprocess.Popen([exe, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,

@@ -1,8 +1,9 @@
-"""The one writer of a grading run's outputs: the SR, the Grad-CAM Secondary Captures and the
-result as text and JSON, into one folder, returned as a typed record.
+"""The one writer of a grading run's outputs: the SR, the Grad-CAM Secondary Captures, the PDF
+summary and the result as text and JSON, into one folder, returned as a typed record.
 
     <folder>/SR_<SOPInstanceUID>.dcm
     <folder>/SC/<nn>_<SOPInstanceUID>.dcm
+    <folder>/PDF_<SOPInstanceUID>.dcm      (Encapsulated PDF; unless outputs.pdf is false)
     <folder>/results.txt, results.json
 
 The node writes a run per folder (results/<study>/run-<n>/); ``predict --out`` writes a folder
@@ -20,6 +21,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.pdf import build_pdf, key_findings
 from dicom_node.sc import build_sc_images
 from dicom_node.sr import build_sr
 from dicom_node.summary import result_json, result_table
@@ -28,6 +30,7 @@ from inference.instances import Instance
 
 SR_GLOB = "SR_*.dcm"
 SC_FOLDER = "SC"
+PDF_GLOB = "PDF_*.dcm"
 TABLE_FILE = "results.txt"
 JSON_FILE = "results.json"
 
@@ -37,6 +40,7 @@ class OutputKind(StrEnum):
 
     SR = "SR"
     SC = "SC"
+    PDF = "PDF"
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class OutputFile:
 
 @dataclass(frozen=True)
 class RunOutputs:
-    """What a run wrote: its DICOM objects in delivery order (the SR first) and its text files."""
+    """What a run wrote: its DICOM objects in delivery order (the SR, the SCs, the PDF) and its
+    text files."""
 
     folder: Path
     files: tuple[OutputFile, ...]
@@ -73,24 +78,26 @@ class RunOutputs:
 
 @dataclass(frozen=True)
 class Supersedes:
-    """What a new run replaces: the report it supersedes and the heatmaps' series it keeps."""
+    """What a new run replaces: the report it supersedes and the heatmaps' series it keeps (the
+    PDF's series follows from the report's, see dicom_node.pdf)."""
 
     sr: Dataset
     sc_series_uid: str | None
 
 
 def _save(ds: Dataset, kind: OutputKind, path: Path) -> OutputFile:
-    ds.save_as(path)
+    ds.save_as(path, enforce_file_format=True)  # preamble and complete file meta (PS3.10)
     return OutputFile(kind, path, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
 
 
 def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
-              supersedes: Supersedes | None = None) -> RunOutputs:
-    """Write a study's SR, Grad-CAM SCs, table and JSON into ``folder``.
+              supersedes: Supersedes | None = None, pdf: bool = True) -> RunOutputs:
+    """Write a study's SR, Grad-CAM SCs, PDF summary (with ``pdf``), table and JSON into ``folder``.
 
     ``instances`` are the study's headers with their paths; the images a finding is located on
     are read in full for the heatmaps. With ``supersedes`` the new report lists the old one as its
-    predecessor (same series, next instance number) and the heatmaps keep their series.
+    predecessor (same series, next instance number), the heatmaps keep their series and so does
+    the PDF (its series follows from the report's).
     """
     headers = {str(ds.SOPInstanceUID): ds for ds, _ in instances}
     paths = {str(ds.SOPInstanceUID): path for ds, path in instances}
@@ -102,8 +109,14 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
                   instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
                   predecessors=[] if previous is None else [previous])
     files = [_save(sr, OutputKind.SR, folder / f"SR_{sr.SOPInstanceUID}.dcm")]
-    for sc in build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None):
+    scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None)
+    for sc in scs:
         files.append(_save(sc, OutputKind.SC, folder / SC_FOLDER / f"{int(sc.InstanceNumber):02d}_{sc.SOPInstanceUID}.dcm"))
+    if pdf:
+        heatmap = dict(zip((r.label for r in result.assessed()), scs, strict=True))
+        source = next(iter(full.values()), None) or next(iter(headers.values()))
+        document = build_pdf(result, sr, source, [(r, heatmap[r.label]) for r in key_findings(result)])
+        files.append(_save(document, OutputKind.PDF, folder / f"PDF_{document.SOPInstanceUID}.dcm"))
     table, data = folder / TABLE_FILE, folder / JSON_FILE
     table.write_text(result_table(result) + "\n")
     data.write_text(json.dumps(result_json(result), indent=1))

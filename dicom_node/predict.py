@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dicom_node.logconfig import PHI_VALUES, get_logger
-from dicom_node.outputs import SC_FOLDER, RunOutputs, previous_outputs, write_run
+from dicom_node.outputs import PDF_GLOB, SC_FOLDER, OutputKind, RunOutputs, previous_outputs, write_run
 from dicom_node.summary import result_json, result_table
 from inference.analyze import StudyResult, analyze_study
 from inference.instances import Instance, read_folder
@@ -16,23 +16,24 @@ from inference.runtime import OnnxRunner
 log = get_logger(__name__)
 
 
-def write_outputs(result: StudyResult, instances: Sequence[Instance], out: Path) -> RunOutputs:
+def write_outputs(result: StudyResult, instances: Sequence[Instance], out: Path, pdf: bool = True) -> RunOutputs:
     """The study's outputs under ``out/<StudyInstanceUID>/``; a re-run supersedes the newest SR
-    found there and replaces the heatmaps, keeping their series."""
+    found there and replaces the heatmaps and the PDF, keeping their series."""
     folder = out / result.study_uid
     supersedes = previous_outputs(folder)
     if supersedes is not None:
         log.info("superseding an earlier report", study_uid=result.study_uid,
                  predecessor=str(supersedes.sr.SOPInstanceUID))
-    for path in (folder / SC_FOLDER).glob("*.dcm"):  # the superseded heatmaps leave this folder (a PACS keeps its copies)
+    # the superseded heatmaps and PDF leave this folder (a PACS keeps its copies)
+    for path in [*(folder / SC_FOLDER).glob("*.dcm"), *folder.glob(PDF_GLOB)]:
         path.unlink()
-    return write_run(result, instances, folder, supersedes)
+    return write_run(result, instances, folder, supersedes, pdf=pdf)
 
 
 def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, ...], as_json: bool,
-                   echo: Callable[[str], None], out: Path | None = None) -> list[StudyResult]:
+                   echo: Callable[[str], None], out: Path | None = None, pdf: bool = True) -> list[StudyResult]:
     """Grade every study found under ``folder``, print each result, and with ``out`` write its
-    Structured Report and Grad-CAM Secondary Captures there."""
+    Structured Report, Grad-CAM Secondary Captures and (with ``pdf``) PDF summary there."""
     studies = read_folder(folder)
     for instances in studies.values():
         for ds, _ in instances:
@@ -48,9 +49,10 @@ def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, .
                  assessed=len(result.assessed()))
         results.append(result)
         if out is not None:
-            written = write_outputs(result, instances, out)
+            written = write_outputs(result, instances, out, pdf)
             log.info("results written", study_uid=study_uid, sr=str(written.sr.path),
-                     secondary_captures=len(written.files) - 1)
+                     secondary_captures=sum(f.kind is OutputKind.SC for f in written.files),
+                     pdf=next((str(f.path) for f in written.files if f.kind is OutputKind.PDF), None))
     if as_json:
         echo(json.dumps([result_json(r) for r in results], indent=1))
     else:

@@ -1,6 +1,7 @@
 """Grad-CAM Secondary Capture images (highdicom SCImage, RGB), one series in the source study: the
 source slice with the heatmap blended over it, and burned in the finding (label, AI grade, class
-probabilities), the patient orientation and the disclaimer."""
+probabilities), the patient orientation and the disclaimer. The model is in each image's
+Contributing Equipment Sequence, as in the SR."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
-from dicom_node.sr import REGION_RADIUS_MM, copy_patient_study
+from dicom_node.sr import REGION_RADIUS_MM, algorithm_equipment, copy_patient_study
 from inference.analyze import AssessedLabel, StudyResult
 from inference.geometry import ImagePlane, direction_letters
 from inference.labels import SEVERITIES
@@ -142,6 +143,7 @@ def build_sc_images(result: StudyResult, sources: Mapping[str, Dataset], series_
             coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER,
             sop_instance_uid=generate_uid(), instance_number=len(images) + 1, manufacturer=MANUFACTURER,
             patient_orientation=_orientation(ImagePlane.from_dataset(source)),
+            contributing_equipment=[algorithm_equipment(result)],  # the model (IHE AI Results)
         )
         copy_patient_study(source, sc)
         sc.SeriesDescription = SC_SERIES_DESCRIPTION

@@ -1,5 +1,14 @@
-"""The study's TID 1500 Measurement Report (highdicom Comprehensive SR), one measurement group per
-level and side, in the study of the source images."""
+"""The study's TID 1500 Measurement Report (highdicom Comprehensive SR) in the study of the source
+images, as OHIF v3 and IHE AI Results read it:
+
+- Image Library (TID 1600): every image a finding is located on;
+- Imaging Measurements: one TID 1410 planar ROI group per graded label (its region on its source
+  image, tracking identifier and UID, grade, the three probabilities, the algorithm (TID 4019));
+- Qualitative Evaluations (document level): the spinal canal summary, and each label not assessed
+  with its reason (located nowhere, so not a measurement group: OHIF 3.13 fails on a group without
+  a region);
+- the model in the Contributing Equipment Sequence (Purpose of Reference "Processing Algorithm").
+"""
 
 from __future__ import annotations
 
@@ -8,8 +17,11 @@ from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
+from highdicom import ContributingEquipment
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodeContentItem,
+    ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageRegion,
@@ -20,7 +32,9 @@ from highdicom.sr import (
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForRegion,
+    TextContentItem,
     TrackingIdentifier,
 )
 from highdicom.sr.templates import Template
@@ -28,7 +42,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node import codes as C
-from dicom_node.identity import DEVICE_NAME, DEVICE_UID, MANUFACTURER, MODEL_NAME
+from dicom_node.identity import (
+    DEVICE_NAME,
+    DEVICE_UID,
+    DISCLAIMER,
+    MANUFACTURER,
+    MODEL_NAME,
+    model_device_uid,
+)
 from inference.analyze import AssessedLabel, LabelResult, NotAssessedLabel, StudyResult
 from inference.labels import SEVERITIES, SPINAL, Severity
 
@@ -47,6 +68,19 @@ def algorithm(result: StudyResult) -> AlgorithmIdentification:
                     f"machine-generated result; trained on {info.training_data}; not for clinical use"])
 
 
+def algorithm_equipment(result: StudyResult) -> ContributingEquipment:
+    """The model as contributing equipment (IHE AI Results): Purpose of Reference "Processing
+    Algorithm", manufacturer, model name, version and a Device UID per set of weights."""
+    info = result.model
+    item = ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=C.PROCESSING_EQUIPMENT,
+        manufacturer_model_name=info.name, software_versions=info.version,
+        contribution_description=f"AI model, sha256 {info.sha256}, trained on {info.training_data}. {DISCLAIMER}"[:1024])
+    item.PurposeOfReferenceCodeSequence = [C.PROCESSING_ALGORITHM]  # highdicom allows CID 7005 codes only
+    item.DeviceUID = model_device_uid(info.sha256)
+    return item
+
+
 def _sites(r: LabelResult) -> list[FindingSite]:
     """The disc level, and the structure with its side (the left foramen, not a left disc)."""
     side = r.label.condition.side
@@ -54,10 +88,23 @@ def _sites(r: LabelResult) -> list[FindingSite]:
             FindingSite(C.STRUCTURE[r.label.condition.group], laterality=C.LATERALITY[side] if side else None)]
 
 
+def percent(probability: float) -> float:
+    """A probability in percent as stored and shown: one decimal, or two significant digits under
+    0.05 % (a stored 0 would read as an empty value in OHIF 3.13)."""
+    value = round(100.0 * float(probability), 1)
+    return value if value > 0 else float(f"{100.0 * float(probability):.2g}")
+
+
 def _percent(name: hd.sr.CodedConcept, probability: float) -> Measurement:
-    """A probability as a NUM in percent, one decimal: what a reader sees is what is stored. The
-    group's algorithm identification covers it (no per-measurement copy)."""
-    return Measurement(name=name, value=round(100.0 * float(probability), 1), unit=C.PERCENT)
+    """A probability as a NUM in percent: what a reader sees is what is stored. The group's
+    algorithm identification covers it (no per-measurement copy)."""
+    return Measurement(name=name, value=percent(probability), unit=C.PERCENT)
+
+
+def _grade(r: AssessedLabel) -> Measurement:
+    """The grade as an ordinal NUM named after the condition, its unit the grade's name (see
+    codes.GRADE_OF): what OHIF 3.13 draws beside the region, "<condition> grade: 2.00 {Moderate}"."""
+    return Measurement(name=C.GRADE_OF[r.label.condition], value=int(r.grade) + 1, unit=C.GRADE_UNIT[r.grade])
 
 
 def _separate(group: G) -> G:
@@ -75,8 +122,8 @@ def _tracking(study_uid: str, r: LabelResult) -> TrackingIdentifier:
 
 
 def _assessed_group(result: StudyResult, r: AssessedLabel, source: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 for a graded label: a 4 mm circle on the source image, the three class
-    probabilities and the coded severity."""
+    """TID 1410 for a graded label: a 4 mm circle on the source image, the grade (ordinal NUM), the
+    three class probabilities and the coded severity."""
     x, y = r.location.pixel
     spacing = float(source.PixelSpacing[1])
     region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
@@ -88,37 +135,49 @@ def _assessed_group(result: StudyResult, r: AssessedLabel, source: Dataset) -> P
         finding_type=C.STENOSIS,
         algorithm_id=algorithm(result),
         finding_sites=_sites(r),
-        measurements=[_percent(C.PROBABILITY[s], p) for s, p in zip(SEVERITIES, r.probabilities, strict=True)],
+        measurements=[_grade(r), *(_percent(C.PROBABILITY[s], p) for s, p in zip(SEVERITIES, r.probabilities, strict=True))],
         qualitative_evaluations=[QualitativeEvaluation(C.SEVERITY, C.GRADE[r.grade])],
     )
 
 
-def _not_assessed_group(result: StudyResult, r: NotAssessedLabel) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for a label the node could not grade: "Not assessed" and the coded reason."""
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(result.study_uid, r),
-        finding_type=C.STENOSIS,
-        algorithm_id=algorithm(result),
-        finding_sites=_sites(r),
-        qualitative_evaluations=[QualitativeEvaluation(C.ASSESSMENT, C.NOT_ASSESSED),
-                                 QualitativeEvaluation(C.REASON, C.REASONS[r.why])],
-    )
+def _container(name: hd.sr.CodedConcept, items: Sequence[hd.sr.ContentItem]) -> ContainerContentItem:
+    """A CONTAINS container of the report's root (SEPARATE, like the groups)."""
+    container = ContainerContentItem(name=name, is_content_continuous=False,
+                                     relationship_type=RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
 
 
-def _summary_group(result: StudyResult) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for the study: any severe spinal canal stenosis, and the highest probability of one."""
+def _not_assessed(study_uid: str, r: NotAssessedLabel) -> CodeContentItem:
+    """A label the node could not grade, as a qualitative evaluation of the document: assessment
+    status "Not assessed", with the label's tracking identifier and UID (as a graded label's group
+    has them), the finding, its sites and the coded reason."""
+    item = CodeContentItem(name=C.ASSESSMENT, value=C.NOT_ASSESSED, relationship_type=RelationshipTypeValues.CONTAINS)
+    item.ContentSequence = hd.sr.ContentSequence([
+        *_tracking(study_uid, r),
+        CodeContentItem(name=C.FINDING, value=C.STENOSIS, relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
+        *_sites(r),
+        CodeContentItem(name=C.REASON, value=C.REASONS[r.why], relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
+    ])
+    return item
+
+
+def _summary(result: StudyResult) -> list[hd.sr.ContentItem]:
+    """The study's spinal canal summary as qualitative evaluations of the document, when any
+    spinal canal level was graded: whether any level is severe, and the highest probability of
+    severe with its level (TEXT: the coded value is that level's NUM)."""
     spinal = [r for r in result.assessed() if r.label.condition == SPINAL]
-    worst = max((r.probabilities[Severity.SEVERE] for r in spinal), default=None)
+    if not spinal:
+        return []
+    worst = max(spinal, key=lambda r: r.probabilities[Severity.SEVERE])
     any_severe = any(r.grade is Severity.SEVERE for r in spinal)
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(entropy_srcs=[result.study_uid, "summary"]),
-                                               identifier="Study summary"),
-        finding_type=C.STENOSIS,
-        algorithm_id=algorithm(result),
-        finding_sites=[FindingSite(C.STRUCTURE[SPINAL.group])],
-        measurements=[] if worst is None else [_percent(C.MAX_SEVERE_SPINAL, worst)],
-        qualitative_evaluations=[QualitativeEvaluation(C.ANY_SEVERE_SPINAL, C.PRESENT if any_severe else C.ABSENT)],
-    )
+    return [
+        CodeContentItem(name=C.ANY_SEVERE_SPINAL, value=C.PRESENT if any_severe else C.ABSENT,
+                        relationship_type=RelationshipTypeValues.CONTAINS),
+        TextContentItem(name=C.MAX_SEVERE_SPINAL, relationship_type=RelationshipTypeValues.CONTAINS,
+                        value=f"{percent(worst.probabilities[Severity.SEVERE])} % "
+                              f"({worst.label.level.value})"),
+    ]
 
 
 # Patient and study attributes copied from the source images onto every object the node writes,
@@ -143,31 +202,40 @@ def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid:
     (at least every image a finding is located on). A re-run passes the earlier report(s) of the
     study as ``predecessors``: the new one lists them in its Predecessor Documents Sequence and is
     written into their series (``series_uid``)."""
-    groups: list = [_summary_group(result)]  # first, where a reader starts
-    evidence: dict[str, Dataset] = {}
-    for r in result.labels:
-        if isinstance(r, AssessedLabel):
-            source = sources[r.location.sop_instance_uid]
-            evidence[source.SOPInstanceUID] = source
-            groups.append(_assessed_group(result, r, source))
-        else:
-            groups.append(_not_assessed_group(result, r))
-    groups = [_separate(g) for g in groups]
-    if not evidence:
-        evidence = {next(iter(sources)): next(iter(sources.values()))}  # patient/study come from here
+    located: dict[str, Dataset] = {}
+    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    for r in result.assessed():
+        source = sources[r.location.sop_instance_uid]
+        located.setdefault(str(source.SOPInstanceUID), source)
+        groups.append(_separate(_assessed_group(result, r, source)))
+    evaluations = _summary(result) + [_not_assessed(result.study_uid, r) for r in result.labels if isinstance(r, NotAssessedLabel)]
     observer = ObserverContext(
         observer_type=C.DEVICE,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=DEVICE_UID, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME))
     report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
-                               procedure_reported=C.PROCEDURE_REPORTED, imaging_measurements=groups)
+                               procedure_reported=C.PROCEDURE_REPORTED, referenced_images=list(located.values()) or None,
+                               imaging_measurements=groups or [_placeholder_group()])
+    root = report[0].ContentSequence
+    if not groups:  # nothing located: no Imaging Measurements (highdicom needs one group to build the report)
+        del root[-1]
+    if evaluations:
+        root.append(_container(C.QUALITATIVE_EVALUATIONS, evaluations))
+    first = next(iter(located.values()), None) or next(iter(sources.values()))  # patient/study come from here
     sr = hd.sr.ComprehensiveSR(
-        evidence=list(evidence.values()), content=report,
+        evidence=list(located.values()) or [first], content=report,
         series_instance_uid=series_uid or generate_uid(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,
         previous_versions=list(predecessors) or None,
         series_description=SR_SERIES_DESCRIPTION,
+        contributing_equipment=[algorithm_equipment(result)],
     )
-    copy_patient_study(next(iter(evidence.values())), sr)
+    copy_patient_study(first, sr)
     return sr
+
+
+def _placeholder_group() -> MeasurementsAndQualitativeEvaluations:
+    """A throw-away group for highdicom's MeasurementReport, removed again (see build_sr)."""
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="none"))

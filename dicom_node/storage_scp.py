@@ -6,11 +6,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
 import shutil
 import socket
 import socketserver
-import tempfile
 import threading
 import time
 import zlib
@@ -43,6 +41,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import tls
 from dicom_node.config import Settings
 from dicom_node.dimse import (
     ProviderRejectReason,
@@ -51,8 +50,9 @@ from dicom_node.dimse import (
     RejectSource,
     StoreStatus,
 )
+from dicom_node.durable import write_durably
 from dicom_node.ledger import Ledger, Recorded
-from dicom_node.logconfig import get_logger
+from dicom_node.logconfig import PHI_VALUES, get_logger
 from dicom_node.safety import UnsafePath, uid_problem, under
 
 log = get_logger(__name__)
@@ -72,8 +72,9 @@ C_STORE_RQ_FIELD = 0x0001  # Command Field of a C-STORE request (PS3.7 E.1)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # Stored and recorded, but they do not (re)open a study for grading: Structured Reports (our own
-# results coming back from the PACS among them), Secondary Captures, presentation states.
-_NOT_GRADED_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.11.")
+# results coming back from the PACS among them), Secondary Captures, presentation states, PDFs.
+_NOT_GRADED_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.11.",
+                        "1.2.840.10008.5.1.4.1.1.104.")  # ... and encapsulated documents (our PDF)
 
 
 def truncation(ds: Dataset, sop_class_uid: str, transfer_syntax: UID) -> str | None:
@@ -156,32 +157,6 @@ def restore_poll_interval() -> None:
 def reopens_study(sop_class_uid: str) -> bool:
     """Whether a new instance of this SOP class means its study must be graded (again)."""
     return not sop_class_uid.startswith(_NOT_GRADED_PREFIXES)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(data: bytes, target: Path, fsync: bool = True) -> None:
-    """Write to a temporary file in the target's folder, fsync, rename into place, fsync the folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-        if fsync:
-            _fsync_dir(target.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Refused(Exception):
@@ -270,7 +245,7 @@ class _OnceperConnection(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        if record.levelno < logging.ERROR or not record.name.startswith("pynetdicom"):
             return True
         name = threading.current_thread().name
         with self._lock:
@@ -339,13 +314,17 @@ class StorageSCP:
                     (evt.EVT_DIMSE_RECV, self._answer_malformed), (evt.EVT_CONN_CLOSE, self._closed)]
         _GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
         _GuardedServer.max_connections = self.settings.limits.max_connections
+        # With node.tls, every connection must speak TLS (plain TCP fails the handshake and is closed).
+        ssl_context = tls.server_context(node.tls) if node.tls is not None else None
         server = self.ae.make_server((node.bind_address, node.port), evt_handlers=handlers,
-                                     server_class=_GuardedServer)
+                                     server_class=_GuardedServer, ssl_context=ssl_context)
         threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
         self.server = server
-        logging.getLogger("pynetdicom").addFilter(self._errors)
+        for handler in logging.getLogger().handlers:  # a logger's own filter would miss pynetdicom.dul & co
+            handler.addFilter(self._errors)
         threading.excepthook = _thread_died
-        log.info("storage SCP listening", ae_title=node.ae_title, port=node.port)
+        log.info("storage SCP listening", ae_title=node.ae_title, address=node.bind_address, port=node.port,
+                 tls=tls.describe(node.tls))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new associations, let the C-STORE writes in flight finish, then abort what is left."""
@@ -354,7 +333,8 @@ class StorageSCP:
         associations = list(self.server.active_associations)
         self.server.shutdown()  # closes the listening socket: new associations are refused
         self.server = None
-        logging.getLogger("pynetdicom").removeFilter(self._errors)
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._errors)
         deadline = time.monotonic() + timeout
         with self._idle:
             while self._in_flight and time.monotonic() < deadline:
@@ -493,6 +473,7 @@ class StorageSCP:
             raise Refused(StoreStatus.OUT_OF_RESOURCES, problem)
         try:
             ds = event.dataset  # parsed lazily: only the UIDs below are read, pixels are not decoded
+            PHI_VALUES.add_from(ds)  # whatever is logged about it from now on is scrubbed of these
             uids = {name: str(ds.get(name, "") or "") for name in
                     ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
             cut = truncation(ds, sop_class, transfer_syntax)

@@ -54,11 +54,11 @@ def _send(files: list[Path], port: int, called: str = NODE_AET, extra: tuple[str
 
 
 def _results(pacs: Orthanc, study_uid: str) -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]:
-    """The SR and SC instances Orthanc holds in the study, newest SR last."""
+    """The SR and SC instances Orthanc holds in the study, newest SR last (the PDF summary, DOC, aside)."""
     sr, sc = [], []
     for series in pacs.study_series(study_uid):
         modality = series["MainDicomTags"]["Modality"]
-        if modality == "MR":
+        if modality in ("MR", "DOC"):
             continue
         for instance_id in series["Instances"]:
             ds = pydicom.dcmread(__import__("io").BytesIO(pacs.get_bytes(f"/instances/{instance_id}/file")))
@@ -77,6 +77,8 @@ def _check_results(pacs: Orthanc, study_uid: str, sources: set[str], patient_id:
                 for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
     assert evidence and evidence <= sources
     assert all(sc.SourceImageSequence[0].ReferencedSOPInstanceUID in sources for sc in scs)
+    pdfs = [s for s in pacs.study_series(study_uid) if s["MainDicomTags"]["Modality"] == "DOC"]
+    assert len(pdfs) == 1 and len(pdfs[0]["Instances"]) == len(srs), "the PDF summary: one series, one per report"
     return sr
 
 

@@ -1,5 +1,5 @@
-"""``predict --out``: the SR and the Grad-CAM Secondary Captures of a phantom study, as files a PACS
-accepts, checked with dciodvfy and dcentvfy against their source images."""
+"""``predict --out``: the SR, the Grad-CAM Secondary Captures and the PDF summary of a phantom study,
+as files a PACS accepts, checked with dciodvfy and dcentvfy against their source images."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from dicom_node.identity import DISCLAIMER
+from dicom_node.identity import DISCLAIMER, MANUFACTURER
 from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
 from tests.support.tools import lumbar_node
 
@@ -66,15 +66,32 @@ def test_sc_images_are_readable_without_help(outputs: tuple[Path, Path]) -> None
         assert np.median(rgb[top].max(axis=2)) < 60  # the text's band is dark
 
 
-def test_sr_and_sc_pass_dciodvfy(outputs: tuple[Path, Path]) -> None:
+def test_the_model_is_contributing_equipment_of_every_heatmap(outputs: tuple[Path, Path]) -> None:
+    """As in the SR (IHE AI Results): Purpose of Reference "Processing Algorithm", with the model's
+    name, version and device UID; the source's acquisition equipment stays listed."""
     _, folder = outputs
-    for path in [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm"))[:5]]:
+    sr = pydicom.dcmread(next(folder.glob("SR_*.dcm")), stop_before_pixels=True)
+    [algorithm] = [e for e in sr.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+    for path in sorted((folder / "SC").glob("*.dcm")):
+        sc = pydicom.dcmread(path, stop_before_pixels=True)
+        purposes = [e.PurposeOfReferenceCodeSequence[0].CodeMeaning for e in sc.ContributingEquipmentSequence]
+        assert "Processing Algorithm" in purposes and "Acquisition Equipment" in purposes
+        [item] = [e for e in sc.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+        assert item.Manufacturer == MANUFACTURER
+        assert (item.ManufacturerModelName, item.SoftwareVersions, item.DeviceUID) == (
+            algorithm.ManufacturerModelName, algorithm.SoftwareVersions, algorithm.DeviceUID)
+
+
+def test_sr_sc_and_pdf_pass_dciodvfy(outputs: tuple[Path, Path]) -> None:
+    _, folder = outputs
+    for path in [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm"))[:5], *folder.glob("PDF_*.dcm")]:
         assert dciodvfy_errors(path) == [], path
 
 
-def test_dcentvfy_finds_sr_sc_and_sources_consistent(outputs: tuple[Path, Path]) -> None:
+def test_dcentvfy_finds_sr_sc_pdf_and_sources_consistent(outputs: tuple[Path, Path]) -> None:
     study, folder = outputs
-    files = [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *sorted(study.rglob("*.dcm"))]
+    files = [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *folder.glob("PDF_*.dcm"),
+             *sorted(study.rglob("*.dcm"))]
     assert dcentvfy_errors(files) == []
 
 
@@ -82,6 +99,7 @@ def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tupl
     study, folder = outputs
     [first] = [pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")]
     sc_series = pydicom.dcmread(next((folder / "SC").glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    [first_pdf] = [pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("PDF_*.dcm")]
     lumbar_node("predict", str(study), "--out", str(folder.parent))
     reports = sorted((pydicom.dcmread(p) for p in folder.glob("SR_*.dcm")), key=lambda d: int(d.InstanceNumber))
     assert len(reports) == 2
@@ -92,3 +110,7 @@ def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tupl
     scs = [pydicom.dcmread(p, stop_before_pixels=True) for p in (folder / "SC").glob("*.dcm")]
     assert {sc.SeriesInstanceUID for sc in scs} == {sc_series}
     assert len(scs) == len({(sc.SourceImageSequence[0].ReferencedSOPInstanceUID, sc.ImageComments) for sc in scs})
+    [pdf] = [pydicom.dcmread(p, stop_before_pixels=True) for p in folder.glob("PDF_*.dcm")]  # the new one replaced it
+    assert pdf.SeriesInstanceUID == first_pdf.SeriesInstanceUID and int(pdf.InstanceNumber) == 2
+    assert pdf.SOPInstanceUID != first_pdf.SOPInstanceUID
+    assert pdf.SourceInstanceSequence[0].ReferencedSOPInstanceUID == newest.SOPInstanceUID

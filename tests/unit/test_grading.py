@@ -53,6 +53,7 @@ def test_results_coming_back_do_not_reopen_a_study() -> None:
     assert reopens_study("1.2.840.10008.5.1.4.1.1.4")  # MR Image Storage
     assert not reopens_study("1.2.840.10008.5.1.4.1.1.88.33")  # Comprehensive SR
     assert not reopens_study("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
+    assert not reopens_study("1.2.840.10008.5.1.4.1.1.104.1")  # Encapsulated PDF (our summary)
 
 
 def test_peers_are_checked_by_ae_title_and_address(tmp_path: Path) -> None:
