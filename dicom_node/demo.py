@@ -15,7 +15,7 @@ from dicom_node.delivery import send_files
 from dicom_node.ledger import Study
 from dicom_node.node import Node
 from dicom_node.orthanc import ORTHANC_AET, free_port, running_orthanc
-from dicom_node.outputs import SC_FOLDER, TABLE_FILE
+from dicom_node.outputs import PDF_GLOB, SC_FOLDER, TABLE_FILE
 from dicom_node.states import StudyState
 from inference.rsna_layout import IMAGES_DIR
 from phantom.generate import generate_dataset
@@ -77,6 +77,8 @@ def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file:
             echo((run / TABLE_FILE).read_text())
             echo(f"Structured Report: {report.sr_path}")
             echo(f"Grad-CAM Secondary Captures: {run / SC_FOLDER} ({len(list((run / SC_FOLDER).glob('*.dcm')))} images)")
+            for pdf in sorted(run.glob(PDF_GLOB)):
+                echo(f"PDF summary (Encapsulated PDF): {pdf}")
             echo(f"node status: lumbar-node status  with  LUMBAR_NODE__STORAGE__LEDGER_PATH={settings.storage.ledger_path}")
             return Path(report.sr_path)
         finally:

@@ -7,7 +7,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dicom_node.logconfig import PHI_VALUES, get_logger
-from dicom_node.outputs import PDF_GLOB, SC_FOLDER, OutputKind, RunOutputs, previous_outputs, write_run
+from dicom_node.outputs import (
+    PDF_GLOB,
+    SC_FOLDER,
+    OutputKind,
+    RunOutputs,
+    previous_outputs,
+    write_run,
+)
 from dicom_node.summary import result_json, result_table
 from inference.analyze import StudyResult, analyze_study
 from inference.instances import Instance, read_folder
