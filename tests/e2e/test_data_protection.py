@@ -17,7 +17,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, Verification
 
 from dicom_node.orthanc import free_port, storescu
-from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, stop_all, wait_for
+from tests.support.served_node import (
+    NODE_AET,
+    SENDER_AET,
+    ServedNode,
+    stop_all,
+    wait_for,
+)
 
 NAME, PATIENT_ID, BIRTH_DATE, AGE = "QXZFAMILY^QXZGIVEN", "PIDQXZ4711", "1931-07-04", "045Y"
 SECRETS = ("QXZFAMILY", "QXZGIVEN", PATIENT_ID, BIRTH_DATE, "19310704", "45 years", AGE)

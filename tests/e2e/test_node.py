@@ -29,18 +29,12 @@ from tests.support.served_node import (
     stop_all,
     wait_for,
 )
+from tests.support.tools import complete_study
 
 FINISHED = ("done", "failed", "skipped")
 
 
-def _study_files(phantom_dir: Path) -> list[Path]:
-    """The files of the first phantom study that has Sagittal T1, Sagittal T2/STIR and Axial T2."""
-    for folder in sorted((phantom_dir / "train_images").iterdir()):
-        descriptions = {pydicom.dcmread(next(s.glob("*.dcm")), stop_before_pixels=True).SeriesDescription
-                        for s in folder.iterdir()}
-        if {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} <= descriptions:
-            return sorted(folder.rglob("*.dcm"))
-    raise AssertionError("no complete phantom study")
+_study_files = complete_study
 
 
 def _uids(files: list[Path]) -> tuple[str, set[str]]:

@@ -24,7 +24,7 @@ from tests.support.served_node import (
     stop_all,
     wait_for,
 )
-from tests.support.tools import require_tool
+from tests.support.tools import complete_study, require_tool
 
 DESTINATION_AET = "TLS_PACS"
 SR_PREFIX, SC_PREFIX = "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7"
@@ -74,14 +74,7 @@ def _node_tls(certs: Certs, mutual: bool = True) -> dict[str, str]:
     return {**tls, "ca_certificates": str(certs.ca)} if mutual else tls
 
 
-def _study(phantom_dir: Path) -> list[Path]:
-    """The files of the first phantom study that has all three series (released when complete)."""
-    for folder in sorted((phantom_dir / "train_images").iterdir()):
-        descriptions = {pydicom.dcmread(next(s.glob("*.dcm")), stop_before_pixels=True).SeriesDescription
-                        for s in folder.iterdir()}
-        if {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} <= descriptions:
-            return sorted(folder.rglob("*.dcm"))
-    raise AssertionError("no complete phantom study")
+_study = complete_study
 
 
 @pytest.fixture

@@ -17,7 +17,13 @@ import pytest
 from dicom_node import codes as C
 from dicom_node.identity import MANUFACTURER, model_device_uid
 from dicom_node.sr import build_sr, percent
-from inference.analyze import AssessedLabel, LabelResult, NotAssessedLabel, StudyResult, analyze_study
+from inference.analyze import (
+    AssessedLabel,
+    LabelResult,
+    NotAssessedLabel,
+    StudyResult,
+    analyze_study,
+)
 from inference.labels import SEVERITIES
 from inference.runtime import OnnxRunner
 from tests.support.dicom_tools import dciodvfy_errors, pixelmed_sr_report

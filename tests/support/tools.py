@@ -25,3 +25,15 @@ def lumbar_node(*args: str, check: bool = True) -> subprocess.CompletedProcess[s
     """Run the installed ``lumbar-node`` console command."""
     exe = Path(sys.executable).with_name("lumbar-node")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, timeout=600)
+
+
+def complete_study(phantom_dir: Path) -> list[Path]:
+    """The files of the first phantom study that has Sagittal T1, Sagittal T2/STIR and Axial T2."""
+    import pydicom
+
+    for folder in sorted((phantom_dir / "train_images").iterdir()):
+        descriptions = {pydicom.dcmread(next(s.glob("*.dcm")), stop_before_pixels=True).SeriesDescription
+                        for s in folder.iterdir()}
+        if {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} <= descriptions:
+            return sorted(folder.rglob("*.dcm"))
+    raise AssertionError("no complete phantom study")
