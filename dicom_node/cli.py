@@ -89,7 +89,8 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     model_dir = model_dir or settings.models.dir
     try:
         predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out,
-                       pdf=settings.outputs.pdf)
+                       pdf=settings.outputs.pdf,
+                       report_when_nothing_assessed=settings.study.report_when_nothing_assessed)
     except Exception as exc:
         if isinstance(exc, click.ClickException):
             raise

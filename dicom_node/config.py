@@ -150,10 +150,11 @@ class StorageSettings(_Section):
 
 
 class StudySettings(_Section):
-    """When a received study counts as complete."""
+    """When a received study counts as complete, and when it is reported."""
 
     quiet_time_s: float = Field(gt=0)
     release_when_complete: bool
+    report_when_nothing_assessed: bool = False  # a study of which no label was graded gets no report
 
 
 class DeliverySettings(_Section):

@@ -20,8 +20,14 @@ from dicom_node.identity import DISCLAIMER
 from dicom_node.logconfig import PHI_VALUES, configure_logging, get_logger
 from dicom_node.outputs import OutputKind, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult, SkipReason
-from inference.analyze import AnalysisLimits, analyze_study
-from inference.instances import Instance, read_headers
+from inference.analyze import (
+    AnalysisLimits,
+    NotAssessedLabel,
+    NotAssessedReason,
+    StudyResult,
+    analyze_study,
+)
+from inference.instances import Instance, is_mr, read_headers
 from inference.labels import SeriesRole
 from inference.runtime import OnnxRunner
 from inference.series import assign_roles, group_series, role_of
@@ -59,6 +65,7 @@ class GradeJob:
     limits: AnalysisLimits = AnalysisLimits()
     timeout_s: float = 600.0
     pdf: bool = True  # outputs.pdf: write the PDF summary too
+    report_when_nothing_assessed: bool = False  # study.report_when_nothing_assessed
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,7 @@ def worker_ready() -> dict[str, object]:
 
 def mr_images(headers: list[Instance]) -> list[Instance]:
     """The MR instances among a study's headers (our own SR/SC and anything else left out)."""
-    return [(ds, p) for ds, p in headers if ds.get("Modality") == "MR"]
+    return [(ds, p) for ds, p in headers if is_mr(ds)]
 
 
 def skip_reason(headers: list[Instance]) -> Skip | None:
@@ -153,6 +160,19 @@ def skip_reason(headers: list[Instance]) -> Skip | None:
     if not assign_roles(group_series(mr)):
         return Skip(SkipReason.NO_SERIES)
     return None
+
+
+def nothing_assessed(result: StudyResult) -> Skip | None:
+    """A study of which no label could be graded (no sagittal series, levels not found, no usable
+    series) is not reported: the reasons, or None when something was graded."""
+    if result.assessed():
+        return None
+    counts: dict[str, int] = {}
+    for r in result.labels:
+        if isinstance(r, NotAssessedLabel):  # the per-level wordings of one kind are told once
+            key = r.why.value if r.why is NotAssessedReason.NOT_COVERED else r.reason
+            counts[key] = counts.get(key, 0) + 1
+    return Skip(SkipReason.NOTHING_ASSESSED, "; ".join(f"{why}: {n} labels" for why, n in counts.items()))
 
 
 def has_all_roles(headers: list[pydicom.Dataset]) -> bool:
@@ -199,6 +219,10 @@ def _grade(job: GradeJob) -> GradeOutcome:
         if len({str(ds.get("PatientID", "")) for ds, _ in mr}) > 1:  # a mislabelled instance: never mix patients
             return GradeOutcome.failed(MIXED_PATIENTS)
         result = analyze_study(mr, _loaded_runner(), job.limits)
+        skip = None if job.report_when_nothing_assessed else nothing_assessed(result)
+        if skip is not None:
+            log.info("study skipped: nothing could be assessed, nothing sent", study_uid=job.study_uid, run=job.run)
+            return GradeOutcome.skipped(PHI_VALUES.scrub(str(skip)))
         supersedes = None
         if job.previous_sr:
             supersedes = Supersedes(pydicom.dcmread(job.previous_sr), job.sc_series_uid)

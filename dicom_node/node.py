@@ -235,7 +235,8 @@ class Node:
         job = GradeJob(uid, study.generation, run, [str(p) for p in self.ledger.instance_paths(uid)], str(folder),
                        previous.sr_path if previous else None, previous.sc_series_uid if previous else None,
                        AnalysisLimits(limits.max_series_images, limits.max_pixels, limits.localiser_batch),
-                       limits.grading_timeout_s, pdf=self.settings.outputs.pdf)
+                       limits.grading_timeout_s, pdf=self.settings.outputs.pdf,
+                       report_when_nothing_assessed=self.settings.study.report_when_nothing_assessed)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self._grading.add(uid)
         pool = self.pool

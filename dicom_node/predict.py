@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dicom_node.grading import nothing_assessed
 from dicom_node.logconfig import PHI_VALUES, get_logger
 from dicom_node.outputs import (
     PDF_GLOB,
@@ -38,9 +39,11 @@ def write_outputs(result: StudyResult, instances: Sequence[Instance], out: Path,
 
 
 def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, ...], as_json: bool,
-                   echo: Callable[[str], None], out: Path | None = None, pdf: bool = True) -> list[StudyResult]:
+                   echo: Callable[[str], None], out: Path | None = None, pdf: bool = True,
+                   report_when_nothing_assessed: bool = False) -> list[StudyResult]:
     """Grade every study found under ``folder``, print each result, and with ``out`` write its
-    Structured Report, Grad-CAM Secondary Captures and (with ``pdf``) PDF summary there."""
+    Structured Report, Grad-CAM Secondary Captures and (with ``pdf``) PDF summary there. A study of
+    which nothing could be assessed gets no outputs (unless ``report_when_nothing_assessed``)."""
     studies = read_folder(folder)
     for instances in studies.values():
         for ds, _ in instances:
@@ -50,18 +53,24 @@ def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, .
     runner = OnnxRunner(model_dir, providers)
     log.info("model loaded", model_dir=str(runner.model_dir), providers=runner.providers)
     results = []
+    printed: list[tuple[StudyResult, str | None]] = []
     for study_uid, instances in studies.items():
         result = analyze_study(instances, runner)
         log.info("study graded", study_uid=study_uid, seconds=round(sum(result.seconds.values()), 3),
                  assessed=len(result.assessed()))
         results.append(result)
-        if out is not None:
+        skip = None if report_when_nothing_assessed else nothing_assessed(result)
+        no_report = PHI_VALUES.scrub(str(skip)) if skip is not None else None
+        printed.append((result, no_report))
+        if no_report is not None:
+            log.warning("no report: nothing could be assessed", study_uid=study_uid, reason=no_report)
+        elif out is not None:
             written = write_outputs(result, instances, out, pdf)
             log.info("results written", study_uid=study_uid, sr=str(written.sr.path),
                      secondary_captures=sum(f.kind is OutputKind.SC for f in written.files),
                      pdf=next((str(f.path) for f in written.files if f.kind is OutputKind.PDF), None))
     if as_json:
-        echo(json.dumps([result_json(r) for r in results], indent=1))
+        echo(json.dumps([result_json(r) | ({"no_report": why} if why else {}) for r, why in printed], indent=1))
     else:
-        echo("\n\n".join(result_table(r) for r in results))
+        echo("\n\n".join(result_table(r) + (f"\nNo report: {why}" if why else "") for r, why in printed))
     return results

@@ -53,3 +53,4 @@ class SkipReason(StrEnum):
     NOT_MR = "not an MR study"
     NOT_LUMBAR = "not a lumbar spine study"
     NO_SERIES = "no Sagittal T1, Sagittal T2/STIR or Axial T2 series found"
+    NOTHING_ASSESSED = "nothing could be assessed"

@@ -43,7 +43,13 @@ from inference.preprocess import (
     crop_frame,
     intensity_of,
 )
-from inference.series import MAX_SERIES_IMAGES, SeriesHeader, assign_roles, group_series
+from inference.series import (
+    MAX_SERIES_IMAGES,
+    SeriesHeader,
+    assign_roles,
+    group_series,
+    log_untidy_uids,
+)
 from inference.volume import MAX_PIXELS, Volume, load_volume
 
 MAX_SLICE_DISTANCE_MM = 8.0  # a level farther than this from every slice of its series is not assessed
@@ -244,7 +250,9 @@ def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runn
     t0 = time.perf_counter()
     instances = list(instances)
     study_uid = str(instances[0][0].StudyInstanceUID) if instances else ""
-    roles = assign_roles(group_series(instances), max_images=limits.max_series_images)  # step 1
+    found = group_series(instances)
+    log_untidy_uids(found)
+    roles = assign_roles(found, max_images=limits.max_series_images)  # step 1
     series_roles = {role: tuple(s.series_uid for s in series) for role, series in roles.items()}
     vols = _load_volumes(roles, limits)
     t1 = time.perf_counter()

@@ -91,14 +91,22 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
     why), so that one broken header does not decide a series' orientation or fail the study."""
     groups: dict[str, list[tuple[Dataset, Path | None]]] = defaultdict(list)
     left_out: dict[str, list[str]] = defaultdict(list)
+    multiframe = 0
     for ds, path in instances:
-        if "ImageOrientationPatient" not in ds or "SeriesInstanceUID" not in ds:  # images with geometry only
+        if "SeriesInstanceUID" not in ds:
+            continue
+        if "PerFrameFunctionalGroupsSequence" in ds:  # enhanced multi-frame: geometry per frame, not read
+            multiframe += 1
+            continue
+        if "ImageOrientationPatient" not in ds:  # images with geometry only
             continue
         problem = usable_geometry(ds)
         if problem is not None:
             left_out[str(ds.SeriesInstanceUID)].append(problem)
             continue
         groups[str(ds.SeriesInstanceUID)].append((ds, path))
+    if multiframe:
+        log.warning("images left out: enhanced multi-frame images are not supported", images=multiframe)
     for uid, problems in left_out.items():
         log.warning("images left out: unusable geometry", series_uid=uid, images=len(problems), example=problems[0])
     out = []
@@ -118,6 +126,26 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
             instances=items,
         ))
     return sorted(out, key=lambda s: s.series_uid)
+
+
+def log_untidy_uids(series: list[SeriesHeader]) -> None:
+    """Log (once per study) what real exports do that the analysis copes with: SOPInstanceUIDs that
+    repeat across series (the Kaggle files: "<study>.<series_no>.<n>" in every series), and series
+    with different FrameOfReferenceUIDs, whose patient coordinates are used together regardless."""
+    seen: dict[str, str] = {}
+    repeated = 0
+    for s in series:
+        for ds, _ in s.instances:
+            uid = str(ds.get("SOPInstanceUID", ""))
+            if seen.setdefault(uid, s.series_uid) != s.series_uid:
+                repeated += 1
+    if repeated:
+        log.warning("SOPInstanceUIDs repeat across series: images are told apart by series and file",
+                    instances=repeated)
+    frames = {str(ds.get("FrameOfReferenceUID", "")) for s in series for ds, _ in s.instances[:1]}
+    if len(frames) > 1:
+        log.info("series have different FrameOfReferenceUIDs: their patient coordinates are used together",
+                 series=len(series), frames_of_reference=len(frames))
 
 
 def role_of(series: SeriesHeader) -> SeriesRole | None:

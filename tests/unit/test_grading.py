@@ -5,14 +5,18 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
 from dicom_node.config import load_settings
-from dicom_node.grading import Skip, has_all_roles, skip_reason
+from dicom_node.grading import Skip, has_all_roles, nothing_assessed, skip_reason
 from dicom_node.ledger import Ledger
 from dicom_node.states import SkipReason
 from dicom_node.storage_scp import StorageSCP, reopens_study
+from inference.analyze import AssessedLabel, Location, NotAssessedLabel, NotAssessedReason, StudyResult
+from inference.labels import LABELS
+from inference.model import ModelInfo
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,37 @@ def test_a_lumbar_mri_is_graded_and_other_studies_are_skipped_with_the_reason(he
     assert str(coronal) == "no Sagittal T1, Sagittal T2/STIR or Axial T2 series found"
     assert skip_reason([]) == Skip(SkipReason.NO_INSTANCES)
     assert str(skip_reason([])) == "no readable DICOM instances"
+
+
+def test_kaggle_files_without_modality_are_mr_by_their_sop_class(headers: list) -> None:
+    bare = []
+    for ds, path in headers:
+        ds = copy.deepcopy(ds)
+        del ds.Modality, ds.BodyPartExamined
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # what read_headers takes from the Kaggle file meta
+        bare.append((ds, path))
+    assert skip_reason(bare) is None
+    for ds, _ in bare:  # and with no SOP class anywhere, nothing says it is MR
+        del ds.SOPClassUID, ds.file_meta.MediaStorageSOPClassUID
+    assert skip_reason(bare) == Skip(SkipReason.NOT_MR, "modality none")
+
+
+def _result(labels: tuple) -> StudyResult:
+    return StudyResult("1.2.3", labels, ModelInfo(None, ""), {}, {}, {})  # type: ignore[arg-type]
+
+
+def test_a_study_of_which_nothing_was_assessed_gets_no_report() -> None:
+    missing = [NotAssessedLabel(lb, NotAssessedReason.MISSING_SERIES, f"no {lb.condition.series_role.value} series")
+               for lb in LABELS[:10]]
+    uncovered = [NotAssessedLabel(lb, NotAssessedReason.NOT_COVERED, f"{lb.level.value} is not covered")
+                 for lb in LABELS[10:]]
+    skip = nothing_assessed(_result((*missing, *uncovered)))
+    assert skip is not None and skip.why is SkipReason.NOTHING_ASSESSED
+    assert str(skip) == ("nothing could be assessed (no Sagittal T2/STIR series: 5 labels; no Sagittal T1 series: "
+                         "5 labels; level not covered: 15 labels)")
+    location = Location("1.2", "1.2.1", "1.2.840.10008.5.1.4.1.1.4", 1, (0.0, 0.0), (0.0, 0.0, 0.0), None)  # type: ignore[arg-type]
+    one_graded = AssessedLabel(LABELS[0], (0.8, 0.1, 0.1), location, np.zeros((6, 6), np.float32))
+    assert nothing_assessed(_result((one_graded, *missing[1:], *uncovered))) is None
 
 
 def test_complete_needs_all_three_series_roles(headers: list) -> None:
