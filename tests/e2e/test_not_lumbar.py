@@ -2,8 +2,9 @@
 served: every instance is stored, every study ends `skipped` with its reason, nothing reaches the
 destination (a real DCMTK storescp). A radiologist must never find an AI lumbar report on a brain MR.
 
-The images are the real MR files shipped in the pydicom wheel (a 64x64 MR in seven transfer
-syntaxes; a three-series MR study; an abdominal MR) and a phantom study whose three series are
+The images are the real MR files shipped in the pydicom and pydicom-data wheels (a 64x64 MR in
+seven transfer syntaxes; three small MR studies; abdominal MR; a 1024x1024 MR in four encodings;
+an Enhanced MR multi-frame head in five) and a phantom study whose three series are
 replaced by uniform noise (a case a fuzz run found graded as if it were a spine)."""
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import data_store
 import pydicom
 import pytest
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
+    JPEG2000,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
@@ -31,12 +34,17 @@ from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, stop_all
 from tests.support.tools import complete_study, require_tool
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+PYDICOM_DATA_FILES = Path(data_store.__file__).parent / "data"  # the pydicom-data wheel
 MR_SMALL = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
             "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_padded.dcm"]
+MR2 = ["MR2_J2KI.dcm", "MR2_J2KR.dcm", "MR2_UNCI.dcm", "MR2_UNCR.dcm"]
+ENHANCED_HEAD = ["emri_small.dcm", "emri_small_RLE.dcm", "emri_small_big_endian.dcm", "emri_small_jpeg_2k_lossless.dcm",
+                 "emri_small_jpeg_ls_lossless.dcm"]
 
 
 # storescu's option that proposes a transfer syntax (uncompressed little endian is its default)
-PROPOSE = {RLELossless: ("-xr",), JPEG2000Lossless: ("-xv",), JPEGLSLossless: ("-xt",), ExplicitVRBigEndian: ("-xb",)}
+PROPOSE = {RLELossless: ("-xr",), JPEG2000Lossless: ("-xv",), JPEG2000: ("-xw",), JPEGLSLossless: ("-xt",),
+           ExplicitVRBigEndian: ("-xb",)}
 
 
 def _by_transfer_syntax(files: list[Path]) -> dict[UID, list[Path]]:
@@ -52,21 +60,29 @@ def _stop_nodes() -> Iterator[None]:
     stop_all()
 
 
-def _real_mr(out: Path) -> list[Path]:
-    """The pydicom wheel's real MR files; the seven encodings of MR_small get their own SOP
-    Instance UIDs (they share one), so that each is a distinct instance of one series."""
+def _encodings(folder: Path, names: list[str], out: Path) -> list[Path]:
+    """One real image in several encodings, as distinct instances of one series (the files share a
+    SOP Instance UID: each gets its own)."""
     files = []
-    for i, name in enumerate(MR_SMALL):
-        ds = pydicom.dcmread(PYDICOM_FILES / name)
+    for i, name in enumerate(names):
+        ds = pydicom.dcmread(folder / name)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[name])
         ds.InstanceNumber = i + 1
         path = out / name
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
+    return files
+
+
+def _real_mr(out: Path) -> list[Path]:
+    """The real MR files of the pydicom and pydicom-data wheels."""
+    files = _encodings(PYDICOM_FILES, MR_SMALL, out) + _encodings(PYDICOM_DATA_FILES, MR2, out)
+    files += _encodings(PYDICOM_DATA_FILES, ENHANCED_HEAD, out)
     head = out / "dicomdirtests"
     shutil.copytree(PYDICOM_FILES / "dicomdirtests" / "98892003", head)
     files += sorted(p for p in head.rglob("*") if p.is_file())
     files.append(Path(shutil.copy(PYDICOM_FILES / "examples_overlay.dcm", out / "abdomen.dcm")))
+    files.append(Path(shutil.copy(PYDICOM_DATA_FILES / "MR-SIEMENS-DICOM-WithOverlays.dcm", out / "abdomen2.dcm")))
     return files
 
 
@@ -104,7 +120,7 @@ def test_non_lumbar_mr_is_stored_and_skipped_and_nothing_is_sent(tmp_path: Path,
             sent = storescu(group, node.port, called=NODE_AET, calling=SENDER_AET, extra=PROPOSE.get(syntax, ()))
             assert sent.returncode == 0, (syntax.name, sent.stderr)
         studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
-        assert len(studies) == 6  # MR_small, three in dicomdirtests, the abdomen, the noise
+        assert len(studies) == 8  # MR_small and MR2, three in dicomdirtests, the abdomen, the head, the noise
         finished = {uid: node.wait_state(uid, tuple(s.value for s in StudyState if s.final), timeout=180)
                     for uid in studies}
         ledger = node.ledger()
@@ -121,6 +137,7 @@ def test_non_lumbar_mr_is_stored_and_skipped_and_nothing_is_sent(tmp_path: Path,
         reasons = sorted(s.reason for s in finished.values())
         assert any(r.startswith("not a lumbar spine study (BodyPartExamined ABDOMEN") for r in reasons), reasons
         assert any(r.startswith("nothing could be assessed") for r in reasons), reasons
+        assert any(r.startswith("not a lumbar spine study (BodyPartExamined HEAD") for r in reasons), reasons
         wait_for("no delivery", lambda: True)
         assert not list(received.iterdir())  # nothing sent to the PACS
         assert "study skipped" in node.log_text()
