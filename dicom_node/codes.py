@@ -79,4 +79,5 @@ REASONS = {  # the coded reason of a 'not assessed' label
     NotAssessedReason.UNUSABLE_SERIES: private("RSU", "Required series unusable"),
     NotAssessedReason.NOT_COVERED: private("RNC", "Level not covered by the required series"),
     NotAssessedReason.MISSING_SERIES: private("RMS", "Required series missing"),
+    NotAssessedReason.LEVELS_NOT_LOCALISED: private("RLF", "Disc levels could not be localised"),
 }

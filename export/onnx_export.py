@@ -23,6 +23,7 @@ from inference.levels import GRADER_SPEC, LOCALISER_SPEC
 from inference.model import ModelMetadata, file_sha256
 from inference.runtime import usable_providers
 from training.models import CONDITION_GROUP, N_CLASSES, N_GROUPS, Grader
+from training.level_calibration import card_line
 from training.runner import load_model
 
 log = structlog.stdlib.get_logger(__name__)
@@ -167,6 +168,7 @@ def model_card(meta: ModelMetadata, evaluation: dict[str, Any] | None) -> str:
         f"  of {pre['grader']['size_mm']} mm ({pre['grader']['pixels']} px, "
         f"{pre['grader']['n_slices']} slices); Grad-CAM computed in the graph.",
         f"- Calibration: temperature per condition {[round(x, 2) for x in meta.temperatures]} (validation).",
+        *([card_line(meta.level_check)] if meta.level_check is not None else []),
         f"- Checkpoint sha256: `{meta.checkpoint_sha256 or ''}`",
         "",
         "## Numbers",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
+import structlog
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
@@ -35,6 +36,7 @@ from inference.levels import (
     localiser_inputs,
     midline_shift,
 )
+from inference.level_check import DEFAULT_LEVEL_CHECK, LevelCheck, LevelFeatures, implausible, level_features
 from inference.model import ModelInfo
 from inference.preprocess import (
     CropFrame,
@@ -51,6 +53,8 @@ from inference.series import (
     log_untidy_uids,
 )
 from inference.volume import MAX_PIXELS, Volume, load_volume
+
+log = structlog.stdlib.get_logger(__name__)
 
 MAX_SLICE_DISTANCE_MM = 8.0  # a level farther than this from every slice of its series is not assessed
 
@@ -87,6 +91,7 @@ class NotAssessedReason(StrEnum):
     UNUSABLE_SERIES = "unusable series"
     NO_SAGITTAL = "no sagittal series"
     NOT_COVERED = "level not covered"
+    LEVELS_NOT_LOCALISED = "the disc levels could not be localised"
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class StudyResult:
     levels: dict[Level, Point]  # canal point per level (empty when not localised)
     series_roles: dict[SeriesRole, tuple[str, ...]]  # role -> series UIDs
     seconds: dict[str, float]
+    localisation: LevelFeatures | None = None  # what the level check measured (None: no sagittal series)
 
     def result(self, label: Label) -> LabelResult:
         return self.labels[LABELS.index(label)]
@@ -187,7 +193,15 @@ def _load_volumes(roles: dict[SeriesRole, list[SeriesHeader]], limits: AnalysisL
     return _Volumes(volumes, {role: intensity_of(vol) for role, vol in volumes.items()}, problems)
 
 
-def _localise_levels(vols: _Volumes, runner: Runner, batch: int) -> dict[Level, NDArray[np.float64]] | None:
+@dataclass(frozen=True)
+class _Levels:
+    """Step 3's output: the canal point of each disc level and the features the level check reads."""
+
+    points: dict[Level, NDArray[np.float64]]
+    features: LevelFeatures
+
+
+def _localise_levels(vols: _Volumes, runner: Runner, batch: int) -> _Levels | None:
     """Step 3: the canal point of each disc level (None without a usable sagittal series).
 
     The localiser runs on every sagittal slice; the five heatmaps of the central one are decoded
@@ -200,11 +214,17 @@ def _localise_levels(vols: _Volumes, runner: Runner, batch: int) -> dict[Level, 
     inputs = localiser_inputs(sag, vols.intensity[sagittal])
     images = [li.image for li in inputs]
     heatmaps = np.concatenate([runner.localise(np.stack(images[i:i + batch])) for i in range(0, len(images), batch)])
-    points, _ = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
+    points, peaks = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
     normal = sag.slices[mid].plane.normal
     offsets = np.array([float((sl.plane.position - sag.slices[mid].plane.position) @ normal) for sl in sag.slices])
     points = points + midline_shift(heatmaps, inputs[mid].frame, points, offsets)[:, None] * normal
-    return {lv: points[lv.index] for lv in LEVELS}
+    return _Levels({lv: points[lv.index] for lv in LEVELS}, level_features(points, peaks, sag))
+
+
+def _level_check(info: ModelInfo) -> LevelCheck:
+    """The model's level-check thresholds; the built-in defaults for a model.json written before
+    the check existed (``ModelMetadata.read`` says so when it loads one)."""
+    return info.metadata.level_check or DEFAULT_LEVEL_CHECK
 
 
 def _place_crop(label: Label, vols: _Volumes, canal: NDArray[np.float64], info: ModelInfo) -> _Crop | NotAssessedLabel:
@@ -245,8 +265,12 @@ def _grade_crops(crops: list[_Crop], runner: Runner) -> list[AssessedLabel]:
 
 
 def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runner,
-                  limits: AnalysisLimits = AnalysisLimits()) -> StudyResult:
-    """Grade a study from its image headers (pixels are read from ``path`` when not loaded)."""
+                  limits: AnalysisLimits = AnalysisLimits(), check_levels: bool = True) -> StudyResult:
+    """Grade a study from its image headers (pixels are read from ``path`` when not loaded).
+
+    The decoded levels are checked against the model's ``level_check`` (``inference.level_check``):
+    levels that fail it leave every label not assessed. ``check_levels=False`` grades whatever the
+    localiser decoded (training, before the thresholds are fitted)."""
     t0 = time.perf_counter()
     instances = list(instances)
     study_uid = str(instances[0][0].StudyInstanceUID) if instances else ""
@@ -256,16 +280,24 @@ def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runn
     series_roles = {role: tuple(s.series_uid for s in series) for role, series in roles.items()}
     vols = _load_volumes(roles, limits)
     t1 = time.perf_counter()
-    canal = _localise_levels(vols, runner, limits.localiser_batch)
+    found = _localise_levels(vols, runner, limits.localiser_batch)
     t2 = time.perf_counter()
-    if canal is None:
+    if found is None:
         why = "no usable sagittal series to localise the disc levels"
         labels: tuple[LabelResult, ...] = tuple(NotAssessedLabel(label, NotAssessedReason.NO_SAGITTAL, why)
                                                 for label in LABELS)
         return StudyResult(study_uid, labels, runner.info, {}, series_roles, {"load": t1 - t0})
+    problem = implausible(found.features, _level_check(runner.info)) if check_levels else None
+    if problem is not None:
+        log.warning("disc levels not localised: every label not assessed", study_uid=study_uid, why=problem)
+        why = f"{NotAssessedReason.LEVELS_NOT_LOCALISED.value} ({problem})"
+        labels = tuple(NotAssessedLabel(label, NotAssessedReason.LEVELS_NOT_LOCALISED, why) for label in LABELS)
+        return StudyResult(study_uid, labels, runner.info, {}, series_roles,
+                           {"load": t1 - t0, "localise": t2 - t1}, found.features)
+    canal = found.points
     placed = [_place_crop(label, vols, canal[label.level], runner.info) for label in LABELS]
     graded = {r.label: r for r in _grade_crops([p for p in placed if isinstance(p, _Crop)], runner)}
     labels = tuple(graded[p.label] if isinstance(p, _Crop) else p for p in placed)
     levels = {lv: (float(p[0]), float(p[1]), float(p[2])) for lv, p in canal.items()}
     seconds = {"load": t1 - t0, "localise": t2 - t1, "grade": time.perf_counter() - t2}
-    return StudyResult(study_uid, labels, runner.info, levels, series_roles, seconds)
+    return StudyResult(study_uid, labels, runner.info, levels, series_roles, seconds, found.features)

@@ -13,8 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from inference.labels import CONDITIONS, LABEL_COLUMNS, SEVERITY_NAMES, ConditionGroup
+from inference.level_check import DEFAULT_LEVEL_CHECK, LevelCheck
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
+
+log = structlog.stdlib.get_logger(__name__)
 
 Offset = tuple[float, float, float]  # (lateral, posterior, head) millimetres from the canal point
 
@@ -54,6 +59,7 @@ class ModelMetadata:
     preprocessing: dict[str, Any] = field(default_factory=default_preprocessing)
     temperatures: tuple[float, ...] = ()
     class_prior: tuple[tuple[float, float, float], ...] = ()  # per label, LABELS order
+    level_check: LevelCheck | None = None  # fitted on validation; None (older model.json): built-in defaults
     validation: dict[str, Any] = field(default_factory=dict)
     train_studies: int = 0
     seed: int = 0
@@ -72,6 +78,8 @@ class ModelMetadata:
                 continue
             if f.name == "offsets_mm":
                 value = {group.value: list(v) for group, v in value.items()}
+            elif isinstance(value, LevelCheck):
+                value = value.to_json()
             elif isinstance(value, tuple):
                 value = [list(v) if isinstance(v, tuple) else v for v in value]
             out[f.name] = value
@@ -93,8 +101,10 @@ class ModelMetadata:
                     values[key] = tuple(values[key])
             if "class_prior" in values:
                 values["class_prior"] = tuple(tuple(row) for row in values["class_prior"])
+            if values.get("level_check") is not None:
+                values["level_check"] = LevelCheck.from_json(values["level_check"])
             return cls(**values)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model metadata is incomplete or malformed: {type(exc).__name__}: {exc}") from None
 
     @classmethod
@@ -104,6 +114,10 @@ class ModelMetadata:
             raise ModelError(f"no model.json in {path.parent}")
         meta = cls.from_json(json.loads(path.read_text()))
         meta.check()
+        if meta.level_check is None:
+            log.warning("model.json has no level_check: the disc levels are checked with the built-in defaults "
+                        "(lumbar-node calibrate-levels fits them)", model_dir=str(path.parent),
+                        **DEFAULT_LEVEL_CHECK.to_json())
         return meta
 
     def write(self, path: Path) -> None:

@@ -21,7 +21,7 @@ def require_torch() -> None:
 
 
 @click.command("train")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Folder in the RSNA 2024 layout (the real data or `lumbar-node phantom` output).")
 @click.option("--out", "run", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: checkpoints, history, final model.pt. An existing run is resumed.")
@@ -42,45 +42,156 @@ def train_command(data: Path, run: Path, localiser_epochs: int, grader_epochs: i
     per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume.
     """
     require_torch()
+    _rsna_folder(data)
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
                       seed=seed, device=device)
     if training_data:
         cfg.training_data = training_data
-    train(data, run, cfg)
+    from training.rsna import LayoutError
+
+    try:
+        train(data, run, cfg)
+    except LayoutError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _existing_dir(path: Path, what: str) -> Path:
+    """``path`` when it is a folder, else a one-line error naming it."""
+    if not path.exists():
+        raise click.ClickException(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise click.ClickException(f"{what} {path} is not a folder")
+    return path
+
+
+def _rsna_folder(data: Path) -> Path:
+    """The data folder when it is in the RSNA layout (its train.csv there), else a one-line error."""
+    from inference.rsna_layout import TRAIN_CSV
+
+    _existing_dir(data, "data folder")
+    if not (data / TRAIN_CSV).is_file():
+        raise click.ClickException(f"data folder {data} is not in the RSNA 2024 layout: no {TRAIN_CSV} "
+                                   "(make one with `lumbar-node phantom`, or give the competition folder)")
+    return data
+
+
+def _onnx_runner(model_dir: Path):  # noqa: ANN202 - inference.runtime.OnnxRunner, imported lazily
+    """The exported model folder's ONNX Runtime runner, or a one-line error."""
+    from inference.model import ModelError
+    from inference.runtime import OnnxRunner
+
+    _existing_dir(model_dir, "model folder")
+    try:
+        return OnnxRunner(model_dir)
+    except (ModelError, OSError, ValueError) as exc:
+        raise click.ClickException(f"model folder {model_dir}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors (a corrupt .onnx file) have no common base
+        raise click.ClickException(f"model folder {model_dir}: cannot load the ONNX model: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 @click.command("evaluate")
-@click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.argument("run", type=click.Path(path_type=Path), required=False)
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Evaluate an exported ONNX model folder alone (no run, no PyTorch needed): the "
+                   "bundled default or one you received. Its model.json holds the class prior.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Held-out studies in the RSNA layout.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to write evaluation.json and the PNG plots (default: RUN/evaluation).")
-@click.option("--onnx", "onnx_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Evaluate this exported ONNX model folder instead of RUN's PyTorch checkpoint.")
-def evaluate_command(run: Path, data: Path, out: Path | None, onnx_dir: Path | None) -> None:
-    """Score a trained run (or its ONNX export) on held-out studies, through the serving pipeline.
+              help="Where to write evaluation.json and the PNG plots (default: RUN/evaluation; "
+                   "with --model, nothing is written unless --out is given).")
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), default=None,
+              help="With RUN: evaluate this exported ONNX model folder instead of RUN's PyTorch checkpoint.")
+def evaluate_command(run: Path | None, model_dir: Path | None, data: Path, out: Path | None,
+                     onnx_dir: Path | None) -> None:
+    """Score a trained run, its ONNX export, or an exported model folder alone on held-out
+    studies, through the serving pipeline.
 
-    Prints and writes the competition score and its four parts, the class-prior baseline's
-    score on the same studies, per-condition log loss, accuracy, precision/recall/F1, AUC,
-    confusion matrices, Severe recall per condition and level-localisation error in mm.
+    `lumbar-node evaluate RUN --data DIR` scores RUN's checkpoint (PyTorch);
+    `lumbar-node evaluate --model MODEL_DIR --data DIR` scores an ONNX model folder with ONNX
+    Runtime only. Prints (and writes) the competition score and its four parts, the class-prior
+    baseline's score on the same studies, per-condition log loss, accuracy, precision/recall/F1,
+    AUC, confusion matrices, Severe recall per condition and level-localisation error in mm.
     """
-    require_torch()
+    if (run is None) == (model_dir is None):
+        raise click.UsageError("give either RUN (a training run) or --model MODEL_DIR (an exported model folder)")
+    if model_dir is not None and onnx_dir is not None:
+        raise click.UsageError("--onnx goes with RUN; with --model the folder itself is evaluated")
+    _rsna_folder(data)
+    history: list = []
+    if model_dir is not None:
+        runner = _onnx_runner(model_dir)
+        class_prior = runner.metadata.class_prior
+        if len(class_prior) != 25:
+            raise click.ClickException(f"model folder {model_dir}: model.json has no class_prior "
+                                       "(25 rows, written by training): it cannot be scored alone")
+    else:
+        assert run is not None
+        require_torch()
+        from training.runner import load_model
+
+        checkpoint = run / "model.pt" if run.is_dir() else run
+        if not checkpoint.is_file():
+            raise click.ClickException(f"no trained model at {checkpoint} (train one with `lumbar-node train`)")
+        folder = checkpoint.parent
+        try:
+            torch_runner = load_model(checkpoint)
+        except Exception as exc:  # noqa: BLE001 - torch.load's errors (a truncated or foreign file) vary
+            raise click.ClickException(f"cannot read the checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
+        runner = torch_runner if onnx_dir is None else _onnx_runner(onnx_dir)
+        class_prior = torch_runner.metadata.class_prior
+        history_path = folder / "history.json"
+        history = json.loads(history_path.read_text()) if history_path.is_file() else []
+        out = out or (folder / "evaluation")
     from training.evaluate import evaluate
-    from training.runner import load_model
 
-    folder = run if run.is_dir() else run.parent
-    torch_runner = load_model(run / "model.pt" if run.is_dir() else run)
-    runner = torch_runner
-    if onnx_dir is not None:
-        from inference.runtime import OnnxRunner
+    from training.rsna import LayoutError
 
-        runner = OnnxRunner(onnx_dir)
-    history_path = folder / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    out = out or (folder / "evaluation")
-    report = evaluate(runner, data, torch_runner.metadata.class_prior, out, history)
+    try:
+        report = evaluate(runner, data, class_prior, out, history)
+    except LayoutError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({k: report[k] for k in ("studies", "score", "class_prior_baseline", "score_over_baseline",
                                                    "severe_recall", "level_error_mm")}, indent=1))
-    click.echo(f"written: {out / 'evaluation.json'}", err=True)
+    if out is not None:
+        click.echo(f"written: {out / 'evaluation.json'}", err=True)
+
+
+@click.command("calibrate-levels")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="The model's training data in the RSNA layout (its validation split is used).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The split seed training used (`lumbar-node train --seed`).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="The validation fraction training used.")
+def calibrate_levels_command(model_dir: Path, data: Path, seed: int, val_fraction: float) -> None:
+    """Fit the level check of an exported model folder and write it into its model.json.
+
+    For a model whose training run is not kept (the bundled default): the decoded levels of the
+    validation split of its training data (the same split function, fraction and seed as
+    training) are measured with ONNX Runtime, and the thresholds (weakest heatmap peak, spacing
+    and direction of adjacent levels) fitted on the correctly localised studies with the
+    documented margins (inference/level_check.py). Training fits them itself.
+    """
+    _rsna_folder(data)
+    runner = _onnx_runner(model_dir)
+    from inference.model import ModelMetadata
+    from training.level_calibration import calibrate_levels, update_model_card, with_level_check
+
+    from training.rsna import LayoutError
+
+    try:
+        fit = calibrate_levels(runner, data, val_fraction, seed)
+    except LayoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    if fit.correct == 0:
+        raise click.ClickException(f"no validation study of {data} was localised correctly: nothing to fit "
+                                   "(is it the model's training data?)")
+    meta: ModelMetadata = with_level_check(runner.metadata, fit)
+    meta.write(model_dir / "model.json")
+    update_model_card(model_dir / "MODEL_CARD.md", meta)
+    click.echo(json.dumps({"level_check": fit.check.to_json(), **fit.as_dict()}, indent=1))
+    click.echo(f"written: {model_dir / 'model.json'}", err=True)

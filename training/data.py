@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pydicom
+import structlog
 from numpy.typing import NDArray
 
 from inference.geometry import ImagePlane
@@ -25,7 +25,9 @@ from inference.levels import (
 from inference.preprocess import HEAD, LEFT, POSTERIOR, CropSpec, crop_25d, intensity_of
 from inference.series import group_series
 from inference.volume import Volume, load_volume
-from training.rsna import StudyRecord
+from training.rsna import StudyRecord, read_image
+
+log = structlog.stdlib.get_logger(__name__)
 
 JITTER_PX = 8  # cached crop windows are this much larger on each side, for translation jitter
 CACHE_SPEC = CropSpec(GRADER_SPEC.mm_per_pixel * (GRADER_SPEC.pixels + 2 * JITTER_PX),
@@ -47,27 +49,39 @@ class StudySamples:
 
 
 def read_volumes(record: StudyRecord) -> dict[SeriesRole, Volume]:
-    """The study's volumes by role (CSV description), several Axial T2 series merged."""
+    """The study's volumes by role (CSV description), several Axial T2 series merged. Images are
+    known by their files (the Kaggle files repeat SOP Instance UIDs across series); an unreadable
+    file is left out with a log line."""
     out = {}
     for role in SeriesRole:
-        infos = record.series_with_role(role)
-        instances = [(pydicom.dcmread(info.path / f"{n}.dcm", stop_before_pixels=True), info.path / f"{n}.dcm")
-                     for info in infos for n in info.instance_numbers]
+        instances = []
+        for info in record.series_with_role(role):
+            for n in info.instance_numbers:
+                ds = read_image(info.file(n), pixels=False)
+                if ds is not None:
+                    instances.append((ds, info.file(n)))
         if instances:
             out[role] = load_volume(role, group_series(instances))
     return out
 
 
 def ground_truth_points(record: StudyRecord) -> dict[Label, NDArray]:
-    """Patient coordinates of each labelled point (pixel x/y on its instance -> LPS mm)."""
+    """Patient coordinates of each labelled point (pixel x/y on its instance -> LPS mm); a point
+    whose series or instance file is absent or unreadable, or whose geometry is unusable, is left out."""
     out = {}
     by_id = {s.series_id: s for s in record.series}
     for c in record.coordinates:
         info = by_id.get(c.series_id)
         if info is None or c.instance_number not in info.instance_numbers:
             continue
-        ds = pydicom.dcmread(info.path / f"{c.instance_number}.dcm", stop_before_pixels=True)
-        out[c.label] = ImagePlane.from_dataset(ds).to_patient(c.x, c.y)
+        ds = read_image(info.file(c.instance_number), pixels=False)
+        if ds is None:
+            continue
+        try:
+            out[c.label] = ImagePlane.from_dataset(ds).to_patient(c.x, c.y)
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            log.warning("label point left out: its image has no usable geometry", study=record.study_id,
+                        series=c.series_id, instance_number=c.instance_number, error=str(exc))
     return out
 
 

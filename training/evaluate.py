@@ -93,8 +93,13 @@ def evaluate(runner: Runner, data: Path, class_prior: Sequence[Sequence[float]],
 
 
 def plot(report: dict[str, Any], history: list[dict[str, Any]], out: Path) -> None:
-    """confusion_matrices.png and, with a training history, training_curves.png."""
-    import matplotlib
+    """confusion_matrices.png and, with a training history, training_curves.png; none (a log line)
+    where matplotlib is not installed (a serving-only install)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib not installed: PNG plots skipped (evaluation.json written)", out=str(out))
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,6 +6,12 @@
     train_images/<study_id>/<series_id>/<instance_number>.dcm
 
 Loading reads only the CSV files and the file names; ``read_instances`` opens a study's DICOM files.
+
+The real competition folder is taken as it is: empty label cells (unlabelled), CSV rows for series
+or studies that have no folder, folders no CSV names, stray files (``.DS_Store``, ``._1.dcm``),
+zero-padded file names. Nothing here reads SOPClassUID, Modality or SOPInstanceUID (the Kaggle
+files have no SOP Class in the data set and repeat SOP Instance UIDs across the series of a
+study): an image is known by its path, i.e. by (study, series, instance number).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import structlog
+from pydicom.errors import InvalidDicomError
 
 from inference.labels import (
     LABELS,
@@ -39,6 +46,10 @@ from inference.rsna_layout import (
 log = structlog.stdlib.get_logger(__name__)
 
 
+class LayoutError(ValueError):
+    """The folder is not in the RSNA 2024 layout, or one of its CSV files cannot be read as such."""
+
+
 _ROLE_BY_DESCRIPTION = {role.value.lower(): role for role in SeriesRole}
 
 
@@ -51,6 +62,11 @@ class SeriesInfo:
     role: SeriesRole | None
     path: Path
     instance_numbers: list[int] = field(default_factory=list)
+    file_names: dict[int, str] = field(default_factory=dict, repr=False)  # instance number -> file name
+
+    def file(self, number: int) -> Path:
+        """The file of an instance number (``<n>.dcm``, or the zero-padded name found on disk)."""
+        return self.path / self.file_names.get(number, f"{number}.dcm")
 
 
 @dataclass
@@ -80,22 +96,45 @@ def role_of(description: str) -> SeriesRole | None:
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not path.is_file():
+        raise LayoutError(f"{path.parent} is not in the RSNA 2024 layout: no {path.name}")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
         return [c.strip() for c in reader.fieldnames or []], rows
 
 
-def _instance_numbers(folder: Path) -> list[int]:
-    """Instance numbers from ``<n>.dcm`` file names (not assumed contiguous), sorted."""
-    return sorted(int(p.stem) for p in folder.iterdir()
-                  if p.suffix.lower() == ".dcm" and p.stem.isdigit() and p.is_file())
+def _instance_files(folder: Path) -> dict[int, str]:
+    """Instance number -> file name from ``<n>.dcm`` names (not assumed contiguous), sorted by
+    number; other files (``.DS_Store``, ``._1.dcm``, notes) are not images. Two names of one number
+    (``1.dcm`` and ``001.dcm``): ``<n>.dcm`` wins, with a log line."""
+    found: dict[int, str] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() != ".dcm" or not p.stem.isdigit() or not p.is_file():
+            continue
+        n = int(p.stem)
+        if n in found:
+            keep = f"{n}.dcm" if f"{n}.dcm" in (found[n], p.name) else found[n]
+            log.warning("two files of one instance number: one kept", folder=str(folder), instance_number=n,
+                        kept=keep, left_out=p.name if keep == found[n] else found[n])
+            found[n] = keep
+            continue
+        found[n] = p.name
+    return dict(sorted(found.items()))
+
+
+def _int_cell(row: dict[str, str], key: str) -> int | None:
+    """An integer id cell (``123``, ``123.0``), None when empty."""
+    text = (row.get(key) or "").strip()
+    if not text:
+        return None
+    return int(float(text)) if "." in text or "e" in text.lower() else int(text)
 
 
 def _read_labels(path: Path) -> dict[int, dict[Label, Severity | None]]:
     header, rows = _rows(path)
     if "study_id" not in header:
-        raise ValueError(f"{path}: no study_id column")
+        raise LayoutError(f"{path}: no study_id column")
     columns: dict[str, Label] = {}
     for name in header:
         try:
@@ -104,21 +143,30 @@ def _read_labels(path: Path) -> dict[int, dict[Label, Severity | None]]:
             pass  # study_id, or an extra column: ignored
     missing = [label.column for label in LABELS if label not in columns.values()]
     if missing:
-        raise ValueError(f"{path}: missing label column(s): {', '.join(missing)}")
+        raise LayoutError(f"{path}: missing label column(s): {', '.join(missing)}")
     out: dict[int, dict[Label, Severity | None]] = {}
-    for row in rows:
+    blank = 0
+    for line, row in enumerate(rows, start=2):
         row = {(k or "").strip(): v for k, v in row.items()}
-        study_id = int(row["study_id"])
+        try:
+            study_id = _int_cell(row, "study_id")
+        except ValueError:
+            raise LayoutError(f"{path}: row {line}: study_id {row['study_id']!r} is not a number") from None
+        if study_id is None:
+            blank += 1
+            continue
         if study_id in out:
-            raise ValueError(f"{path}: study {study_id} appears twice")
+            raise LayoutError(f"{path}: study {study_id} appears twice")
         labels: dict[Label, Severity | None] = {}
         for name, label in columns.items():
             try:
-                labels[label] = parse_severity(row[name])
+                labels[label] = parse_severity(row.get(name))
             except ValueError:
-                raise ValueError(f"{path}: study {study_id}, column {name}: "
+                raise LayoutError(f"{path}: study {study_id}, column {name}: "
                                  f"bad severity {row[name]!r}") from None
         out[study_id] = {label: labels[label] for label in LABELS}
+    if blank:
+        log.warning("rows without a study_id: skipped", file=str(path), rows=blank)
     return out
 
 
@@ -134,7 +182,7 @@ def _read_coordinates(path: Path, studies: set[int]) -> dict[int, list[Coordinat
                                int(row["series_id"]), int(float(row["instance_number"])),
                                float(row["x"]), float(row["y"]))
         except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}: row {line}: {e}") from None
+            raise LayoutError(f"{path}: row {line}: {e}") from None
         if study_id in studies:
             out.setdefault(study_id, []).append(coord)
     return out
@@ -151,37 +199,40 @@ def load_rsna(root: Path, images_dir: str = IMAGES_DIR, require_images: bool = T
     labels = _read_labels(root / TRAIN_CSV)
     images = root / images_dir
 
-    described: dict[int, dict[int, str]] = {}
-    for row in _rows(root / SERIES_CSV)[1]:
-        described.setdefault(int(row["study_id"]), {})[int(row["series_id"])] = row["series_description"].strip()
+    described = _read_descriptions(root / SERIES_CSV)
 
     records: list[StudyRecord] = []
     for study_id in sorted(labels):
         study_dir = images / str(study_id)
-        on_disk = {int(p.name) for p in study_dir.iterdir() if p.is_dir() and p.name.isdigit()} \
-            if study_dir.is_dir() else set()
+        on_disk = {int(p.name): p for p in study_dir.iterdir() if p.is_dir() and p.name.isdigit()} \
+            if study_dir.is_dir() else {}
         descriptions = described.get(study_id, {})
         series: list[SeriesInfo] = []
-        for series_id in sorted(set(descriptions) | on_disk):
+        for series_id in sorted(set(descriptions) | set(on_disk)):
             description = descriptions.get(series_id, "")
-            folder = study_dir / str(series_id)
+            folder = on_disk.get(series_id, study_dir / str(series_id))
             if series_id not in on_disk:
                 if require_images:
                     log.warning("series has no folder: dropped", study=study_id, series=series_id,
                                 description=description, folder=str(folder))
                     continue
-                numbers: list[int] = []
+                files: dict[int, str] = {}
             else:
-                numbers = _instance_numbers(folder)
+                files = _instance_files(folder)
                 if series_id not in descriptions:
                     log.warning("series not in the descriptions file: role unknown", study=study_id,
                                 series=series_id, file=SERIES_CSV)
-            series.append(SeriesInfo(series_id, description, role_of(description), folder, numbers))
+            series.append(SeriesInfo(series_id, description, role_of(description), folder, list(files), files))
         if require_images and not on_disk:
             log.warning("study has no images: dropped", study=study_id, images=str(images))
             continue
         records.append(StudyRecord(study_id, labels[study_id], series))
 
+    unlabelled = sorted(p.name for p in images.iterdir() if p.is_dir() and p.name.isdigit()
+                        and int(p.name) not in labels) if images.is_dir() else []
+    if unlabelled:
+        log.warning("image folders of studies not in train.csv: ignored", count=len(unlabelled),
+                    example=unlabelled[0], file=TRAIN_CSV)
     coordinates = _read_coordinates(root / COORDINATES_CSV, {r.study_id for r in records})
     stray = []
     for record in records:
@@ -194,10 +245,44 @@ def load_rsna(root: Path, images_dir: str = IMAGES_DIR, require_images: bool = T
     return records
 
 
+def _read_descriptions(path: Path) -> dict[int, dict[int, str]]:
+    """study_id -> series_id -> description; rows without both ids are skipped (one log line)."""
+    described: dict[int, dict[int, str]] = {}
+    skipped = 0
+    for line, row in enumerate(_rows(path)[1], start=2):
+        try:
+            study_id, series_id = _int_cell(row, "study_id"), _int_cell(row, "series_id")
+        except ValueError:
+            raise LayoutError(f"{path}: row {line}: study_id or series_id is not a number") from None
+        if study_id is None or series_id is None:
+            skipped += 1
+            continue
+        described.setdefault(study_id, {})[series_id] = (row.get("series_description") or "").strip()
+    if skipped:
+        log.warning("series description rows without study_id or series_id: skipped", file=str(path), rows=skipped)
+    return described
+
+
+def read_image(path: Path, pixels: bool = True) -> pydicom.Dataset | None:
+    """One image file (header only without ``pixels``), None with a log line when it is not
+    readable DICOM."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        log.warning("left out a file that is not readable DICOM", path=str(path), error=f"{type(exc).__name__}: {exc}")
+        return None
+
+
 def read_instances(record: StudyRecord) -> list[tuple[pydicom.Dataset, Path]]:
-    """Every image of a study as (dataset with pixels, path), for ``inference.analyze_study``."""
-    return [(pydicom.dcmread(s.path / f"{n}.dcm"), s.path / f"{n}.dcm")
-            for s in record.series for n in s.instance_numbers]
+    """Every readable image of a study as (dataset with pixels, path), for ``inference.analyze_study``;
+    an unreadable file is left out with a log line."""
+    out = []
+    for s in record.series:
+        for n in s.instance_numbers:
+            ds = read_image(s.file(n))
+            if ds is not None:
+                out.append((ds, s.file(n)))
+    return out
 
 
 def split_studies(records: list[StudyRecord], val_fraction: float = 0.2,

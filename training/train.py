@@ -45,9 +45,10 @@ from training.data import (
     study_samples,
     window_crop,
 )
+from training.level_calibration import LevelFit, fit_on_results, with_level_check
 from training.metrics import competition_score, fill_not_assessed, prior_baseline
 from training.models import CONDITION_GROUP, Grader, Localiser
-from training.rsna import StudyRecord, load_rsna, read_instances, split_studies
+from training.rsna import LayoutError, StudyRecord, load_rsna, read_instances, split_studies
 from training.runner import MODEL_NAME, TorchRunner, device_of, save_model
 
 log = structlog.stdlib.get_logger(__name__)
@@ -187,13 +188,31 @@ def _load_split(data: Path, cfg: TrainConfig, rng: np.random.Generator, device: 
     train_recs, val_recs = split_studies(records, cfg.val_fraction, cfg.seed)
     log.info("training data", device=str(device), train_studies=len(train_recs), validation_studies=len(val_recs),
              data=str(data))
-    samples = [study_samples(r, rng) for r in tqdm(train_recs, desc="loading training studies", leave=False)]
-    val_samples = [study_samples(r, rng) for r in tqdm(val_recs, desc="loading validation studies", leave=False)]
+    train_recs, samples = _loaded(train_recs, rng, "loading training studies")
+    val_recs, val_samples = _loaded(val_recs, rng, "loading validation studies")
+    if not samples or not val_samples:
+        raise LayoutError(f"{data}: no usable {'training' if not samples else 'validation'} study "
+                         f"(of {len(records)} studies)")
     val_instances = [read_instances(r) for r in val_recs]
     train_targets = np.stack([s.targets for s in samples])
     prior = prior_baseline(np.stack([s.targets for s in val_samples]), train_targets=train_targets)
     val_targets = np.stack([np.array(r.targets()) for r in val_recs])
     return _Split(train_recs, val_recs, samples, val_samples, val_instances, val_targets, prior)
+
+
+def _loaded(records: list[StudyRecord], rng: np.random.Generator,
+            desc: str) -> tuple[list[StudyRecord], list[StudySamples]]:
+    """The samples of each study; a study whose images cannot be used is left out with a log line."""
+    kept, samples = [], []
+    for record in tqdm(records, desc=desc, leave=False):
+        try:
+            samples.append(study_samples(record, rng))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            log.warning("study left out: its images cannot be used", study=record.study_id,
+                        error=f"{type(exc).__name__}: {exc}")
+            continue
+        kept.append(record)
+    return kept, samples
 
 
 def _offsets(samples: list[StudySamples]) -> dict[ConditionGroup, Offset]:
@@ -389,7 +408,7 @@ def _crop_errors(runner: TorchRunner, split: _Split) -> dict[int, float]:
     same crops (``training.data.crop_center``), per group."""
     errors: dict[int, list[float]] = {0: [], 1: [], 2: []}
     for instances, s in zip(split.val_instances, split.val_samples, strict=True):
-        result = analyze_study(instances, runner)
+        result = analyze_study(instances, runner, check_levels=False)
         canal = s.canal_points()
         for r in result.labels:
             target = crop_center(r.label, s.points, canal)
@@ -437,7 +456,7 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
         return losses
 
     def validate() -> tuple[float, dict[str, Any]]:
-        probs, _ = _evaluate_pipeline(runner, split.val_instances)
+        probs, _ = _evaluate_pipeline(runner, split.val_instances, check_levels=False)
         score = competition_score(fill_not_assessed(probs, split.prior), split.val_targets)
         return score.total, {"val_score": score.total,
                              **{f"val_{k}": v for k, v in score.as_dict().items() if k != "total"}}
@@ -446,22 +465,25 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
                 {"sigma_mm": sigma_mm})
 
 
-def _evaluate_pipeline(runner: TorchRunner, studies: list[Instances]) -> tuple[np.ndarray, list[StudyResult]]:
-    """Every study through the serving pipeline: (probabilities (n, 25, 3), NaN where not assessed; results)."""
-    results = [analyze_study(instances, runner) for instances in studies]
+def _evaluate_pipeline(runner: TorchRunner, studies: list[Instances],
+                       check_levels: bool = True) -> tuple[np.ndarray, list[StudyResult]]:
+    """Every study through the serving pipeline: (probabilities (n, 25, 3), NaN where not assessed;
+    results). Before the level check is fitted, with ``check_levels=False``."""
+    results = [analyze_study(instances, runner, check_levels=check_levels) for instances in studies]
     probs = np.stack([r.probabilities() for r in results])
     return probs, results
 
 
-# ---- step 5: temperatures and the final metadata --------------------------------------------------------
+# ---- step 5: temperatures, the level check and the final metadata ----------------------------------------
 
 
-def _calibrate(runner: TorchRunner, split: _Split) -> list[float]:
-    """Fit a temperature per condition on validation and set it in the grader."""
-    probs, _ = _evaluate_pipeline(runner, split.val_instances)
+def _calibrate(runner: TorchRunner, split: _Split) -> tuple[list[float], LevelFit]:
+    """Fit a temperature per condition on validation and set it in the grader; fit the level check
+    (``inference.level_check``) on the same studies' decoded levels."""
+    probs, results = _evaluate_pipeline(runner, split.val_instances, check_levels=False)
     temperatures = fit_temperatures(probs, split.val_targets)
     runner.grader.temperature.copy_(torch.tensor(temperatures))
-    return temperatures
+    return temperatures, fit_on_results(results, [s.canal_points() for s in split.val_samples])
 
 
 def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperatures: list[float]) -> ModelMetadata:
@@ -470,8 +492,10 @@ def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperat
     score = competition_score(fill_not_assessed(probs, split.prior), split.val_targets)
     baseline = competition_score(split.prior, split.val_targets)
     loc_err = [e for r, s in zip(results, split.val_samples, strict=True) for e in _result_errors(r, s)]
-    validation = {"studies": len(split.val), "score": score.as_dict(), "class_prior_score": baseline.as_dict(),
-                  "median_level_error_mm": float(np.median(loc_err)) if loc_err else None}
+    validation = {**meta.validation, "studies": len(split.val), "score": score.as_dict(),
+                  "class_prior_score": baseline.as_dict(),
+                  "median_level_error_mm": float(np.median(loc_err)) if loc_err else None,
+                  "levels_not_localised": sum(r.localisation is not None and not r.levels for r in results)}
     return replace(meta, temperatures=tuple(temperatures),
                    class_prior=tuple(tuple(float(x) for x in row) for row in split.prior[0]),
                    validation=validation, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -503,7 +527,9 @@ def train(data: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
     runner = TorchRunner(training.localiser, training.grader, ModelInfo(meta, ""), device)
     sigma_mm = _crop_error_mm(training, runner, split)
     _train_grader(training, runner, split, sigma_mm, cfg, rng, device)
-    temperatures = _calibrate(runner, split)
+    temperatures, level_fit = _calibrate(runner, split)
+    meta = with_level_check(meta, level_fit)
+    runner.info = ModelInfo(meta, "")  # validation below grades with the fitted level check, as serving will
     meta = _validated(meta, runner, split, temperatures)
     path = run / "model.pt"
     sha = save_model(path, training.localiser.cpu(), training.grader.cpu(), meta)
