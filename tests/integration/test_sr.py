@@ -16,6 +16,7 @@ import pytest
 
 from dicom_node import codes as C
 from dicom_node.identity import MANUFACTURER, model_device_uid
+from dicom_node.sources import ImageKey, image_key
 from dicom_node.sr import build_sr, percent
 from inference.analyze import (
     AssessedLabel,
@@ -55,24 +56,24 @@ TOLERATED = (
 )
 
 
-def _graded(phantom_dir: Path, without_axial: bool) -> tuple[StudyResult, dict[str, pydicom.Dataset]]:
+def _graded(phantom_dir: Path, without_axial: bool) -> tuple[StudyResult, dict[ImageKey, pydicom.Dataset]]:
     study = min((phantom_dir / "train_images").iterdir())
     instances = [(pydicom.dcmread(f, stop_before_pixels=True), f) for f in sorted(study.rglob("*.dcm"))]
     if without_axial:
         instances = [(ds, f) for ds, f in instances if ds.SeriesDescription != "Axial T2"]
     result = analyze_study(instances, OnnxRunner())
     assert any(not r.assessed for r in result.labels) == without_axial
-    return result, {str(ds.SOPInstanceUID): ds for ds, _ in instances}
+    return result, {image_key(ds): ds for ds, _ in instances}
 
 
-def _write(graded: tuple[StudyResult, dict[str, pydicom.Dataset]], folder: Path) -> Path:
+def _write(graded: tuple[StudyResult, dict[ImageKey, pydicom.Dataset]], folder: Path) -> Path:
     result, sources = graded
     build_sr(result, sources).save_as(folder / "sr.dcm", enforce_file_format=True)
     return folder / "sr.dcm"
 
 
 @pytest.fixture(scope="module", params=["all series", "no Axial T2"])
-def graded(request: pytest.FixtureRequest, phantom_dir: Path) -> tuple[StudyResult, dict[str, pydicom.Dataset]]:
+def graded(request: pytest.FixtureRequest, phantom_dir: Path) -> tuple[StudyResult, dict[ImageKey, pydicom.Dataset]]:
     return _graded(phantom_dir, without_axial=request.param == "no Axial T2")
 
 
