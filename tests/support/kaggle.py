@@ -7,11 +7,15 @@ Instance UIDs repeated across series, a frame of reference per series, RLE Lossl
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pydicom
 from pydicom import dcmwrite
 
+from dicom_node.sources import image_key
 from inference.rsna_layout import IMAGES_DIR, SERIES_CSV
 from tests.support.tools import PHANTOM_SEED, lumbar_node
 
@@ -66,3 +70,33 @@ def _common_parts(files: list[Path]) -> tuple[str, ...]:
             n += 1
         parts = parts[:n]
     return parts
+
+
+def assert_heatmaps_on_their_own_series(scs: list[pydicom.Dataset], results_json: Path, sources: list[Path]) -> None:
+    """Each Secondary Capture's picture is the image its label was graded on (results.json names
+    its series), not the image with the same SOP Instance UID in another series: its greyscale
+    correlates best with that one. At least one heatmap is on an image whose UID repeats."""
+    labels = {f"{item['level']} {item['condition']}": item for item in json.loads(results_json.read_text())["labels"]
+              if item["assessed"]}
+    by_key = {image_key(pydicom.dcmread(p, stop_before_pixels=True)): p for p in sources}
+    repeated = 0
+    assert scs, "no Secondary Capture"
+    for sc in scs:
+        item = labels[sc.ImageComments.split(". ")[0]]
+        sop = sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert sop == item["sop_instance_uid"]
+        candidates = {series: p for (series, uid), p in by_key.items() if uid == sop}
+        assert item["series_uid"] in candidates
+        repeated += len(candidates) > 1
+        grey = sc.pixel_array.astype(np.float32).mean(axis=2)
+        rows = grey.shape[0]
+        band = slice(rows // 5, rows - rows // 5)  # away from the text bands
+
+        def score(path: Path, grey: np.ndarray = grey, band: slice = band) -> float:
+            image = pydicom.dcmread(path).pixel_array.astype(np.float32)
+            resized = cv2.resize(image, (grey.shape[1], grey.shape[0]), interpolation=cv2.INTER_LINEAR)
+            return float(np.corrcoef(resized[band].ravel(), grey[band].ravel())[0, 1])
+
+        scores = {series: score(p) for series, p in candidates.items()}
+        assert max(scores, key=lambda s: scores[s]) == item["series_uid"], (sc.ImageComments, scores)
+    assert repeated > 0, "no heatmap on an image whose SOP Instance UID another series repeats"
