@@ -26,7 +26,12 @@ from pydicom.uid import EnhancedMRImageStorage
 from dicom_node.outputs import write_run
 from inference.analyze import analyze_study
 from inference.runtime import OnnxRunner
-from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
+from tests.support.dicom_tools import (
+    dcentvfy_errors,
+    dciodvfy_errors,
+    pixelmed_sr_report,
+    pixelmed_unexpected,
+)
 from tests.support.kaggle import (
     assert_heatmaps_on_their_own_series,
     kaggle_study,
@@ -122,6 +127,9 @@ def test_a_pacs_style_kaggle_study_gets_valid_outputs_drawn_on_its_own_series(pa
                if i["assessed"]}
     assert located == evidence
     assert len({sop for _, sop in evidence}) < len(evidence)  # the same SOP Instance UID in two series, both listed
+    report = pixelmed_sr_report(next(folder.glob("SR_*.dcm")))
+    assert "Found Root Template TID_1500 (MeasurementReport)" in report
+    assert pixelmed_unexpected(report) == [], report[:2000]
 
 
 def test_attribute_values_that_break_their_vr_are_left_empty_and_named_in_the_log(broken_copy: list[Path],
