@@ -64,4 +64,10 @@ def test_a_pacs_style_kaggle_study_is_kept_whole_graded_and_its_results_delivere
         assert {d.StudyInstanceUID for d in [*srs, *scs]} == {study_uid}
         results = next((tmp_path / "node" / "results" / study_uid).rglob("results.json"))
         assert_heatmaps_on_their_own_series(scs, results, files)
+
+        # the sender retries the whole study: each (series, SOP instance) is a re-send, nothing re-opens
+        sent = storescu(files, node.port, called="LUMBAR_AI", calling=SENDER_AET, extra=("-xr",))
+        assert sent.returncode == 0, sent.stderr[-1000:]
+        again = node.study(study_uid)
+        assert again.state == "done" and again.instances == len(files) and again.generation == state.generation
         assert node.stop() == 0
