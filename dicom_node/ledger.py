@@ -23,7 +23,7 @@ from dicom_node.states import DeliveryState, StudyState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
     study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_aet TEXT NOT NULL,
     received_at REAL NOT NULL,
     series_size INTEGER,
-    digest TEXT
+    digest TEXT,
+    PRIMARY KEY (series_uid, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS studies (
@@ -71,6 +72,37 @@ CREATE TABLE IF NOT EXISTS deliveries (
 # Columns added after the first release: (table, column, declaration), added to older ledgers at open.
 MIGRATIONS = (("instances", "digest", "TEXT"), ("studies", "worker_deaths", "INTEGER NOT NULL DEFAULT 0"),
               ("studies", "purged_at", "REAL"), ("studies", "purged", "TEXT"))
+# Instances were keyed by SOP Instance UID alone until the RSNA Kaggle files, which repeat SOP
+# Instance UIDs across the series of a study: older ledgers get the (series, SOP instance) key.
+INSTANCE_KEY = ("series_uid", "sop_instance_uid")
+INSTANCE_COLUMNS = ("sop_instance_uid, study_uid, series_uid, sop_class_uid, path, calling_aet, received_at, "
+                    "series_size, digest")
+
+
+def _migrate_instance_key(db: sqlite3.Connection) -> bool:
+    """Rebuild an older ledger's instances table with the (series, SOP instance) primary key, its
+    rows kept; True if it was rebuilt."""
+    def key() -> tuple[str, ...]:
+        return tuple(row[1] for row in sorted(db.execute("PRAGMA table_info(instances)"), key=lambda r: r[5]) if row[5])
+
+    if key() == INSTANCE_KEY:
+        return False
+    table = SCHEMA.split("CREATE TABLE IF NOT EXISTS instances", 1)[1].split(";", 1)[0]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if key() == INSTANCE_KEY:  # another process migrated it meanwhile
+            db.execute("COMMIT")
+            return False
+        db.execute(f"CREATE TABLE instances_keyed {table}")
+        db.execute(f"INSERT INTO instances_keyed ({INSTANCE_COLUMNS}) SELECT {INSTANCE_COLUMNS} FROM instances")
+        db.execute("DROP TABLE instances")
+        db.execute("ALTER TABLE instances_keyed RENAME TO instances")
+        db.execute("CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid)")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return True
 
 
 class Recorded(StrEnum):
@@ -78,8 +110,8 @@ class Recorded(StrEnum):
 
     NEW = "new"
     RESENT = "resent"  # the same bytes again: nothing changes
-    REPLACED = "replaced"  # the same SOP Instance UID with other bytes: the study is graded again
-    OTHER_STUDY = "other study"  # the SOP Instance UID is already filed under another study: refused
+    REPLACED = "replaced"  # the same (series, SOP Instance UID) with other bytes: the study is graded again
+    OTHER_STUDY = "other study"  # the series' SOP Instance UID is already filed under another study: refused
 
 
 @dataclass(frozen=True)
@@ -135,6 +167,7 @@ class Ledger:
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self.migrated_instance_key = _migrate_instance_key(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -157,31 +190,40 @@ class Ledger:
 
     # -- instances and studies --------------------------------------------------------------------
 
-    def instance(self, sop_instance_uid: str) -> tuple[str, str | None] | None:
-        """(study UID, content digest) of a recorded instance, or None."""
-        rows = self._query("SELECT study_uid, digest FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+    def instance(self, series_uid: str, sop_instance_uid: str) -> tuple[str, str | None] | None:
+        """(study UID, content digest) of a recorded instance (a series' SOP instance), or None."""
+        rows = self._query("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
+                           (series_uid, sop_instance_uid))
         return (rows[0][0], rows[0][1]) if rows else None
+
+    def sop_uid_repeats(self, study_uid: str, sop_instance_uid: str) -> bool:
+        """Whether this SOP Instance UID is recorded in more than one series of the study (as the
+        RSNA Kaggle files have it)."""
+        rows = self._query("SELECT COUNT(DISTINCT series_uid) FROM instances WHERE study_uid=? AND sop_instance_uid=?",
+                           (study_uid, sop_instance_uid))
+        return rows[0][0] > 1
 
     def record_instance(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str,
                         path: Path, calling_aet: str, series_size: int | None = None, reopens: bool = True,
                         digest: str | None = None) -> Recorded:
-        """Record a stored instance.
+        """Record a stored instance, keyed by (series, SOP Instance UID).
 
         A new instance, or a known one with other content (``digest``), that ``reopens`` (an image
         to grade) sets its study back to receiving and bumps its generation; one that does not
         (our own SR/SC coming back) only creates the study row when the study is new. The same
-        bytes again change nothing; a SOP Instance UID filed under another study is not recorded.
+        bytes again change nothing; a series' SOP Instance UID filed under another study is not
+        recorded. The same SOP Instance UID in another series of the study is another instance.
         """
         now = time.time()
         with self._transaction() as db:
-            known = db.execute("SELECT study_uid, digest FROM instances WHERE sop_instance_uid=?",
-                               (sop_instance_uid,)).fetchone()
+            known = db.execute("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
+                               (series_uid, sop_instance_uid)).fetchone()
             if known is not None and known[0] != study_uid:
                 return Recorded.OTHER_STUDY
             if known is not None and (digest is None or known[1] == digest):
                 return Recorded.RESENT
             outcome = Recorded.NEW if known is None else Recorded.REPLACED
-            db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT OR REPLACE INTO instances ({INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now,
                         series_size, digest))
             if reopens:

@@ -174,8 +174,10 @@ class Node:
             try:
                 for path in files:
                     under(spool, *path.resolve().relative_to(spool.resolve()).parts).unlink(missing_ok=True)
-                for folder in {p.parent for p in files}:
-                    if folder.is_dir() and not any(folder.iterdir()):
+                # the series folders, then the study's (spool/<study>/<series>/<sop>.dcm)
+                for folder in sorted({p.parent for p in files} | {p.parent.parent for p in files},
+                                     key=lambda f: len(f.parts), reverse=True):
+                    if folder.resolve() != spool.resolve() and folder.is_dir() and not any(folder.iterdir()):
                         folder.rmdir()
                 remove_tree(results, under(results, study_uid))
             except (UnsafePath, ValueError, OSError) as exc:

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.pdf import build_pdf, key_findings
 from dicom_node.sc import build_sc_images
+from dicom_node.sources import image_key, location_key, patient_study
 from dicom_node.sr import build_sr
 from dicom_node.summary import result_json, result_table
 from inference.analyze import AssessedLabel, StudyResult
@@ -94,28 +95,30 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
               supersedes: Supersedes | None = None, pdf: bool = True) -> RunOutputs:
     """Write a study's SR, Grad-CAM SCs, PDF summary (with ``pdf``), table and JSON into ``folder``.
 
-    ``instances`` are the study's headers with their paths; the images a finding is located on
-    are read in full for the heatmaps. With ``supersedes`` the new report lists the old one as its
+    ``instances`` are the study's headers with their paths, keyed by (series, SOP instance); the
+    images a finding is located on are read in full for the heatmaps. The patient/study
+    attributes are read once, defensively (dicom_node.sources). With ``supersedes`` the new report lists the old one as its
     predecessor (same series, next instance number), the heatmaps keep their series and so does
     the PDF (its series follows from the report's).
     """
-    headers = {str(ds.SOPInstanceUID): ds for ds, _ in instances}
-    paths = {str(ds.SOPInstanceUID): path for ds, path in instances}
-    located = {r.location.sop_instance_uid for r in result.labels if isinstance(r, AssessedLabel)}
-    full = {uid: pydicom.dcmread(paths[uid]) for uid in located}
+    headers = {image_key(ds): ds for ds, _ in instances}  # (series, SOP instance): the Kaggle files
+    paths = {image_key(ds): path for ds, path in instances}  # repeat SOP Instance UIDs across series
+    located = {location_key(r.location) for r in result.labels if isinstance(r, AssessedLabel)}
+    full = {key: pydicom.dcmread(paths[key]) for key in located}
+    patient = patient_study([*full.values(), *headers.values()], result.study_uid)  # logged once per run
     (folder / SC_FOLDER).mkdir(parents=True, exist_ok=True)
     previous = supersedes.sr if supersedes else None
     sr = build_sr(result, headers, series_uid=None if previous is None else str(previous.SeriesInstanceUID),
                   instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
-                  predecessors=[] if previous is None else [previous])
+                  predecessors=[] if previous is None else [previous], patient=patient)
     files = [_save(sr, OutputKind.SR, folder / f"SR_{sr.SOPInstanceUID}.dcm")]
-    scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None)
+    scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None, patient=patient)
     for sc in scs:
         files.append(_save(sc, OutputKind.SC, folder / SC_FOLDER / f"{int(sc.InstanceNumber):02d}_{sc.SOPInstanceUID}.dcm"))
     if pdf:
         heatmap = dict(zip((r.label for r in result.assessed()), scs, strict=True))
         source = next(iter(full.values()), None) or next(iter(headers.values()))
-        document = build_pdf(result, sr, source, [(r, heatmap[r.label]) for r in key_findings(result)])
+        document = build_pdf(result, sr, source, [(r, heatmap[r.label]) for r in key_findings(result)], patient=patient)
         files.append(_save(document, OutputKind.PDF, folder / f"PDF_{document.SOPInstanceUID}.dcm"))
     table, data = folder / TABLE_FILE, folder / JSON_FILE
     table.write_text(result_table(result) + "\n")

@@ -33,7 +33,8 @@ from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen.canvas import Canvas
 
 from dicom_node.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER, MODEL_NAME
-from dicom_node.sr import algorithm_equipment, copy_patient_study
+from dicom_node.sources import PatientStudy, patient_study
+from dicom_node.sr import algorithm_equipment
 from inference import __version__
 from inference.analyze import AssessedLabel, NotAssessedLabel, StudyResult
 from inference.labels import CONDITIONS, LABELS, Label, Level, Severity
@@ -235,23 +236,19 @@ def summary_pdf(result: StudyResult, source: Dataset, heatmaps: Sequence[tuple[A
 
 
 def build_pdf(result: StudyResult, sr: Dataset, source: Dataset,
-              heatmaps: Sequence[tuple[AssessedLabel, Dataset]]) -> FileDataset:
+              heatmaps: Sequence[tuple[AssessedLabel, Dataset]], patient: PatientStudy | None = None) -> FileDataset:
     """The Encapsulated PDF instance for a study's report ``sr``: the summary of ``result`` with the
-    key heatmaps (label, Secondary Capture) on it, in the PDF series of the SR's series. ``source``
-    is one of the study's images (patient and study attributes)."""
+    key heatmaps (label, Secondary Capture) on it, in the PDF series of the SR's series. ``patient``
+    holds the patient/study attributes (dicom_node.sources); when not given they are made from
+    ``source``, one of the study's images."""
+    patient = patient or patient_study([source], result.study_uid)
     created = datetime.now()
     shown = [(r, np.asarray(sc.pixel_array, dtype=np.uint8)) for r, sc in heatmaps]
-    document = summary_pdf(result, source, shown, created)
     ds = Dataset()
     ds.SOPClassUID = EncapsulatedPDFStorage
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(sr.SOPInstanceUID), "pdf"])
-    if "SpecificCharacterSet" in source:
-        ds.SpecificCharacterSet = source.SpecificCharacterSet
-    copy_patient_study(source, ds)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "StudyID", "AccessionNumber", "ReferringPhysicianName"):  # Type 2: present, maybe empty
-        if keyword not in ds:
-            setattr(ds, keyword, "")
+    patient.apply(ds)  # Type 2 attributes present, empty when unknown or invalid
+    document = summary_pdf(result, ds, shown, created)
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = pdf_series_uid(str(sr.SeriesInstanceUID))
     ds.SeriesNumber = PDF_SERIES_NUMBER

@@ -15,22 +15,39 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
-from dicom_node.sr import REGION_RADIUS_MM, algorithm_equipment, copy_patient_study
+from dicom_node.logconfig import get_logger
+from dicom_node.sources import (
+    ImageKey,
+    PatientStudy,
+    column_spacing,
+    location_key,
+    number,
+    patient_study,
+    valid_value,
+)
+from dicom_node.sr import REGION_RADIUS_MM, algorithm_equipment
 from inference.analyze import AssessedLabel, StudyResult
 from inference.geometry import ImagePlane, direction_letters
 from inference.labels import SEVERITIES
 from inference.volume import decode
 
+log = get_logger(__name__)
+
 SC_SERIES_NUMBER = 9902
 SC_SERIES_DESCRIPTION = "AI Grad-CAM heatmaps - not for diagnosis"
 
 
+def has_window(ds: Dataset) -> bool:
+    """Whether the source's own window (first WindowCenter and WindowWidth values) is usable."""
+    width = number(ds, "WindowWidth")
+    return number(ds, "WindowCenter") is not None and width is not None and width > 0
+
+
 def _window(ds: Dataset, pixels: NDArray[np.float32]) -> NDArray[np.uint8]:
-    """8-bit greyscale with the source's own window (first value), else a percentile window."""
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, (list, tuple)) or getattr(center, "VM", 1) > 1 else center)
-        w = float(width[0] if isinstance(width, (list, tuple)) or getattr(width, "VM", 1) > 1 else width)
+    """8-bit greyscale with the source's own window (first value) when usable, else a percentile
+    window (no window, or one that is not a number: "abc")."""
+    if has_window(ds):
+        c, w = number(ds, "WindowCenter"), number(ds, "WindowWidth")
         lo, hi = c - w / 2, c + w / 2
     else:
         lo, hi = np.percentile(pixels, [1, 99.5])
@@ -96,7 +113,7 @@ def render_overlay(r: AssessedLabel, source: Dataset) -> NDArray[np.uint8]:
     h, w = out.shape[:2]
     u = max(h, w) / MIN_SIDE  # 1 at MIN_SIDE
     x, y = (round(v * zoom) for v in r.location.pixel)
-    radius = max(int(REGION_RADIUS_MM / float(source.PixelSpacing[1]) * zoom), 4)
+    radius = max(int(REGION_RADIUS_MM / column_spacing(source) * zoom), 4)
     cv2.circle(out, (x, y), radius, (255, 255, 255), max(1, round(1.5 * u)), cv2.LINE_AA)
 
     lines = finding_lines(r)
@@ -128,35 +145,47 @@ def _orientation(plane: ImagePlane, opposite: bool = False) -> tuple[str, str]:
     return direction_letters(sign * plane.row_dir)[0], direction_letters(sign * plane.col_dir)[0]
 
 
-def build_sc_images(result: StudyResult, sources: Mapping[str, Dataset], series_uid: str | None = None) -> list[SCImage]:
-    """One Secondary Capture per graded label. ``sources`` maps SOPInstanceUID -> the source image
-    (with its pixels)."""
+def build_sc_images(result: StudyResult, sources: Mapping[ImageKey, Dataset], series_uid: str | None = None,
+                    patient: PatientStudy | None = None) -> list[SCImage]:
+    """One Secondary Capture per graded label, drawn on the image the label was graded on.
+    ``sources`` maps (SeriesInstanceUID, SOPInstanceUID) -> the source image (with its pixels);
+    ``patient`` holds the patient/study attributes to write (made from the sources when not given)."""
     series_uid = series_uid or generate_uid()
+    patient = patient or patient_study(sources.values(), result.study_uid)
     images = []
+    unwindowed: set[ImageKey] = set()
     for r in result.labels:
         if not isinstance(r, AssessedLabel):
             continue
-        source = sources[r.location.sop_instance_uid]
+        key = location_key(r.location)
+        source = sources[key]
+        if "WindowCenter" in source and not has_window(source):
+            unwindowed.add(key)
         rgb = render_overlay(r, source)
+        reference = patient.reference(source)
         sc = SCImage.from_ref_dataset(
-            ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+            ref_dataset=reference, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER,
             sop_instance_uid=generate_uid(), instance_number=len(images) + 1, manufacturer=MANUFACTURER,
             patient_orientation=_orientation(ImagePlane.from_dataset(source)),
             contributing_equipment=[algorithm_equipment(result)],  # the model (IHE AI Results)
         )
-        copy_patient_study(source, sc)
+        patient.apply(sc)
         sc.SeriesDescription = SC_SERIES_DESCRIPTION
         sc.BurnedInAnnotation = "YES"
-        if "BodyPartExamined" in source:  # the spine is unpaired: Laterality (Type 2C) stays absent
-            sc.BodyPartExamined = source.BodyPartExamined
+        body_part, _ = valid_value(source, "BodyPartExamined", ascii_only=True)
+        if body_part is not None:  # the spine is unpaired: Laterality (Type 2C) stays absent
+            sc.BodyPartExamined = body_part
         else:  # unknown body part: Laterality present and empty
             sc.Laterality = ""
         sc.ImageComments = ". ".join([*finding_lines(r), DISCLAIMER])
         ref = Dataset()
-        ref.ReferencedSOPClassUID = source.SOPClassUID
-        ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ref.ReferencedSOPClassUID = reference.SOPClassUID
+        ref.ReferencedSOPInstanceUID = reference.SOPInstanceUID
         sc.SourceImageSequence = [ref]
         sc.DerivationDescription = "Grad-CAM of the predicted grade blended over the source image"
         images.append(sc)
+    if unwindowed:
+        log.warning("WindowCenter/WindowWidth not usable: heatmaps drawn with a percentile window",
+                    study_uid=result.study_uid, images=len(unwindowed))
     return images

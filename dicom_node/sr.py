@@ -50,6 +50,13 @@ from dicom_node.identity import (
     MODEL_NAME,
     model_device_uid,
 )
+from dicom_node.sources import (
+    ImageKey,
+    PatientStudy,
+    column_spacing,
+    location_key,
+    patient_study,
+)
 from inference.analyze import AssessedLabel, LabelResult, NotAssessedLabel, StudyResult
 from inference.labels import SEVERITIES, SPINAL, Severity
 
@@ -121,14 +128,15 @@ def _tracking(study_uid: str, r: LabelResult) -> TrackingIdentifier:
                               identifier=f"{r.label.level.value} {r.label.condition.display}")
 
 
-def _assessed_group(result: StudyResult, r: AssessedLabel, source: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 for a graded label: a 4 mm circle on the source image, the grade (ordinal NUM), the
-    three class probabilities and the coded severity."""
+def _assessed_group(result: StudyResult, r: AssessedLabel, source: Dataset,
+                    reference: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for a graded label: a 4 mm circle on the source image (``reference``: its UIDs and
+    SOP class, see dicom_node.sources), the grade (ordinal NUM), the three class probabilities and
+    the coded severity."""
     x, y = r.location.pixel
-    spacing = float(source.PixelSpacing[1])
     region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
-                         graphic_data=np.array([[x, y], [x + REGION_RADIUS_MM / spacing, y]]),
-                         source_image=SourceImageForRegion.from_source_image(source))
+                         graphic_data=np.array([[x, y], [x + REGION_RADIUS_MM / column_spacing(source), y]]),
+                         source_image=SourceImageForRegion.from_source_image(reference))
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(result.study_uid, r),
         referenced_region=region,
@@ -180,34 +188,22 @@ def _summary(result: StudyResult) -> list[hd.sr.ContentItem]:
     ]
 
 
-# Patient and study attributes copied from the source images onto every object the node writes,
-# so that the PACS files them in the same patient and study.
-PATIENT_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-    "PatientIdentityRemoved", "DeidentificationMethod", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
-)
-
-
-def copy_patient_study(source: Dataset, target: Dataset) -> None:
-    """Copy the patient and study attributes that the source has (and only those)."""
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            setattr(target, keyword, source.data_element(keyword).value)
-
-
-def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid: str | None = None,
-             instance_number: int = 1, predecessors: Sequence[Dataset] = ()) -> hd.sr.ComprehensiveSR:
-    """The report for one graded study. ``sources`` maps SOPInstanceUID -> the source image header
-    (at least every image a finding is located on). A re-run passes the earlier report(s) of the
-    study as ``predecessors``: the new one lists them in its Predecessor Documents Sequence and is
-    written into their series (``series_uid``)."""
-    located: dict[str, Dataset] = {}
+def build_sr(result: StudyResult, sources: Mapping[ImageKey, Dataset], *, series_uid: str | None = None,
+             instance_number: int = 1, predecessors: Sequence[Dataset] = (),
+             patient: PatientStudy | None = None) -> hd.sr.ComprehensiveSR:
+    """The report for one graded study. ``sources`` maps (SeriesInstanceUID, SOPInstanceUID) -> the
+    source image header (at least every image a finding is located on). ``patient`` holds the
+    patient/study attributes to write (dicom_node.sources; made from the sources when not given).
+    A re-run passes the earlier report(s) of the study as ``predecessors``: the new one lists them
+    in its Predecessor Documents Sequence and is written into their series (``series_uid``)."""
+    patient = patient or patient_study(sources.values(), result.study_uid)
+    located: dict[ImageKey, Dataset] = {}  # image key -> its reference for highdicom
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for r in result.assessed():
-        source = sources[r.location.sop_instance_uid]
-        located.setdefault(str(source.SOPInstanceUID), source)
-        groups.append(_separate(_assessed_group(result, r, source)))
+        key = location_key(r.location)
+        source = sources[key]
+        reference = located.setdefault(key, patient.reference(source))
+        groups.append(_separate(_assessed_group(result, r, source, reference)))
     evaluations = _summary(result) + [_not_assessed(result.study_uid, r) for r in result.labels if isinstance(r, NotAssessedLabel)]
     observer = ObserverContext(
         observer_type=C.DEVICE,
@@ -221,9 +217,9 @@ def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid:
         del root[-1]
     if evaluations:
         root.append(_container(C.QUALITATIVE_EVALUATIONS, evaluations))
-    first = next(iter(located.values()), None) or next(iter(sources.values()))  # patient/study come from here
+    evidence = list(located.values()) or [patient.reference(next(iter(sources.values())))]
     sr = hd.sr.ComprehensiveSR(
-        evidence=list(located.values()) or [first], content=report,
+        evidence=evidence, content=report,
         series_instance_uid=series_uid or generate_uid(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,
@@ -231,8 +227,37 @@ def build_sr(result: StudyResult, sources: Mapping[str, Dataset], *, series_uid:
         series_description=SR_SERIES_DESCRIPTION,
         contributing_equipment=[algorithm_equipment(result)],
     )
-    copy_patient_study(first, sr)
+    patient.apply(sr)
+    # highdicom lists each SOP Instance UID once, whatever its series: with the UIDs that the
+    # Kaggle files repeat across series, an image of the second series would be left out
+    sr.CurrentRequestedProcedureEvidenceSequence = evidence_sequence(evidence)
     return sr
+
+
+def evidence_sequence(images: Sequence[Dataset]) -> list[Dataset]:
+    """Hierarchical SOP Instance Reference items (study, series, instance) for these images, each
+    (series, instance) once, in the order given."""
+    studies: dict[str, dict[str, dict[str, str]]] = {}
+    for ds in images:
+        series = studies.setdefault(str(ds.StudyInstanceUID), {}).setdefault(str(ds.SeriesInstanceUID), {})
+        series.setdefault(str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+    items = []
+    for study_uid, series_map in studies.items():
+        study_item = Dataset()
+        study_item.StudyInstanceUID = study_uid
+        study_item.ReferencedSeriesSequence = []
+        for series_uid, instances in series_map.items():
+            series_item = Dataset()
+            series_item.SeriesInstanceUID = series_uid
+            series_item.ReferencedSOPSequence = []
+            for sop_uid, sop_class in instances.items():
+                ref = Dataset()
+                ref.ReferencedSOPClassUID = sop_class
+                ref.ReferencedSOPInstanceUID = sop_uid
+                series_item.ReferencedSOPSequence.append(ref)
+            study_item.ReferencedSeriesSequence.append(series_item)
+        items.append(study_item)
+    return items
 
 
 def _placeholder_group() -> MeasurementsAndQualitativeEvaluations:

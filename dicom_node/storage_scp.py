@@ -1,5 +1,6 @@
 """The storage SCP: C-ECHO and C-STORE. The C-STORE handler only writes the received encoded
-dataset to the spool (no pixel decoding), fsyncs it, records it in the ledger, then answers."""
+dataset to the spool (no pixel decoding), fsyncs it, records it in the ledger, then answers.
+Instances are spooled and recorded per (series, SOP Instance UID)."""
 
 from __future__ import annotations
 
@@ -167,6 +168,12 @@ class Refused(Exception):
         self.status = status
 
 
+def spool_path(spool: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where an instance is spooled: spool/<study>/<series>/<SOP instance>.dcm (the RSNA Kaggle
+    files repeat SOP Instance UIDs across series); UnsafePath unless it lies under the spool."""
+    return under(spool, study_uid, series_uid, f"{sop_uid}.dcm")
+
+
 def image_size_problem(ds: Dataset, max_pixels: int) -> str | None:
     """Why an image's declared size is refused (Rows x Columns x frames x samples over
     ``max_pixels``, or not numbers), read from the header before anything is decoded."""
@@ -303,6 +310,7 @@ class StorageSCP:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self.server = None
+        self._repeats_logged: set[str] = set()  # studies said to repeat SOP Instance UIDs across series
         self._in_flight = 0
         self._idle = threading.Condition()
 
@@ -496,17 +504,17 @@ class StorageSCP:
             raise Refused(StoreStatus.OUT_OF_RESOURCES, "free disk under the configured floor")
         ds, sop_uid, sop_class, study_uid, series_uid = self._checked(event)
         try:
-            target = under(self.spool, study_uid, f"{sop_uid}.dcm")
+            target = spool_path(self.spool, study_uid, series_uid, sop_uid)
             data = event.encoded_dataset(include_meta=True)
         except UnsafePath as exc:
             raise Refused(StoreStatus.CANNOT_UNDERSTAND, str(exc)) from None
         except Exception as exc:  # noqa: BLE001
             raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"cannot be encoded: {type(exc).__name__}: {exc}") from None
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        known = self.ledger.instance(sop_uid)
+        known = self.ledger.instance(series_uid, sop_uid)
         if known is not None and known[0] != study_uid:
-            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"SOP Instance UID {sop_uid} is already filed under "
-                                                          f"another study ({known[0]})")
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"SOP Instance UID {sop_uid} of series {series_uid} is already "
+                                                          f"filed under another study ({known[0]})")
         if known is not None and known[1] == digest:
             log.debug("re-sent instance, same content", sop_instance_uid=sop_uid, study_uid=study_uid)
             return StoreStatus.SUCCESS
@@ -523,10 +531,15 @@ class StorageSCP:
             return StoreStatus.PROCESSING_FAILURE
         if recorded is Recorded.OTHER_STUDY:  # filed under another study between our check and now
             target.unlink(missing_ok=True)
-            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"SOP Instance UID {sop_uid} is already filed under "
-                                                          "another study")
+            raise Refused(StoreStatus.CANNOT_UNDERSTAND, f"SOP Instance UID {sop_uid} of series {series_uid} is already "
+                                                          "filed under another study")
         if recorded is Recorded.REPLACED:
             log.info("instance re-sent with new content: replaced, study re-opened", sop_instance_uid=sop_uid,
-                     study_uid=study_uid)
+                     series_uid=series_uid, study_uid=study_uid)
+        if recorded is Recorded.NEW and study_uid not in self._repeats_logged \
+                and self.ledger.sop_uid_repeats(study_uid, sop_uid):
+            self._repeats_logged.add(study_uid)
+            log.info("SOP Instance UIDs repeat across the series of a study: every instance kept, "
+                     "keyed by series and SOP Instance UID", study_uid=study_uid, sop_instance_uid=sop_uid)
         log.debug("stored", sop_instance_uid=sop_uid, study_uid=study_uid, recorded=recorded.value)
         return StoreStatus.SUCCESS

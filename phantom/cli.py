@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 import structlog
 
+from phantom.dicom import PhantomStyle
+
 log = structlog.stdlib.get_logger("lumbar_node.phantom")
 
 
@@ -23,9 +25,13 @@ log = structlog.stdlib.get_logger("lumbar_node.phantom")
               help="Random seed; the same seed gives the same studies.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes to render studies with.")
+@click.option("--style", type=click.Choice([s.value for s in PhantomStyle]), default=PhantomStyle.DEFAULT.value,
+              show_default=True, help="File encoding: the project's tidy MR Image Storage (default), or as the "
+              "RSNA 2024 Kaggle files are encoded (kaggle: no SOP class in the data set, Enhanced MR in the "
+              "file meta, no Modality or patient name, the same SOP Instance UIDs in every series, RLE Lossless).")
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG montage of the first study, with labelled points and grades.")
-def phantom_command(n_studies: int, out: Path, seed: int, workers: int, preview: Path | None) -> None:
+def phantom_command(n_studies: int, out: Path, seed: int, workers: int, style: str, preview: Path | None) -> None:
     """Write synthetic lumbar spine MRI studies in the RSNA 2024 layout.
 
     Real DICOM (MR Image Storage): Sagittal T1, Sagittal T2/STIR and Axial T2 per study, with
@@ -45,12 +51,12 @@ def phantom_command(n_studies: int, out: Path, seed: int, workers: int, preview:
         if sys.stderr.isatty():
             click.echo(f"\r{done}/{n_studies} studies", err=True, nl=done == n_studies)
 
-    studies = generate_dataset(out, n_studies, seed, workers=workers, progress=report)
+    studies = generate_dataset(out, n_studies, seed, workers=workers, progress=report, style=PhantomStyle(style))
     elapsed = time.perf_counter() - started
     n_series = sum(len(st.series) for st in studies)
     n_images = sum(len(s.planes) for st in studies for s in st.series)
     log.info("phantom written", out=str(out), studies=n_studies, series=n_series, images=n_images,
-             seed=seed, seconds=round(elapsed, 2), seconds_per_study=round(elapsed / n_studies, 3))
+             seed=seed, style=style, seconds=round(elapsed, 2), seconds_per_study=round(elapsed / n_studies, 3))
     if preview is not None:
         write_preview(make_study(seed, 0), preview)
         log.info("preview written", path=str(preview), study_id=studies[0].study_id)

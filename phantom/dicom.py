@@ -1,23 +1,36 @@
 """MR Image Storage datasets for the phantom: file meta, patient/study/series/equipment, image plane,
-image pixel and MR image modules, with synthetic, obviously fake identities."""
+image pixel and MR image modules, with synthetic, obviously fake identities.
+
+Two styles (``PhantomStyle``): the project's own tidy encoding (default), and the encoding of the
+RSNA 2024 Kaggle files (``kaggle_dataset``), quirks included."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
+    RLELossless,
     generate_uid,
 )
 
 from inference import __version__
 from inference.geometry import ImagePlane, direction_letters
 from phantom.acquisition import SeriesSpec
+
+
+class PhantomStyle(StrEnum):
+    """How the phantom's files are encoded."""
+
+    DEFAULT = "default"  # MR Image Storage, Explicit VR Little Endian, every module complete
+    KAGGLE = "kaggle"  # as the RSNA 2024 Kaggle files are encoded (see kaggle_dataset)
 
 
 @dataclass(frozen=True)
@@ -151,3 +164,67 @@ def mr_dataset(study: StudyInfo, spec: SeriesSpec, slice_index: int, pixels: NDA
     ds.WindowWidth = _ds(max(round(float(hi - lo)), 1))
     ds.PixelData = pixels.astype("<u2").tobytes()
     return ds
+
+
+def kaggle_dataset(study: StudyInfo, spec: SeriesSpec, slice_index: int, pixels: NDArray[np.uint16]) -> Dataset:
+    """One instance encoded as the RSNA 2024 Kaggle files are (measured on real competition files):
+
+    - no SOPClassUID in the data set; the file meta says Enhanced MR Image Storage although the
+      image is a classic single-frame MR image (no functional groups);
+    - no Modality, BodyPartExamined, PatientName, StudyDate/StudyTime, ReferringPhysicianName,
+      AccessionNumber, nor sequence parameters (ScanningSequence, TR, TE, TI);
+    - PatientID = StudyInstanceUID = the study id, SeriesInstanceUID "<study_id>.<series_id>",
+      SeriesDescription only "T1" or "T2" (the roles live in train_series_descriptions.csv);
+    - SOPInstanceUID "<study_id>.1.<instance_number>": the same value in every series of the study;
+    - a FrameOfReferenceUID of its own per series (patient coordinates consistent across series);
+    - RLE Lossless, 16 bits allocated, 12 stored; no group length in the file meta (the writer,
+      phantom.generate.write_study, writes the file meta as it is).
+    """
+    plane: ImagePlane = spec.planes[slice_index]
+    instance = spec.instance_numbers[slice_index]
+    study_id = str(study.study_id)
+    sop_uid = f"{study_id}.1.{instance}"
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = RLELossless
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "LUMBAR_PHANTOM"
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesDescription = "T1" if spec.contrast.name == "T1" else "T2"
+    ds.PatientID = study_id
+    ds.SliceThickness = _ds(spec.thickness)
+    ds.SpacingBetweenSlices = _ds(spec.spacing)
+    ds.StudyInstanceUID = study_id
+    ds.SeriesInstanceUID = f"{study_id}.{spec.series_id}"
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [_ds(v) for v in plane.position]
+    ds.ImageOrientationPatient = [_ds(round(v, 6)) for v in (*plane.row_dir, *plane.col_dir)]
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[str(study.seed), study_id, str(spec.series_id), "frame"])
+    ds.SliceLocation = _ds(float(plane.position @ plane.normal))
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = [_ds(plane.row_spacing), _ds(plane.col_spacing)]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    lo, hi = np.percentile(pixels[::4, ::4], [1, 99.5])
+    ds.WindowCenter = _ds(round(float(lo + hi) / 2))
+    ds.WindowWidth = _ds(max(round(float(hi - lo)), 1))
+    ds.compress(RLELossless, np.ascontiguousarray(pixels.astype("<u2")), generate_instance_uid=False)
+    return ds
+
+
+def phantom_dataset(style: PhantomStyle, study: StudyInfo, spec: SeriesSpec, slice_index: int,
+                    pixels: NDArray[np.uint16]) -> Dataset:
+    """One instance of a phantom series in the given style."""
+    build = kaggle_dataset if style is PhantomStyle.KAGGLE else mr_dataset
+    return build(study, spec, slice_index, pixels)

@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from inference.geometry import nearest_plane
@@ -40,7 +41,7 @@ from phantom.acquisition import (
     sagittal_series,
 )
 from phantom.anatomy import Anatomy, sample_anatomy
-from phantom.dicom import StudyInfo, mr_dataset, study_info
+from phantom.dicom import PhantomStyle, StudyInfo, phantom_dataset, study_info
 
 # How often the real data's quirks occur.
 P_MISSING_SERIES = {SeriesRole.AX_T2: 0.03, SeriesRole.SAG_T1: 0.02, SeriesRole.SAG_T2: 0.02}
@@ -64,11 +65,11 @@ class PhantomStudy:
     def study_id(self) -> int:
         return self.info.study_id
 
-    def datasets(self) -> Iterable[tuple[SeriesSpec, Dataset]]:
-        """Every instance as a pydicom Dataset, series by series."""
+    def datasets(self, style: PhantomStyle = PhantomStyle.DEFAULT) -> Iterable[tuple[SeriesSpec, Dataset]]:
+        """Every instance as a pydicom Dataset, series by series, encoded in ``style``."""
         for spec in self.series:
             for i, pixels in enumerate(self.pixels[spec.series_id]):
-                yield spec, mr_dataset(self.info, spec, i, pixels)
+                yield spec, phantom_dataset(style, self.info, spec, i, pixels)
 
 
 def make_study(seed: int, index: int, render: bool = True) -> PhantomStudy:
@@ -157,12 +158,18 @@ def label_coordinates(study: PhantomStudy) -> list[Coordinate]:
     return rows
 
 
-def write_study(study: PhantomStudy, root: Path) -> None:
-    """Write the DICOM files of one study under ``root/train_images``."""
-    for spec, ds in study.datasets():
+def write_study(study: PhantomStudy, root: Path, style: PhantomStyle = PhantomStyle.DEFAULT) -> None:
+    """Write the DICOM files of one study under ``root/train_images``, encoded in ``style``.
+    Kaggle-style files are written with their file meta as it is (no group length, as the real
+    files have none)."""
+    for spec, ds in study.datasets(style):
         folder = root / IMAGES_DIR / str(study.study_id) / str(spec.series_id)
         folder.mkdir(parents=True, exist_ok=True)
-        ds.save_as(folder / f"{ds.InstanceNumber}.dcm", enforce_file_format=True)
+        path = folder / f"{ds.InstanceNumber}.dcm"
+        if style is PhantomStyle.KAGGLE:
+            dcmwrite(path, ds, enforce_file_format=False)
+        else:
+            ds.save_as(path, enforce_file_format=True)
 
 
 def write_csvs(studies: list[PhantomStudy], root: Path) -> None:
@@ -197,20 +204,22 @@ def _single_threaded() -> None:
     cv2.setNumThreads(1)
 
 
-def _make_and_write(args: tuple[int, int, Path]) -> PhantomStudy:
-    seed, index, out = args
+def _make_and_write(args: tuple[int, int, Path, PhantomStyle]) -> PhantomStudy:
+    seed, index, out, style = args
     study = make_study(seed, index)
-    write_study(study, out)
+    write_study(study, out, style)
     study.pixels = {}  # keep memory flat: the files hold the pixels now
     return study
 
 
 def generate_dataset(out: Path, n_studies: int, seed: int, workers: int = 1,
-                     progress: Callable[[PhantomStudy], None] | None = None) -> list[PhantomStudy]:
+                     progress: Callable[[PhantomStudy], None] | None = None,
+                     style: PhantomStyle = PhantomStyle.DEFAULT) -> list[PhantomStudy]:
     """Make ``n_studies`` phantom studies in the RSNA layout under ``out``, on ``workers``
-    processes; returns them without their pixels. The files do not depend on ``workers``."""
+    processes, their files encoded in ``style``; returns them without their pixels. The files do
+    not depend on ``workers``; the style changes the encoding only (same anatomy, pixels, CSVs)."""
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, index, out) for index in range(n_studies)]
+    jobs = [(seed, index, out, style) for index in range(n_studies)]
     studies: list[PhantomStudy] = []
     if workers > 1 and n_studies > 1:
         with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_threaded) as pool:

@@ -197,12 +197,13 @@ def test_kill_9_while_a_study_arrives_loses_no_acknowledged_instance_and_reports
         assert 0 < len(acknowledged) < len(study), f"the kill landed after {len(acknowledged)} of {len(study)} images"
 
         ledger = node.ledger()
-        recorded = {p.name for p in ledger.instance_paths(study_uid)}
+        recorded = {f"{p.parent.name}/{p.name}" for p in ledger.instance_paths(study_uid)}
         ledger.close()
         for ds in acknowledged:  # every instance answered Success is complete in the spool and the ledger
-            spooled = pydicom.dcmread(tmp_path / "node" / "spool" / study_uid / f"{ds.SOPInstanceUID}.dcm")
+            name = f"{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+            spooled = pydicom.dcmread(tmp_path / "node" / "spool" / study_uid / name)
             assert spooled.PixelData == ds.PixelData
-            assert f"{ds.SOPInstanceUID}.dcm" in recorded
+            assert name in recorded
 
         node.start()
         _send(study, node.port)  # the sender retries the whole study
@@ -232,14 +233,15 @@ def test_sigterm_while_studies_arrive_finishes_the_writes_and_exits_cleanly(phan
         status = assoc.send_c_store(path)
         if status and status.Status == 0x0000:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            acknowledged.append(f"{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm")
+            acknowledged.append(f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm")
         if not assoc.is_established:
             break
     stopper.join()
     assert node.stop() == 0  # exit code 0 after SIGTERM
     assert 0 < len(acknowledged) < len(files), f"SIGTERM landed after {len(acknowledged)} of {len(files)} images"
     ledger = node.ledger()
-    recorded = {f"{p.parent.name}/{p.name}" for s in ledger.studies() for p in ledger.instance_paths(s.study_uid)}
+    recorded = {f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for s in ledger.studies()
+                for p in ledger.instance_paths(s.study_uid)}
     ledger.close()
     assert set(acknowledged) <= recorded
     assert all((tmp_path / "node" / "spool" / name).is_file() for name in acknowledged)
@@ -326,7 +328,7 @@ def test_bad_input_gets_the_right_answer_and_never_stops_the_node(study: list[Pa
     _send(ct, node.port)
     state = node.wait_state(ct_uid, FINISHED, timeout=60)
     assert state.state == "skipped" and state.reason == "not an MR study (modality CT)"
-    assert len(list((tmp_path / "node" / "spool" / ct_uid).glob("*.dcm"))) == 12  # kept, not dropped
+    assert len(list((tmp_path / "node" / "spool" / ct_uid).rglob("*.dcm"))) == 12  # kept, not dropped
 
     assert subprocess.run([*echo[:1], "-aet", SENDER_AET, *echo[1:]], capture_output=True).returncode == 0
     assert node.process.poll() is None
@@ -369,7 +371,7 @@ def test_a_compressed_study_is_stored_as_received_and_graded(study: list[Path], 
         _send(files, node.port, extra=(kinds[kind][1], "--combine", "--required"))  # syntaxes: we pick lossless
     state = node.wait_state(study_uid, ("sending", *FINISHED), timeout=60)
     spooled = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-               for p in (tmp_path / "node" / "spool" / study_uid).glob("*.dcm")}
+               for p in (tmp_path / "node" / "spool" / study_uid).rglob("*.dcm")}
     assert spooled == syntaxes
     # graded (then delivery is retried: no PACS listens in this test)
     assert state.state == "sending" and '"assessed": 25' in node.log_text()

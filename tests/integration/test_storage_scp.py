@@ -49,7 +49,7 @@ def test_a_study_sent_by_storescu_is_spooled_byte_for_byte_and_recorded(node, ph
     [study] = ledger.studies()
     assert study.state == "receiving" and study.instances == len(files)
     source = pydicom.dcmread(files[0])
-    spooled = pydicom.dcmread(scp.spool / source.StudyInstanceUID / f"{source.SOPInstanceUID}.dcm")
+    spooled = pydicom.dcmread(scp.spool / source.StudyInstanceUID / source.SeriesInstanceUID / f"{source.SOPInstanceUID}.dcm")
     assert spooled.PixelData == source.PixelData and spooled.StudyInstanceUID == study.study_uid
     # sending the same study again records nothing twice
     storescu(files[:3], scp.settings.node.port, called=scp.settings.node.ae_title, calling=CALLING)

@@ -21,8 +21,9 @@ def ledger(tmp_path: Path) -> Ledger:
 
 
 def _add(ledger: Ledger, sop: str, study: str = "1.2.3", sop_class: str = "1.2.840.10008.5.1.4.1.1.4",
-         digest: str = "d1") -> Recorded:
-    return ledger.record_instance(sop, study, "1.2.3.4", sop_class, Path(f"/spool/{sop}.dcm"), "PACS", 3, digest=digest)
+         digest: str = "d1", series: str = "1.2.3.4") -> Recorded:
+    return ledger.record_instance(sop, study, series, sop_class, Path(f"/spool/{study}/{series}/{sop}.dcm"), "PACS", 3,
+                                  digest=digest)
 
 
 def test_a_late_instance_makes_a_running_grading_stale(ledger: Ledger) -> None:
@@ -116,4 +117,52 @@ def test_new_content_under_a_known_uid_reopens_the_study_and_another_study_is_re
     again = ledger.study("1.2.3")
     assert again is not None and again.state is StudyState.RECEIVING and again.generation == study.generation + 1
     assert _add(ledger, "1", study="9.8.7") is Recorded.OTHER_STUDY
-    assert ledger.study("9.8.7") is None and ledger.instance("1") == ("1.2.3", "d2")
+    assert ledger.study("9.8.7") is None and ledger.instance("1.2.3.4", "1") == ("1.2.3", "d2")
+
+
+def test_a_sop_instance_uid_repeated_in_another_series_is_another_instance(ledger: Ledger) -> None:
+    """As in the RSNA Kaggle files: the same SOP Instance UID in every series of a study. Each is
+    kept; re-send, replace and other-study hold per (series, SOP instance)."""
+    assert _add(ledger, "7.1.1", study="7", series="7.10") is Recorded.NEW
+    assert not ledger.sop_uid_repeats("7", "7.1.1")
+    assert _add(ledger, "7.1.1", study="7", series="7.20", digest="other pixels") is Recorded.NEW
+    assert ledger.sop_uid_repeats("7", "7.1.1")
+    assert ledger.study("7").instances == 2 and len(ledger.instance_paths("7")) == 2
+    assert _add(ledger, "7.1.1", study="7", series="7.20", digest="other pixels") is Recorded.RESENT
+    assert _add(ledger, "7.1.1", study="7", series="7.10", digest="new") is Recorded.REPLACED
+    assert ledger.instance("7.10", "7.1.1") == ("7", "new") and ledger.instance("7.20", "7.1.1") == ("7", "other pixels")
+    assert _add(ledger, "7.1.1", study="8", series="7.20") is Recorded.OTHER_STUDY
+    assert _add(ledger, "7.1.1", study="8", series="8.20") is Recorded.NEW  # its own series: not the other study's
+    assert [(uid, n) for uid, n, *_ in ledger.series_counts("7")] == [("7.10", 1), ("7.20", 1)]
+
+
+OLD_INSTANCES = """CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, calling_aet TEXT NOT NULL,
+    received_at REAL NOT NULL, series_size INTEGER)"""
+
+
+def test_an_older_ledger_keyed_by_sop_instance_uid_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(OLD_INSTANCES)  # before the digest column and the (series, SOP instance) key
+    db.execute("INSERT INTO instances VALUES ('5.1.1', '5', '5.10', '1.2.840.10008.5.1.4.1.1.4', '/s/5/5.1.1.dcm', "
+               "'PACS', 1.0, 3)")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    try:
+        assert ledger.migrated_instance_key
+        assert ledger.instance("5.10", "5.1.1") == ("5", None)
+        assert ledger.instance_paths("5") == [Path("/s/5/5.1.1.dcm")]
+        assert ledger.record_instance("5.1.1", "5", "5.20", "1.2.840.10008.5.1.4.1.1.4", Path("/s/5/5.20/5.1.1.dcm"),
+                                      "PACS", digest="d") is Recorded.NEW
+        assert len(ledger.instance_paths("5")) == 2
+    finally:
+        ledger.close()
+    again = Ledger(path)  # opened again: nothing left to migrate
+    try:
+        assert not again.migrated_instance_key and len(again.instance_paths("5")) == 2
+    finally:
+        again.close()
