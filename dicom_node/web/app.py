@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -116,11 +117,18 @@ def build_app(ctx: WebContext) -> Starlette:
                 return JSONResponse({"error": "sign in first"}, 401)
             if request.method == "POST":
                 token = request.headers.get(CSRF_HEADER)
-                if token is None and request.headers.get("content-type", "").startswith(
-                        "application/x-www-form-urlencoded"):
+                content_type = request.headers.get("content-type", "")
+                if token is None and content_type.startswith("multipart/form-data"):
+                    declared = request.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > web.upload_max_mb * 2**20 + 2**20:
+                        return JSONResponse({"error": f"Too large: the upload is over the limit of "
+                                                      f"{web.upload_max_mb:g} MiB (web.upload_max_mb)"}, 413)
+                    try:  # parsed once: the handler gets the same (cached) form
+                        token = (await request.form(max_files=MAX_UPLOAD_FILES, max_fields=100)).get(CSRF_FIELD)
+                    except Exception as exc:  # noqa: BLE001 - a malformed or over-long form
+                        return JSONResponse({"error": f"The upload could not be read: {exc}"}, 400)
+                elif token is None and content_type.startswith("application/x-www-form-urlencoded"):
                     token = (await request.form()).get(CSRF_FIELD)
-                if token is None and request.query_params.get(CSRF_FIELD):
-                    token = request.query_params[CSRF_FIELD]
                 if not csrf_ok(request.session, token if isinstance(token, str) else None):
                     return render(request, "message.html", user, 403, title="Refused",
                                   message="The form was out of date (CSRF token missing or wrong): reload the page "
@@ -195,8 +203,9 @@ def build_app(ctx: WebContext) -> Starlette:
         except ValueError:
             page_no = 1
         started = time.perf_counter()
-        rows, total = ctx.ledger.dashboard(state_value, search, (page_no - 1) * web.page_size, web.page_size)
-        counts = ctx.ledger.state_counts()
+        rows, total = await run_in_threadpool(ctx.ledger.dashboard, state_value, search,
+                                              (page_no - 1) * web.page_size, web.page_size)
+        counts = await run_in_threadpool(ctx.ledger.state_counts)
         pages = max(1, math.ceil(total / web.page_size))
         query = {k: v for k, v in (("state", state_value and str(state_value)), ("q", search)) if v}
         return render(request, "dashboard.html", user, rows=rows, total=total, page=page_no, pages=pages,
@@ -296,7 +305,7 @@ def build_app(ctx: WebContext) -> Starlette:
         if request.path_params["ext"] == "dcm":
             return Response(scs[index].read_bytes(), media_type="application/dicom",
                             headers=_attachment(scs[index].name))
-        return Response(sc_png(scs[index]), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+        return Response(await run_in_threadpool(sc_png, scs[index]), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     # -- upload ------------------------------------------------------------------------------------
 
@@ -305,24 +314,18 @@ def build_app(ctx: WebContext) -> Starlette:
 
     async def upload(request: Request, user: User) -> Response:
         max_bytes = int(web.upload_max_mb * 2**20)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes + 2**20:
-            return JSONResponse({"error": f"Too large: the upload is over the limit of {web.upload_max_mb:g} MiB "
-                                          "(web.upload_max_mb)"}, 413)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return JSONResponse({"error": f"Nothing chosen: choose {EXPECTED}"}, 400)
+        form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=100)  # parsed (and checked) by page()
         try:
-            form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=100)
-        except Exception as exc:  # noqa: BLE001 - a malformed or over-long form
-            return JSONResponse({"error": f"The upload could not be read: {exc}"}, 400)
-        try:
-            if not csrf_ok(request.session, form.get(CSRF_FIELD) if isinstance(form.get(CSRF_FIELD), str) else None):
-                return JSONResponse({"error": "The form was out of date (CSRF token): reload the page"}, 403)
             parts = []
             for item in form.getlist("files"):
                 if isinstance(item, UploadFile):
                     parts.append((item.filename or "file", await item.read()))
             try:
-                instances = parse_upload(parts, max_bytes)
-                study_uid = store_upload(instances, ctx.ledger, spool, user.name, ctx.settings.storage.fsync)
+                instances = await run_in_threadpool(parse_upload, parts, max_bytes)
+                study_uid = await run_in_threadpool(store_upload, instances, ctx.ledger, spool, user.name,
+                                                    ctx.settings.storage.fsync)
             except UploadError as exc:
                 log.info("upload refused", user=user.name, why=str(exc))
                 return JSONResponse({"error": str(exc)}, 400)

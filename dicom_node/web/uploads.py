@@ -75,7 +75,7 @@ def parse_upload(parts: list[tuple[str, bytes]], max_bytes: int) -> list[Uploade
     found: list[UploadedInstance] = []
     for part_name, part in parts:
         for name, data in _members(part_name, part, max_bytes):
-            if name.rsplit("/", 1)[-1].upper() == "DICOMDIR":
+            if name.replace(":", "/").rsplit("/", 1)[-1].upper() == "DICOMDIR":
                 continue
             if not _is_dicom(data):
                 raise UploadError(f"Wrong format: {name} is not a DICOM file; expected {EXPECTED}")
