@@ -164,6 +164,9 @@ def reprocess_command(ctx: click.Context, study_uid: str) -> None:
     try:
         if not ledger.reopen(study_uid):
             raise click.ClickException(f"the ledger does not know study {study_uid}")
+        from dicom_node.states import EventKind
+
+        ledger.add_event(EventKind.GRADE_AGAIN, "lumbar-node reprocess", study_uid, "requested on the command line")
     finally:
         ledger.close()
     click.echo(f"study {study_uid} queued for grading")

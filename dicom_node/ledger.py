@@ -91,8 +91,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     uploaded_at REAL NOT NULL,
     send INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS studies_newest_first ON studies (first_received);
-CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, first_received);
+CREATE INDEX IF NOT EXISTS studies_newest_first ON studies (first_received, study_uid);
+CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, first_received, study_uid);
 """
 
 
@@ -463,8 +463,10 @@ class Ledger:
             "(SELECT COUNT(DISTINCT series_uid) FROM instances i WHERE i.study_uid = s.study_uid), "
             f"{latest}, {latest}, {latest}, "
             "(SELECT data FROM events e WHERE e.study_uid = s.study_uid AND e.kind = ? ORDER BY at DESC LIMIT 1), "
-            "u.uploaded_by FROM studies s LEFT JOIN uploads u ON u.study_uid = s.study_uid "
-            f"{where} ORDER BY s.first_received DESC, s.study_uid LIMIT ? OFFSET ?",
+            "u.uploaded_by FROM (SELECT s.study_uid FROM studies s "  # the page first (on the index), then its details
+            f"{where} ORDER BY s.first_received DESC, s.study_uid DESC LIMIT ? OFFSET ?) page "
+            "JOIN studies s ON s.study_uid = page.study_uid LEFT JOIN uploads u ON u.study_uid = s.study_uid "
+            "ORDER BY s.first_received DESC, s.study_uid DESC",
             (EventKind.RELEASED, EventKind.GRADED, EventKind.DELIVERED, EventKind.GRADED, *args, limit, offset))
         total = self._query(f"SELECT COUNT(*) FROM studies s {where}", tuple(args))[0][0]
         out = []
