@@ -342,6 +342,38 @@ def test_upload_cases(site: Site, browser: object) -> None:
     page.context.close()
 
 
+def test_an_administrator_sends_an_upload_to_the_pacs(site: Site, browser: object) -> None:
+    node = site.node
+    uploaded_uid = _study_uid(site.studies[1])
+    page = _signed_in(browser, site, ADMIN, ADMIN_PASSWORD)
+    page.goto(f"{node.web_url}/upload/{uploaded_uid}")
+    assert page.inner_text("#send-again") == "Send to the PACS"
+    page.click("#send-again")
+    page.wait_for_url(f"{node.web_url}/upload/{uploaded_uid}")
+    wait_for("the upload's SR in Orthanc", lambda: any(
+        s["MainDicomTags"]["Modality"] == "SR" for s in site.pacs.study_series(uploaded_uid)), 60)
+    node.wait_state(uploaded_uid, ("done",), 60)
+    page.goto(f"{node.web_url}/studies/{uploaded_uid}")
+    timeline = page.inner_text("#timeline")
+    assert "send again" in timeline and f"requested by {ADMIN}" in timeline and "delivered" in timeline
+    site.shots.take(page, "upload-sent-timeline")
+    page.context.close()
+
+
+def test_a_web_port_in_use_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    node = ServedNode(tmp_path / "node", free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", node.web_port))
+        taken.listen()
+        done = node.command("serve")
+    assert done.returncode == 1
+    assert f"cannot start the node: OSError: [Errno 98] the web page cannot listen on 127.0.0.1:{node.web_port}" \
+        in done.stderr, done.stderr[-2000:]
+    assert '"node stopped"' in done.stderr
+
+
 def test_log_holds_no_patient_name(site: Site) -> None:
     log = site.node.log_text()
     assert '"signed in"' in log and '"study uploaded"' in log
