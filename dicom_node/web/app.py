@@ -327,7 +327,8 @@ def build_app(ctx: WebContext) -> Starlette:
                 study_uid = await run_in_threadpool(store_upload, instances, ctx.ledger, spool, user.name,
                                                     ctx.settings.storage.fsync)
             except UploadError as exc:
-                log.info("upload refused", user=user.name, why=str(exc))
+                # the kind only: the message names the user's files, and a file name may hold a patient's name
+                log.info("upload refused", user=user.name, why=str(exc).split(":", 1)[0])
                 return JSONResponse({"error": str(exc)}, 400)
         finally:
             await form.close()
