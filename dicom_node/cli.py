@@ -165,6 +165,9 @@ def reprocess_command(ctx: click.Context, study_uid: str) -> None:
     try:
         if not ledger.reopen(study_uid):
             raise click.ClickException(f"the ledger does not know study {study_uid}")
+        from dicom_node.states import EventKind
+
+        ledger.add_event(EventKind.GRADE_AGAIN, "lumbar-node reprocess", study_uid, "requested on the command line")
     finally:
         ledger.close()
     click.echo(f"study {study_uid} queued for grading")
@@ -195,6 +198,34 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     for s in studies:
         when = datetime.fromtimestamp(s.last_received, UTC).strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{s.study_uid:64}  {s.state:10} {s.instances:>6}  {when}  {s.reason or ''}")
+
+
+@main.group("user")
+def user_group() -> None:
+    """Accounts of the web page (the file named by web.accounts_file)."""
+
+
+@user_group.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "viewer"]), required=True,
+              help="admin: also grades and sends again; viewer: looks and uploads.")
+@click.pass_context
+def user_add_command(ctx: click.Context, name: str, role: str) -> None:
+    """Add (or replace) the account NAME; its password is read from standard input (one line)."""
+    import sys
+
+    from dicom_node.accounts import AccountError, Role, add_account
+
+    settings = _settings(ctx)
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        add_account(settings.web.accounts_file, name, Role(role), password)
+    except AccountError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"account {name} ({role}) written to {settings.web.accounts_file}")
 
 
 add_registered_commands(main)

@@ -211,6 +211,19 @@ class OutputsSettings(_Section):
     pdf: bool = True  # the one-page Encapsulated PDF summary (its own series, delivered with the SR)
 
 
+class WebSettings(_Section):
+    """The node's web page (dashboard, upload, /metrics, /healthz), served by ``lumbar-node serve``."""
+
+    bind_address: str = "127.0.0.1"
+    port: Port | None = 8080  # None: no web page
+    accounts_file: Path = Path("var/accounts.yaml")  # written by `lumbar-node user add`
+    session_max_age_s: int = Field(default=28800, ge=60)  # a sign-in lasts this long
+    secure_cookies: bool = False  # the session cookie's Secure flag (set it behind HTTPS)
+    metrics_anonymous: bool = False  # /metrics without signing in (else HTTP Basic with an account)
+    upload_max_mb: float = Field(default=2048, gt=0)  # one upload, all files together
+    page_size: int = Field(default=50, ge=1, le=1000)  # studies per dashboard page
+
+
 class Settings(_Section):
     """The whole node configuration."""
 
@@ -224,6 +237,7 @@ class Settings(_Section):
     limits: LimitsSettings
     logging: LoggingSettings
     outputs: OutputsSettings = Field(default_factory=OutputsSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Settings:

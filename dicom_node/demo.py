@@ -34,6 +34,8 @@ def demo_settings(workdir: Path, node_port: int, orthanc_port: int, config_file:
         "LUMBAR_NODE__STORAGE__LEDGER_PATH": str(workdir / "node" / "ledger.sqlite"),
         "LUMBAR_NODE__STUDY__QUIET_TIME_S": "10",
         "LUMBAR_NODE__DELIVERY__BACKOFF_INITIAL_S": "1",
+        "LUMBAR_NODE__WEB__PORT": str(free_port()),  # the web page on a free loopback port (8080 may be taken)
+        "LUMBAR_NODE__WEB__ACCOUNTS_FILE": str(workdir / "node" / "accounts.yaml"),
     }
     return load_settings(config_file, environ)
 

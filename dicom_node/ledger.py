@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from dicom_node.states import DeliveryState, StudyState
+from dicom_node.states import DeliveryState, EventKind, StudyState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -103,6 +103,29 @@ def _migrate_instance_key(db: sqlite3.Connection) -> bool:
         db.execute("ROLLBACK")
         raise
     return True
+# Tables and indexes added after the first release, created in older ledgers at open: the audit trail
+# (events), the studies that came through the web page's upload, the dashboard's newest-first index.
+TABLE_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    detail TEXT,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_study ON events (study_uid, kind, at);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
+CREATE TABLE IF NOT EXISTS uploads (
+    study_uid TEXT PRIMARY KEY,
+    uploaded_by TEXT NOT NULL,
+    uploaded_at REAL NOT NULL,
+    send INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_newest_first ON studies (first_received, study_uid);
+CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, first_received, study_uid);
+"""
 
 
 class Recorded(StrEnum):
@@ -168,6 +191,7 @@ class Ledger:
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self.migrated_instance_key = _migrate_instance_key(self._db)
+        self._db.executescript(TABLE_MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:
@@ -401,3 +425,136 @@ class Ledger:
                 state, reason = StudyState.SENDING, f"delivery to {destination}: attempt {attempts} failed ({error}); retry {when} UTC"
             db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=? AND state=?",
                        (state, reason, now, study_uid, StudyState.SENDING))
+
+    # -- audit trail, uploads and the dashboard (read by the web page) ------------------------------
+
+    def add_event(self, kind: EventKind, actor: str, study_uid: str | None = None, detail: str | None = None,
+                  data: dict | None = None) -> None:
+        """Write one line of the audit trail: what happened (``kind``), who did it (``actor``: a
+        user name, a calling AE title, or "node"), to which study, in words (``detail``) and as
+        plain data (``data``). Never patient data."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO events (study_uid, at, kind, actor, detail, data) VALUES (?, ?, ?, ?, ?, ?)",
+                       (study_uid, time.time(), kind, actor, detail, json.dumps(data) if data is not None else None))
+
+    def events(self, study_uid: str | None = None, limit: int = 500) -> list[Event]:
+        """A study's audit trail, oldest first; without ``study_uid``, the newest ``limit`` events of all."""
+        columns = "id, study_uid, at, kind, actor, detail, data"
+        if study_uid is not None:
+            rows = self._query(f"SELECT {columns} FROM events WHERE study_uid=? ORDER BY id LIMIT ?", (study_uid, limit))
+        else:
+            rows = self._query(f"SELECT {columns} FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [Event(r[0], r[1], r[2], EventKind(r[3]), r[4], r[5], json.loads(r[6]) if r[6] else None) for r in rows]
+
+    def add_upload(self, study_uid: str, user: str, send: bool = False) -> None:
+        """Mark a study as uploaded through the web page by ``user`` (sent to the PACS only with ``send``)."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
+                       "uploaded_by=excluded.uploaded_by, uploaded_at=excluded.uploaded_at",
+                       (study_uid, user, time.time(), int(send)))
+
+    def upload(self, study_uid: str) -> Upload | None:
+        """How a study came through the web page's upload, or None (it came over DICOM)."""
+        rows = self._query("SELECT study_uid, uploaded_by, uploaded_at, send FROM uploads WHERE study_uid=?", (study_uid,))
+        return Upload(rows[0][0], rows[0][1], rows[0][2], bool(rows[0][3])) if rows else None
+
+    def set_upload_send(self, study_uid: str, send: bool) -> bool:
+        """Whether an uploaded study's results go to the destinations. False if it is not an upload."""
+        with self._transaction() as db:
+            return db.execute("UPDATE uploads SET send=? WHERE study_uid=?", (int(send), study_uid)).rowcount == 1
+
+    def add_deliveries(self, study_uid: str, run: int, destinations: list[str], paths: list[str]) -> list[int]:
+        """Send a run's results (again): one new pending delivery per destination (their ids), the
+        study 'sending'; pending deliveries of the study are superseded by these."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
+                       (DeliveryState.SUPERSEDED, now, study_uid, DeliveryState.PENDING))
+            ids = [db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
+                              "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              (study_uid, run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid
+                   for name in destinations]
+            if destinations:
+                db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
+                           (StudyState.SENDING, now, study_uid))
+        return [int(i) for i in ids]
+
+    def state_counts(self) -> dict[StudyState, int]:
+        """How many studies are in each state (every state listed, zero included)."""
+        counts = dict.fromkeys(StudyState, 0)
+        for state, n in self._query("SELECT state, COUNT(*) FROM studies GROUP BY state"):
+            counts[StudyState(state)] = n
+        return counts
+
+    def dashboard(self, state: StudyState | None = None, search: str | None = None, offset: int = 0,
+                  limit: int = 50) -> tuple[list[StudyRow], int]:
+        """One page of studies, newest first, in ``state`` and/or whose Study Instance UID contains
+        ``search``, with their counts and times; and how many studies match in all."""
+        conditions, args = [], []
+        if state is not None:
+            conditions.append("s.state = ?")
+            args.append(str(state))
+        if search:
+            conditions.append("s.study_uid LIKE ? ESCAPE '\\'")
+            args.append("%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        latest = "(SELECT MAX(at) FROM events e WHERE e.study_uid = s.study_uid AND e.kind = ?)"
+        rows = self._query(
+            "SELECT s.study_uid, s.state, s.reason, s.first_received, s.last_received, "
+            "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid), "
+            "(SELECT COUNT(DISTINCT series_uid) FROM instances i WHERE i.study_uid = s.study_uid), "
+            f"{latest}, {latest}, {latest}, "
+            "(SELECT data FROM events e WHERE e.study_uid = s.study_uid AND e.kind = ? ORDER BY at DESC LIMIT 1), "
+            "u.uploaded_by FROM (SELECT s.study_uid FROM studies s "  # the page first (on the index), then its details
+            f"{where} ORDER BY s.first_received DESC, s.study_uid DESC LIMIT ? OFFSET ?) page "
+            "JOIN studies s ON s.study_uid = page.study_uid LEFT JOIN uploads u ON u.study_uid = s.study_uid "
+            "ORDER BY s.first_received DESC, s.study_uid DESC",
+            (EventKind.RELEASED, EventKind.GRADED, EventKind.DELIVERED, EventKind.GRADED, *args, limit, offset))
+        total = self._query(f"SELECT COUNT(*) FROM studies s {where}", tuple(args))[0][0]
+        out = []
+        for r in rows:
+            graded = json.loads(r[10]) if r[10] else {}
+            out.append(StudyRow(r[0], StudyState(r[1]), r[2], r[5], r[6], r[3], r[4], r[7], r[8], r[9],
+                                graded.get("series_roles", {}), r[11]))
+        return out, total
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the audit trail."""
+
+    id: int
+    study_uid: str | None
+    at: float
+    kind: EventKind
+    actor: str
+    detail: str | None
+    data: dict | None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A study that came through the web page's upload."""
+
+    study_uid: str
+    uploaded_by: str
+    uploaded_at: float
+    send: bool
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """A study as the dashboard lists it: state, counts, the series roles of its last grading, times."""
+
+    study_uid: str
+    state: StudyState
+    reason: str | None
+    instances: int
+    series: int
+    first_received: float
+    last_received: float
+    released_at: float | None
+    graded_at: float | None
+    delivered_at: float | None
+    series_roles: dict[str, list[str]]
+    uploaded_by: str | None

@@ -8,6 +8,7 @@ processes, so the model's CPU time never holds up an association.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 import threading
@@ -35,9 +36,10 @@ from dicom_node.grading import (
 )
 from dicom_node.ledger import Delivery, Ledger, Report, Study
 from dicom_node.logconfig import get_logger
-from dicom_node.outputs import OutputKind
+from dicom_node.metrics import NodeMetrics, skip_label
+from dicom_node.outputs import PDF_GLOB, SC_FOLDER, OutputKind
 from dicom_node.safety import UnsafePath, remove_tree, under
-from dicom_node.states import DeliveryState, GradeResult, StudyState
+from dicom_node.states import DeliveryState, EventKind, GradeResult, StudyState
 from dicom_node.storage_scp import StorageSCP, restore_poll_interval, set_poll_interval
 from dicom_node.tls import describe
 from inference.analyze import AnalysisLimits
@@ -58,7 +60,10 @@ class Node:
                         shared=[Path(storage.ledger_path).parent])
         self.results_dir = Path(settings.storage.results_dir)
         self.ledger = Ledger(Path(settings.storage.ledger_path))
-        self.scp = StorageSCP(settings, self.ledger)
+        self.metrics = NodeMetrics()
+        self.scp = StorageSCP(settings, self.ledger, self.metrics)
+        self.web = None  # the web page (dicom_node.web), started by start() when web.port is set
+        self._release_now: set[str] = set()  # uploaded studies the next sweep releases at once
         self.scheduler = BackgroundScheduler(timezone=UTC,
                                              job_defaults={"misfire_grace_time": None, "coalesce": True})
         self.destinations = {d.name: d for d in settings.destinations}
@@ -109,6 +114,11 @@ class Node:
             self.scheduler.add_job(self.purge, "interval", seconds=PURGE_INTERVAL_S, id="purge", max_instances=1,
                                    next_run_time=datetime.now(UTC))
         self.scp.start()
+        if self.settings.web.port is not None:
+            from dicom_node.web.server import WebServer
+
+            self.web = WebServer(self)
+            self.web.start()
 
     def _count_worker_deaths(self) -> None:
         """At start: a study left analysing whose run folder still holds the running marker was
@@ -135,6 +145,8 @@ class Node:
         within ``grace_s`` (queued ones are resumed at the next start; a grading that hangs is
         ended), stop the deliveries, close the ledger."""
         self._stopping.set()
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         for job in ("sweep", "purge"):
             if self.scheduler.get_job(job) is not None:
@@ -201,7 +213,10 @@ class Node:
         for study in self.ledger.studies((StudyState.RECEIVING,)):
             if self._stopping.is_set() or study.study_uid in self._grading:
                 continue
-            if now - max(study.last_received, self._started_at) >= self.settings.study.quiet_time_s:
+            if study.study_uid in self._release_now:
+                self._release_now.discard(study.study_uid)
+                self._release(study, "upload")
+            elif now - max(study.last_received, self._started_at) >= self.settings.study.quiet_time_s:
                 self._release(study, "quiet time")
             elif self.settings.study.release_when_complete and self._complete(study):
                 self._release(study, "complete")
@@ -240,6 +255,9 @@ class Node:
                        limits.grading_timeout_s, pdf=self.settings.outputs.pdf,
                        report_when_nothing_assessed=self.settings.study.report_when_nothing_assessed)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
+        self.metrics.released.labels(why).inc()
+        self.audit(EventKind.RELEASED, uid, f"run {run}: {why}, {study.instances} instances",
+                   {"run": run, "why": why, "instances": study.instances})
         self._grading.add(uid)
         pool = self.pool
         try:
@@ -282,19 +300,31 @@ class Node:
                 state = outcome.result.study_state
                 if self.ledger.set_state(uid, state, outcome.reason, generation=job.generation):
                     log.warning(f"study {state}", study_uid=uid, reason=outcome.reason)
+                    skipped = state is StudyState.SKIPPED
+                    (self.metrics.skipped.labels(skip_label(outcome.reason)) if skipped else self.metrics.failed).inc()
+                    self.audit(EventKind.SKIPPED if skipped else EventKind.GRADING_FAILED, uid,
+                               f"run {job.run}: {outcome.reason}", {"run": job.run})
                 return
             outputs = outcome.outputs
             report = Report(uid, job.run, str(outputs.sr.path), outputs.sr.series_uid, outputs.series_uid(OutputKind.SC))
             files = [str(p) for p in outputs.paths]
             if self.settings.storage.fsync:  # on disk before the commit that publishes them
                 fsync_files([*outputs.paths, outputs.table, outputs.json])
-            ids = self.ledger.add_report(report, job.generation, list(self.destinations), files)
+            upload = self.ledger.upload(uid)
+            destinations = list(self.destinations) if upload is None or upload.send else []
+            ids = self.ledger.add_report(report, job.generation, destinations, files)
             if ids is None:
                 log.info("graded run discarded: new instances arrived while grading", study_uid=uid, run=job.run)
                 remove_tree(self.results_dir, Path(job.folder))
                 return
             log.info("results ready", study_uid=uid, run=job.run, sr=report.sr_path, files=len(files),
                      seconds=round(outcome.seconds, 3))
+            self.metrics.graded.inc()
+            self.metrics.grading_seconds.observe(outcome.seconds)
+            self.audit(EventKind.GRADED, uid, f"run {job.run}: {outcome.assessed} of 25 labels assessed in "
+                       f"{outcome.seconds:.1f} s" + ("" if destinations else "; not sent (upload)"),
+                       {"run": job.run, "assessed": outcome.assessed, "seconds": round(outcome.seconds, 3),
+                        "series_roles": _series_roles(outputs.json)})
             for delivery_id in ids:
                 delivery = self.ledger.delivery(delivery_id)
                 if delivery is not None:
@@ -332,6 +362,10 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - every failure is an attempt with its reason
             error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
             attempt = delivery.attempts + 1
+            self.metrics.delivery_failures.labels(delivery.destination).inc()
+            self.audit(EventKind.DELIVERY_FAILED, delivery.study_uid, f"run {delivery.run} to {delivery.destination}, "
+                       f"attempt {attempt}: {error}", {"run": delivery.run, "destination": delivery.destination,
+                                                        "attempt": attempt, "error": error})
             if attempt >= self.settings.delivery.max_attempts or destination is None:
                 self.ledger.delivery_failed(delivery_id, error, None)
                 log.error("delivery failed for good: study marked failed", attempts=attempt, error=error, **where)
@@ -346,6 +380,60 @@ class Node:
         self.ledger.delivery_done(delivery_id)
         log.info("results delivered", files=len(delivery.paths), seconds=round(time.perf_counter() - started, 3),
                  **where)
+        self.metrics.deliveries.labels(delivery.destination).inc()
+        self.audit(EventKind.DELIVERED, delivery.study_uid, f"run {delivery.run} to {delivery.destination}: "
+                   f"{len(delivery.paths)} files, attempt {delivery.attempts + 1}",
+                   {"run": delivery.run, "destination": delivery.destination, "files": len(delivery.paths)})
+        study = self.ledger.study(delivery.study_uid)
+        if study is not None and study.state is StudyState.DONE:
+            self.metrics.end_to_end_seconds.observe(max(0.0, time.time() - study.last_received))
+
+    # -- what the web page asks for ------------------------------------------------------------------
+
+    def audit(self, kind: EventKind, study_uid: str | None, detail: str, data: dict | None = None,
+              actor: str = "node") -> None:
+        """One line of the audit trail (a failure to write it is logged, never raised)."""
+        try:
+            self.ledger.add_event(kind, actor, study_uid, detail, data)
+        except Exception as exc:  # noqa: BLE001
+            log.error("could not write the audit trail", study_uid=study_uid, error=f"{type(exc).__name__}: {exc}")
+
+    def release_now(self, study_uid: str) -> None:
+        """Grade an uploaded study at the next sweep, without waiting for the quiet time."""
+        self._release_now.add(study_uid)
+
+    def grade_again(self, study_uid: str, actor: str) -> bool:
+        """Grade a study again (the new report supersedes the old). False if the ledger does not know it."""
+        if not self.ledger.reopen(study_uid):
+            return False
+        self.audit(EventKind.GRADE_AGAIN, study_uid, f"requested by {actor}", actor=actor)
+        self._release_now.add(study_uid)
+        return True
+
+    def send_again(self, study_uid: str, actor: str) -> int:
+        """Send the newest report's files to every destination again; how many deliveries were queued."""
+        report = self.ledger.last_report(study_uid)
+        if report is None or not self.destinations:
+            return 0
+        folder = Path(report.sr_path).parent
+        paths = [report.sr_path, *map(str, sorted((folder / SC_FOLDER).glob("*.dcm"))),
+                 *map(str, sorted(folder.glob(PDF_GLOB)))]
+        ids = self.ledger.add_deliveries(study_uid, report.run, list(self.destinations), paths)
+        self.audit(EventKind.SEND_AGAIN, study_uid, f"run {report.run} to {', '.join(self.destinations)}, "
+                   f"requested by {actor}", {"run": report.run}, actor=actor)
+        for delivery_id in ids:
+            delivery = self.ledger.delivery(delivery_id)
+            if delivery is not None:
+                self._schedule_delivery(delivery)
+        return len(ids)
+
+
+def _series_roles(results_json: Path) -> dict[str, list[str]]:
+    """The series roles a run found (results.json), or none when it cannot be read."""
+    try:
+        return dict(json.loads(results_json.read_text()).get("series_roles", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def run_until_signalled(node: Node, stop: threading.Event) -> None:

@@ -54,3 +54,22 @@ class SkipReason(StrEnum):
     NOT_LUMBAR = "not a lumbar spine study"
     NO_SERIES = "no Sagittal T1, Sagittal T2/STIR or Axial T2 series found"
     NOTHING_ASSESSED = "nothing could be assessed"
+
+
+class EventKind(StrEnum):
+    """What a line of a study's audit trail (the ledger's events) records."""
+
+    RECEIVED = "instances received"  # one per association (or upload) and study: how many, from whom
+    UPLOADED = "uploaded"
+    RELEASED = "released"
+    GRADED = "graded"
+    SKIPPED = "skipped"
+    GRADING_FAILED = "grading failed"
+    DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery attempt failed"
+    GRADE_AGAIN = "grade again"
+    SEND_AGAIN = "send again"
+    SIGNED_IN = "signed in"
+    SIGN_IN_REFUSED = "sign-in refused"
+    SIGNED_OUT = "signed out"
+    REFUSED = "action refused"

@@ -54,7 +54,9 @@ from dicom_node.dimse import (
 from dicom_node.durable import write_durably
 from dicom_node.ledger import Ledger, Recorded
 from dicom_node.logconfig import PHI_VALUES, get_logger
+from dicom_node.metrics import NodeMetrics
 from dicom_node.safety import UnsafePath, uid_problem, under
+from dicom_node.states import EventKind
 
 log = get_logger(__name__)
 
@@ -286,9 +288,13 @@ def _thread_died(args: threading.ExceptHookArgs) -> None:
 class StorageSCP:
     """Receives studies into the spool and the ledger."""
 
-    def __init__(self, settings: Settings, ledger: Ledger):
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: NodeMetrics | None = None):
         self.settings = settings
         self.ledger = ledger
+        self.metrics = metrics or NodeMetrics()
+        # association id -> (calling AE title, study UID -> [instances, bytes] stored): one audit line
+        # per association and study, written when the connection closes
+        self._batches: dict[int, tuple[str, dict[str, list[int]]]] = {}
         self.spool = Path(settings.storage.spool_dir)
         self.spool.mkdir(parents=True, exist_ok=True)
         self.ae = AE(ae_title=settings.node.ae_title)
@@ -367,6 +373,7 @@ class StorageSCP:
                 log.warning("rejected an association from an unknown peer", calling_aet=calling, address=address)
                 self._reject(event, RejectResult.PERMANENT, RejectSource.SERVICE_USER,
                              RejectReason.CALLING_AE_NOT_RECOGNISED)
+                self.metrics.associations.labels("rejected", "unknown peer").inc()
                 return
             limits = self.settings.limits
             with self._lock:
@@ -381,9 +388,13 @@ class StorageSCP:
                             limit_per_address=limits.max_associations_per_address)
                 self._reject(event, RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
                              ProviderRejectReason.LOCAL_LIMIT_EXCEEDED)
+                self.metrics.associations.labels("rejected", "too many").inc()
+            else:
+                self.metrics.associations.labels("accepted", "").inc()
         except Exception as exc:  # noqa: BLE001 - a check that fails rejects (fail closed), never lets in
             log.error("rejected an association: the peer check failed", error=f"{type(exc).__name__}: {exc}")
             self._reject(event, RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.NO_REASON)
+            self.metrics.associations.labels("rejected", "peer check failed").inc()
 
     @staticmethod
     def _reject(event: evt.Event, result: int, source: int, reason: int) -> None:
@@ -435,10 +446,32 @@ class StorageSCP:
         self._received.pop(id(event.assoc), None)
         with self._lock:
             self._associations.pop(id(event.assoc), None)
+        self._audit_batch(id(event.assoc))
         suppressed = self._errors.closed(threading.current_thread().name)
         if suppressed:
             log.warning("connection closed after protocol errors", address=event.address[0],
                         errors_not_logged=suppressed)
+
+    def _count(self, key: int, calling: str, study_uid: str, size: int) -> None:
+        """Metrics and this association's audit batch for one stored instance (never raises)."""
+        try:
+            self.metrics.instances_received.labels("dicom").inc()
+            self.metrics.received_bytes.labels("dicom").inc(size)
+            batch = self._batches.setdefault(key, (calling, {}))[1].setdefault(study_uid, [0, 0])
+            batch[0] += 1
+            batch[1] += size
+        except Exception as exc:  # noqa: BLE001 - accounting never fails a C-STORE
+            log.error("could not count an instance", error=f"{type(exc).__name__}: {exc}")
+
+    def _audit_batch(self, key: int) -> None:
+        """The audit trail's line per study for what one association stored (never raises)."""
+        calling, studies = self._batches.pop(key, ("", {}))
+        for study_uid, (count, size) in studies.items():
+            try:
+                self.ledger.add_event(EventKind.RECEIVED, calling, study_uid, f"{count} instances ({size} bytes) "
+                                      f"from {calling}", {"instances": count, "bytes": size, "calling_aet": calling})
+            except Exception as exc:  # noqa: BLE001 - the audit line is lost, the instances are not
+                log.error("could not write the audit trail", study_uid=study_uid, error=f"{type(exc).__name__}: {exc}")
 
     def _disk_low(self) -> bool:
         floor = self.settings.storage.min_free_disk_mb * 2**20
@@ -448,9 +481,14 @@ class StorageSCP:
         """Write, fsync, record, then answer; never raises into pynetdicom."""
         with self._idle:
             self._in_flight += 1
+        started = time.perf_counter()
+        status = StoreStatus.PROCESSING_FAILURE
         try:
-            return self._store(event)
+            status = self._store(event)
+            return status
         finally:
+            self.metrics.cstore_seconds.observe(time.perf_counter() - started)
+            self.metrics.cstore_status.labels(f"0x{int(status):04X}").inc()
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
@@ -542,4 +580,6 @@ class StorageSCP:
             log.info("SOP Instance UIDs repeat across the series of a study: every instance kept, "
                      "keyed by series and SOP Instance UID", study_uid=study_uid, sop_instance_uid=sop_uid)
         log.debug("stored", sop_instance_uid=sop_uid, study_uid=study_uid, recorded=recorded.value)
+        if recorded in (Recorded.NEW, Recorded.REPLACED):
+            self._count(id(event.assoc), calling, study_uid, len(data))
         return StoreStatus.SUCCESS

@@ -87,7 +87,8 @@ def receiver(name: str, workdir: Path) -> Iterator[Target]:
                "LUMBAR_NODE__LOGGING__LEVEL": "WARNING",
                # ingest only: nothing is released for grading while the benchmark runs
                "LUMBAR_NODE__STUDY__QUIET_TIME_S": "86400", "LUMBAR_NODE__STUDY__RELEASE_WHEN_COMPLETE": "false",
-               "LUMBAR_NODE__STORAGE__RESULTS_DIR": str(workdir / "results"), "LUMBAR_NODE__DESTINATIONS": "[]"}
+               "LUMBAR_NODE__STORAGE__RESULTS_DIR": str(workdir / "results"), "LUMBAR_NODE__DESTINATIONS": "[]",
+               "LUMBAR_NODE__WEB__PORT": "null"}
         if name.endswith("-1ms"):  # pynetdicom's own poll interval, for comparison
             env["LUMBAR_NODE__NODE__POLL_INTERVAL_MS"] = "1"
         log = open(workdir / "node.log", "w")  # noqa: SIM115 - closed below

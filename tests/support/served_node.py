@@ -42,6 +42,7 @@ class ServedNode:
     def __init__(self, root: Path, destination_port: int, quiet_time_s: float = 3.0, **sections: dict | list):
         self.root = root
         self.port = free_port()
+        self.web_port = free_port()  # the web page (dicom_node.web) on a free loopback port
         root.mkdir(parents=True, exist_ok=True)
         config = {
             "node": {"ae_title": NODE_AET, "bind_address": "127.0.0.1", "port": self.port,
@@ -52,6 +53,7 @@ class ServedNode:
             "study": {"quiet_time_s": quiet_time_s},
             "delivery": {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_attempts": 100},
             "logging": {"format": "json", "level": "INFO"},
+            "web": {"bind_address": "127.0.0.1", "port": self.web_port, "accounts_file": str(root / "accounts.yaml")},
         }
         for name, values in sections.items():  # a section's keys merge; a list (destinations) replaces
             config[name] = values if isinstance(values, list) else {**config.get(name, {}), **values}
@@ -64,6 +66,17 @@ class ServedNode:
         exe = Path(sys.executable).with_name("lumbar-node")
         return subprocess.run([str(exe), "--config", str(self.config), *args], capture_output=True, text=True,
                               timeout=120)
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def add_user(self, name: str, role: str, password: str) -> None:
+        """An account of the web page, through `lumbar-node user add` (the password on standard input)."""
+        exe = Path(sys.executable).with_name("lumbar-node")
+        done = subprocess.run([str(exe), "--config", str(self.config), "user", "add", name, "--role", role],
+                              input=password + "\n", capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
 
     def start(self) -> ServedNode:
         exe = Path(sys.executable).with_name("lumbar-node")

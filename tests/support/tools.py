@@ -37,3 +37,17 @@ def complete_study(phantom_dir: Path) -> list[Path]:
         if {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"} <= descriptions:
             return sorted(folder.rglob("*.dcm"))
     raise AssertionError("no complete phantom study")
+
+
+#: A phantom study (seed, index) whose truth is Normal/Mild at every label and that the bundled
+#: model grades Normal/Mild everywhere (checked with `lumbar-node predict`).
+NORMAL_STUDY = (20240, 60)
+
+
+def normal_study(out: Path) -> list[Path]:
+    """Write the all-Normal/Mild phantom study under ``out`` (RSNA layout); its files."""
+    from phantom.generate import make_study, write_study
+
+    study = make_study(*NORMAL_STUDY)
+    write_study(study, out)
+    return sorted((out / "train_images" / str(study.study_id)).rglob("*.dcm"))

@@ -1,0 +1,108 @@
+"""A study's newest run as the web page shows it: the result JSON, the grades grid, the Grad-CAM
+Secondary Captures rendered as PNG, the SR and the PDF summary (from the run folder the ledger names)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+from dicom_node.outputs import JSON_FILE, PDF_GLOB, SC_FOLDER
+from inference.labels import CONDITIONS, LEVELS, SEVERITY_NAMES
+
+NORMAL = SEVERITY_NAMES[0]
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What the pages show of one run."""
+
+    folder: Path
+    run: int
+    result: dict[str, Any]
+
+    @property
+    def labels(self) -> list[dict[str, Any]]:
+        return list(self.result.get("labels", []))
+
+    @property
+    def assessed(self) -> list[dict[str, Any]]:
+        return [label for label in self.labels if label.get("assessed")]
+
+    @property
+    def not_assessed(self) -> list[dict[str, Any]]:
+        return [label for label in self.labels if not label.get("assessed")]
+
+    @property
+    def findings(self) -> list[dict[str, Any]]:
+        """Assessed labels graded above Normal/Mild, the most severe first."""
+        above = [label for label in self.assessed if label.get("grade") != NORMAL]
+        return sorted(above, key=lambda r: (-SEVERITY_NAMES.index(r["grade"]), -max(r["probabilities"].values())))
+
+    def grid(self) -> list[tuple[str, list[dict[str, Any] | None]]]:
+        """(condition, one cell per level L1/L2..L5/S1) for the grades table."""
+        by_key = {(label["condition"], label["level"]): label for label in self.labels}
+        return [(c.display, [by_key.get((c.display, lv.value)) for lv in LEVELS]) for c in CONDITIONS]
+
+    @property
+    def missing_roles(self) -> list[str]:
+        found = {role for role, uids in self.result.get("series_roles", {}).items() if uids}
+        return [role for role in ("Sagittal T1", "Sagittal T2/STIR", "Axial T2") if role not in found]
+
+    def sc_files(self) -> list[Path]:
+        return sorted((self.folder / SC_FOLDER).glob("*.dcm"))
+
+    def heatmaps(self) -> list[tuple[int, dict[str, Any]]]:
+        """(SC index, its label): the SCs are written in the order of the assessed labels."""
+        return list(enumerate(self.assessed[: len(self.sc_files())]))
+
+    def sr_file(self) -> Path | None:
+        return next(iter(sorted(self.folder.glob("SR_*.dcm"))), None)
+
+    def pdf_file(self) -> Path | None:
+        return next(iter(sorted(self.folder.glob(PDF_GLOB))), None)
+
+
+def run_view(sr_path: str, run: int) -> RunView | None:
+    """The run whose SR is ``sr_path``, or None when its files are gone (purged)."""
+    folder = Path(sr_path).parent
+    try:
+        return RunView(folder, run, json.loads((folder / JSON_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def levels() -> list[str]:
+    return [lv.value for lv in LEVELS]
+
+
+def sc_png(path: Path, max_side: int = 512) -> bytes:
+    """A Grad-CAM Secondary Capture (RGB) as a PNG, at most ``max_side`` pixels wide or high."""
+    pixels = pydicom.dcmread(path).pixel_array
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    image.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def pdf_bytes(path: Path) -> bytes:
+    """The PDF inside an Encapsulated PDF object (its trailing pad byte, if any, removed)."""
+    data = bytes(pydicom.dcmread(path).EncapsulatedDocument)
+    end = data.rfind(b"%%EOF")
+    return data[: end + 5] + b"\n" if end >= 0 else data
+
+
+def patient_of(path: Path) -> tuple[str, str]:
+    """(Patient's Name, Patient ID) of one instance, for a signed-in user's eyes only (never logged)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID"])
+    except Exception:  # noqa: BLE001 - a purged or unreadable file: nothing to show
+        return "", ""
+    return str(ds.get("PatientName", "") or ""), str(ds.get("PatientID", "") or "")

@@ -1,0 +1,182 @@
+"""The web page's rules, on the app itself (Starlette's TestClient, a small double of the node):
+anonymous visits, sign-in and its cookie, CSRF on actions, what a viewer may not do, /metrics,
+/healthz, and the upload's checks of what was sent."""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from starlette.testclient import TestClient
+
+from dicom_node.accounts import Role, add_account
+from dicom_node.config import load_settings
+from dicom_node.ledger import Ledger
+from dicom_node.metrics import NodeMetrics
+from dicom_node.states import EventKind
+from dicom_node.web.app import WebContext, build_app
+from dicom_node.web.security import AccountsFile
+from dicom_node.web.uploads import UploadError, parse_upload
+
+
+class FakeNode:
+    """What the app asks of the node, recorded."""
+
+    def __init__(self) -> None:
+        self.metrics = NodeMetrics()
+        self.graded: list[tuple[str, str]] = []
+        self.released: list[str] = []
+
+    def grade_again(self, study_uid: str, actor: str) -> bool:
+        self.graded.append((study_uid, actor))
+        return True
+
+    def send_again(self, study_uid: str, actor: str) -> int:
+        return 0
+
+    def release_now(self, study_uid: str) -> None:
+        self.released.append(study_uid)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[TestClient, FakeNode, Ledger]:
+    accounts = tmp_path / "accounts.yaml"
+    add_account(accounts, "ada", Role.ADMIN, "ada-password")
+    add_account(accounts, "vic", Role.VIEWER, "vic-password")
+    settings = load_settings(environ={"LUMBAR_NODE__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
+                                      "LUMBAR_NODE__STORAGE__LEDGER_PATH": str(tmp_path / "ledger.sqlite"),
+                                      "LUMBAR_NODE__STORAGE__FSYNC": "false",
+                                      "LUMBAR_NODE__WEB__ACCOUNTS_FILE": str(accounts)})
+    ledger = Ledger(settings.storage.ledger_path)
+    ledger.record_instance("1.2.3.1", "1.2.3", "1.2.3.0", str(MRImageStorage), tmp_path / "x.dcm", "PACS", None)
+    node = FakeNode()
+    client = TestClient(build_app(WebContext(settings, ledger, node, AccountsFile(accounts))), follow_redirects=False)
+    yield client, node, ledger
+    ledger.close()
+
+
+def _sign_in(client: TestClient, name: str, password: str) -> str:
+    answer = client.post("/signin", data={"name": name, "password": password, "next": "/"})
+    assert answer.status_code == 303, answer.text
+    page = client.get("/")
+    return re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
+
+
+def test_anonymous_goes_to_sign_in_except_healthz(site: tuple) -> None:
+    client, _, _ = site
+    answer = client.get("/")
+    assert answer.status_code == 303 and answer.headers["location"] == "/signin?next=%2F"
+    assert client.get("/studies/1.2.3").headers["location"] == "/signin?next=%2Fstudies%2F1.2.3"
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/metrics").status_code == 401
+    assert client.post("/studies/1.2.3/grade-again").status_code == 401
+
+
+def test_sign_in_sets_a_strict_http_only_cookie_and_is_audited(site: tuple) -> None:
+    client, _, ledger = site
+    refused = client.post("/signin", data={"name": "ada", "password": "nope"})
+    assert refused.status_code == 401 and "Wrong name or password" in refused.text
+    answer = client.post("/signin", data={"name": "ada", "password": "ada-password", "next": "//evil.example/"})
+    assert answer.status_code == 303 and answer.headers["location"] == "/"  # never to another site
+    cookie = answer.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert [e.kind for e in ledger.events()] == [EventKind.SIGNED_IN, EventKind.SIGN_IN_REFUSED]
+    assert client.get("/").status_code == 200
+    assert "content-security-policy" in client.get("/").headers
+
+
+def test_actions_need_the_csrf_token(site: tuple) -> None:
+    client, node, _ = site
+    token = _sign_in(client, "ada", "ada-password")
+    assert client.post("/studies/1.2.3/grade-again").status_code == 403
+    assert client.post("/studies/1.2.3/grade-again", data={"csrf": "forged"}).status_code == 403
+    assert node.graded == []
+    answer = client.post("/studies/1.2.3/grade-again", data={"csrf": token})
+    assert answer.status_code == 303 and node.graded == [("1.2.3", "ada")]
+
+
+def test_a_viewer_cannot_grade_again_and_the_refusal_is_audited(site: tuple) -> None:
+    client, node, ledger = site
+    token = _sign_in(client, "vic", "vic-password")
+    page = client.get("/studies/1.2.3")
+    assert page.status_code == 200 and re.search(r'id="grade-again" disabled', page.text)
+    answer = client.post("/studies/1.2.3/grade-again", data={"csrf": token})
+    assert answer.status_code == 403 and "Only an administrator" in answer.text
+    assert node.graded == []
+    assert [(e.kind, e.actor) for e in ledger.events("1.2.3")] == [(EventKind.REFUSED, "vic")]
+
+
+def test_metrics_with_basic_authentication(site: tuple) -> None:
+    client, node, _ = site
+    node.metrics.graded.inc()
+    assert client.get("/metrics", auth=("ada", "wrong")).status_code == 401
+    answer = client.get("/metrics", auth=("vic", "vic-password"))
+    assert answer.status_code == 200 and "lumbar_node_studies_graded_total 1.0" in answer.text
+
+
+def test_unknown_study_is_not_found(site: tuple) -> None:
+    client, _, _ = site
+    _sign_in(client, "ada", "ada-password")
+    assert client.get("/studies/9.9.9").status_code == 404
+    assert client.get("/studies/not-a-uid").status_code == 404
+
+
+def _dicom(study: str, modality: str = "MR") -> bytes:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, generate_uid(), modality
+    ds.PatientName = "DOE^JANE"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _zipped(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out.getvalue()
+
+
+def test_upload_checks() -> None:
+    study = generate_uid()
+    found = parse_upload([("a.dcm", _dicom(study)), ("b.zip", _zipped({"x/c.dcm": _dicom(study), "x/.DS_Store": b"",
+                                                                       "DICOMDIR": b"ignored"}))], 2**20)
+    assert len(found) == 2 and {i.study_uid for i in found} == {study}
+    cases = [([("notes.txt", b"hello")], r"^Wrong format: notes.txt is not a DICOM file; expected DICOM files"),
+             ([("s.zip", _zipped({"in/notes.txt": b"x"}))], r"^Wrong format: s.zip:in/notes.txt is not a DICOM file"),
+             ([("a.dcm", _dicom(study)), ("b.dcm", _dicom(generate_uid()))], "^More than one study"),
+             ([("a.dcm", _dicom(study, "CT"))], "^Not an MR study: the files are of modality CT"),
+             ([("a.dcm", _dicom(study))], "^Too large"),
+             ([], "^Nothing chosen")]
+    for parts, message in cases:
+        with pytest.raises(UploadError, match=message):
+            parse_upload(parts, 100 if message == "^Too large" else 2**20)
+
+
+def test_upload_through_the_app_is_recorded_and_released(site: tuple, tmp_path: Path) -> None:
+    client, node, ledger = site
+    token = _sign_in(client, "vic", "vic-password")
+    study = generate_uid()
+    answer = client.post("/upload", data={"csrf": token}, files=[("files", ("a.dcm", _dicom(study))),
+                                                                 ("files", ("b.dcm", _dicom(study)))])
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"study_uid": study, "url": f"/upload/{study}"}
+    assert node.released == [study] and ledger.upload(study).uploaded_by == "vic"
+    assert ledger.study(study).instances == 2
+    assert [e.kind for e in ledger.events(study)] == [EventKind.UPLOADED]
+    refused = client.post("/upload", data={"csrf": token}, files=[("files", ("n.txt", b"text"))])
+    assert refused.status_code == 400 and refused.json()["error"].startswith("Wrong format: n.txt")
+    assert client.post("/upload", files=[("files", ("a.dcm", _dicom(study)))]).status_code == 403  # no CSRF token
+    from_pacs = client.post("/upload", data={"csrf": token}, files=[("files", ("a.dcm", _dicom("1.2.3")))])
+    assert from_pacs.status_code == 400 and "came from the PACS" in from_pacs.json()["error"]
