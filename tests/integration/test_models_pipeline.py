@@ -13,6 +13,7 @@ import torch
 
 from export.onnx_export import ExportError, autograd_gradcam, sample_inputs, verify
 from inference.labels import CONDITIONS, LABEL_COLUMNS, LABELS, ConditionGroup
+from tests.support.kaggle import make_kaggle_phantom
 from tests.support.tools import lumbar_node
 from training.metrics import competition_score
 from training.models import CONDITION_GROUP, Grader
@@ -140,3 +141,25 @@ def test_runner_grades_in_evaluation_mode_even_after_training_mode(trained: tupl
     runner.grader.train()
     single, _ = runner.grade(crops[:1], conditions[:1])
     assert np.allclose(first[:1], single, atol=1e-5)  # batch composition does not matter
+
+
+def test_a_kaggle_style_phantom_trains_exports_evaluates_and_predicts(tmp_path: Path) -> None:
+    """The RSNA 2024 files as Kaggle ships them (no SOP class in the data set, repeated SOP Instance
+    UIDs across series, a frame of reference per series, RLE) through every command an ML engineer runs."""
+    data, run, exported = tmp_path / "kaggle", tmp_path / "run", tmp_path / "onnx"
+    make_kaggle_phantom(data, studies=8, seed=11)
+    lumbar_node("train", "--data", str(data), "--out", str(run), "--localiser-epochs", "1", "--grader-epochs", "1")
+    lumbar_node("export", str(run), "--out", str(exported))
+    assert "level_check" in json.loads((exported / "model.json").read_text())
+    evaluation = tmp_path / "evaluation"
+    scored = lumbar_node("evaluate", "--model", str(exported), "--data", str(data), "--out", str(evaluation))
+    report = json.loads((evaluation / "evaluation.json").read_text())
+    assert report["studies"] == 8 and report["score"]["total"] > 0, scored.stdout
+    out = tmp_path / "predicted"
+    predicted = lumbar_node("predict", str(data / "train_images"), "--model", str(exported), "--json", "--out", str(out))
+    results = json.loads(predicted.stdout)
+    assert len(results) == 8
+    for result in results:  # each study is reported, or says why not (one epoch may not find the levels)
+        assert all(lb["assessed"] or lb["reason"] for lb in result["labels"])
+        reported = (out / result["study_uid"]).is_dir()
+        assert reported != ("no_report" in result), result.get("no_report")

@@ -335,12 +335,7 @@ def _kaggle_encoded(root: Path, drop_sop_class: bool) -> None:
                 ds.save_as(path)
 
 
-@pytest.mark.parametrize("drop_sop_class", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="inference/volume.py reads SOPClassUID from the data set; remove this mark "
-                            "when it takes the file meta's (issue 12, item 2)")),
-])
+@pytest.mark.parametrize("drop_sop_class", [False, True])
 def test_training_samples_of_kaggle_encoded_files(phantom: tuple[Path, list[PhantomStudy]], tmp_path: Path,
                                                  drop_sop_class: bool) -> None:
     root = tmp_path / "kaggle"
