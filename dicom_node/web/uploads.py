@@ -17,9 +17,9 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.durable import write_durably
 from dicom_node.ledger import Ledger, Recorded
 from dicom_node.logconfig import PHI_VALUES
-from dicom_node.safety import UnsafePath, uid_problem, under
+from dicom_node.safety import UnsafePath, uid_problem
 from dicom_node.states import EventKind
-from dicom_node.storage_scp import reopens_study
+from dicom_node.storage_scp import reopens_study, spool_path
 
 EXPECTED = "DICOM files (Part 10, with the 'DICM' marker), a folder of them, or a .zip of them"
 UPLOAD_AET = "UPLOAD"
@@ -123,11 +123,11 @@ def store_upload(instances: list[UploadedInstance], ledger: Ledger, spool: Path,
     stored = size = 0
     for item in instances:
         try:
-            target = under(spool, study_uid, f"{item.sop_instance_uid}.dcm")
+            target = spool_path(spool, study_uid, item.series_uid, item.sop_instance_uid)
         except UnsafePath as exc:
             raise UploadError(str(exc)) from None
         digest = hashlib.blake2b(item.data, digest_size=16).hexdigest()
-        known = ledger.instance(item.sop_instance_uid)
+        known = ledger.instance(item.series_uid, item.sop_instance_uid)
         if known is not None and known[0] != study_uid:
             raise UploadError(f"{item.name}: SOP Instance UID {item.sop_instance_uid} is already filed under another study")
         if known is not None and known[1] == digest:
