@@ -20,9 +20,43 @@ def require_torch() -> None:
                                    "(run scripts/setup.sh without LUMBAR_NODE_NO_TORCH=1)") from None
 
 
-@click.command("train")
+@click.command("prepare")
 @click.option("--data", type=click.Path(path_type=Path), required=True,
-              help="Folder in the RSNA 2024 layout (the real data or `lumbar-node phantom` output).")
+              help="Folder in the RSNA 2024 layout (the Kaggle download, or `lumbar-node phantom` output).")
+@click.option("--out", "cache", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Cache folder: one folder of arrays per study and manifest.json. An existing cache is "
+                   "brought up to date (unchanged studies are skipped; an interrupted run resumes).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes reading the studies (0: in this process)  [default: min(4, CPU count)]")
+def prepare_command(data: Path, cache: Path, workers: int | None) -> None:
+    """Read every study once into a training cache (what `lumbar-node train --cache` reads).
+
+    Per study: the localiser images and the canal points on them, the crop window of every
+    labelled finding (with room for the jitter), the labels and the marked points, as
+    memory-mappable .npy arrays. A study that cannot be used is left out with its reason (no
+    coordinates, no readable images, ...). Prints a one-line summary.
+    """
+    _rsna_folder(data)
+    from training.cache import CacheError
+    from training.prepare import prepare
+    from training.rsna import LayoutError
+
+    try:
+        summary = prepare(data, cache, workers)
+    except (LayoutError, CacheError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the cache {cache}: {exc}") from None
+    click.echo(summary.line())
+
+
+@click.command("train")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Folder in the RSNA 2024 layout (the real data or `lumbar-node phantom` output): "
+                   "prepared first (into --cache, else RUN/cache; up-to-date studies are skipped).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A cache made by `lumbar-node prepare`: training reads only it (validation reads the "
+                   "validation studies' DICOM files from the data folder it was prepared from).")
 @click.option("--out", "run", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: checkpoints, history, final model.pt. An existing run is resumed.")
 @click.option("--localiser-epochs", type=click.IntRange(min=1), default=24, show_default=True)
@@ -31,29 +65,42 @@ def require_torch() -> None:
               help="Epochs without validation improvement before stopping early.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and augmentation seed.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader worker processes (0: load in the training process), and prepare's "
+                   "processes with --data  [default: min(4, CPU count)]")
 @click.option("--training-data", default=None,
               help="How to describe the training data in the model's metadata and outputs.")
-def train_command(data: Path, run: Path, localiser_epochs: int, grader_epochs: int, patience: int, seed: int,
-                  device: str, training_data: str | None) -> None:
-    """Train the level localiser and the grader (PyTorch) on the RSNA 2024 layout.
+def train_command(data: Path | None, cache: Path | None, run: Path, localiser_epochs: int, grader_epochs: int,
+                  patience: int, seed: int, device: str, workers: int | None, training_data: str | None) -> None:
+    """Train the level localiser and the grader (PyTorch) on a prepared cache or an RSNA 2024 folder.
 
     Splits by study, trains the localiser, measures its real error on validation, trains the
     grader on crops jittered by that error with the competition loss, calibrates a temperature
     per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume.
     """
+    if data is None and cache is None:
+        raise click.UsageError("give --data RSNA_DIR (prepared first) or --cache CACHE (from `lumbar-node prepare`)")
     require_torch()
-    _rsna_folder(data)
+    if data is not None:
+        _rsna_folder(data)
+    from training.cache import CacheError
+    from training.prepare import prepare
+    from training.rsna import LayoutError
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
                       seed=seed, device=device)
+    if workers is not None:
+        cfg.workers = workers
     if training_data:
         cfg.training_data = training_data
-    from training.rsna import LayoutError
-
     try:
-        train(data, run, cfg)
-    except LayoutError as exc:
+        if data is not None:
+            cache = cache or run / "cache"
+            click.echo(prepare(data, cache, cfg.workers).line(), err=True)
+        assert cache is not None
+        train(cache, run, cfg)
+    except (LayoutError, CacheError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -1,7 +1,8 @@
 """Training samples from the RSNA layout: volumes, ground-truth points, localiser images, crops.
 
 Everything geometric goes through ``inference`` (series, volumes, crops, localiser grid), so that
-training sees exactly what serving sees. Per study we keep only small arrays (float16 crops).
+training sees exactly what serving sees. Per study we keep only small arrays (float16 crops), which
+``training.cache`` stores for ``lumbar-node prepare``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from inference.labels import LABELS, LEVELS, ConditionGroup, Label, Level, Serie
 from inference.levels import (
     CANAL_CENTRED,
     GRADER_SPEC,
+    LOCALISER_SPEC,
     crop_axes,
-    heatmap_target,
     localiser_input,
+    patient_to_crop,
     side_sign,
 )
 from inference.preprocess import HEAD, LEFT, POSTERIOR, CropSpec, crop_25d, intensity_of
@@ -32,6 +34,20 @@ log = structlog.stdlib.get_logger(__name__)
 JITTER_PX = 8  # cached crop windows are this much larger on each side, for translation jitter
 CACHE_SPEC = CropSpec(GRADER_SPEC.mm_per_pixel * (GRADER_SPEC.pixels + 2 * JITTER_PX),
                       GRADER_SPEC.pixels + 2 * JITTER_PX, GRADER_SPEC.n_slices + 2)
+HEATMAP_SIGMA_PX = 2.0  # the localiser's target: a gaussian of this width at each disc's canal point
+
+
+@dataclass(frozen=True)
+class LocaliserSample:
+    """One localiser image and where its disc levels' canal points lie on it."""
+
+    image: NDArray[np.float16]  # (3, 128, 128) on LOCALISER_SPEC's grid
+    peaks: NDArray[np.float32]  # (5, 2) (col, row) of each level's canal point, NaN where not marked
+    jittered: bool  # centred off the middle of the sagittal series (training only), else the served centre
+
+    def target(self, sigma_px: float = HEATMAP_SIGMA_PX) -> NDArray[np.float32]:
+        """The heatmap target (5, 128, 128): ``inference.levels.heatmap_target`` of the same points."""
+        return render_heatmaps(self.peaks, LOCALISER_SPEC.pixels, sigma_px)
 
 
 @dataclass
@@ -41,28 +57,53 @@ class StudySamples:
     study_id: int
     targets: NDArray[np.int64]  # (25,), -1 unlabelled
     points: dict[Label, NDArray]  # ground-truth patient points of the labelled findings
-    localiser: list[tuple[NDArray[np.float16], NDArray[np.float16]]] = field(default_factory=list)
+    localiser: list[LocaliserSample] = field(default_factory=list)
     windows: dict[int, NDArray[np.float16]] = field(default_factory=dict)  # label index -> (5, 64, 64)
+    images_left_out: int = 0  # image files of the study that could not be used
 
     def canal_points(self) -> dict[Level, NDArray]:
-        return {lb.level: p for lb, p in self.points.items() if lb.condition.group is ConditionGroup.SPINAL}
+        return canal_points(self.points)
 
 
-def read_volumes(record: StudyRecord) -> dict[SeriesRole, Volume]:
-    """The study's volumes by role (CSV description), several Axial T2 series merged. Images are
-    known by their files (the Kaggle files repeat SOP Instance UIDs across series); an unreadable
-    file is left out with a log line."""
-    out = {}
+def canal_points(points: dict[Label, NDArray]) -> dict[Level, NDArray]:
+    """The spinal canal's marked point per level."""
+    return {lb.level: p for lb, p in points.items() if lb.condition.group is ConditionGroup.SPINAL}
+
+
+def render_heatmaps(peaks: NDArray, pixels: int, sigma_px: float = HEATMAP_SIGMA_PX) -> NDArray[np.float32]:
+    """Gaussian heatmaps (len(peaks), pixels, pixels) at (col, row) peaks; a NaN peak gives zeros."""
+    out = np.zeros((len(peaks), pixels, pixels), np.float32)
+    rows, cols = np.mgrid[0:pixels, 0:pixels]
+    for k, (col, row) in enumerate(np.asarray(peaks, np.float64)):
+        if np.isfinite(col) and np.isfinite(row):
+            out[k] = np.exp(-((cols - col) ** 2 + (rows - row) ** 2) / (2 * sigma_px**2))
+    return out
+
+
+def read_volumes(record: StudyRecord) -> tuple[dict[SeriesRole, Volume], int]:
+    """The study's volumes by role (CSV description), several Axial T2 series merged, and how many
+    of its image files could not be used. Images are known by their files (the Kaggle files repeat
+    SOP Instance UIDs across series); an unreadable file, or a role none of whose images decode, is
+    left out with a log line."""
+    out, files, used = {}, 0, 0
     for role in SeriesRole:
         instances = []
         for info in record.series_with_role(role):
             for n in info.instance_numbers:
+                files += 1
                 ds = read_image(info.file(n), pixels=False)
                 if ds is not None:
                     instances.append((ds, info.file(n)))
-        if instances:
+        if not instances:
+            continue
+        try:
             out[role] = load_volume(role, group_series(instances))
-    return out
+        except ValueError as exc:  # no image of the role decodes
+            log.warning("series role left out: no usable image", study=record.study_id, role=role.value,
+                        error=str(exc))
+            continue
+        used += len(out[role].slices)
+    return out, files - used
 
 
 def ground_truth_points(record: StudyRecord) -> dict[Label, NDArray]:
@@ -98,11 +139,13 @@ def local_components(label: Label, delta: NDArray) -> tuple[float, float, float]
     return float(delta @ LEFT) * side_sign(label.condition), float(delta @ POSTERIOR), float(delta @ HEAD)
 
 
-def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitter_mm: float = 25.0) -> StudySamples:
-    """Load a study once and cut its localiser images and grader windows."""
-    volumes = read_volumes(record)
+def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitter_mm: float = 25.0,
+                  window: CropSpec = CACHE_SPEC) -> StudySamples:
+    """Load a study once and cut its localiser images and grader windows: per sagittal series, a
+    localiser image at the served centre and one shifted by up to ``localiser_jitter_mm``."""
+    volumes, left_out = read_volumes(record)
     points = ground_truth_points(record)
-    samples = StudySamples(record.study_id, np.array(record.targets(), np.int64), points)
+    samples = StudySamples(record.study_id, np.array(record.targets(), np.int64), points, images_left_out=left_out)
     canal = samples.canal_points()
     for role in (SeriesRole.SAG_T2, SeriesRole.SAG_T1):
         if role not in volumes or not canal:
@@ -113,8 +156,10 @@ def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitte
         for jitter in (0.0, localiser_jitter_mm):
             shift = rng.uniform(-jitter, jitter, 2)
             loc = localiser_input(vol, intensity, plane.center + shift[0] * plane.row_dir + shift[1] * plane.col_dir)
-            target = heatmap_target(loc.frame, canal)
-            samples.localiser.append((loc.image.astype(np.float16), target.astype(np.float16)))
+            peaks = np.full((len(LEVELS), 2), np.nan, np.float32)
+            for level, point in canal.items():
+                peaks[level.index] = patient_to_crop(loc.frame, point)
+            samples.localiser.append(LocaliserSample(loc.image.astype(np.float16), peaks, jitter > 0))
     intensities = {role: intensity_of(vol) for role, vol in volumes.items()}
     for i, label in enumerate(LABELS):
         role = label.condition.series_role
@@ -122,8 +167,7 @@ def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitte
         if center is None or role not in volumes or samples.targets[i] < 0:
             continue
         u, v, across = crop_axes(label.condition)
-        window = crop_25d(volumes[role], center, u, v, across, CACHE_SPEC, intensities[role])
-        samples.windows[i] = window.astype(np.float16)
+        samples.windows[i] = crop_25d(volumes[role], center, u, v, across, window, intensities[role]).astype(np.float16)
     return samples
 
 

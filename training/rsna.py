@@ -285,19 +285,27 @@ def read_instances(record: StudyRecord) -> list[tuple[pydicom.Dataset, Path]]:
     return out
 
 
-def split_studies(records: list[StudyRecord], val_fraction: float = 0.2,
-                  seed: int = 0) -> tuple[list[StudyRecord], list[StudyRecord]]:
-    """Split by study into (train, val): deterministic for ``seed``, independent of input order,
-    each part sorted by study_id and non-empty when there are at least two studies."""
+def split_study_ids(study_ids: list[int], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split study ids into (train, val): deterministic for ``seed``, independent of input order,
+    each part sorted and non-empty when there are at least two studies."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), not {val_fraction}")
-    ordered = sorted(records, key=lambda r: r.study_id)
-    if len({r.study_id for r in ordered}) != len(ordered):
+    ordered = sorted(study_ids)
+    if len(set(ordered)) != len(ordered):
         raise ValueError("records hold a study_id twice")
     n = len(ordered)
     n_val = min(max(round(n * val_fraction), 1), n - 1) if n >= 2 else 0
     perm = np.random.default_rng(seed).permutation(n)
     val_idx = set(perm[:n_val].tolist())
-    train = [r for i, r in enumerate(ordered) if i not in val_idx]
-    val = [r for i, r in enumerate(ordered) if i in val_idx]
-    return train, val
+    return ([s for i, s in enumerate(ordered) if i not in val_idx], [s for i, s in enumerate(ordered) if i in val_idx])
+
+
+def split_studies(records: list[StudyRecord], val_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[list[StudyRecord], list[StudyRecord]]:
+    """Split by study into (train, val) as ``split_study_ids`` splits their ids (what training
+    from a prepared cache does): each part sorted by study_id."""
+    by_id = {r.study_id: r for r in records}
+    if len(by_id) != len(records):
+        raise ValueError("records hold a study_id twice")
+    train, val = split_study_ids(list(by_id), val_fraction, seed)
+    return [by_id[i] for i in train], [by_id[i] for i in val]

@@ -1,24 +1,29 @@
 """Training: level localiser, then grader on crops jittered by the localiser's real error, then
 temperature calibration per condition. Checkpoints every epoch; early stopping; resumable.
 
+Training reads only the prepared cache (``lumbar-node prepare``, ``training.cache``) through torch
+DataLoaders (``training.loader``); validation through the serving pipeline reads the validation
+studies' DICOM files one study at a time (``training.validation``).
+
     RUN/state.pt     everything needed to resume (stage, epoch, weights, optimiser, history)
     RUN/model.pt     the final model with its metadata (what ``export`` and ``evaluate`` read)
     RUN/history.json per-epoch losses and validation metrics
+    RUN/config.json  the training configuration (augmentation included) and the cache it read
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import structlog
 import torch
 from numpy.typing import NDArray
@@ -26,37 +31,37 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from inference import __version__
-from inference.analyze import AssessedLabel, StudyResult, analyze_study
-from inference.labels import (
-    CONDITIONS,
-    LABELS,
-    LEVELS,
-    SEVERITY_WEIGHTS,
-    ConditionGroup,
-)
+from inference.labels import CONDITIONS, LABELS, LEVELS, SEVERITY_WEIGHTS, ConditionGroup
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
 from inference.model import ModelInfo, ModelMetadata, Offset
-from training.data import (
-    JITTER_PX,
-    StudySamples,
-    crop_center,
-    level_error_mm,
-    local_components,
-    study_samples,
-    window_crop,
-)
+from training.augment_placeholder import AugmentConfig
+from training.cache import Manifest, load_array, open_cache, study_points
+from training.data import canal_points, local_components
 from training.level_calibration import LevelFit, fit_on_results, with_level_check
+from training.loader import (
+    GraderDataset,
+    GraderIndex,
+    LocaliserDataset,
+    LocaliserIndex,
+    StudyBatchSampler,
+    localiser_batches,
+    make_loader,
+    set_epoch,
+)
 from training.metrics import competition_score, fill_not_assessed, prior_baseline
 from training.models import CONDITION_GROUP, Grader, Localiser
-from training.rsna import LayoutError, StudyRecord, load_rsna, read_instances, split_studies
+from training.rsna import LayoutError, split_study_ids
 from training.runner import MODEL_NAME, TorchRunner, device_of, save_model
+from training.validation import ValidationSet, crop_errors, evaluate_pipeline, result_errors
 
 log = structlog.stdlib.get_logger(__name__)
 
 WEIGHTS = torch.tensor(SEVERITY_WEIGHTS)
 
-Instances = list[tuple[pydicom.Dataset, Path]]
-LocaliserPair = tuple[NDArray[np.float16], NDArray[np.float16]]  # (image, heatmap target)
+
+def default_workers() -> int:
+    """DataLoader worker processes by default: min(4, CPU count)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 class Stage(StrEnum):
@@ -81,6 +86,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     training_data: str = "synthetic lumbar MRI phantom (lumbar-node phantom); not clinical data"
+    workers: int = field(default_factory=default_workers)  # DataLoader worker processes (0: none)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "augment"}, "augment": self.augment.to_json()}
 
 
 # ---- losses, batches, calibration ------------------------------------------------------------------
@@ -120,28 +130,6 @@ def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.T
     return torch.stack(parts).mean()
 
 
-def _grader_batch(batch: list[StudySamples], sigma_px: dict[int, float], rng: np.random.Generator,
-                  train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(crops, targets, condition indices, study index in the batch); jittered and rescaled when training."""
-    crops, targets, conditions, studies = [], [], [], []
-    for k, s in enumerate(batch):
-        for i, window in s.windows.items():
-            cond = CONDITIONS.index(LABELS[i].condition)
-            if train:
-                sig = sigma_px[CONDITION_GROUP[cond]]
-                dx, dy = np.clip(np.round(rng.normal(0, sig, 2)), -JITTER_PX, JITTER_PX).astype(int)
-                dz = int(rng.choice([-1, 0, 1], p=[0.15, 0.7, 0.15]))
-                crop = window_crop(window, dx, dy, dz).astype(np.float32)
-                crop = crop * rng.uniform(0.85, 1.15) + rng.normal(0, 0.03, crop.shape).astype(np.float32)
-            else:
-                crop = window_crop(window, 0, 0, 0).astype(np.float32)
-            crops.append(crop)
-            targets.append(int(s.targets[i]))
-            conditions.append(cond)
-            studies.append(k)
-    return (torch.from_numpy(np.stack(crops)), torch.tensor(targets), torch.tensor(conditions), torch.tensor(studies))
-
-
 def fit_temperatures(probs: np.ndarray, targets: np.ndarray) -> list[float]:
     """Per-condition temperature minimising the class-weighted log loss on validation rows."""
     grid = np.exp(np.linspace(np.log(0.4), np.log(3.0), 41))
@@ -171,56 +159,47 @@ def fit_temperatures(probs: np.ndarray, targets: np.ndarray) -> list[float]:
 
 @dataclass
 class _Split:
-    """The run's studies split by study, and what training and validation need of them."""
+    """The run's studies split by study (as ``split_studies`` splits the data folder's studies), and
+    the small arrays training and validation need of them; the samples stay in the cache."""
 
-    train: list[StudyRecord]
-    val: list[StudyRecord]
-    samples: list[StudySamples]  # training studies
-    val_samples: list[StudySamples]
-    val_instances: list[Instances]  # validation studies' images, for the serving pipeline
-    val_targets: NDArray[np.int64]  # (n_val, 25), -1 unlabelled
+    cache: Path
+    train: list[int]  # training studies with training data
+    val: ValidationSet  # validation studies with training data
     prior: NDArray[np.float64]  # (n_val, 25, 3): the training split's class frequencies
 
 
-def _load_split(data: Path, cfg: TrainConfig, rng: np.random.Generator, device: torch.device) -> _Split:
-    """Read the RSNA layout, split it by study and load the samples of both parts."""
-    records = load_rsna(data)
-    train_recs, val_recs = split_studies(records, cfg.val_fraction, cfg.seed)
-    log.info("training data", device=str(device), train_studies=len(train_recs), validation_studies=len(val_recs),
-             data=str(data))
-    train_recs, samples = _loaded(train_recs, rng, "loading training studies")
-    val_recs, val_samples = _loaded(val_recs, rng, "loading validation studies")
-    if not samples or not val_samples:
-        raise LayoutError(f"{data}: no usable {'training' if not samples else 'validation'} study "
-                         f"(of {len(records)} studies)")
-    val_instances = [read_instances(r) for r in val_recs]
-    train_targets = np.stack([s.targets for s in samples])
-    prior = prior_baseline(np.stack([s.targets for s in val_samples]), train_targets=train_targets)
-    val_targets = np.stack([np.array(r.targets()) for r in val_recs])
-    return _Split(train_recs, val_recs, samples, val_samples, val_instances, val_targets, prior)
+def _load_split(cache: Path, cfg: TrainConfig, device: torch.device) -> _Split:
+    """The prepared cache at ``cache``, split by study."""
+    manifest = open_cache(cache)
+    train_ids, val_ids = split_study_ids(list(manifest.studies), cfg.val_fraction, cfg.seed)
+    ok = set(manifest.ok())
+    train_ids, val_ids = [i for i in train_ids if i in ok], [i for i in val_ids if i in ok]
+    log.info("training data", device=str(device), train_studies=len(train_ids), validation_studies=len(val_ids),
+             left_out=manifest.left_out(), cache=str(cache), data=manifest.data)
+    if not train_ids or not val_ids:
+        raise LayoutError(f"{manifest.data}: no usable {'training' if not train_ids else 'validation'} study "
+                          f"(of {len(manifest.studies)} studies; left out: {manifest.left_out()})")
+    data = Path(manifest.data)
+    if not data.is_dir():
+        raise LayoutError(f"{cache}: its data folder {data} is not there (validation reads its DICOM files): "
+                          "prepare the cache again from where the data is now")
+    train_targets = _targets(cache, train_ids)
+    val_targets = _targets(cache, val_ids)
+    prior = prior_baseline(val_targets, train_targets=train_targets)
+    return _Split(cache, train_ids, ValidationSet(cache, data, tuple(val_ids), val_targets), prior)
 
 
-def _loaded(records: list[StudyRecord], rng: np.random.Generator,
-            desc: str) -> tuple[list[StudyRecord], list[StudySamples]]:
-    """The samples of each study; a study whose images cannot be used is left out with a log line."""
-    kept, samples = [], []
-    for record in tqdm(records, desc=desc, leave=False):
-        try:
-            samples.append(study_samples(record, rng))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            log.warning("study left out: its images cannot be used", study=record.study_id,
-                        error=f"{type(exc).__name__}: {exc}")
-            continue
-        kept.append(record)
-    return kept, samples
+def _targets(cache: Path, study_ids: list[int]) -> NDArray[np.int64]:
+    return np.stack([load_array(cache, sid, "targets", mmap=False).astype(np.int64) for sid in study_ids])
 
 
-def _offsets(samples: list[StudySamples]) -> dict[ConditionGroup, Offset]:
+def _offsets(cache: Path, study_ids: list[int]) -> dict[ConditionGroup, Offset]:
     """Median (lateral, posterior, head) of each group's marked point from the canal point at its level."""
     found: dict[ConditionGroup, list[Offset]] = {g: [] for g in ConditionGroup}
-    for s in samples:
-        canal = s.canal_points()
-        for label, point in s.points.items():
+    for sid in study_ids:
+        points = study_points(cache, sid)
+        canal = canal_points(points)
+        for label, point in points.items():
             if label.level in canal and label.condition.group is not ConditionGroup.SPINAL:
                 found[label.condition.group].append(local_components(label, point - canal[label.level]))
     return {g: (tuple(float(x) for x in np.median(v, axis=0)) if v else (0.0, 0.0, 0.0)) for g, v in found.items()}
@@ -229,7 +208,7 @@ def _offsets(samples: list[StudySamples]) -> dict[ConditionGroup, Offset]:
 def _metadata(split: _Split, cfg: TrainConfig) -> ModelMetadata:
     """The model's metadata as far as training knows it before calibration and validation."""
     return ModelMetadata(name=MODEL_NAME, version=__version__, training_data=cfg.training_data,
-                         offsets_mm=_offsets(split.samples), train_studies=len(split.train), seed=cfg.seed)
+                         offsets_mm=_offsets(split.cache, split.train), train_studies=len(split.train), seed=cfg.seed)
 
 
 # ---- the run folder and the shared epoch loop --------------------------------------------------------
@@ -339,25 +318,26 @@ def _run_epochs(run: _Run, stage: Stage, epochs: int, patience: int, model: torc
 # ---- step 2: the localiser ------------------------------------------------------------------------
 
 
-def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, rng: np.random.Generator,
-                     device: torch.device) -> None:
+def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, device: torch.device) -> None:
     """Stage 1: the level localiser on heatmap targets; keeps the weights of the lowest mean
     validation error (the mean, unlike the median, sees wrong-level misses)."""
     localiser = run.localiser
-    pairs = [p for s in split.samples for p in s.localiser]
-    val_pairs = [(s, p) for s in split.val_samples for p in s.localiser[::2]]  # the unjittered ones
+    index = LocaliserIndex.build(split.cache, split.train)
+    data = LocaliserDataset(split.cache, index, train=True, augment=cfg.augment, seed=cfg.seed)
+    loader = make_loader(data, localiser_batches(len(index), cfg.localiser_batch, cfg.seed, shuffle=True),
+                         cfg.workers, device)
+    val_index = LocaliserIndex.build(split.cache, list(split.val.study_ids), jittered=False)  # the served centre
+    val_loader = make_loader(LocaliserDataset(split.cache, val_index, train=False),
+                             localiser_batches(len(val_index), cfg.localiser_batch, cfg.seed, shuffle=False),
+                             cfg.workers, device)
     opt = torch.optim.AdamW(localiser.parameters(), lr=cfg.lr, weight_decay=1e-4)
 
     def train_epoch(epoch: int) -> list[float]:
         localiser.train()
-        order = rng.permutation(len(pairs))
+        set_epoch(loader, epoch)
         losses = []
-        for b in tqdm(range(0, len(order), cfg.localiser_batch), desc=f"localiser epoch {epoch + 1}", leave=False):
-            idx = order[b: b + cfg.localiser_batch]
-            x = torch.from_numpy(np.stack([pairs[i][0] for i in idx]).astype(np.float32)).to(device)
-            y = torch.from_numpy(np.stack([pairs[i][1] for i in idx]).astype(np.float32)).to(device)
-            x = x * torch.empty(len(idx), 1, 1, 1, device=device).uniform_(0.85, 1.15)
-            loss = _localiser_loss(localiser.logits(x), y)
+        for x, y in tqdm(loader, desc=f"localiser epoch {epoch + 1}", leave=False):
+            loss = _localiser_loss(localiser.logits(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -365,7 +345,7 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, rng: np.random.
         return losses
 
     def validate() -> tuple[float, dict[str, Any]]:
-        errors = np.array(_localiser_errors(localiser, val_pairs, device))
+        errors = np.array(_localiser_errors(localiser, val_loader, device))
         median = float(np.median(errors)) if len(errors) else float("nan")
         mean = float(errors.mean()) if len(errors) else float("inf")
         return mean, {"val_median_error_mm": median, "val_mean_error_mm": mean,
@@ -375,19 +355,20 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, rng: np.random.
 
 
 @torch.no_grad()
-def _localiser_errors(localiser: Localiser, val_pairs: list[tuple[StudySamples, LocaliserPair]],
+def _localiser_errors(localiser: Localiser, val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                       device: torch.device) -> list[float]:
-    """Pixel distance (x2 mm) between heatmap peaks and targets' peaks on validation images."""
+    """Pixel distance (x2.5 mm) between heatmap peaks and targets' peaks on validation images."""
     localiser.eval()
     errors = []
-    for _, (image, target) in val_pairs:
-        hm = localiser(torch.from_numpy(image.astype(np.float32))[None].to(device))[0].cpu().numpy()
-        for k in range(len(LEVELS)):
-            if target[k].max() < 0.5:
-                continue
-            p = np.array(np.unravel_index(int(np.argmax(hm[k])), hm[k].shape))
-            t = np.array(np.unravel_index(int(np.argmax(target[k])), target[k].shape))
-            errors.append(float(np.linalg.norm(p - t)) * LOCALISER_SPEC.mm_per_pixel)
+    for images, targets in val_loader:
+        heatmaps = localiser(images.to(device)).cpu().numpy()
+        for hm, target in zip(heatmaps, targets.numpy(), strict=True):
+            for k in range(len(LEVELS)):
+                if target[k].max() < 0.5:
+                    continue
+                p = np.array(np.unravel_index(int(np.argmax(hm[k])), hm[k].shape))
+                t = np.array(np.unravel_index(int(np.argmax(target[k])), target[k].shape))
+                errors.append(float(np.linalg.norm(p - t)) * LOCALISER_SPEC.mm_per_pixel)
     return errors
 
 
@@ -397,40 +378,25 @@ def _localiser_errors(localiser: Localiser, val_pairs: list[tuple[StudySamples, 
 def _crop_error_mm(run: _Run, runner: TorchRunner, split: _Split) -> dict[int, float]:
     """The median crop placement error per group (0 spinal, 1 foraminal, 2 subarticular), in mm:
     the grader checkpoint's when resuming the grader, else measured through the pipeline."""
-    sigma_mm = run.resumed_stage(Stage.GRADER).get("sigma_mm") or _crop_errors(runner, split)
+    sigma_mm = run.resumed_stage(Stage.GRADER).get("sigma_mm") or crop_errors(runner, split.val)
     log.info("crop placement error on validation (median mm); training jitter uses it",
              spinal=sigma_mm[0], foraminal=sigma_mm[1], subarticular=sigma_mm[2])
     return sigma_mm
-
-
-def _crop_errors(runner: TorchRunner, split: _Split) -> dict[int, float]:
-    """Median in-plane distance between the pipeline's crop centres and where training centres the
-    same crops (``training.data.crop_center``), per group."""
-    errors: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    for instances, s in zip(split.val_instances, split.val_samples, strict=True):
-        result = analyze_study(instances, runner, check_levels=False)
-        canal = s.canal_points()
-        for r in result.labels:
-            target = crop_center(r.label, s.points, canal)
-            if not isinstance(r, AssessedLabel) or target is None:
-                continue
-            frame = r.location.crop
-            d = target - frame.center
-            normal = np.cross(frame.u, frame.v)
-            d = d - (d @ normal) * normal
-            errors[CONDITION_GROUP[CONDITIONS.index(r.label.condition)]].append(float(np.linalg.norm(d)))
-    return {g: float(np.median(v)) if v else 2.0 for g, v in errors.items()}
 
 
 # ---- step 4: the grader --------------------------------------------------------------------------------
 
 
 def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[int, float], cfg: TrainConfig,
-                  rng: np.random.Generator, device: torch.device) -> None:
+                  device: torch.device) -> None:
     """Stage 2: the grader with the competition loss, on crops jittered by the measured placement
-    error, cosine learning rate; keeps the weights of the best validation score through the pipeline."""
+    error, cosine learning rate; keeps the weights of the best validation score through the pipeline.
+    A batch holds every labelled window of ``batch_studies`` studies (the any-severe term is per study)."""
     grader = run.grader
     sigma_px = {g: max(sigma_mm[g] / GRADER_SPEC.mm_per_pixel, 0.5) for g in range(3)}
+    index = GraderIndex.build(split.cache, split.train)
+    data = GraderDataset(split.cache, index, sigma_px, cfg.augment, cfg.seed)
+    loader = make_loader(data, StudyBatchSampler(index.starts, cfg.batch_studies, cfg.seed), cfg.workers, device)
     opt = torch.optim.AdamW(grader.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grader_epochs)
     with warnings.catch_warnings():  # fast-forwarding warns that no optimiser step came first
@@ -440,14 +406,12 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
 
     def train_epoch(epoch: int) -> list[float]:
         grader.train()
-        order = rng.permutation(len(split.samples))
+        set_epoch(loader, epoch)
         losses = []
-        for b in tqdm(range(0, len(order), cfg.batch_studies), desc=f"grader epoch {epoch + 1}", leave=False):
-            batch = [split.samples[i] for i in order[b: b + cfg.batch_studies]]
-            x, t, c, s = _grader_batch(batch, sigma_px, rng, train=True)
+        for x, t, c, s in tqdm(loader, desc=f"grader epoch {epoch + 1}", leave=False):
             if len(t) == 0:
                 continue
-            loss = grader_loss(grader.logits(x.to(device)), t.to(device), c.to(device), s.to(device))
+            loss = grader_loss(grader.logits(x.to(device, non_blocking=True)), t.to(device), c.to(device), s.to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -456,22 +420,13 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
         return losses
 
     def validate() -> tuple[float, dict[str, Any]]:
-        probs, _ = _evaluate_pipeline(runner, split.val_instances, check_levels=False)
-        score = competition_score(fill_not_assessed(probs, split.prior), split.val_targets)
+        probs, _ = evaluate_pipeline(runner, split.val, check_levels=False)
+        score = competition_score(fill_not_assessed(probs, split.prior), split.val.targets)
         return score.total, {"val_score": score.total,
                              **{f"val_{k}": v for k, v in score.as_dict().items() if k != "total"}}
 
     _run_epochs(run, Stage.GRADER, cfg.grader_epochs, cfg.patience, grader, opt, train_epoch, validate,
                 {"sigma_mm": sigma_mm})
-
-
-def _evaluate_pipeline(runner: TorchRunner, studies: list[Instances],
-                       check_levels: bool = True) -> tuple[np.ndarray, list[StudyResult]]:
-    """Every study through the serving pipeline: (probabilities (n, 25, 3), NaN where not assessed;
-    results). Before the level check is fitted, with ``check_levels=False``."""
-    results = [analyze_study(instances, runner, check_levels=check_levels) for instances in studies]
-    probs = np.stack([r.probabilities() for r in results])
-    return probs, results
 
 
 # ---- step 5: temperatures, the level check and the final metadata ----------------------------------------
@@ -480,18 +435,19 @@ def _evaluate_pipeline(runner: TorchRunner, studies: list[Instances],
 def _calibrate(runner: TorchRunner, split: _Split) -> tuple[list[float], LevelFit]:
     """Fit a temperature per condition on validation and set it in the grader; fit the level check
     (``inference.level_check``) on the same studies' decoded levels."""
-    probs, results = _evaluate_pipeline(runner, split.val_instances, check_levels=False)
-    temperatures = fit_temperatures(probs, split.val_targets)
+    probs, results = evaluate_pipeline(runner, split.val, check_levels=False)
+    temperatures = fit_temperatures(probs, split.val.targets)
     runner.grader.temperature.copy_(torch.tensor(temperatures))
-    return temperatures, fit_on_results(results, [s.canal_points() for s in split.val_samples])
+    return temperatures, fit_on_results(results, [split.val.canal(sid) for sid in split.val.study_ids])
 
 
 def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperatures: list[float]) -> ModelMetadata:
     """``meta`` completed: temperatures, class prior and the calibrated model's validation results."""
-    probs, results = _evaluate_pipeline(runner, split.val_instances)
-    score = competition_score(fill_not_assessed(probs, split.prior), split.val_targets)
-    baseline = competition_score(split.prior, split.val_targets)
-    loc_err = [e for r, s in zip(results, split.val_samples, strict=True) for e in _result_errors(r, s)]
+    probs, results = evaluate_pipeline(runner, split.val)
+    score = competition_score(fill_not_assessed(probs, split.prior), split.val.targets)
+    baseline = competition_score(split.prior, split.val.targets)
+    loc_err = [e for r, sid in zip(results, split.val.study_ids, strict=True)
+               for e in result_errors(r, split.val.canal(sid))]
     validation = {**meta.validation, "studies": len(split.val), "score": score.as_dict(),
                   "class_prior_score": baseline.as_dict(),
                   "median_level_error_mm": float(np.median(loc_err)) if loc_err else None,
@@ -501,32 +457,25 @@ def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperat
                    validation=validation, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def _result_errors(result: StudyResult, samples: StudySamples) -> list[float]:
-    """Distance (mm) between the pipeline's canal point of each level and the marked one."""
-    truth = samples.canal_points()
-    predicted = {lv: np.array(result.levels[lv]) for lv in LEVELS if lv in result.levels}
-    return level_error_mm(predicted, truth, np.array([1.0, 0.0, 0.0]))
-
-
 # ---- the whole run ------------------------------------------------------------------------------------
 
 
-def train(data: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
-    """Train on the RSNA layout at ``data``; write checkpoints and the final model under ``run``.
-
-    A run folder with a state.pt is resumed at its stage and epoch."""
+def train(cache: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
+    """Train on the prepared cache at ``cache`` (``lumbar-node prepare``); write checkpoints and
+    the final model under ``run``. A run folder with a state.pt is resumed at its stage and epoch."""
     cfg = cfg or TrainConfig()
     device = device_of(cfg.device)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     training = _open_run(run, device)
-    split = _load_split(data, cfg, rng, device)
+    split = _load_split(cache, cfg, device)
+    (run / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": str(Path(cache).resolve()),
+                                                 "spec_hash": Manifest.load(cache).spec.hash}, indent=1))
     meta = _metadata(split, cfg)
     if training.stage is Stage.LOCALISER:
-        _train_localiser(training, split, cfg, rng, device)
+        _train_localiser(training, split, cfg, device)
     runner = TorchRunner(training.localiser, training.grader, ModelInfo(meta, ""), device)
     sigma_mm = _crop_error_mm(training, runner, split)
-    _train_grader(training, runner, split, sigma_mm, cfg, rng, device)
+    _train_grader(training, runner, split, sigma_mm, cfg, device)
     temperatures, level_fit = _calibrate(runner, split)
     meta = with_level_check(meta, level_fit)
     runner.info = ModelInfo(meta, "")  # validation below grades with the fitted level check, as serving will

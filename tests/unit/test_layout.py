@@ -55,7 +55,7 @@ def test_commands_of_other_packages_join_through_entry_points() -> None:
     from dicom_node.cli import COMMAND_GROUP, main
 
     registered = {e.name: e.value.split(":")[0].split(".")[0] for e in entry_points(group=COMMAND_GROUP)}
-    assert registered == {"phantom": "phantom", "train": "training", "evaluate": "training",
+    assert registered == {"phantom": "phantom", "prepare": "training", "train": "training", "evaluate": "training",
                           "calibrate-levels": "training", "export": "export"}
     assert set(registered) | {"serve", "predict", "demo", "status", "reprocess", "config"} <= set(main.commands)
 

@@ -1,0 +1,231 @@
+"""torch DataLoaders over the prepared cache (``training.cache``): map-style Datasets over the grader
+samples (a study's labelled windows) and the localiser samples, read from memory-mapped arrays per
+item, augmented in the worker processes.
+
+Memory stays flat in the number of studies: the index is a few integers per sample, and a dataset
+keeps at most ``OPEN_STUDIES`` studies' arrays mapped (pages touched stay in the OS page cache,
+not in the process). Augmentation is deterministic per (seed, stage, epoch, sample): the same
+whatever the number of workers, and a resumed run draws what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from inference.labels import CONDITIONS, LABELS
+from inference.levels import LOCALISER_SPEC
+from training.augment_placeholder import AugmentConfig, augment_grader_crop, augment_localiser
+from training.cache import load_array
+from training.data import HEATMAP_SIGMA_PX, render_heatmaps, window_crop
+from training.models import CONDITION_GROUP
+
+OPEN_STUDIES = 8  # memory-mapped studies kept open per dataset copy (the batch sampler visits a study's samples together)
+Key = tuple[int, int]  # (epoch, sample index): what the samplers yield and the datasets take
+_GRADER, _LOCALISER = 1, 2  # stage codes in the augmentation seed
+
+
+class _Arrays:
+    """A small LRU of memory-mapped study arrays."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.open: OrderedDict[tuple[int, str], NDArray] = OrderedDict()
+
+    def get(self, study_id: int, name: str) -> NDArray:
+        key = (study_id, name)
+        if key in self.open:
+            self.open.move_to_end(key)
+            return self.open[key]
+        array = self.open[key] = load_array(self.cache, study_id, name)
+        while len(self.open) > OPEN_STUDIES * 2:
+            self.open.popitem(last=False)
+        return array
+
+    def __getstate__(self) -> dict:
+        return {"cache": self.cache, "open": OrderedDict()}  # worker processes map their own
+
+
+@dataclass(frozen=True)
+class GraderIndex:
+    """The grader samples of some studies: CSR offsets per study into per-sample rows."""
+
+    study_ids: NDArray[np.int64]  # (S,) studies with at least one window
+    starts: NDArray[np.int64]  # (S + 1,) the samples of study s are starts[s]:starts[s + 1]
+    rows: NDArray[np.int32]  # (N,) the window's row in its study's windows.npy
+    labels: NDArray[np.int8]  # (N,) label index (LABELS order)
+    targets: NDArray[np.int8]  # (N,) class index
+
+    @classmethod
+    def build(cls, cache: Path, study_ids: list[int]) -> GraderIndex:
+        ids, starts, rows, labels, targets = [], [0], [], [], []
+        for sid in study_ids:
+            window_labels = load_array(cache, sid, "window_labels", mmap=False)
+            study_targets = load_array(cache, sid, "targets", mmap=False)
+            if not len(window_labels):
+                continue
+            ids.append(sid)
+            rows.append(np.arange(len(window_labels), dtype=np.int32))
+            labels.append(window_labels.astype(np.int8))
+            targets.append(study_targets[window_labels].astype(np.int8))
+            starts.append(starts[-1] + len(window_labels))
+        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731
+        return cls(np.array(ids, np.int64), np.array(starts, np.int64), cat(rows, np.int32),
+                   cat(labels, np.int8), cat(targets, np.int8))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def study_of(self, i: int) -> int:
+        """The position (in ``study_ids``) of sample i's study."""
+        return int(np.searchsorted(self.starts, i, side="right") - 1)
+
+
+#: condition index of each label
+_CONDITION_OF_LABEL = np.array([CONDITIONS.index(lb.condition) for lb in LABELS], np.int64)
+
+
+class GraderDataset(Dataset):
+    """(crop (3, 48, 48) float32, target, condition index, study position) per key; training crops
+    (``sigma_px`` given) are augmented, validation crops are the centred window."""
+
+    def __init__(self, cache: Path, index: GraderIndex, sigma_px: dict[int, float] | None = None,
+                 augment: AugmentConfig | None = None, seed: int = 0):
+        self.arrays, self.index, self.sigma_px = _Arrays(cache), index, sigma_px
+        self.augment, self.seed = augment or AugmentConfig(), seed
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: Key) -> tuple[NDArray[np.float32], int, int, int]:
+        epoch, i = key
+        s = self.index.study_of(i)
+        window = np.asarray(self.arrays.get(int(self.index.study_ids[s]), "windows")[self.index.rows[i]])
+        cond = int(_CONDITION_OF_LABEL[self.index.labels[i]])
+        if self.sigma_px is None:
+            crop = window_crop(window, 0, 0, 0).astype(np.float32)
+        else:
+            group = CONDITION_GROUP[cond]
+            rng = np.random.default_rng([self.seed, _GRADER, epoch, i])
+            crop = augment_grader_crop(window, condition_group=group, sigma_px=self.sigma_px[group], rng=rng,
+                                       cfg=self.augment)
+        return np.ascontiguousarray(crop, np.float32), int(self.index.targets[i]), cond, s
+
+
+class StudyBatchSampler(Sampler[list[Key]]):
+    """Batches of all the samples of ``batch_studies`` studies (the loss's any-severe-spinal term is
+    per study), studies shuffled per epoch by (seed, epoch); call ``set_epoch`` before each epoch."""
+
+    def __init__(self, starts: NDArray[np.int64], batch_studies: int, seed: int = 0, shuffle: bool = True):
+        self.starts, self.k, self.seed, self.shuffle, self.epoch = starts, batch_studies, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-(len(self.starts) - 1) // self.k)
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        n = len(self.starts) - 1
+        order = np.random.default_rng([self.seed, _GRADER, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        for b in range(0, n, self.k):
+            yield [(self.epoch, int(i)) for s in order[b: b + self.k] for i in range(self.starts[s], self.starts[s + 1])]
+
+
+@dataclass(frozen=True)
+class LocaliserIndex:
+    """The localiser samples of some studies: (study id, row in its localiser arrays)."""
+
+    study_ids: NDArray[np.int64]
+    rows: NDArray[np.int32]
+
+    @classmethod
+    def build(cls, cache: Path, study_ids: list[int], jittered: bool = True) -> LocaliserIndex:
+        """Every localiser image of the studies (``jittered=False``: only those at the served centre)."""
+        ids, rows = [], []
+        for sid in study_ids:
+            flags = load_array(cache, sid, "localiser_jittered", mmap=False)
+            keep = np.flatnonzero(np.ones(len(flags), bool) if jittered else ~flags)
+            ids += [sid] * len(keep)
+            rows += keep.tolist()
+        return cls(np.array(ids, np.int64), np.array(rows, np.int32))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class LocaliserDataset(Dataset):
+    """(image (3, 128, 128), heatmap target (5, 128, 128)) float32 per key; augmented when training."""
+
+    def __init__(self, cache: Path, index: LocaliserIndex, train: bool, augment: AugmentConfig | None = None,
+                 seed: int = 0, sigma_px: float = HEATMAP_SIGMA_PX):
+        self.arrays, self.index, self.train = _Arrays(cache), index, train
+        self.augment, self.seed, self.sigma_px = augment or AugmentConfig(), seed, sigma_px
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: Key) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        epoch, i = key
+        sid, row = int(self.index.study_ids[i]), int(self.index.rows[i])
+        image = np.asarray(self.arrays.get(sid, "localiser_images")[row])
+        target = render_heatmaps(self.arrays.get(sid, "localiser_peaks")[row], LOCALISER_SPEC.pixels, self.sigma_px)
+        if self.train:
+            rng = np.random.default_rng([self.seed, _LOCALISER, epoch, i])
+            image, target = augment_localiser(image, target, rng, self.augment)
+        return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(target, np.float32)
+
+
+class EpochSampler(Sampler[Key]):
+    """Every sample index once per epoch, as (epoch, index) keys: shuffled by (seed, epoch), or in order."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Key]:
+        order = (np.random.default_rng([self.seed, _LOCALISER, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # the worker processes are the parallelism
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader: ``workers`` processes (0: in this one), prefetching, persistent across epochs,
+    batches in pinned memory on CUDA. The workers are spawned, not forked: a fork of this process
+    after OpenCV's or OpenMP's thread pools ran (the pipeline's validation) can inherit a held lock
+    and hang."""
+    extra = {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": _worker_init,
+             "multiprocessing_context": "spawn"} if workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                      **extra)
+
+
+def localiser_batches(n: int, batch: int, seed: int, shuffle: bool) -> BatchSampler:
+    """Batches of ``batch`` localiser keys (the last one smaller)."""
+    return BatchSampler(EpochSampler(n, seed, shuffle), batch, drop_last=False)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of a loader made by ``make_loader`` (its samplers draw from it)."""
+    sampler = loader.batch_sampler
+    if isinstance(sampler, BatchSampler):
+        sampler = sampler.sampler
+    sampler.set_epoch(epoch)  # type: ignore[union-attr]
