@@ -7,7 +7,7 @@ studies' DICOM files one study at a time (``training.validation``).
 
     RUN/state.pt     everything needed to resume (stage, epoch, weights, optimiser, history)
     RUN/model.pt     the final model with its metadata (what ``export`` and ``evaluate`` read)
-    RUN/history.json per-epoch losses and validation metrics
+    RUN/history.json per-epoch losses, validation metrics, samples and seconds (training, validation)
     RUN/config.json  the training configuration (augmentation included) and the cache it read
 """
 
@@ -17,7 +17,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -283,7 +283,37 @@ class _Best:
             self.stale += 1
 
 
-TrainEpoch = Callable[[int], list[float]]  # epoch index -> the losses of its batches
+@dataclass
+class _Epoch:
+    """What a training epoch did: its batches' losses, the samples seen, and the time spent waiting
+    for the DataLoader (for the first batch: the workers' start and the first prefetch)."""
+
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    first_batch_seconds: float = 0.0
+    loader_wait_seconds: float = 0.0
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The loader's batches, timing the waits."""
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - t0
+            if not self.first_batch_seconds:
+                self.first_batch_seconds = waited
+            self.loader_wait_seconds += waited
+            yield batch
+
+    def timing(self) -> dict[str, float]:
+        return {"samples": self.samples, "first_batch_seconds": round(self.first_batch_seconds, 3),
+                "loader_wait_seconds": round(self.loader_wait_seconds, 3)}
+
+
+TrainEpoch = Callable[[int], _Epoch]  # epoch index -> what it did
 Validate = Callable[[], tuple[float, dict[str, Any]]]  # -> (the number to minimise, history.json fields)
 
 
@@ -302,10 +332,14 @@ def _run_epochs(run: _Run, stage: Stage, epochs: int, patience: int, model: torc
         optimiser.load_state_dict(resumed["optimiser"])
     epoch = resumed.get("epoch", 0)
     while epoch < epochs and best.stale < patience:
-        losses = train_epoch(epoch)
+        t0 = time.perf_counter()
+        done = train_epoch(epoch)
+        t1 = time.perf_counter()
         number, fields = validate()
-        epoch, loss = epoch + 1, float(np.mean(losses))
-        run.history.append({"stage": stage.value, "epoch": epoch, "loss": loss, **fields})
+        epoch, loss = epoch + 1, float(np.mean(done.losses))
+        timing = {**done.timing(), "train_seconds": round(t1 - t0, 3),
+                  "validation_seconds": round(time.perf_counter() - t1, 3)}
+        run.history.append({"stage": stage.value, "epoch": epoch, "loss": loss, **fields, **timing})
         log.info(f"{stage.value} epoch", epoch=epoch, loss=loss, **fields)
         best.update(number, model)
         run.checkpoint(stage, epoch, best.to_state(key), optimiser, extra or {})
@@ -327,22 +361,22 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, device: torch.d
     loader = make_loader(data, localiser_batches(len(index), cfg.localiser_batch, cfg.seed, shuffle=True),
                          cfg.workers, device)
     val_index = LocaliserIndex.build(split.cache, list(split.val.study_ids), jittered=False)  # the served centre
-    val_loader = make_loader(LocaliserDataset(split.cache, val_index, train=False),
-                             localiser_batches(len(val_index), cfg.localiser_batch, cfg.seed, shuffle=False),
-                             cfg.workers, device)
+    val_loader = make_loader(LocaliserDataset(split.cache, val_index, train=False),  # no augmentation: read here
+                             localiser_batches(len(val_index), cfg.localiser_batch, cfg.seed, shuffle=False), 0, device)
     opt = torch.optim.AdamW(localiser.parameters(), lr=cfg.lr, weight_decay=1e-4)
 
     def train_epoch(epoch: int) -> list[float]:
         localiser.train()
         set_epoch(loader, epoch)
-        losses = []
-        for x, y in tqdm(loader, desc=f"localiser epoch {epoch + 1}", leave=False):
+        done = _Epoch()
+        for x, y in tqdm(done.batches(loader), total=len(loader), desc=f"localiser epoch {epoch + 1}", leave=False):
             loss = _localiser_loss(localiser.logits(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
-        return losses
+            done.losses.append(loss.item())
+            done.samples += len(x)
+        return done
 
     def validate() -> tuple[float, dict[str, Any]]:
         errors = np.array(_localiser_errors(localiser, val_loader, device))
@@ -407,17 +441,18 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
     def train_epoch(epoch: int) -> list[float]:
         grader.train()
         set_epoch(loader, epoch)
-        losses = []
-        for x, t, c, s in tqdm(loader, desc=f"grader epoch {epoch + 1}", leave=False):
+        done = _Epoch()
+        for x, t, c, s in tqdm(done.batches(loader), total=len(loader), desc=f"grader epoch {epoch + 1}", leave=False):
             if len(t) == 0:
                 continue
             loss = grader_loss(grader.logits(x.to(device, non_blocking=True)), t.to(device), c.to(device), s.to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            done.losses.append(loss.item())
+            done.samples += len(t)
         sched.step()
-        return losses
+        return done
 
     def validate() -> tuple[float, dict[str, Any]]:
         probs, _ = evaluate_pipeline(runner, split.val, check_levels=False)
