@@ -2,7 +2,7 @@
 on demand, not by pytest).
 
     .venv/bin/python tests/benchmarks/bench_train_scale.py [--studies 50 200] [--workers 1 2]
-        [--device cpu|cuda] [--out DIR] [--seed 7] [--predict-repeats 3]
+        [--device cpu|cuda] [--out DIR] [--seed 7] [--predict-repeats 3] [--predict-only]
 
 Makes the largest N once (`lumbar-node phantom --style kaggle --matrix real`, kept in --out and
 reused), and the smaller N as subsets of it (the same studies, symlinked). Per N: `lumbar-node
@@ -236,12 +236,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/bench-train-scale"))
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--predict-repeats", type=int, default=3)
+    parser.add_argument("--predict-only", action="store_true", help="only the predict timing (data made or reused)")
     args = parser.parse_args()
     sizes = sorted(set(args.studies))
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = make_data(args.out.resolve(), sizes[-1], sizes, args.seed, max(args.workers))
     gen_note = f"data: {sizes[-1]} real-size Kaggle-style phantom studies, seed {args.seed}"
+    if args.predict_only:
+        for name, t in bench_predict(data[sizes[-1]], args.predict_repeats).items():
+            print(f"predict, one real-size study, {name}: wall {t['wall']:.2f} s, analyze_study {t['analyze']:.2f} s")
+        return
     rows = [bench_n(n, data[n], args.out.resolve(), args.workers, args.device) for n in sizes]
     predict = bench_predict(data[sizes[-1]], args.predict_repeats)
     table = report(rows, predict, args.workers, args.device, gen_note)
