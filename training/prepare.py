@@ -211,8 +211,9 @@ class _Progress:
     def done(self, entry: StudyEntry, events: list[dict[str, Any]]) -> None:
         for event in events:
             fields = {k: v for k, v in event.items() if k not in ("level", "event", "timestamp", "logger")}
-            getattr(log, event.get("level", "warning"), log.warning)(str(event.get("event", "")),
-                                                                     study=entry.study_id, **fields)
+            fields.setdefault("study", entry.study_id)
+            emit = getattr(log, str(event.get("level", "warning")), None)
+            (emit if callable(emit) else log.warning)(str(event.get("event", "")), **fields)
         if not entry.ok:
             log.warning("study left out", study=entry.study_id, reason=entry.reason.value if entry.reason else None,
                         detail=entry.detail or None)

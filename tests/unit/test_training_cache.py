@@ -168,3 +168,23 @@ def test_loaders_give_the_same_batches_with_and_without_workers(tmp_path: Path) 
     images, targets = next(iter(loc))
     assert images.shape == (2, 3, 128, 128) and targets.shape == (2, 5, 128, 128)
     assert float(targets[0, 0].max()) > 0.9 and float(targets[0, 4].max()) == 0.0  # marked levels only
+
+
+def test_a_workers_log_lines_are_logged_again_by_the_parent(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from training.prepare import _Progress
+
+    class Bar:
+        def update(self, n: int) -> None:
+            pass
+
+    progress = _Progress(Manifest(PrepareSpec(), str(tmp_path), {}), tmp_path, Bar())
+    entry = StudyEntry(5, StudyStatus.OK, "h", "f")
+    events = [{"level": "warning", "event": "series role left out: no usable image", "study": 5, "role": "Axial T2"},
+              {"level": "warning", "event": "left out a file", "source": "pydicom"}]
+    with capture_logs() as logs:
+        progress.done(entry, events)
+    assert [(e["event"], e["study"]) for e in logs] == [("series role left out: no usable image", 5),
+                                                         ("left out a file", 5)]
+    assert logs[0]["role"] == "Axial T2" and progress.prepared == 1 and 5 in progress.manifest.studies
