@@ -11,6 +11,8 @@ from enum import IntEnum
 
 from pynetdicom.status import Status
 
+__all__ = ["STORED", "ProviderRejectReason", "RejectReason", "RejectResult", "RejectSource", "StoreStatus"]
+
 
 class StoreStatus(IntEnum):
     """C-STORE response statuses (PS3.4 Table B.2-1 and the general ones of PS3.7 Annex C)."""

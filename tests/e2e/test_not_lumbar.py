@@ -28,7 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.orthanc import free_port, storescu
+from demo.orthanc import free_port, storescu
 from dicom_node.states import StudyState
 from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, stop_all, wait_for
 from tests.support.tools import complete_study, require_tool
