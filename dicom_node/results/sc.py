@@ -14,8 +14,8 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.results.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
 from dicom_node.observability import get_logger
+from dicom_node.results.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
 from dicom_node.results.sources import (
     ImageKey,
     PatientStudy,

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from dicom_node.web.accounts import Role, add_account
 from dicom_node.config import load_settings
-from dicom_node.store.ledger import Ledger
 from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind, StudyState
+from dicom_node.store.ledger import Ledger
+from dicom_node.web.accounts import Role, add_account
 from dicom_node.web.app import WebContext, build_app
 from dicom_node.web.security import AccountsFile
 

@@ -14,14 +14,14 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import data_store
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRBigEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node.results import codes as C
 from demo.orthanc import running_orthanc, storescu
+from dicom_node.results import codes as C
 from dicom_node.results.pdf import PDF_SERIES_DESCRIPTION
 from dicom_node.results.sc import SC_SERIES_DESCRIPTION
 from dicom_node.results.sr import SR_SERIES_DESCRIPTION

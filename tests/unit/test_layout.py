@@ -13,7 +13,7 @@ PACKAGES = ("dicom_node", "inference", "phantom", "training", "export", "demo")
 ALLOWED = {
     "inference": set(),
     "phantom": {"inference"},
-    "dicom_node": {"inference", "phantom"},
+    "dicom_node": {"inference"},
     "training": {"inference"},
     "export": {"training", "inference"},
     "demo": {"dicom_node", "phantom", "inference"},

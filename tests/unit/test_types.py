@@ -11,8 +11,8 @@ import pytest
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.dicom.statuses import STORED, StoreStatus
-from dicom_node.store.ledger import Ledger
 from dicom_node.states import DeliveryState, GradeResult, StudyState
+from dicom_node.store.ledger import Ledger
 from inference.labels import ConditionGroup
 from inference.model import ModelError, ModelMetadata, file_sha256
 from inference.runtime import DEFAULT_MODEL_DIR

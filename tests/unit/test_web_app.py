@@ -15,11 +15,11 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from starlette.testclient import TestClient
 
-from dicom_node.web.accounts import Role, add_account
 from dicom_node.config import load_settings
-from dicom_node.store.ledger import Ledger
 from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind
+from dicom_node.store.ledger import Ledger
+from dicom_node.web.accounts import Role, add_account
 from dicom_node.web.app import WebContext, build_app
 from dicom_node.web.security import AccountsFile
 from dicom_node.web.uploads import UploadError, parse_upload
