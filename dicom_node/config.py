@@ -25,11 +25,13 @@ from pydantic import (
     model_validator,
 )
 
+from dicom_node.errors import NodeError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "default.yaml"
 ENV_PREFIX = "LUMBAR_NODE__"
 
 
-class ConfigError(ValueError):
+class ConfigError(NodeError, ValueError):
     """The configuration is unreadable or invalid; the message names the key and where it came from."""
 
 

@@ -1,7 +1,10 @@
 """Ingest: the one way in for every image, whatever brought it (C-STORE, the web page's upload,
-STOW-RS): an offered instance (``Candidate``) is checked and filed by the ``Admission`` (its
-header read without inflating or decoding it whole: ``header``), an upload is streamed to the
-spool's staging area (``staging``, ``upload_reader``) and taken whole or not at all (``upload``)."""
+STOW-RS). An offered instance (``Candidate``: bytes, or a file staged under the spool) goes through
+the ``Admission``: its header read without inflating or decoding it whole (``header``), the header
+checks (``checks``: truncation, image size, series size, whether it (re)opens a study), the UID,
+size, Deflate, free-disk and conflict checks, then the spool, the ledger, the metrics and the
+audit trail; its ``Verdict`` carries the C-STORE status (``statuses``). An upload is streamed to
+the spool's staging area (``staging``, ``upload_reader``) and taken whole or not at all (``upload``)."""
 
 from dicom_node.ingest.admission import (
     Admissible,
@@ -14,8 +17,17 @@ from dicom_node.ingest.admission import (
     Source,
     Verdict,
 )
-from dicom_node.ingest.header import uid_problem
+from dicom_node.ingest.checks import (
+    PIXEL_DATA,
+    UNDEFINED_LENGTH,
+    image_size_problem,
+    reopens_study,
+    series_size_of,
+    truncation,
+)
+from dicom_node.ingest.header import InflateProblem, inflate, read_file_meta, read_header
 from dicom_node.ingest.staging import Staging, StagingArea
+from dicom_node.ingest.statuses import StoreStatus
 from dicom_node.ingest.upload import UploadResult, admit_upload, inspect_upload
 from dicom_node.ingest.upload_reader import (
     EXPECTED,
@@ -27,6 +39,8 @@ from dicom_node.ingest.upload_reader import (
     read_upload,
 )
 
-__all__ = ["EXPECTED", "Admissible", "Admission", "Batch", "Candidate", "Outcome", "Reason", "Refused", "Source",
-           "StagedFile", "Staging", "StagingArea", "UploadError", "UploadLimits", "UploadProblem", "UploadResult",
-           "Verdict", "admit_upload", "expand_zips", "inspect_upload", "read_upload", "uid_problem"]
+__all__ = ["EXPECTED", "PIXEL_DATA", "UNDEFINED_LENGTH", "Admissible", "Admission", "Batch", "Candidate",
+           "InflateProblem", "Outcome", "Reason", "Refused", "Source", "StagedFile", "Staging", "StagingArea",
+           "StoreStatus", "UploadError", "UploadLimits", "UploadProblem", "UploadResult", "Verdict", "admit_upload",
+           "expand_zips", "image_size_problem", "inflate", "inspect_upload", "read_file_meta", "read_header",
+           "read_upload", "reopens_study", "series_size_of", "truncation"]

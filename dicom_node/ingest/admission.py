@@ -31,25 +31,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from dicom_node.config import Settings
-from dicom_node.dimse import StoreStatus
-from dicom_node.durable import fsync_dir, write_durably
-from dicom_node.ingest.header import (
-    CHUNK,
-    InflateProblem,
-    as_uid,
-    inflate,
-    read_file_meta,
-    read_header,
-    truncation,
-    uid_problem,
-)
+from dicom_node.errors import NodeError
+from dicom_node.ingest.checks import image_size_problem, reopens_study, series_size_of, truncation
+from dicom_node.ingest.header import CHUNK, InflateProblem, as_uid, inflate, read_file_meta, read_header
 from dicom_node.ingest.staging import Staging
-from dicom_node.ledger import Ledger, Recorded
-from dicom_node.logconfig import PHI_VALUES, get_logger
-from dicom_node.metrics import NodeMetrics
-from dicom_node.safety import UnsafePath
+from dicom_node.ingest.statuses import StoreStatus
+from dicom_node.observability import PHI_VALUES, NodeMetrics, get_logger
 from dicom_node.states import EventKind
-from dicom_node.storage_scp import image_size_problem, reopens_study, series_size_of, spool_path
+from dicom_node.store import Ledger, Recorded, UnsafePath, fsync_dir, spool_path, uid_problem, write_durably
 
 log = get_logger(__name__)
 
@@ -89,7 +78,7 @@ class Outcome(StrEnum):
 ADMITTED = frozenset({Outcome.NEW, Outcome.REPLACED, Outcome.RESENT})
 
 
-class Refused(ValueError):
+class Refused(NodeError, ValueError):
     """An instance the node does not store: the DICOM status to answer, the kind and what exactly."""
 
     def __init__(self, status: StoreStatus, reason: Reason, detail: str):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dicom_node.dimse import StoreStatus
 from dicom_node.ingest.admission import Admissible, Admission, Candidate, Outcome, Reason, Refused, Source
+from dicom_node.ingest.statuses import StoreStatus
 from dicom_node.ingest.upload_reader import EXPECTED, StagedFile, UploadError, UploadProblem, is_dicom
 from dicom_node.states import EventKind
 

@@ -19,6 +19,7 @@ import anyio.to_thread
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from dicom_node.errors import NodeError
 from dicom_node.ingest.staging import StagingArea
 
 EXPECTED = "DICOM files (Part 10, with the 'DICM' marker), a folder of them, or a .zip of them"
@@ -45,7 +46,7 @@ class UploadProblem(StrEnum):
     FORBIDDEN = "Refused"
 
 
-class UploadError(ValueError):
+class UploadError(NodeError, ValueError):
     """An upload that is refused: its kind, the HTTP status, and a message shown to the user as it is."""
 
     def __init__(self, kind: UploadProblem, message: str, http_status: int = 400):

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from dicom_node.identity import DISCLAIMER, MANUFACTURER
+from dicom_node.results.identity import DISCLAIMER, MANUFACTURER
 from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
 from tests.support.tools import lumbar_node
 

@@ -28,11 +28,10 @@ from pydicom.uid import (
 )
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.dimse import StoreStatus
-from dicom_node.ingest import Admission, Candidate, Outcome, Reason, Source, Staging, uid_problem
-from dicom_node.ledger import Ledger
-from dicom_node.metrics import NodeMetrics
+from dicom_node.ingest import Admission, Candidate, Outcome, Reason, Source, Staging, StoreStatus
+from dicom_node.observability import NodeMetrics
 from dicom_node.states import EventKind
+from dicom_node.store import Ledger, uid_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 

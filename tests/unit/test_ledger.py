@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import DeliverySettings
-from dicom_node.delivery import backoff
-from dicom_node.ledger import Ledger, Recorded, Report
+from dicom_node.pipeline.delivery import backoff
 from dicom_node.states import StudyState
+from dicom_node.store.ledger import Ledger, Recorded, Report
 
 
 @pytest.fixture

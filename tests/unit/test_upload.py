@@ -10,9 +10,9 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.ingest import Admission, StagedFile, UploadError, UploadProblem, admit_upload
-from dicom_node.ledger import Ledger
-from dicom_node.metrics import NodeMetrics
+from dicom_node.observability import NodeMetrics
 from dicom_node.states import EventKind
+from dicom_node.store import Ledger
 from tests.unit.test_admission import _settings, image, part10
 
 

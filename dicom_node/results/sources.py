@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-from dicom_node.logconfig import get_logger
+from dicom_node.observability import get_logger
 from inference.analyze import Location
 
 log = get_logger(__name__)

@@ -1,27 +1,14 @@
-"""DICOM status codes and association reject reasons by name (PS3.4 Annex B, PS3.8 9.3.4).
-
-pynetdicom names only a few statuses (``pynetdicom.status.Status``: SUCCESS, PENDING, ...); the
-Storage Service Class statuses the node answers and accepts are named here, with the meanings of
-``pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS`` (a unit test checks they agree).
-"""
+"""DICOM status codes and association reject reasons by name (PS3.4 Annex B, PS3.8 9.3.4): the
+C-STORE statuses are the admission's (``dicom_node.ingest.StoreStatus``, every way in answers
+with them), the association's reject reasons are here."""
 
 from __future__ import annotations
 
 from enum import IntEnum
 
-from pynetdicom.status import Status
+from dicom_node.ingest import StoreStatus
 
-
-class StoreStatus(IntEnum):
-    """C-STORE response statuses (PS3.4 Table B.2-1 and the general ones of PS3.7 Annex C)."""
-
-    SUCCESS = Status.SUCCESS
-    PROCESSING_FAILURE = 0x0110
-    OUT_OF_RESOURCES = 0xA700
-    CANNOT_UNDERSTAND = 0xC000
-    COERCION_OF_DATA_ELEMENTS = 0xB000
-    ELEMENTS_DISCARDED = 0xB006
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+__all__ = ["STORED", "ProviderRejectReason", "RejectReason", "RejectResult", "RejectSource", "StoreStatus"]
 
 
 #: The statuses that mean "stored" to a sender: success, and the warnings.

@@ -14,9 +14,9 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
-from dicom_node.logconfig import get_logger
-from dicom_node.sources import (
+from dicom_node.observability import get_logger
+from dicom_node.results.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
+from dicom_node.results.sources import (
     ImageKey,
     PatientStudy,
     column_spacing,
@@ -25,7 +25,7 @@ from dicom_node.sources import (
     patient_study,
     valid_value,
 )
-from dicom_node.sr import REGION_RADIUS_MM, algorithm_equipment
+from dicom_node.results.sr import REGION_RADIUS_MM, algorithm_equipment
 from inference.analyze import AssessedLabel, StudyResult
 from inference.geometry import ImagePlane, direction_letters
 from inference.labels import SEVERITIES

@@ -446,12 +446,12 @@ class Ledger:
             rows = self._query(f"SELECT {columns} FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return [Event(r[0], r[1], r[2], EventKind(r[3]), r[4], r[5], json.loads(r[6]) if r[6] else None) for r in rows]
 
-    def add_upload(self, study_uid: str, user: str, send: bool = False) -> None:
-        """Mark a study as uploaded through the web page by ``user`` (sent to the PACS only with ``send``)."""
+    def add_upload(self, study_uid: str, user: str, send: bool = False) -> bool:
+        """Mark a study as uploaded through the web page by ``user`` (sent to the PACS only with
+        ``send``); a study already marked keeps its first uploader. True if it was not marked."""
         with self._transaction() as db:
-            db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
-                       "uploaded_by=excluded.uploaded_by, uploaded_at=excluded.uploaded_at",
-                       (study_uid, user, time.time(), int(send)))
+            return db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?) ON CONFLICT(study_uid) DO NOTHING",
+                              (study_uid, user, time.time(), int(send))).rowcount == 1
 
     def upload(self, study_uid: str) -> Upload | None:
         """How a study came through the web page's upload, or None (it came over DICOM)."""

@@ -3,29 +3,33 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+from pydicom import config
+from pydicom.uid import UID
+
+from dicom_node.errors import NodeError
+
 MAX_UID_LENGTH = 64
 
 
-class UnsafePath(ValueError):
+class UnsafePath(NodeError, ValueError):
     """A path built from received values would leave the node's folder."""
 
 
 def uid_problem(value: object, name: str) -> str | None:
-    """Why ``value`` is not a valid UID (digits and dots, 1-64 characters, no leading zeros in a
-    component), or None if it is one."""
-    if not isinstance(value, str):
-        value = "" if value is None else str(value)
-    if not value:
+    """Why ``value`` is not a valid UID (PS3.5 9.1: digits and dots, 1-64 characters, no leading
+    zeros in a component: pydicom's ``UID.is_valid``), or None if it is one."""
+    text = "" if value is None else str(value)
+    if not text:
         return f"{name} is empty"
-    if len(value) > MAX_UID_LENGTH:
-        return f"{name} is {len(value)} characters long (at most {MAX_UID_LENGTH})"
-    if not _UID.fullmatch(value):
-        return f"{name} is not a UID (digits and dots, no leading zeros): {value[:80]!r}"
+    if len(text) > MAX_UID_LENGTH:
+        return f"{name} is {len(text)} characters long (at most {MAX_UID_LENGTH})"
+    # unchecked on the way in (pydicom's check would log a warning naming the value); UID() strips
+    # spaces, the spool's paths would not
+    if text != text.strip() or not UID(text, validation_mode=config.IGNORE).is_valid:
+        return f"{name} is not a UID (digits and dots, no leading zeros): {text[:80]!r}"
     return None
 
 
