@@ -7,6 +7,7 @@ Nothing is held in memory but a chunk; nothing is named after the user's files o
 
 from __future__ import annotations
 
+import struct
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ EXPECTED = "DICOM files (Part 10, with the 'DICM' marker), a folder of them, or 
 CHUNK = 1 << 20  # bytes parsed (and written) per step, read from a zip member per step
 BODY_OVERHEAD = 1 << 20  # multipart boundaries and part headers on top of the files' bytes
 DISK_CHECK_EVERY = 64 << 20  # bytes staged between two looks at the free disk
+_EOCD_SEARCH = 22 + 65535  # a zip's end of central directory record and its comment lie in this tail
 
 
 class UploadProblem(StrEnum):
@@ -275,6 +277,10 @@ def expand_zips(files: list[StagedFile], area: StagingArea, limits: UploadLimits
             if not _skipped(staged.name):
                 out.append(staged)
             continue
+        entries = _zip_entries(staged.path)
+        if entries is not None and len(out) + entries > limits.max_files:  # before zipfile reads them all
+            raise UploadError(UploadProblem.TOO_MANY_FILES, f"Too many files: at most {limits.max_files} "
+                              "files in one upload (zip members included)")
         try:
             with zipfile.ZipFile(staged.path) as archive:
                 for entry in archive.infolist():
@@ -300,6 +306,28 @@ def expand_zips(files: list[StagedFile], area: StagingArea, limits: UploadLimits
                               f"({exc}); expected {EXPECTED}") from None
         staged.path.unlink(missing_ok=True)
     return out
+
+
+def _zip_entries(path: Path) -> int | None:
+    """How many entries a zip's end of central directory record declares (zip64 too), read
+    before ``zipfile`` builds an object for each of them; None if there is no such record."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - _EOCD_SEARCH))
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    count = struct.unpack_from("<H", tail, at + 10)[0]
+    locator = at - 20
+    if count == 0xFFFF and locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+        offset = struct.unpack_from("<Q", tail, locator + 8)[0]  # of the zip64 end of central directory
+        with open(path, "rb") as f:
+            f.seek(offset)
+            record = f.read(56)
+        if len(record) == 56 and record[:4] == b"PK\x06\x06":
+            count = struct.unpack_from("<Q", record, 32)[0]
+    return int(count)
 
 
 def _extract(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, area: StagingArea, total: int,

@@ -98,7 +98,7 @@ def test_a_refused_upload_records_nothing_and_the_pacs_study_is_not_an_upload(no
     assert answer.status_code == 400 and answer.json()["error"].startswith("Not accepted: cut.dcm: truncated")
     ledger = node.ledger()
     try:
-        assert ledger.study(study_uid) is None and ledger.upload(study_uid) is None and ledger.events() == []
+        assert ledger.study(study_uid) is None and ledger.upload(study_uid) is None and ledger.events(study_uid) == []
         assert _spooled(node) == []
         assert storescu(files, node.port, called=NODE_AET, calling=SENDER_AET).returncode == 0  # later, the PACS
         wait_for("the PACS's instances", lambda: (s := ledger.study(study_uid)) is not None and s.instances == 6)

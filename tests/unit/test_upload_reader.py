@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from dicom_node.ingest import Staging, StagingArea, UploadError, UploadLimits, UploadProblem, expand_zips, read_upload
-from dicom_node.ingest.upload_reader import BODY_OVERHEAD
+from dicom_node.ingest.upload_reader import BODY_OVERHEAD, _zip_entries
 
 BOUNDARY = "----lumbar-test-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -205,6 +205,15 @@ def test_zip_entry_count_and_unreadable_zips(area: StagingArea) -> None:
     with pytest.raises(UploadError) as refused:
         expand_zips(many, area, UploadLimits(max_bytes=MiB, max_files=10))
     assert refused.value.kind is UploadProblem.TOO_MANY_FILES
+    out = io.BytesIO()  # zip64: its entry count is read from the zip64 end record
+    with zipfile.ZipFile(out, "w") as z:
+        for i in range(70000):
+            z.writestr(f"{i}", b"")
+    many = _stage(area, {"zip64.zip": out.getvalue()})
+    assert _zip_entries(many[0].path) == 70000  # counted before zipfile reads the central directory
+    with pytest.raises(UploadError) as refused:
+        expand_zips(many, area, UploadLimits(max_bytes=64 * MiB, max_files=20000))
+    assert refused.value.kind is UploadProblem.TOO_MANY_FILES and "zip members included" in str(refused.value)
     broken = bytearray(_zip({"a.dcm": _dicom_like(5000)}))
     broken[40:60] = b"\xff" * 20  # the member's deflate data
     with pytest.raises(UploadError) as refused:
