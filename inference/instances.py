@@ -60,7 +60,7 @@ def is_single_frame_image(ds: Dataset) -> bool:
 def read_headers(paths: Iterable[Path | str]) -> list[Instance]:
     """The headers of these files, pixels left on disk; an unreadable file is logged and left out.
     A header without SOPClassUID gets the file meta's (a log line says how many)."""
-    headers = []
+    headers: list[Instance] = []
     from_meta = 0
     for name in paths:
         path = Path(name)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import structlog
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_rescale
 
@@ -47,7 +47,7 @@ class Volume:
     def planes(self) -> list[ImagePlane]:
         return [s.plane for s in self.slices]
 
-    def nearest(self, point: NDArray) -> tuple[int, float]:
+    def nearest(self, point: ArrayLike) -> tuple[int, float]:
         """Index of the slice nearest a patient point (that projects into it) and the distance."""
         return nearest_plane(self.planes, point)
 

@@ -83,7 +83,6 @@ class GradeOutcome:
         return cls(GradeResult.FAILED, reason)
 
 
-
 def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: str, log_level: str,
                 memory_mb: int | None = None) -> None:
     """Process-pool initializer: logging, the memory limit, and the ONNX sessions loaded once.
