@@ -230,7 +230,8 @@ class Admission:
             ds, header_end = self._read(fp, end, transfer_syntax, candidate.body)
         try:
             PHI_VALUES.add_from(ds)  # whatever is logged about it from now on is scrubbed of these
-            sop_uid = candidate.sop_instance_uid or _text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID")
+            sop_uid = (candidate.sop_instance_uid or _text(ds, "SOPInstanceUID")
+                       or _text(meta, "MediaStorageSOPInstanceUID"))
             sop_class = candidate.sop_class_uid or _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
             uids = {name: _text(ds, name) for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
             modality = _text(ds, "Modality")
@@ -303,8 +304,7 @@ class Admission:
                 raise Refused(status, Reason.TOO_LARGE if exc.too_large else Reason.UNREADABLE, str(exc)) from None
             fp.seek(start)
             # within the bound: inflated for reading, into memory for bytes, beside the staged file for a file
-            inflated: BinaryIO = io.BytesIO() if isinstance(body, bytes) else tempfile.TemporaryFile(dir=body.parent)
-            with inflated:
+            with io.BytesIO() if isinstance(body, bytes) else tempfile.TemporaryFile(dir=body.parent) as inflated:
                 end = inflate(fp.read, self.max_instance_bytes, inflated)
                 inflated.seek(0)
                 return self._parse(inflated, transfer_syntax), end

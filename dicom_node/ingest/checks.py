@@ -40,7 +40,8 @@ def truncation(ds: Dataset, sop_class_uid: str, transfer_syntax: UID, end: int) 
     if "Image Storage" in as_uid(sop_class_uid).name and PIXEL_DATA not in tags:
         return "an image without Pixel Data"
     last = ds.get_item(tags[-1], keep_deferred=True)
-    if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH and (held := _held(last, end)) != last.length:
+    if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH \
+            and (held := _held(last, end)) != last.length:
         return f"element {last.tag} holds {held} of its {last.length} bytes"
     if PIXEL_DATA in tags and not transfer_syntax.is_compressed:
         try:

@@ -28,7 +28,7 @@ class StagingArea:
         """A new empty file of this area, open for writing (the caller closes it)."""
         self._count += 1
         path = self.folder / f"{self._count:06d}.{kind}"
-        return path, open(path, "xb", buffering=2**20)  # noqa: SIM115 - the caller owns it
+        return path, open(path, "xb", buffering=2**20)
 
     def free_bytes(self) -> int:
         """Free space of the file system the area is on."""

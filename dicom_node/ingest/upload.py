@@ -84,7 +84,7 @@ def admit_upload(files: list[StagedFile], admission: Admission, user: str) -> Up
     if earlier is None and not ledger.add_upload(study_uid, user):  # another upload of it came first
         earlier = ledger.upload(study_uid)
     send_stopped = False
-    if earlier is not None and new and earlier.send:  # added images: the PACS gets nothing before an administrator sends it again
+    if earlier is not None and new and earlier.send:  # images added: nothing to the PACS without an administrator
         send_stopped = ledger.set_upload_send(study_uid, False)
     stored = size = 0
     for item in new:

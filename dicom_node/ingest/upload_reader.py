@@ -107,10 +107,10 @@ class MultipartReader:
         self.area, self.limits, self.before_files = area, limits, before_files
         self.upload = ReceivedUpload()
         self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
-            "on_header_value": self._header_value, "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-            "on_part_end": self._part_end, "on_end": self._end})
+            "on_part_begin": self._on_part_begin, "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value, "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished, "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end, "on_end": self._on_end})
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._disposition = b""
@@ -143,24 +143,24 @@ class MultipartReader:
 
     # -- python-multipart's callbacks ---------------------------------------------------------------
 
-    def _part_begin(self) -> None:
+    def _on_part_begin(self) -> None:
         self._disposition = b""
 
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
 
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
         if len(self._header_value) > self.limits.max_field_bytes:
             raise UploadError(UploadProblem.MALFORMED, "The upload could not be read: a part header is too long")
 
-    def _header_end(self) -> None:
+    def _on_header_end(self) -> None:
         if bytes(self._header_name).lower() == b"content-disposition":
             self._disposition = bytes(self._header_value)
         self._header_name.clear()
         self._header_value.clear()
 
-    def _headers_finished(self) -> None:
+    def _on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" not in options:
@@ -180,7 +180,7 @@ class MultipartReader:
         if name == "files":
             self.upload.files.append(StagedFile(filename, path))
 
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field is not None:
             value = self._field[1]
             value += data[start:end]
@@ -198,14 +198,14 @@ class MultipartReader:
                 raise disk_full()
         self._file.write(data[start:end])
 
-    def _part_end(self) -> None:
+    def _on_part_end(self) -> None:
         if self._field is not None:
             name, value = self._field
             self.upload.fields[name] = value.decode("utf-8", "replace")
             self._field = None
         self._close_file()
 
-    def _end(self) -> None:
+    def _on_end(self) -> None:
         self._ended = True
 
     def _close_file(self) -> None:
@@ -289,11 +289,11 @@ def expand_zips(files: list[StagedFile], area: StagingArea, limits: UploadLimits
                     if len(out) >= limits.max_files:
                         raise UploadError(UploadProblem.TOO_MANY_FILES, f"Too many files: at most {limits.max_files} "
                                           "files in one upload (zip members included)")
-                    if entry.file_size > limits.ratio_exempt_bytes and \
-                            entry.file_size > limits.max_zip_ratio * max(entry.compress_size, 1):
+                    ratio = entry.file_size / max(entry.compress_size, 1)
+                    if entry.file_size > limits.ratio_exempt_bytes and ratio > limits.max_zip_ratio:
                         raise UploadError(UploadProblem.TOO_LARGE, f"Too large: {staged.name} holds a member that "
-                                          f"inflates {entry.file_size / max(entry.compress_size, 1):.0f} times its size "
-                                          f"(at most {limits.max_zip_ratio:g})", 413)
+                                          f"inflates {ratio:.0f} times its size (at most {limits.max_zip_ratio:g})",
+                                          413)
                     if total + entry.file_size > limits.max_bytes:
                         raise too_large(limits.max_bytes)
                     path, total = _extract(archive, entry, area, total, limits)

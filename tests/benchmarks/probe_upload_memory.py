@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.support.procfs import proc_status  # noqa: E402
-from tests.support.served_node import ServedNode, stop_all  # noqa: E402
-from tests.support.uploads import (  # noqa: E402
+from tests.support.procfs import proc_status
+from tests.support.served_node import ServedNode, stop_all
+from tests.support.uploads import (
     CONTENT_TYPE,
     MiB,
     deflate_bomb,

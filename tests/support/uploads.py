@@ -91,13 +91,13 @@ def zip_of_one_image(size_mib: int) -> bytes:
     rows = int((size_mib * MiB // 2) ** 0.5)
     ds, header = _header(rows, 16)
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-        with z.open("a.dcm", "w", force_zip64=True) as member:
-            member.write(file_meta(ds, ExplicitVRLittleEndian) + header)
-            left = rows * rows * 2
-            while left:
-                member.write(bytes(min(MiB, left)))
-                left -= min(MiB, left)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z, \
+            z.open("a.dcm", "w", force_zip64=True) as member:
+        member.write(file_meta(ds, ExplicitVRLittleEndian) + header)
+        left = rows * rows * 2
+        while left:
+            member.write(bytes(min(MiB, left)))
+            left -= min(MiB, left)
     return out.getvalue()
 
 

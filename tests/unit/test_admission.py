@@ -131,7 +131,8 @@ def test_a_received_instance_is_spooled_recorded_counted_and_audited(admission: 
     verdict = admission.admit(candidate, batch)
     assert verdict.outcome is Outcome.NEW and verdict.status == StoreStatus.SUCCESS and verdict.admitted
     item = verdict.instance
-    assert item.target == admission.spool.resolve() / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    spool = admission.spool.resolve()
+    assert item.target == spool / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     assert item.target.read_bytes() == candidate.file_meta() + candidate.body  # byte for byte, pynetdicom's meta
     assert pydicom.dcmread(item.target).PatientName == "DOE^JANE" and item.series_size == 12
     assert admission.ledger.study(ds.StudyInstanceUID).instances == 1
