@@ -2,14 +2,16 @@
 
 pynetdicom names only a few statuses (``pynetdicom.status.Status``: SUCCESS, PENDING, ...); the
 Storage Service Class statuses the node answers and accepts are named here, with the meanings of
-``pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS`` (a unit test checks they agree).
+``pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS`` (a unit test checks they agree). Which statuses
+mean "stored" is pynetdicom's call (``code_to_category``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
 from enum import IntEnum
 
-from pynetdicom.status import Status
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, Status, code_to_category
 
 
 class StoreStatus(IntEnum):
@@ -24,9 +26,21 @@ class StoreStatus(IntEnum):
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
 
 
-#: The statuses that mean "stored" to a sender: success, and the warnings.
-STORED = frozenset({StoreStatus.SUCCESS, StoreStatus.COERCION_OF_DATA_ELEMENTS, StoreStatus.ELEMENTS_DISCARDED,
-                    StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS})
+def is_stored(status: int) -> bool:
+    """Whether a C-STORE response status means "stored" to a sender: success, or a warning
+    (PS3.7 C.4: the instance was stored, maybe coerced); pynetdicom's categories."""
+    return isinstance(status, int) and status >= 0 and code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
+class _Stored(Container[int]):
+    """``status in STORED``: ``is_stored`` as a container."""
+
+    def __contains__(self, status: object) -> bool:
+        return isinstance(status, int) and is_stored(status)
+
+
+#: The statuses that mean "stored" to a sender (``is_stored``): success, and the warnings.
+STORED: Container[int] = _Stored()
 
 
 class RejectResult(IntEnum):

@@ -41,12 +41,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(data: bytes, target: Path, fsync: bool = True) -> None:
-    """Write to a temporary file in the target's folder, fsync, rename into place, fsync the folder."""
+def write_durably(data: bytes, target: Path, fsync: bool = True, mode: int | None = None) -> None:
+    """Write to a temporary file in the target's folder, fsync, rename into place, fsync the folder.
+    The file is created 0600 (``tempfile.mkstemp``); ``mode`` sets its permission bits before the
+    rename, so that the target never has others."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             if fsync:
                 f.flush()
