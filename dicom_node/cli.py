@@ -10,11 +10,11 @@ import click
 import yaml
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.logconfig import PHI_VALUES, configure_logging
+from dicom_node.observability import PHI_VALUES, configure_logging
 from inference import __version__
 
 
-def _settings(ctx: click.Context) -> Settings:
+def settings_of(ctx: click.Context) -> Settings:
     """Load (once) the settings named by ``--config`` and the environment; configure logging."""
     obj = ctx.ensure_object(dict)
     if "settings" not in obj:
@@ -51,8 +51,8 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
     configure_logging("auto", "INFO")  # commands that read the settings reconfigure it from them
 
 
-#: The entry-point group through which the phantom's, training's and export's commands join this
-#: one (pyproject.toml); the node imports none of their code.
+#: The entry-point group through which the demo's, phantom's, training's and export's commands join
+#: this one (pyproject.toml); the node imports none of their code.
 COMMAND_GROUP = "lumbar_node.commands"
 
 
@@ -66,7 +66,7 @@ def add_registered_commands(group: click.Group) -> None:
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Validate the configuration and print the effective settings (defaults, file, environment)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     click.echo(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
@@ -85,7 +85,7 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     """
     from dicom_node.predict import predict_folder
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     model_dir = model_dir or settings.models.dir
     try:
         predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out,
@@ -111,9 +111,9 @@ def serve_command(ctx: click.Context) -> None:
     import threading
     from concurrent.futures.process import BrokenProcessPool
 
-    from dicom_node.node import Node, run_until_signalled
+    from dicom_node.service import Node, run_until_signalled
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -121,33 +121,6 @@ def serve_command(ctx: click.Context) -> None:
         run_until_signalled(Node(settings), stop)
     except (OSError, BrokenProcessPool) as exc:  # the port is taken, the spool unwritable, the model unloadable
         raise click.ClickException(f"cannot start the node: {type(exc).__name__}: {exc}") from None
-
-
-@main.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo-node"),
-              show_default=True, help="Folder for the phantom study, Orthanc's storage and the node's spool/results.")
-@click.option("--seed", type=int, default=7, show_default=True, help="Phantom seed of the study sent.")
-@click.pass_context
-def demo_command(ctx: click.Context, workdir: Path, seed: int) -> None:
-    """The whole loop on this machine: Orthanc as the PACS, the node, a phantom study.
-
-    Starts a real Orthanc (Debian's package) that routes stable studies to the node, sends it a
-    phantom lumbar spine MRI, waits until the node's SR and Grad-CAM images are back in the same
-    study in Orthanc, and prints the graded table with the paths of the SR and SC.
-    Phantom data and a phantom-trained model: not for diagnosis.
-    """
-    import shutil
-    import signal
-
-    from dicom_node.demo import run_demo
-
-    _settings(ctx)  # validates the configuration and sets up logging
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the node and Orthanc on SIGTERM too
-    shutil.rmtree(workdir, ignore_errors=True)
-    try:
-        run_demo(workdir, seed, click.echo, ctx.obj.get("config_file"))
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        raise click.ClickException(f"demo failed: {exc}") from None
 
 
 @main.command("reprocess")
@@ -158,9 +131,9 @@ def reprocess_command(ctx: click.Context, study_uid: str) -> None:
 
     The running node picks it up at its next sweep; the new report supersedes the previous one.
     """
-    from dicom_node.ledger import Ledger
+    from dicom_node.store import Ledger
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     ledger = Ledger(settings.storage.ledger_path)
     try:
         if not ledger.reopen(study_uid):
@@ -181,9 +154,9 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     import json
     from datetime import datetime
 
-    from dicom_node.ledger import Ledger
+    from dicom_node.store import Ledger
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if not settings.storage.ledger_path.exists():
         raise click.ClickException(f"no ledger at {settings.storage.ledger_path}: the node has not received anything yet")
     ledger = Ledger(settings.storage.ledger_path)
@@ -214,9 +187,9 @@ def user_add_command(ctx: click.Context, name: str, role: str) -> None:
     """Add (or replace) the account NAME; its password is read from standard input (one line)."""
     import sys
 
-    from dicom_node.accounts import AccountError, Role, add_account
+    from dicom_node.web.accounts import AccountError, Role, add_account
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:

@@ -26,11 +26,13 @@ from pydantic import (
 )
 from pynetdicom import _config as pynetdicom_config  # pynetdicom's documented settings module
 
+from dicom_node.errors import NodeError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "default.yaml"
 ENV_PREFIX = "LUMBAR_NODE__"
 
 
-class ConfigError(ValueError):
+class ConfigError(NodeError, ValueError):
     """The configuration is unreadable or invalid; the message names the key and where it came from."""
 
 

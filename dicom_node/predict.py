@@ -6,17 +6,18 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicom_node.grading import nothing_assessed
-from dicom_node.logconfig import PHI_VALUES, get_logger
-from dicom_node.outputs import (
+from dicom_node.observability import PHI_VALUES, get_logger
+from dicom_node.pipeline import nothing_assessed
+from dicom_node.results import (
     PDF_GLOB,
     SC_FOLDER,
     OutputKind,
     RunOutputs,
     previous_outputs,
+    result_json,
+    result_table,
     write_run,
 )
-from dicom_node.summary import result_json, result_table
 from inference.analyze import StudyResult, analyze_study
 from inference.instances import Instance, read_folder
 from inference.runtime import OnnxRunner

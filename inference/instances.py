@@ -28,7 +28,7 @@ log = structlog.stdlib.get_logger(__name__)
 Instance = tuple[Dataset, Path]
 
 #: The SOP classes of MR images (what ``is_mr`` goes by when a file has no Modality; the Modality
-#: highdicom needs for an Image Library entry, see dicom_node.sources).
+#: highdicom needs for an Image Library entry, see dicom_node.results.sources).
 MR_SOP_CLASSES: frozenset[UID] = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})
 
 

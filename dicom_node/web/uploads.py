@@ -14,18 +14,17 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.durable import write_durably
-from dicom_node.ledger import Ledger, Recorded
-from dicom_node.logconfig import PHI_VALUES
-from dicom_node.safety import UnsafePath, uid_problem
+from dicom_node.errors import NodeError
+from dicom_node.ingest import reopens_study
+from dicom_node.observability import PHI_VALUES
 from dicom_node.states import EventKind
-from dicom_node.storage_scp import reopens_study, spool_path
+from dicom_node.store import Ledger, Recorded, UnsafePath, spool_path, uid_problem, write_durably
 
 EXPECTED = "DICOM files (Part 10, with the 'DICM' marker), a folder of them, or a .zip of them"
 UPLOAD_AET = "UPLOAD"
 
 
-class UploadError(ValueError):
+class UploadError(NodeError, ValueError):
     """An upload that is refused; the message is shown to the user as it is."""
 
 

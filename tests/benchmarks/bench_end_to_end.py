@@ -36,7 +36,7 @@ from typing import Any
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
-from dicom_node.orthanc import Orthanc, running_orthanc, storescu
+from demo.orthanc import Orthanc, running_orthanc, storescu
 from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, wait_for
 
 ROLES = {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"}

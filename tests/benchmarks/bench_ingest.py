@@ -4,7 +4,7 @@
 
 Receivers: (a) the node as it runs, `lumbar-node serve` (storage SCP + ledger; nothing released
 for grading during the run), with storage.fsync on (the product default) and off; (b) DCMTK storescp (--fork, +B
-bit-preserving, default 16 KB PDU, no fsync); (c) a real Orthanc (dicom_node.orthanc.running_orthanc,
+bit-preserving, default 16 KB PDU, no fsync); (c) a real Orthanc (demo.orthanc.running_orthanc,
 its defaults: SyncStorageArea=true, i.e. fdatasync of each file, SQLite index, 4 DICOM threads, 16 KB PDU).
 storage.fsync=false skips the node's file and folder fsyncs only: the ledger (SQLite WAL,
 synchronous=FULL) still syncs each C-STORE's commit.
@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.orthanc import ORTHANC_AET, free_port, running_orthanc, storescu
+from demo.orthanc import ORTHANC_AET, free_port, running_orthanc, storescu
 
 CALLING = "BENCH"
 NODE_AET = "LUMBAR_AI"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from dicom_node.accounts import Role, add_account
 from dicom_node.config import load_settings
-from dicom_node.ledger import Ledger
-from dicom_node.metrics import NodeMetrics
+from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind, StudyState
+from dicom_node.store.ledger import Ledger
+from dicom_node.web.accounts import Role, add_account
 from dicom_node.web.app import WebContext, build_app
 from dicom_node.web.security import AccountsFile
 
@@ -39,6 +39,9 @@ class _Node:
 
     def release_now(self, study_uid: str) -> None:
         pass
+
+    def queued(self) -> int:
+        return 0
 
 
 def fill(ledger_path: Path, studies: int, instances: int) -> float:

@@ -52,7 +52,7 @@ from pydicom.uid import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
 
-from dicom_node.ledger import Ledger  # noqa: E402
+from dicom_node.store.ledger import Ledger  # noqa: E402
 from tests.support.procfs import children, cpu_seconds, proc_status  # noqa: E402
 from tests.support.raw_dicom import echo, encode, raw_bytes, raw_store  # noqa: E402
 from tests.support.served_node import SENDER_AET, ServedNode, wait_for  # noqa: E402

@@ -26,8 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.dimse import StoreStatus
-from dicom_node.orthanc import storescu
+from demo.orthanc import storescu
+from dicom_node.dicom.statuses import StoreStatus
 from tests.support.procfs import children, proc_status
 from tests.support.raw_dicom import encode, raw_bytes, raw_store
 from tests.support.served_node import (

@@ -21,7 +21,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from dicom_node.orthanc import Orthanc, free_port, running_orthanc, storescu
+from demo.orthanc import Orthanc, free_port, running_orthanc, storescu
 from tests.support.served_node import (
     NODE_AET,
     SENDER_AET,

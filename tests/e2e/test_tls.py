@@ -13,9 +13,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from demo.orthanc import free_port, storescu
 from dicom_node.config import Destination, TLSSettings
-from dicom_node.delivery import DeliveryError, send_files
-from dicom_node.orthanc import free_port, storescu
+from dicom_node.dicom.scu import DeliveryError, send_files
 from tests.support.certs import CertificateAuthority, KeyPair
 from tests.support.served_node import (
     NODE_AET,

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
-from dicom_node.orthanc import Orthanc, free_port, running_orthanc, storescu
+from demo.orthanc import Orthanc, free_port, running_orthanc, storescu
 from tests.support.browser import Shots, chromium, require_chromium
 from tests.support.served_node import NODE_AET, ServedNode, stop_all, wait_for
 from tests.support.tools import normal_study

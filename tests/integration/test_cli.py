@@ -32,6 +32,6 @@ def test_bad_config_value_fails_at_start_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_serving_path_does_not_import_torch() -> None:
-    code = ("import sys, dicom_node.cli, dicom_node.config, dicom_node.logconfig, inference.labels, "
+    code = ("import sys, dicom_node.cli, dicom_node.config, dicom_node.observability, inference.labels, "
             "inference.geometry; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from dicom_node.grading import RUNNING_MARKER
-from dicom_node.identity import DISCLAIMER, MANUFACTURER
-from dicom_node.outputs import RunFolder
+from dicom_node.pipeline.worker import RUNNING_MARKER
+from dicom_node.results.identity import DISCLAIMER, MANUFACTURER
+from dicom_node.results.writer import RunFolder
 from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
 from tests.support.tools import lumbar_node
 

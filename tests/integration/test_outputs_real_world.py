@@ -23,7 +23,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import EnhancedMRImageStorage
 
-from dicom_node.outputs import write_run
+from dicom_node.results.writer import write_run
 from inference.analyze import analyze_study
 from inference.runtime import OnnxRunner
 from tests.support.dicom_tools import (

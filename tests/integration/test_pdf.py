@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
-from dicom_node.identity import DISCLAIMER_LINES
-from dicom_node.pdf import GRADE_COLOUR, PDF_SERIES_NUMBER, pdf_document, read_pdf
+from dicom_node.results.identity import DISCLAIMER_LINES
+from dicom_node.results.pdf import GRADE_COLOUR, PDF_SERIES_NUMBER, pdf_document, read_pdf
 from inference.labels import Severity
 from tests.support.dicom_tools import dciodvfy_errors
 from tests.support.tools import lumbar_node, require_tool

@@ -14,10 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node import codes as C
-from dicom_node.identity import MANUFACTURER, model_device_uid
-from dicom_node.sources import ImageKey, image_key
-from dicom_node.sr import build_sr, percent
+from dicom_node.results import codes as C
+from dicom_node.results.identity import MANUFACTURER, model_device_uid
+from dicom_node.results.sources import ImageKey, image_key
+from dicom_node.results.sr import build_sr, percent
 from inference.analyze import (
     AssessedLabel,
     LabelResult,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from demo.orthanc import free_port, storescu
 from dicom_node.config import load_settings
-from dicom_node.ledger import Ledger
-from dicom_node.orthanc import free_port, storescu
-from dicom_node.storage_scp import StorageSCP
+from dicom_node.dicom.scp import StorageSCP
+from dicom_node.store.ledger import Ledger
 
 CALLING = "LUMBAR_TEST"
 

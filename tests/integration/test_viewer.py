@@ -16,11 +16,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node import codes as C
-from dicom_node.orthanc import running_orthanc, storescu
-from dicom_node.pdf import PDF_SERIES_DESCRIPTION
-from dicom_node.sc import SC_SERIES_DESCRIPTION
-from dicom_node.sr import SR_SERIES_DESCRIPTION
+from demo.orthanc import running_orthanc, storescu
+from dicom_node.results import codes as C
+from dicom_node.results.pdf import PDF_SERIES_DESCRIPTION
+from dicom_node.results.sc import SC_SERIES_DESCRIPTION
+from dicom_node.results.sr import SR_SERIES_DESCRIPTION
 from tests.support.ohif import ViewerCheck, check_in_ohif, require_viewer, serving_ohif
 from tests.support.tools import lumbar_node
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from dicom_node import codes as C
+from dicom_node.results import codes as C
 from tests.support.tools import require_tool
 
 ROOT = '/CONTAINER (126000,DCM,"Imaging Measurement Report")'

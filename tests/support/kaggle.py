@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom import dcmwrite
 
-from dicom_node.sources import image_key
+from dicom_node.results.sources import image_key
 from inference.rsna_layout import IMAGES_DIR, SERIES_CSV
 from tests.support.tools import PHANTOM_SEED, lumbar_node
 

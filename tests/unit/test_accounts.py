@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.accounts import AccountError, Role, add_account, authenticate, load_accounts
+from dicom_node.web.accounts import AccountError, Role, add_account, authenticate, load_accounts
 from dicom_node.web.security import AccountsFile, basic_credentials, csrf_ok, session_user, sign_in
 
 

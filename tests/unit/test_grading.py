@@ -10,10 +10,11 @@ import pydicom
 import pytest
 
 from dicom_node.config import load_settings
-from dicom_node.grading import Skip, has_all_roles, nothing_assessed, skip_reason
-from dicom_node.ledger import Ledger
+from dicom_node.dicom.scp import StorageSCP
+from dicom_node.ingest.checks import reopens_study
+from dicom_node.pipeline.eligibility import Skip, has_all_roles, nothing_assessed, skip_reason
 from dicom_node.states import SkipReason
-from dicom_node.storage_scp import StorageSCP, reopens_study
+from dicom_node.store.ledger import Ledger
 from inference.analyze import AssessedLabel, Location, NotAssessedLabel, NotAssessedReason, StudyResult
 from inference.labels import LABELS
 from inference.model import ModelInfo

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from pydicom.uid import MRImageStorage
 
-from dicom_node import ledger as ledger_module
+from dicom_node.store import ledger as ledger_module
 from dicom_node.config import DeliverySettings
-from dicom_node.delivery import backoff
-from dicom_node.ledger import (
+from dicom_node.pipeline.delivery import backoff
+from dicom_node.states import EventKind, StudyState
+from dicom_node.store.ledger import (
     MIGRATIONS,
     SCHEMA_VERSION,
     Ledger,
@@ -22,7 +23,6 @@ from dicom_node.ledger import (
     Recorded,
     Report,
 )
-from dicom_node.states import EventKind, StudyState
 
 
 @pytest.fixture

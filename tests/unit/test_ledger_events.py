@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.ledger import Ledger, Report
 from dicom_node.states import DeliveryState, EventKind, StudyState
+from dicom_node.store.ledger import Ledger, Report
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

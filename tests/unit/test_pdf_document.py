@@ -1,4 +1,4 @@
-"""dicom_node.pdf.pdf_document: the PDF out of Encapsulated PDF data sets as other writers make them.
+"""dicom_node.results.pdf.pdf_document: the PDF out of Encapsulated PDF data sets as other writers make them.
 (The node's own PDF: tests/integration/test_pdf.py.)"""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.pdf import pdf_document
+from dicom_node.results.pdf import pdf_document
 
 DOCUMENT = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"  # 46 bytes
 

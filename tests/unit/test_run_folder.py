@@ -1,4 +1,4 @@
-"""dicom_node.outputs.RunFolder on folders that are not (or no longer) what the writer left: a
+"""dicom_node.results.writer.RunFolder on folders that are not (or no longer) what the writer left: a
 purged run, a results.json that cannot be read. (The writer's own folders: tests/integration/
 test_outputs.py.)"""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.outputs import RunFolder
+from dicom_node.results.writer import RunFolder
 
 
 def test_a_purged_run_has_nothing_to_send_and_no_roles(tmp_path: Path) -> None:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.safety import UnsafePath, remove_tree, uid_problem, under
-from dicom_node.storage_scp import (
+from dicom_node.ingest.checks import (
     image_size_problem,
     inflated_size_problem,
     series_size_of,
 )
+from dicom_node.store.paths import UnsafePath, remove_tree, uid_problem, under
 from inference.geometry import ImagePlane
 from inference.series import group_series
 

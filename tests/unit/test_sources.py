@@ -1,4 +1,4 @@
-"""dicom_node.sources: what the outputs copy from real-world source headers, valid values only."""
+"""dicom_node.results.sources: what the outputs copy from real-world source headers, valid values only."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from structlog.testing import capture_logs
 
-from dicom_node.sources import (
+from dicom_node.results.sources import (
     column_spacing,
     image_key,
     number,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from dicom_node.dimse import STORED, StoreStatus, is_stored
-from dicom_node.ledger import Ledger
+from dicom_node.dicom.statuses import STORED, StoreStatus, is_stored
 from dicom_node.states import DeliveryState, GradeResult, StudyState
+from dicom_node.store.ledger import Ledger
 from inference.labels import ConditionGroup
 from inference.model import ModelError, ModelMetadata, file_sha256
 from inference.runtime import DEFAULT_MODEL_DIR

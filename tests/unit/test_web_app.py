@@ -15,18 +15,18 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from starlette.testclient import TestClient
 
-from dicom_node.accounts import Role, add_account
 from dicom_node.config import load_settings
-from dicom_node.ledger import Ledger
-from dicom_node.metrics import NodeMetrics
+from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind
+from dicom_node.store.ledger import Ledger
+from dicom_node.web.accounts import Role, add_account
 from dicom_node.web.app import WebContext, build_app
 from dicom_node.web.security import AccountsFile
 from dicom_node.web.uploads import UploadError, parse_upload
 
 
 class FakeNode:
-    """What the app asks of the node, recorded."""
+    """What the app asks of the node (web.NodeActions), recorded."""
 
     def __init__(self) -> None:
         self.metrics = NodeMetrics()
@@ -42,6 +42,9 @@ class FakeNode:
 
     def release_now(self, study_uid: str) -> None:
         self.released.append(study_uid)
+
+    def queued(self) -> int:
+        return 0
 
 
 @pytest.fixture

@@ -40,9 +40,9 @@ from highdicom.sr.templates import Template
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node import codes as C
-from dicom_node.identity import DEVICE_NAME, DEVICE_UID, MANUFACTURER, MODEL_NAME
-from dicom_node.sources import (
+from dicom_node.results import codes as C
+from dicom_node.results.identity import DEVICE_NAME, DEVICE_UID, MANUFACTURER, MODEL_NAME
+from dicom_node.results.sources import (
     REGION_RADIUS_MM,
     ImageKey,
     PatientStudy,
@@ -112,7 +112,7 @@ def _tracking(study_uid: str, r: LabelResult) -> TrackingIdentifier:
 def _assessed_group(result: StudyResult, r: AssessedLabel, source: Dataset,
                     reference: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 for a graded label: a 4 mm circle on the source image (``reference``: its UIDs and
-    SOP class, see dicom_node.sources), the grade (ordinal NUM), the three class probabilities and
+    SOP class, see results.sources), the grade (ordinal NUM), the three class probabilities and
     the coded severity."""
     x, y = r.location.pixel
     region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
@@ -174,7 +174,7 @@ def build_sr(result: StudyResult, sources: Mapping[ImageKey, Dataset], *, series
              patient: PatientStudy | None = None) -> hd.sr.ComprehensiveSR:
     """The report for one graded study. ``sources`` maps (SeriesInstanceUID, SOPInstanceUID) -> the
     source image header (at least every image a finding is located on). ``patient`` holds the
-    patient/study attributes to write (dicom_node.sources; made from the sources when not given).
+    patient/study attributes to write (results.sources; made from the sources when not given).
     A re-run passes the earlier report(s) of the study as ``predecessors``: the new one lists them
     in its Predecessor Documents Sequence and is written into their series (``series_uid``)."""
     patient = patient or patient_study(sources.values(), result.study_uid)

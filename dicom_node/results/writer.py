@@ -24,11 +24,11 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.pdf import build_pdf, key_findings
-from dicom_node.sc import build_sc_images
-from dicom_node.sources import image_key, location_key, patient_study
-from dicom_node.sr import build_sr
-from dicom_node.summary import result_json, result_table
+from dicom_node.results.pdf import build_pdf, key_findings
+from dicom_node.results.sc import build_sc_images
+from dicom_node.results.sources import image_key, location_key, patient_study
+from dicom_node.results.sr import build_sr
+from dicom_node.results.text import result_json, result_table
 from inference.analyze import AssessedLabel, StudyResult
 from inference.instances import Instance
 
@@ -165,7 +165,7 @@ class RunOutputs:
 @dataclass(frozen=True)
 class Supersedes:
     """What a new run replaces: the report it supersedes and the heatmaps' series it keeps (the
-    PDF's series follows from the report's, see dicom_node.pdf)."""
+    PDF's series follows from the report's, see results.pdf)."""
 
     sr: Dataset
     sc_series_uid: str | None
@@ -182,7 +182,7 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
 
     ``instances`` are the study's headers with their paths, keyed by (series, SOP instance); the
     images a finding is located on are read in full for the heatmaps. The patient/study
-    attributes are read once, defensively (dicom_node.sources). With ``supersedes`` the new report lists the old one as its
+    attributes are read once, defensively (results.sources). With ``supersedes`` the new report lists the old one as its
     predecessor (same series, next instance number), the heatmaps keep their series and so does
     the PDF (its series follows from the report's).
     """

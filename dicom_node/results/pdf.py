@@ -28,8 +28,8 @@ from reportlab.lib.pagesizes import A4
 from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen.canvas import Canvas
 
-from dicom_node.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER, MODEL_NAME
-from dicom_node.sources import PatientStudy, algorithm_equipment, patient_study, sop_reference
+from dicom_node.results.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER, MODEL_NAME
+from dicom_node.results.sources import PatientStudy, algorithm_equipment, patient_study, sop_reference
 from inference import __version__
 from inference.analyze import AssessedLabel, NotAssessedLabel, StudyResult
 from inference.labels import CONDITIONS, LABELS, Label, Level, Severity
@@ -234,7 +234,7 @@ def build_pdf(result: StudyResult, sr: Dataset, source: Dataset,
               heatmaps: Sequence[tuple[AssessedLabel, Dataset]], patient: PatientStudy | None = None) -> Dataset:
     """The Encapsulated PDF instance for a study's report ``sr``: the summary of ``result`` with the
     key heatmaps (label, Secondary Capture) on it, in the PDF series of the SR's series. ``patient``
-    holds the patient/study attributes (dicom_node.sources); when not given they are made from
+    holds the patient/study attributes (results.sources); when not given they are made from
     ``source``, one of the study's images. Its file meta names only the transfer syntax: pydicom
     completes it when the file is written with ``save_as(path, enforce_file_format=True)``."""
     patient = patient or patient_study([source], result.study_uid)

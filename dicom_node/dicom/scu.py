@@ -1,5 +1,5 @@
-"""Sending result files (SR, SC) to a destination by C-STORE (pynetdicom as the SCU), and the
-retry schedule."""
+"""Sending result files (SR, SC, PDF) to a destination by C-STORE (pynetdicom as the SCU). The
+retry schedule is the pipeline's (``pipeline.delivery``)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,16 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node.config import DeliverySettings, Destination
-from dicom_node.dimse import STORED
+from dicom_node.config import Destination
+from dicom_node.dicom.statuses import STORED
+from dicom_node.errors import NodeError
 from dicom_node.tls import client_context
 
+__all__ = ["DeliveryError", "send_files"]
 
-class DeliveryError(RuntimeError):
+
+class DeliveryError(NodeError, RuntimeError):
     """A destination did not store every file; the message says why (for the ledger and the log)."""
-
-
-def backoff(attempt: int, settings: DeliverySettings) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): doubling, capped."""
-    return min(settings.backoff_initial_s * 2 ** (attempt - 1), settings.backoff_max_s)
 
 
 def send_files(destination: Destination, calling_aet: str, paths: list[Path], timeout: float = 30.0) -> None:

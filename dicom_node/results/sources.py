@@ -29,9 +29,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-from dicom_node import codes as C
-from dicom_node.identity import DISCLAIMER, MANUFACTURER, model_device_uid
-from dicom_node.logconfig import get_logger
+from dicom_node.observability import get_logger
+from dicom_node.results import codes as C
+from dicom_node.results.identity import DISCLAIMER, MANUFACTURER, model_device_uid
 from inference.analyze import Location, StudyResult
 from inference.instances import MR_SOP_CLASSES, sop_class_uid
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pydicom
 
+from demo.orthanc import ORTHANC_AET, free_port, running_orthanc
 from dicom_node.config import Destination, Settings, load_settings
-from dicom_node.delivery import send_files
-from dicom_node.ledger import Study
-from dicom_node.node import Node
-from dicom_node.orthanc import ORTHANC_AET, free_port, running_orthanc
-from dicom_node.outputs import PDF_GLOB, SC_FOLDER, TABLE_FILE
+from dicom_node.dicom import send_files
+from dicom_node.results import PDF_GLOB, SC_FOLDER, TABLE_FILE
+from dicom_node.service import Node
 from dicom_node.states import StudyState
+from dicom_node.store import Study
 from inference.rsna_layout import IMAGES_DIR
 from phantom.generate import generate_dataset
 

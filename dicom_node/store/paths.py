@@ -7,11 +7,13 @@ import re
 import shutil
 from pathlib import Path
 
+from dicom_node.errors import NodeError
+
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 MAX_UID_LENGTH = 64
 
 
-class UnsafePath(ValueError):
+class UnsafePath(NodeError, ValueError):
     """A path built from received values would leave the node's folder."""
 
 

@@ -18,7 +18,8 @@ import yaml
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from dicom_node.durable import write_durably
+from dicom_node.errors import NodeError
+from dicom_node.store.durable import write_durably
 
 USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MIN_PASSWORD = 8
@@ -27,7 +28,7 @@ _HASHER = PasswordHasher()
 _DUMMY_HASH = _HASHER.hash("not a password of anyone")
 
 
-class AccountError(ValueError):
+class AccountError(NodeError, ValueError):
     """An account that cannot be written or an accounts file that cannot be read: the message says why."""
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from dicom_node.outputs import JSON_FILE, PDF_GLOB, SC_FOLDER
+from dicom_node.results import JSON_FILE, PDF_GLOB, SC_FOLDER
 from inference.labels import CONDITIONS, LEVELS, SEVERITY_NAMES
 
 NORMAL = SEVERITY_NAMES[0]

@@ -1,5 +1,5 @@
 """Grading one spooled study, in a worker process of the node: read the headers, check that it is a
-lumbar spine MRI, run the ONNX model, write the SR and Grad-CAM SCs into the run's folder.
+lumbar spine MRI (``eligibility``), run the ONNX model, write the run's outputs into its folder.
 
 The worker never touches the ledger; it returns a GradeOutcome and the node records it.
 """
@@ -16,27 +16,19 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.identity import DISCLAIMER
-from dicom_node.logconfig import PHI_VALUES, configure_logging, get_logger
-from dicom_node.outputs import OutputKind, RunOutputs, Supersedes, write_run
-from dicom_node.states import GradeResult, SkipReason
-from inference.analyze import (
-    AnalysisLimits,
-    NotAssessedLabel,
-    NotAssessedReason,
-    StudyResult,
-    analyze_study,
-)
-from inference.instances import Instance, is_mr, read_headers
-from inference.labels import SeriesRole
+from dicom_node.errors import NodeError
+from dicom_node.observability import PHI_VALUES, configure_logging, get_logger
+from dicom_node.pipeline.eligibility import mr_images, nothing_assessed, skip_reason
+from dicom_node.results import DISCLAIMER, OutputKind, RunOutputs, Supersedes, write_run
+from dicom_node.states import GradeResult
+from inference.analyze import AnalysisLimits, analyze_study
+from inference.instances import read_headers
 from inference.runtime import OnnxRunner
-from inference.series import assign_roles, group_series, role_of
+
+__all__ = ["MIXED_PATIENTS", "RUNNING_MARKER", "GradeJob", "GradeOutcome", "GradingTimeout", "grade", "init_worker",
+           "worker_ready"]
 
 log = get_logger(__name__)
-
-# BodyPartExamined values (PS3.16 CID 4031 defined terms and common variants) that are a lumbar spine.
-LUMBAR_BODY_PARTS = frozenset({"LSPINE", "SPINE", "TLSPINE", "LSSPINE", "LUMBAR", "LUMBARSPINE", "L-SPINE"})
-ALL_ROLES = frozenset(SeriesRole)
 
 MIXED_PATIENTS = "instances of more than one patient (PatientID differs): not graded, nothing sent"
 
@@ -47,7 +39,7 @@ RUNNING_MARKER = ".grading"
 _runner: OnnxRunner | None = None
 
 
-class GradingTimeout(Exception):
+class GradingTimeout(NodeError):
     """The grading of one study took longer than ``limits.grading_timeout_s``."""
 
 
@@ -91,17 +83,6 @@ class GradeOutcome:
         return cls(GradeResult.FAILED, reason)
 
 
-@dataclass(frozen=True)
-class Skip:
-    """Why a study is not graded: the kind, and what was found (the ledger's reason is its text)."""
-
-    why: SkipReason
-    found: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.why.value} ({self.found})" if self.found else self.why.value
-
-
 def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: str, log_level: str,
                 memory_mb: int | None = None) -> None:
     """Process-pool initializer: logging, the memory limit, and the ONNX sessions loaded once.
@@ -140,45 +121,6 @@ def worker_ready() -> dict[str, object]:
     info = runner.info
     return {"model": info.name, "version": info.version, "sha256": info.sha256[:12], "providers": runner.providers}
 
-
-def mr_images(headers: list[Instance]) -> list[Instance]:
-    """The MR instances among a study's headers (our own SR/SC and anything else left out)."""
-    return [(ds, p) for ds, p in headers if is_mr(ds)]
-
-
-def skip_reason(headers: list[Instance]) -> Skip | None:
-    """Why this study is not a lumbar spine MRI we can grade, or None if it is."""
-    if not headers:
-        return Skip(SkipReason.NO_INSTANCES)
-    modalities = sorted({str(ds.get("Modality", "")) or "none" for ds, _ in headers})
-    mr = mr_images(headers)
-    if not mr:
-        return Skip(SkipReason.NOT_MR, f"modality {', '.join(modalities)}")
-    parts = sorted({str(ds.get("BodyPartExamined", "")).upper() for ds, _ in mr} - {""})
-    if parts and not LUMBAR_BODY_PARTS.intersection(parts):
-        return Skip(SkipReason.NOT_LUMBAR, f"BodyPartExamined {', '.join(parts)}")
-    if not assign_roles(group_series(mr)):
-        return Skip(SkipReason.NO_SERIES)
-    return None
-
-
-def nothing_assessed(result: StudyResult) -> Skip | None:
-    """A study of which no label could be graded (no sagittal series, levels not found, no usable
-    series) is not reported: the reasons, or None when something was graded."""
-    if result.assessed():
-        return None
-    counts: dict[str, int] = {}
-    for r in result.labels:
-        if isinstance(r, NotAssessedLabel):  # the per-level wordings of one kind are told once
-            key = r.why.value if r.why is NotAssessedReason.NOT_COVERED else r.reason
-            counts[key] = counts.get(key, 0) + 1
-    return Skip(SkipReason.NOTHING_ASSESSED, "; ".join(f"{why}: {n} labels" for why, n in counts.items()))
-
-
-def has_all_roles(headers: list[pydicom.Dataset]) -> bool:
-    """Whether these headers (one or more per series) cover Sagittal T1, Sagittal T2/STIR and Axial T2."""
-    roles = {role_of(s) for s in group_series((ds, None) for ds in headers)}
-    return ALL_ROLES <= roles
 
 
 def _timed_out(signum: int, frame: object) -> None:

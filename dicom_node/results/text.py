@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dicom_node.identity import DISCLAIMER
+from dicom_node.results.identity import DISCLAIMER
 from inference.analyze import AssessedLabel, StudyResult
 from inference.labels import SEVERITY_NAMES
 

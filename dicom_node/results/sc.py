@@ -14,9 +14,9 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
-from dicom_node.logconfig import get_logger
-from dicom_node.sources import (
+from dicom_node.observability import get_logger
+from dicom_node.results.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
+from dicom_node.results.sources import (
     REGION_RADIUS_MM,
     ImageKey,
     PatientStudy,

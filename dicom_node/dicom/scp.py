@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import shutil
-import socket
-import socketserver
 import threading
 import time
-import zlib
 from pathlib import Path
 
-import pynetdicom.association
-import pynetdicom.dul
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -36,27 +28,22 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, StoragePresentationContexts, evt
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import tls
 from dicom_node.config import Settings
-from dicom_node.dimse import (
-    ProviderRejectReason,
-    RejectReason,
-    RejectResult,
-    RejectSource,
-    StoreStatus,
-)
-from dicom_node.durable import write_durably
-from dicom_node.ledger import Ledger, Recorded
-from dicom_node.logconfig import PHI_VALUES, get_logger
-from dicom_node.metrics import NodeMetrics
-from dicom_node.safety import UnsafePath, uid_problem, under
+from dicom_node.dicom import tuning
+from dicom_node.dicom.peers import GuardedServer, PeerGate
+from dicom_node.dicom.statuses import StoreStatus
+from dicom_node.errors import NodeError
+from dicom_node.ingest import image_size_problem, inflated_size_problem, reopens_study, series_size_of, truncation
+from dicom_node.observability import PHI_VALUES, NodeMetrics, get_logger
 from dicom_node.states import EventKind
+from dicom_node.store import Ledger, Recorded, UnsafePath, spool_path, uid_problem, write_durably
+
+__all__ = ["C_STORE_RQ_FIELD", "TRANSFER_SYNTAXES", "Refused", "StorageSCP"]
 
 log = get_logger(__name__)
 
@@ -70,219 +57,15 @@ TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
     JPEGLSNearLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000,
 ]
-PIXEL_DATA = Tag(0x7FE0, 0x0010)
 C_STORE_RQ_FIELD = 0x0001  # Command Field of a C-STORE request (PS3.7 E.1)
-UNDEFINED_LENGTH = 0xFFFFFFFF
-
-# Stored and recorded, but they do not (re)open a study for grading: Structured Reports (our own
-# results coming back from the PACS among them), Secondary Captures, presentation states, PDFs.
-_NOT_GRADED_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.11.",
-                        "1.2.840.10008.5.1.4.1.1.104.")  # ... and encapsulated documents (our PDF)
 
 
-def truncation(ds: Dataset, sop_class_uid: str, transfer_syntax: UID) -> str | None:
-    """Why a received dataset looks cut short, or None. Reads raw element lengths and a few image
-    attributes, never decodes pixels: an image without Pixel Data, a last element shorter than its
-    declared length, or native Pixel Data shorter than Rows x Columns x samples x frames."""
-    tags = list(ds.keys())
-    if not tags:
-        return "empty dataset"
-    if "Image Storage" in UID(sop_class_uid).name and PIXEL_DATA not in tags:
-        return "an image without Pixel Data"
-    last = ds.get_item(tags[-1])
-    if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH and last.value is not None \
-            and len(last.value) != last.length:
-        return f"element {last.tag} holds {len(last.value)} of its {last.length} bytes"
-    if PIXEL_DATA in tags and not transfer_syntax.is_compressed:
-        try:
-            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
-        except (AttributeError, TypeError, ValueError):
-            return "an image without usable Rows, Columns or Bits Allocated"
-        got = len(ds.get_item(PIXEL_DATA).value or b"")
-        if got < expected:
-            return f"Pixel Data holds {got} of the {expected} bytes its image size needs"
-    return None
-
-
-IDLE_POLL_S = 0.1  # an association idle for IDLE_AFTER_S polls ten times a second
-IDLE_AFTER_S = 1.0
-
-
-class _PollClock:
-    """``time`` for pynetdicom's association and DUL modules: their sleeps capped at ``poll_s``
-    while a reactor has work, and ``idle_s`` long once it has had none for ``idle_after_s``.
-
-    pynetdicom's acceptor reactor sleeps a fixed 1 ms between polls of its DIMSE queue, and each
-    association's DUL reactor 1 ms between polls of its socket; neither has a public setting, and
-    each C-STORE waits for such polls: at 4 to 5 ms per image that is a large share. A reactor
-    that calls ``sleep`` again right after the last one returned found nothing to do; once that
-    has lasted ``idle_after_s`` its polls slow down to ``idle_s``, so an idle association costs
-    (near) no CPU, and the first message after the pause waits at most ``idle_s``.
-    """
-
-    BUSY_GAP_S = 0.0005  # more than this between two sleeps of a thread: it did some work
-
-    def __init__(self, poll_s: float, idle_s: float = IDLE_POLL_S, idle_after_s: float = IDLE_AFTER_S):
-        self.poll_s, self.idle_s, self.idle_after_s = poll_s, idle_s, idle_after_s
-        self._threads = threading.local()
-
-    def sleep(self, seconds: float) -> None:
-        state, now = self._threads, time.monotonic()
-        if now - getattr(state, "last_wake", 0.0) > self.BUSY_GAP_S:
-            state.idle_since = now
-        idle = now - getattr(state, "idle_since", now) >= self.idle_after_s
-        time.sleep(max(seconds, self.idle_s) if idle else min(seconds, self.poll_s))
-        state.last_wake = time.monotonic()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-
-def set_poll_interval(poll_s: float) -> None:
-    """Poll pynetdicom's association and DUL reactors every ``poll_s`` seconds instead of every 1 ms.
-
-    This changes pynetdicom for the whole process (every AE in it, the delivery SCU included): the
-    node applies it once, explicitly, when it starts (``node.poll_interval_ms``), never as a side
-    effect of building an object. ``restore_poll_interval`` undoes it.
-    """
-    clock = _PollClock(poll_s)
-    pynetdicom.association.time = clock  # type: ignore[attr-defined]
-    pynetdicom.dul.time = clock  # type: ignore[attr-defined]
-
-
-def restore_poll_interval() -> None:
-    """pynetdicom's own polling again (1 ms)."""
-    pynetdicom.association.time = time  # type: ignore[attr-defined]
-    pynetdicom.dul.time = time  # type: ignore[attr-defined]
-
-
-def reopens_study(sop_class_uid: str) -> bool:
-    """Whether a new instance of this SOP class means its study must be graded (again)."""
-    return not sop_class_uid.startswith(_NOT_GRADED_PREFIXES)
-
-
-class Refused(Exception):
+class Refused(NodeError):
     """An instance the node does not store: the status to answer and why (for the log)."""
 
     def __init__(self, status: StoreStatus, why: str):
         super().__init__(why)
         self.status = status
-
-
-def spool_path(spool: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-    """Where an instance is spooled: spool/<study>/<series>/<SOP instance>.dcm (the RSNA Kaggle
-    files repeat SOP Instance UIDs across series); UnsafePath unless it lies under the spool."""
-    return under(spool, study_uid, series_uid, f"{sop_uid}.dcm")
-
-
-def image_size_problem(ds: Dataset, max_pixels: int) -> str | None:
-    """Why an image's declared size is refused (Rows x Columns x frames x samples over
-    ``max_pixels``, or not numbers), read from the header before anything is decoded."""
-    if PIXEL_DATA not in ds:
-        return None
-    try:
-        pixels = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-                  * int(ds.get("SamplesPerPixel", 1) or 1))
-    except (AttributeError, TypeError, ValueError):
-        return "an image without usable Rows, Columns, NumberOfFrames or SamplesPerPixel"
-    if pixels > max_pixels:
-        return f"an image of {pixels} pixels (Rows x Columns x frames x samples; at most {max_pixels})"
-    return None
-
-
-def inflated_size_problem(raw: bytes, max_bytes: int) -> str | None:
-    """Why a Deflated Explicit VR Little Endian dataset is refused: it inflates beyond ``max_bytes``
-    (checked in bounded steps, so a deflate bomb never inflates in full), or is not deflate data."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total, data = 0, raw
-    try:
-        while data:
-            total += len(inflater.decompress(data, 1 << 20))
-            if total > max_bytes:
-                return f"a deflated dataset that inflates beyond {max_bytes // 2**20} MiB"
-            data = inflater.unconsumed_tail
-    except zlib.error as exc:
-        return f"a deflated dataset that does not inflate ({exc})"
-    return None
-
-
-def series_size_of(ds: Dataset, max_images: int) -> int | None:
-    """ImagesInAcquisition when it is a plausible series size (1..max_images), else None (ignored)."""
-    try:
-        value = int(str(ds.get("ImagesInAcquisition", "")).strip())
-    except (TypeError, ValueError):
-        return None
-    return value if 1 <= value <= max_images else None
-
-
-class _GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with a timeout on each accepted socket (a peer that sends half
-    a PDU is dropped after ``socket_timeout_s`` instead of holding its thread for ever) and a cap
-    on open connections (each costs a thread until it associates or its ACSE timeout ends it):
-    beyond ``max_connections`` a new connection is closed at once."""
-
-    socket_timeout_s: float = 30.0
-    max_connections: int = 64
-
-    def verify_request(self, request: object, client_address: object) -> bool:
-        if len(self.active_associations) < self.max_connections:
-            return True
-        log.warning("closed a connection: too many open connections", limit=self.max_connections)
-        return False
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
-        client.settimeout(self.socket_timeout_s)
-        return client, address
-
-    def shutdown(self) -> None:
-        """Stop serving and close the listening socket (this server is not in the AE's own list:
-        the node starts it itself, not through ``AE.start_server``)."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-
-class _OnceperConnection(logging.Filter):
-    """Lets the first pynetdicom error of each association thread through and counts the rest,
-    so that protocol garbage costs a bounded number of log lines (the count is logged when the
-    connection closes)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not record.name.startswith("pynetdicom"):
-            return True
-        name = threading.current_thread().name
-        with self._lock:
-            if name in self.suppressed:
-                self.suppressed[name] += 1
-                return False
-            self.suppressed[name] = 0
-        record.exc_info, record.exc_text = None, None  # the first line says what; no traceback per PDU
-        return True
-
-    def closed(self, thread_name: str) -> int:
-        """Forget a connection's thread; how many of its errors were suppressed."""
-        with self._lock:
-            return self.suppressed.pop(thread_name, 0)
-
-
-def _thread_died(args: threading.ExceptHookArgs) -> None:
-    """threading.excepthook: a pynetdicom reactor thread (an association or its DUL) that meets an
-    exception ends its association (A-ABORT) instead of leaving the peer waiting; logged once."""
-    thread = args.thread
-    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
-    log.error("a thread ended with an exception", thread=getattr(thread, "name", "?"),
-              error=f"{args.exc_type.__name__}: {args.exc_value}", association=assoc is not None)
-    if isinstance(assoc, Association) and assoc.is_alive():
-        try:
-            assoc.abort()
-        except Exception:  # noqa: BLE001 - the association is already broken
-            pass
 
 
 class StorageSCP:
@@ -304,14 +87,12 @@ class StorageSCP:
         self.ae.dimse_timeout = limits.dimse_timeout_s
         self.ae.network_timeout = limits.network_timeout_s
         # pynetdicom counts every open connection, even one that never sends an A-ASSOCIATE-RQ;
-        # the node's limits (check_peer) count associations only, so silent sockets held open by
+        # the node's limits (PeerGate) count associations only, so silent sockets held open by
         # someone cannot lock the PACS out: pynetdicom's own count is only the connection cap.
         self.ae.maximum_associations = limits.max_connections
-        self._associations: dict[int, str] = {}  # id(association) -> peer address, once requested
-        self._lock = threading.Lock()
+        self.peers = PeerGate(settings, self.metrics)
         self.max_instance_bytes = int(limits.max_instance_mb * 2**20)
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
-        self._errors = _OnceperConnection()
         for context in StoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
@@ -323,20 +104,18 @@ class StorageSCP:
     def start(self) -> None:
         """Listen in the background (pynetdicom runs one thread per association)."""
         node = self.settings.node
-        handlers = [(evt.EVT_REQUESTED, self.check_peer), (evt.EVT_C_STORE, self.handle_store),
+        handlers = [(evt.EVT_REQUESTED, self.peers.check), (evt.EVT_C_STORE, self.handle_store),
                     (evt.EVT_C_ECHO, lambda event: Status.SUCCESS), (evt.EVT_DATA_RECV, self._count_data),
                     (evt.EVT_DIMSE_RECV, self._answer_malformed), (evt.EVT_CONN_CLOSE, self._closed)]
-        _GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
-        _GuardedServer.max_connections = self.settings.limits.max_connections
+        GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
+        GuardedServer.max_connections = self.settings.limits.max_connections
         # With node.tls, every connection must speak TLS (plain TCP fails the handshake and is closed).
         ssl_context = tls.server_context(node.tls) if node.tls is not None else None
         server = self.ae.make_server((node.bind_address, node.port), evt_handlers=handlers,
-                                     server_class=_GuardedServer, ssl_context=ssl_context)
+                                     server_class=GuardedServer, ssl_context=ssl_context)
+        tuning.apply(node.poll_interval_ms / 1000)  # process-wide; stop() restores it
         threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
         self.server = server
-        for handler in logging.getLogger().handlers:  # a logger's own filter would miss pynetdicom.dul & co
-            handler.addFilter(self._errors)
-        threading.excepthook = _thread_died
         log.info("storage SCP listening", ae_title=node.ae_title, address=node.bind_address, port=node.port,
                  tls=tls.describe(node.tls))
 
@@ -347,8 +126,6 @@ class StorageSCP:
         associations = list(self.server.active_associations)
         self.server.shutdown()  # closes the listening socket: new associations are refused
         self.server = None
-        for handler in logging.getLogger().handlers:
-            handler.removeFilter(self._errors)
         deadline = time.monotonic() + timeout
         with self._idle:
             while self._in_flight and time.monotonic() < deadline:
@@ -356,50 +133,16 @@ class StorageSCP:
         for assoc in associations:
             if assoc.is_alive():
                 assoc.abort()
+        ended = time.monotonic() + 5.0  # their threads end before the excepthook and the filter go
+        for assoc in associations:
+            if assoc.is_alive():
+                assoc.join(max(0.0, ended - time.monotonic()))
+        tuning.restore()
         log.info("storage SCP stopped", writes_unfinished=self._in_flight, associations_aborted=len(associations))
 
     def allowed(self, ae_title: str, address: str) -> bool:
-        """Whether a calling AE title (from this address) may associate."""
-        if not self.settings.node.refuse_unknown_peers:
-            return True
-        return any(p.ae_title == ae_title and p.host in (None, address) for p in self.settings.node.allowed_peers)
-
-    def check_peer(self, event: evt.Event) -> None:
-        """EVT_REQUESTED: reject an association from a caller that is not configured."""
-        try:
-            calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-            address = event.assoc.requestor.address
-            if not self.allowed(calling, address):
-                log.warning("rejected an association from an unknown peer", calling_aet=calling, address=address)
-                self._reject(event, RejectResult.PERMANENT, RejectSource.SERVICE_USER,
-                             RejectReason.CALLING_AE_NOT_RECOGNISED)
-                self.metrics.associations.labels("rejected", "unknown peer").inc()
-                return
-            limits = self.settings.limits
-            with self._lock:
-                total = len(self._associations)
-                mine = sum(a == address for a in self._associations.values())
-                over = total >= limits.max_associations or mine >= limits.max_associations_per_address
-                if not over:
-                    self._associations[id(event.assoc)] = address
-            if over:
-                log.warning("rejected an association: too many at once", address=address, open=total,
-                            open_from_address=mine, limit=limits.max_associations,
-                            limit_per_address=limits.max_associations_per_address)
-                self._reject(event, RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
-                             ProviderRejectReason.LOCAL_LIMIT_EXCEEDED)
-                self.metrics.associations.labels("rejected", "too many").inc()
-            else:
-                self.metrics.associations.labels("accepted", "").inc()
-        except Exception as exc:  # noqa: BLE001 - a check that fails rejects (fail closed), never lets in
-            log.error("rejected an association: the peer check failed", error=f"{type(exc).__name__}: {exc}")
-            self._reject(event, RejectResult.PERMANENT, RejectSource.SERVICE_USER, RejectReason.NO_REASON)
-            self.metrics.associations.labels("rejected", "peer check failed").inc()
-
-    @staticmethod
-    def _reject(event: evt.Event, result: int, source: int, reason: int) -> None:
-        event.assoc.acse.send_reject(result, source, reason)
-        event.assoc.kill()
+        """Whether a calling AE title (from this address) may associate (see ``PeerGate``)."""
+        return self.peers.allowed(ae_title, address)
 
     def _count_data(self, event: evt.Event) -> None:
         """EVT_DATA_RECV: abort an association whose dataset grows beyond the instance limit, so
@@ -444,10 +187,9 @@ class StorageSCP:
     def _closed(self, event: evt.Event) -> None:
         """EVT_CONN_CLOSE: forget the connection; say how many protocol errors it caused."""
         self._received.pop(id(event.assoc), None)
-        with self._lock:
-            self._associations.pop(id(event.assoc), None)
+        self.peers.closed(id(event.assoc))
         self._audit_batch(id(event.assoc))
-        suppressed = self._errors.closed(threading.current_thread().name)
+        suppressed = tuning.ERRORS.closed(threading.current_thread().name)
         if suppressed:
             log.warning("connection closed after protocol errors", address=event.address[0],
                         errors_not_logged=suppressed)

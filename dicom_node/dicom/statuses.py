@@ -13,6 +13,8 @@ from enum import IntEnum
 
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, Status, code_to_category
 
+__all__ = ["STORED", "ProviderRejectReason", "RejectReason", "RejectResult", "RejectSource", "StoreStatus"]
+
 
 class StoreStatus(IntEnum):
     """C-STORE response statuses (PS3.4 Table B.2-1 and the general ones of PS3.7 Annex C)."""
