@@ -114,10 +114,10 @@ class RunFolder:
         except (OSError, ValueError, TypeError):
             return {}
 
-    def files_to_send(self) -> list[Path]:
-        """What a delivery of this run sends, in the order sent: the (newest) SR, the Secondary
-        Captures, the PDF."""
-        sr = self.newest_sr()
+    def files_to_send(self, sr: Path | None = None) -> list[Path]:
+        """What a delivery of this run sends, in the order sent: the SR (``sr``, the report the
+        ledger recorded; by default the folder's newest), the Secondary Captures, the PDF."""
+        sr = sr if sr is not None else self.newest_sr()
         return [*([sr] if sr is not None else []), *self.sc_files(), *self.pdf_files()]
 
 
@@ -222,11 +222,3 @@ def previous_outputs(folder: Path) -> Supersedes | None:
     sc_series = str(pydicom.dcmread(old_sc[0], stop_before_pixels=True).SeriesInstanceUID) if old_sc else None
     return Supersedes(pydicom.dcmread(sr), sc_series)
 
-
-# The layout's names for the readers that do not go through RunFolder yet (node, predict, demo,
-# the web page: they switch in issue 18's phase 2, and these go). Nothing new may use them.
-SR_GLOB = f"{_SR_PREFIX}*{_DICOM_SUFFIX}"
-SC_FOLDER = _SC_FOLDER
-PDF_GLOB = f"{_PDF_PREFIX}*{_DICOM_SUFFIX}"
-TABLE_FILE = _TABLE_FILE
-JSON_FILE = _JSON_FILE

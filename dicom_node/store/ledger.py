@@ -23,6 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
+from dicom_node.errors import NodeError
 from dicom_node.states import DeliveryState, EventKind, StudyState
 
 #: The instances table, keyed by (series, SOP Instance UID): the RSNA Kaggle files repeat SOP
@@ -174,7 +175,7 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
-class LedgerVersionError(RuntimeError):
+class LedgerVersionError(NodeError, RuntimeError):
     """The ledger was written by a newer lumbar-node (its schema version is above this one's)."""
 
 
@@ -607,10 +608,11 @@ class Ledger:
             (EventKind.RELEASED, EventKind.GRADED, EventKind.DELIVERED, EventKind.GRADED, *args, limit, offset))
         total = self._query(f"SELECT COUNT(*) FROM studies s {where}", tuple(args))[0][0]
         out = []
-        for r in rows:
-            graded = json.loads(r[10]) if r[10] else {}
-            out.append(StudyRow(r[0], StudyState(r[1]), r[2], r[5], r[6], r[3], r[4], r[7], r[8], r[9],
-                                graded.get("series_roles", {}), r[11]))
+        for (study_uid, state_value, reason, first_received, last_received, instances, series, released_at,
+             graded_at, delivered_at, graded, uploaded_by) in rows:
+            roles = json.loads(graded).get("series_roles", {}) if graded else {}
+            out.append(StudyRow(study_uid, StudyState(state_value), reason, instances, series, first_received,
+                                last_received, released_at, graded_at, delivered_at, roles, uploaded_by))
         return out, total
 
 

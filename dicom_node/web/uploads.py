@@ -127,9 +127,9 @@ def store_upload(instances: list[UploadedInstance], ledger: Ledger, spool: Path,
             raise UploadError(str(exc)) from None
         digest = hashlib.blake2b(item.data, digest_size=16).hexdigest()
         known = ledger.instance(item.series_uid, item.sop_instance_uid)
-        if known is not None and known[0] != study_uid:
+        if known is not None and known.study_uid != study_uid:
             raise UploadError(f"{item.name}: SOP Instance UID {item.sop_instance_uid} is already filed under another study")
-        if known is not None and known[1] == digest:
+        if known is not None and known.digest == digest:
             continue
         write_durably(item.data, target, fsync)
         recorded = ledger.record_instance(item.sop_instance_uid, study_uid, item.series_uid, item.sop_class_uid,

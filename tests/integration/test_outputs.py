@@ -12,9 +12,8 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from dicom_node.pipeline.worker import RUNNING_MARKER
+from dicom_node.results import RunFolder
 from dicom_node.results.identity import DISCLAIMER, MANUFACTURER
-from dicom_node.results.writer import RunFolder
 from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
 from tests.support.tools import lumbar_node
 
@@ -120,7 +119,8 @@ def test_the_run_folder_finds_what_the_writer_wrote(outputs: tuple[Path, Path]) 
     assert run.files_to_send() == [sr_path, *scs, pdf_path]
     assert run.table_path.read_text().strip() and run.result() == json.loads(run.json_path.read_text())
     assert run.series_roles() == run.result()["series_roles"] and all(run.series_roles().values())
-    assert run.running_marker.name == RUNNING_MARKER and not run.running_marker.exists()  # the worker's marker
+    assert not run.running_marker.exists()  # the worker's marker (the writer alone never leaves one)
+    assert run.files_to_send(sr_path) == run.files_to_send()  # the ledger's SR is the folder's newest
 
 
 def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tuple[Path, Path]) -> None:

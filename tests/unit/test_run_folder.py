@@ -1,4 +1,4 @@
-"""dicom_node.results.writer.RunFolder on folders that are not (or no longer) what the writer left: a
+"""dicom_node.results.RunFolder on folders that are not (or no longer) what the writer left: a
 purged run, a results.json that cannot be read. (The writer's own folders: tests/integration/
 test_outputs.py.)"""
 
@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.results.writer import RunFolder
+from dicom_node.results import RunFolder
 
 
 def test_a_purged_run_has_nothing_to_send_and_no_roles(tmp_path: Path) -> None:
     run = RunFolder(tmp_path / "results" / "1.2.3" / "run-1")
     assert run.sr_files() == [] and run.sc_files() == [] and run.pdf_files() == []
     assert run.newest_sr() is None and run.files_to_send() == []
+    # the SR the ledger recorded is still named: its delivery fails with the reason, it does not send nothing
+    assert run.files_to_send(run.sr_path("1.2")) == [run.sr_path("1.2")]
     assert run.series_roles() == {}
     with pytest.raises(OSError):
         run.result()
