@@ -13,7 +13,7 @@ import pydicom
 from demo.orthanc import ORTHANC_AET, free_port, running_orthanc
 from dicom_node.config import Destination, Settings, load_settings
 from dicom_node.dicom import send_files
-from dicom_node.results import PDF_GLOB, SC_FOLDER, TABLE_FILE
+from dicom_node.results import RunFolder
 from dicom_node.service import Node
 from dicom_node.states import StudyState
 from dicom_node.store import Study
@@ -74,12 +74,12 @@ def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file:
             report = node.ledger.last_report(study_uid)
             if report is None:
                 raise RuntimeError(f"study {study_uid} is done but the ledger holds no report")
-            run = Path(report.sr_path).parent
+            run = RunFolder.of_sr(report.sr_path)
             echo("")
-            echo((run / TABLE_FILE).read_text())
+            echo(run.table_path.read_text())
             echo(f"Structured Report: {report.sr_path}")
-            echo(f"Grad-CAM Secondary Captures: {run / SC_FOLDER} ({len(list((run / SC_FOLDER).glob('*.dcm')))} images)")
-            for pdf in sorted(run.glob(PDF_GLOB)):
+            echo(f"Grad-CAM Secondary Captures: {run.sc_dir} ({len(run.sc_files())} images)")
+            for pdf in run.pdf_files():
                 echo(f"PDF summary (Encapsulated PDF): {pdf}")
             echo(f"node status: lumbar-node status  with  LUMBAR_NODE__STORAGE__LEDGER_PATH={settings.storage.ledger_path}")
             return Path(report.sr_path)

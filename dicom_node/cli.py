@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -10,6 +12,7 @@ import click
 import yaml
 
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.errors import NodeError
 from dicom_node.observability import PHI_VALUES, configure_logging
 from inference import __version__
 
@@ -25,6 +28,17 @@ def settings_of(ctx: click.Context) -> Settings:
         log = obj["settings"].logging
         configure_logging(log.format, log.level)
     return obj["settings"]
+
+
+@contextmanager
+def node_errors() -> Iterator[None]:
+    """A ``NodeError`` (a ledger written by a newer lumbar-node, a path that leaves its folder...)
+    ends the command with one line on stderr and exit status 1, as click reports its own errors,
+    instead of a traceback."""
+    try:
+        yield
+    except NodeError as exc:
+        raise click.ClickException(PHI_VALUES.scrub(str(exc))) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,7 +132,8 @@ def serve_command(ctx: click.Context) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        run_until_signalled(Node(settings), stop)
+        with node_errors():
+            run_until_signalled(Node(settings), stop)
     except (OSError, BrokenProcessPool) as exc:  # the port is taken, the spool unwritable, the model unloadable
         raise click.ClickException(f"cannot start the node: {type(exc).__name__}: {exc}") from None
 
@@ -131,18 +146,18 @@ def reprocess_command(ctx: click.Context, study_uid: str) -> None:
 
     The running node picks it up at its next sweep; the new report supersedes the previous one.
     """
+    from dicom_node.states import EventKind
     from dicom_node.store import Ledger
 
     settings = settings_of(ctx)
-    ledger = Ledger(settings.storage.ledger_path)
-    try:
-        if not ledger.reopen(study_uid):
-            raise click.ClickException(f"the ledger does not know study {study_uid}")
-        from dicom_node.states import EventKind
-
-        ledger.add_event(EventKind.GRADE_AGAIN, "lumbar-node reprocess", study_uid, "requested on the command line")
-    finally:
-        ledger.close()
+    with node_errors():
+        ledger = Ledger(settings.storage.ledger_path)
+        try:
+            if not ledger.reopen(study_uid):
+                raise click.ClickException(f"the ledger does not know study {study_uid}")
+            ledger.add_event(EventKind.GRADE_AGAIN, "lumbar-node reprocess", study_uid, "requested on the command line")
+        finally:
+            ledger.close()
     click.echo(f"study {study_uid} queued for grading")
 
 
@@ -159,11 +174,12 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     settings = settings_of(ctx)
     if not settings.storage.ledger_path.exists():
         raise click.ClickException(f"no ledger at {settings.storage.ledger_path}: the node has not received anything yet")
-    ledger = Ledger(settings.storage.ledger_path)
-    try:
-        studies = ledger.studies()
-    finally:
-        ledger.close()
+    with node_errors():
+        ledger = Ledger(settings.storage.ledger_path)
+        try:
+            studies = ledger.studies()
+        finally:
+            ledger.close()
     if as_json:
         click.echo(json.dumps([s.__dict__ for s in studies], indent=1))
         return

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pynetdicom import _config as pynetdicom_config  # pynetdicom's documented settings module
 
 from dicom_node.errors import NodeError
 
@@ -36,12 +37,13 @@ class ConfigError(NodeError, ValueError):
 
 
 def _check_ae_title(value: str) -> str:
-    if not 1 <= len(value) <= 16:
-        raise ValueError("an AE title must be 1 to 16 characters")
-    if "\\" in value:
-        raise ValueError("an AE title must not contain a backslash")
+    """An AE title pynetdicom accepts (its AE validator: at most 16 ASCII characters, no backslash
+    or control character) that names someone: not empty, not all spaces."""
     if not value.strip():
-        raise ValueError("an AE title must not be all spaces")
+        raise ValueError("an AE title must not be empty or all spaces")
+    valid, reason = pynetdicom_config.VALIDATORS["AE"](value)
+    if not valid:
+        raise ValueError(f"an AE title {reason}")
     return value
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 from dicom_node.observability import PHI_VALUES, get_logger
 from dicom_node.pipeline import nothing_assessed
 from dicom_node.results import (
-    PDF_GLOB,
-    SC_FOLDER,
     OutputKind,
+    RunFolder,
     RunOutputs,
     previous_outputs,
     result_json,
@@ -34,7 +33,8 @@ def write_outputs(result: StudyResult, instances: Sequence[Instance], out: Path,
         log.info("superseding an earlier report", study_uid=result.study_uid,
                  predecessor=str(supersedes.sr.SOPInstanceUID))
     # the superseded heatmaps and PDF leave this folder (a PACS keeps its copies)
-    for path in [*(folder / SC_FOLDER).glob("*.dcm"), *folder.glob(PDF_GLOB)]:
+    run = RunFolder(folder)
+    for path in [*run.sc_files(), *run.pdf_files()]:
         path.unlink()
     return write_run(result, instances, folder, supersedes, pdf=pdf)
 

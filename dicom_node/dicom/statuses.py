@@ -1,19 +1,35 @@
 """DICOM status codes and association reject reasons by name (PS3.4 Annex B, PS3.8 9.3.4): the
 C-STORE statuses are the admission's (``dicom_node.ingest.StoreStatus``, every way in answers
-with them), the association's reject reasons are here."""
+with them), the association's reject reasons are here. Which statuses mean "stored" is
+pynetdicom's call (``code_to_category``)."""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from enum import IntEnum
+
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.ingest import StoreStatus
 
 __all__ = ["STORED", "ProviderRejectReason", "RejectReason", "RejectResult", "RejectSource", "StoreStatus"]
 
 
-#: The statuses that mean "stored" to a sender: success, and the warnings.
-STORED = frozenset({StoreStatus.SUCCESS, StoreStatus.COERCION_OF_DATA_ELEMENTS, StoreStatus.ELEMENTS_DISCARDED,
-                    StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS})
+def is_stored(status: int) -> bool:
+    """Whether a C-STORE response status means "stored" to a sender: success, or a warning
+    (PS3.7 C.4: the instance was stored, maybe coerced); pynetdicom's categories."""
+    return isinstance(status, int) and status >= 0 and code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
+class _Stored(Container[int]):
+    """``status in STORED``: ``is_stored`` as a container."""
+
+    def __contains__(self, status: object) -> bool:
+        return isinstance(status, int) and is_stored(status)
+
+
+#: The statuses that mean "stored" to a sender (``is_stored``): success, and the warnings.
+STORED: Container[int] = _Stored()
 
 
 class RejectResult(IntEnum):

@@ -15,7 +15,6 @@ from dicom_node.pipeline.eligibility import (
 from dicom_node.pipeline.release import SWEEP_INTERVAL_S, Releaser
 from dicom_node.pipeline.retention import PURGE_INTERVAL_S, purge
 from dicom_node.pipeline.worker import (
-    RUNNING_MARKER,
     GradeJob,
     GradeOutcome,
     GradingTimeout,
@@ -24,6 +23,6 @@ from dicom_node.pipeline.worker import (
     worker_ready,
 )
 
-__all__ = ["LUMBAR_BODY_PARTS", "PURGE_INTERVAL_S", "RUNNING_MARKER", "SWEEP_INTERVAL_S", "Deliveries", "GradeJob",
+__all__ = ["LUMBAR_BODY_PARTS", "PURGE_INTERVAL_S", "SWEEP_INTERVAL_S", "Deliveries", "GradeJob",
            "GradeOutcome", "GradingTimeout", "Releaser", "Skip", "audit", "backoff", "grade", "has_all_roles",
            "init_worker", "mr_images", "nothing_assessed", "purge", "skip_reason", "worker_ready"]

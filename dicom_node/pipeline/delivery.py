@@ -15,7 +15,7 @@ from dicom_node.config import DeliverySettings, Settings
 from dicom_node.dicom import DeliveryError, send_files
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.pipeline.audit import audit
-from dicom_node.results import PDF_GLOB, SC_FOLDER
+from dicom_node.results import RunFolder
 from dicom_node.states import DeliveryState, EventKind, StudyState
 from dicom_node.store import Delivery, Ledger
 
@@ -114,9 +114,8 @@ class Deliveries:
         report = self.ledger.last_report(study_uid)
         if report is None or not self.destinations:
             return 0
-        folder = Path(report.sr_path).parent
-        paths = [report.sr_path, *map(str, sorted((folder / SC_FOLDER).glob("*.dcm"))),
-                 *map(str, sorted(folder.glob(PDF_GLOB)))]
+        sr = Path(report.sr_path)
+        paths = [str(p) for p in RunFolder.of_sr(sr).files_to_send(sr)]
         ids = self.ledger.add_deliveries(study_uid, report.run, list(self.destinations), paths)
         audit(self.ledger, EventKind.SEND_AGAIN, study_uid, f"run {report.run} to {', '.join(self.destinations)}, "
               f"requested by {actor}", {"run": report.run}, actor=actor)

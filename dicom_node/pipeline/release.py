@@ -9,7 +9,6 @@ counted against the study, and the pool is replaced.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import threading
 import time
@@ -25,8 +24,8 @@ from dicom_node.observability import NodeMetrics, get_logger, skip_label
 from dicom_node.pipeline.audit import audit
 from dicom_node.pipeline.delivery import Deliveries
 from dicom_node.pipeline.eligibility import has_all_roles
-from dicom_node.pipeline.worker import RUNNING_MARKER, GradeJob, GradeOutcome, grade, init_worker
-from dicom_node.results import OutputKind
+from dicom_node.pipeline.worker import GradeJob, GradeOutcome, grade, init_worker
+from dicom_node.results import OutputKind, RunFolder
 from dicom_node.states import EventKind, GradeResult, StudyState
 from dicom_node.store import Ledger, Report, Study, UnsafePath, fsync_files, remove_tree, under
 from inference.analyze import AnalysisLimits
@@ -86,7 +85,7 @@ class Releaser:
                 folder = self._run_folder(study.study_uid, self._next_run(study.study_uid))
             except UnsafePath:
                 continue
-            if (folder / RUNNING_MARKER).exists():
+            if RunFolder(folder).running_marker.exists():
                 self._worker_died(study.study_uid)
 
     def _worker_died(self, study_uid: str) -> None:
@@ -133,11 +132,11 @@ class Releaser:
         if self._checked.get(study.study_uid) == study.instances:
             return False
         series = self.ledger.series_counts(study.study_uid)
-        if not series or any(size is None or count < size for _, count, size, _ in series):
+        if not series or any(s.expected is None or s.received < s.expected for s in series):
             return False
         self._checked[study.study_uid] = study.instances
         try:
-            headers = [pydicom.dcmread(path, stop_before_pixels=True) for *_, path in series]
+            headers = [pydicom.dcmread(s.a_file, stop_before_pixels=True) for s in series]
         except Exception:  # noqa: BLE001 - unreadable: the quiet time will release it
             return False
         return has_all_roles(headers)
@@ -198,7 +197,7 @@ class Releaser:
                 self._replace_pool(pool)
                 if self.stopping.is_set():
                     return  # ended by the shutdown: resumed at the next start
-                if (Path(job.folder) / RUNNING_MARKER).exists():
+                if RunFolder(Path(job.folder)).running_marker.exists():
                     self._worker_died(uid)  # the study the worker died on
                 else:  # queued behind it: graded by the new pool, not failed with it
                     self.ledger.set_state(uid, StudyState.RECEIVING, generation=job.generation)
@@ -233,7 +232,7 @@ class Releaser:
             audit(self.ledger, EventKind.GRADED, uid, f"run {job.run}: {outcome.assessed} of 25 labels assessed in "
                   f"{outcome.seconds:.1f} s" + ("" if destinations else "; not sent (upload)"),
                   {"run": job.run, "assessed": outcome.assessed, "seconds": round(outcome.seconds, 3),
-                   "series_roles": _series_roles(outputs.json)})
+                   "series_roles": RunFolder(outputs.folder).series_roles()})
             self.deliveries.schedule_ids(ids)
         except Exception:  # never lose the pool's thread; the study stays analysing and is resumed at start
             log.exception("could not record a grading outcome", study_uid=uid)
@@ -255,10 +254,3 @@ class Releaser:
                 worker.kill()
             shutdown.join(10.0)
 
-
-def _series_roles(results_json: Path) -> dict[str, list[str]]:
-    """The series roles a run found (results.json), or none when it cannot be read."""
-    try:
-        return dict(json.loads(results_json.read_text()).get("series_roles", {}))
-    except (OSError, ValueError):
-        return {}

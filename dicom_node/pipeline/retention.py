@@ -28,7 +28,8 @@ def purge(settings: Settings, ledger: Ledger) -> int:
     candidates = ledger.purgeable(now - settle)
     spool, results = Path(storage.spool_dir), Path(storage.results_dir)
     purged = 0
-    for study_uid, files in candidates:
+    for candidate in candidates:
+        study_uid, files = candidate.study_uid, candidate.files
         too_old = (storage.retention_days is not None
                    and _last_received(ledger, study_uid) < now - storage.retention_days * 86400)
         disk_low = storage.purge_below_free_mb and shutil.disk_usage(spool).free < storage.purge_below_free_mb * 2**20

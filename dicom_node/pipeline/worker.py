@@ -19,22 +19,18 @@ import pydicom
 from dicom_node.errors import NodeError
 from dicom_node.observability import PHI_VALUES, configure_logging, get_logger
 from dicom_node.pipeline.eligibility import mr_images, nothing_assessed, skip_reason
-from dicom_node.results import DISCLAIMER, OutputKind, RunOutputs, Supersedes, write_run
+from dicom_node.results import DISCLAIMER, OutputKind, RunFolder, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult
 from inference.analyze import AnalysisLimits, analyze_study
 from inference.instances import read_headers
 from inference.runtime import OnnxRunner
 
-__all__ = ["MIXED_PATIENTS", "RUNNING_MARKER", "GradeJob", "GradeOutcome", "GradingTimeout", "grade", "init_worker",
+__all__ = ["MIXED_PATIENTS", "GradeJob", "GradeOutcome", "GradingTimeout", "grade", "init_worker",
            "worker_ready"]
 
 log = get_logger(__name__)
 
 MIXED_PATIENTS = "instances of more than one patient (PatientID differs): not graded, nothing sent"
-
-#: Written into a run's folder when its grading starts and removed when it ends: a run folder
-#: that still holds it after the worker is gone is the study the worker died on.
-RUNNING_MARKER = ".grading"
 
 _runner: OnnxRunner | None = None
 
@@ -131,7 +127,7 @@ def grade(job: GradeJob) -> GradeOutcome:
     """Grade one study (in a worker process) within ``job.timeout_s``; any error becomes a
     'failed' outcome with its reason. A grading stuck where Python cannot interrupt it (inside a
     native call) ends the worker 30 s after the timeout; the node then replaces it."""
-    marker = Path(job.folder) / RUNNING_MARKER
+    marker = RunFolder(Path(job.folder)).running_marker  # left behind: the study the worker died on
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     watchdog = threading.Timer(job.timeout_s + 30.0, os._exit, (70,))

@@ -14,27 +14,22 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from PIL import Image
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    EncapsulatedPDFStorage,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen.canvas import Canvas
 
 from dicom_node.results.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER, MODEL_NAME
-from dicom_node.results.sources import PatientStudy, patient_study
-from dicom_node.results.sr import algorithm_equipment
+from dicom_node.results.sources import PatientStudy, algorithm_equipment, patient_study, sop_reference
 from inference import __version__
 from inference.analyze import AssessedLabel, NotAssessedLabel, StudyResult
 from inference.labels import CONDITIONS, LABELS, Label, Level, Severity
@@ -236,11 +231,12 @@ def summary_pdf(result: StudyResult, source: Dataset, heatmaps: Sequence[tuple[A
 
 
 def build_pdf(result: StudyResult, sr: Dataset, source: Dataset,
-              heatmaps: Sequence[tuple[AssessedLabel, Dataset]], patient: PatientStudy | None = None) -> FileDataset:
+              heatmaps: Sequence[tuple[AssessedLabel, Dataset]], patient: PatientStudy | None = None) -> Dataset:
     """The Encapsulated PDF instance for a study's report ``sr``: the summary of ``result`` with the
     key heatmaps (label, Secondary Capture) on it, in the PDF series of the SR's series. ``patient``
     holds the patient/study attributes (results.sources); when not given they are made from
-    ``source``, one of the study's images."""
+    ``source``, one of the study's images. Its file meta names only the transfer syntax: pydicom
+    completes it when the file is written with ``save_as(path, enforce_file_format=True)``."""
     patient = patient or patient_study([source], result.study_uid)
     created = datetime.now()
     shown = [(r, np.asarray(sc.pixel_array, dtype=np.uint8)) for r, sc in heatmaps]
@@ -269,26 +265,49 @@ def build_pdf(result: StudyResult, sr: Dataset, source: Dataset,
     concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = (
         codes.LN.MRISpineReport.value, codes.LN.MRISpineReport.scheme_designator, codes.LN.MRISpineReport.meaning)
     ds.ConceptNameCodeSequence = [concept]
-    ds.SourceInstanceSequence = [_reference(sr), *(_reference(sc) for _, sc in heatmaps)]
+    ds.SourceInstanceSequence = [sop_reference(sr), *(sop_reference(sc) for _, sc in heatmaps)]
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(document)
     ds.EncapsulatedDocument = document + (b"\0" if len(document) % 2 else b"")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    return FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
 
 
-def _reference(ds: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    return item
+#: What may follow a document inside EncapsulatedDocument: the pad byte to an even length (NUL;
+#: some writers pad with a space).
+_PADDING = b"\0 "
+_EOF = b"%%EOF"
 
 
-def read_pdf(path: str) -> bytes:
-    """The PDF inside an Encapsulated PDF file (its padding removed)."""
-    ds = pydicom.dcmread(path)
-    return bytes(ds.EncapsulatedDocument)[: int(ds.get("EncapsulatedDocumentLength", len(ds.EncapsulatedDocument)))]
+def pdf_document(ds: Dataset) -> bytes:
+    """The PDF inside an Encapsulated PDF data set, without the padding around it.
+
+    The document is EncapsulatedDocumentLength bytes long when that value is sane: a number no
+    larger than what is stored, leaving only padding after it (writers that omit it, or give it
+    wrong, exist). Else it ends after the last %%EOF marker (and its end of line), or, without one,
+    where the trailing pad byte begins. ValueError when the data set holds no document (or an empty one)."""
+    if "EncapsulatedDocument" not in ds or ds.EncapsulatedDocument is None:
+        raise ValueError("not an encapsulated document: no EncapsulatedDocument")
+    data = bytes(ds.EncapsulatedDocument)
+    if not data:
+        raise ValueError("not an encapsulated document: EncapsulatedDocument is empty")
+    try:
+        length = int(ds.get("EncapsulatedDocumentLength"))
+    except (TypeError, ValueError, OverflowError):  # absent, empty or not a number
+        length = -1
+    if 0 < length <= len(data) and not data[length:].strip(_PADDING):
+        return data[:length]
+    end = data.rfind(_EOF)
+    if end < 0:
+        return data[:-1] if len(data) % 2 == 0 and data[-1:] in (b"\0", b" ") else data
+    end += len(_EOF)
+    for newline in (b"\r\n", b"\n", b"\r"):
+        if data.startswith(newline, end):
+            return data[: end + len(newline)]
+    return data[:end]
+
+
+def read_pdf(path: str | Path) -> bytes:
+    """The PDF inside an Encapsulated PDF file (see ``pdf_document``)."""
+    return pdf_document(pydicom.dcmread(path))

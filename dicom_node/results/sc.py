@@ -17,15 +17,17 @@ from pydicom.uid import generate_uid
 from dicom_node.observability import get_logger
 from dicom_node.results.identity import DISCLAIMER, DISCLAIMER_LINES, MANUFACTURER
 from dicom_node.results.sources import (
+    REGION_RADIUS_MM,
     ImageKey,
     PatientStudy,
+    algorithm_equipment,
     column_spacing,
     location_key,
     number,
     patient_study,
+    sop_reference,
     valid_value,
 )
-from dicom_node.results.sr import REGION_RADIUS_MM, algorithm_equipment
 from inference.analyze import AssessedLabel, StudyResult
 from inference.geometry import ImagePlane, direction_letters
 from inference.labels import SEVERITIES
@@ -179,10 +181,7 @@ def build_sc_images(result: StudyResult, sources: Mapping[ImageKey, Dataset], se
         else:  # unknown body part: Laterality present and empty
             sc.Laterality = ""
         sc.ImageComments = ". ".join([*finding_lines(r), DISCLAIMER])
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = reference.SOPClassUID
-        ref.ReferencedSOPInstanceUID = reference.SOPInstanceUID
-        sc.SourceImageSequence = [ref]
+        sc.SourceImageSequence = [sop_reference(reference)]
         sc.DerivationDescription = "Grad-CAM of the predicted grade blended over the source image"
         images.append(sc)
     if unwindowed:

@@ -1,4 +1,6 @@
-"""What the node's outputs (SR, Secondary Captures, PDF) take from their source images, in one place.
+"""The DICOM modules every output (SR, Secondary Captures, PDF) shares, in one place: what they take
+from their source images, how they reference another instance, and the model as contributing
+equipment.
 
 Source images are keyed by (SeriesInstanceUID, SOPInstanceUID), never by SOPInstanceUID alone: the
 RSNA 2024 Kaggle files repeat the same SOP Instance UIDs in every series of a study.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from highdicom import ContributingEquipment
 from pydicom import config
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VM, dictionary_VR
@@ -27,7 +30,10 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
 from dicom_node.observability import get_logger
-from inference.analyze import Location
+from dicom_node.results import codes as C
+from dicom_node.results.identity import DISCLAIMER, MANUFACTURER, model_device_uid
+from inference.analyze import Location, StudyResult
+from inference.instances import MR_SOP_CLASSES, sop_class_uid
 
 log = get_logger(__name__)
 
@@ -72,8 +78,8 @@ GEOMETRY = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "
 #: Enumerated values where the VR allows more than the IOD (PatientSex: PS3.3 C.7.1.1).
 ENUMERATED = {"PatientSex": frozenset({"M", "F", "O"}), "PatientIdentityRemoved": frozenset({"YES", "NO"})}
 
-#: SOP classes whose images are MR (the Modality highdicom needs for an Image Library entry).
-MR_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"})
+#: The radius of the circle that marks where a finding was graded (the SR's region, the SC's circle).
+REGION_RADIUS_MM = 4.0
 
 
 def image_key(ds: Dataset) -> ImageKey:
@@ -86,14 +92,27 @@ def location_key(location: Location) -> ImageKey:
     return location.series_uid, location.sop_instance_uid
 
 
-def sop_class_uid(ds: Dataset) -> str:
-    """The image's SOP Class UID: the data set's, else the file meta's (the Kaggle files have only
-    that one), else empty."""
-    value = str(ds.get("SOPClassUID", "") or "")
-    meta = getattr(ds, "file_meta", None)
-    if not value and meta is not None:
-        value = str(meta.get("MediaStorageSOPClassUID", "") or "")
-    return value
+def sop_reference(ds: Dataset) -> Dataset:
+    """A Referenced SOP Class UID / Referenced SOP Instance UID item for ``ds`` (an output the node
+    wrote, or a source image: its SOP class taken from the file meta where the data set has none),
+    as the Source Image, Source Instance and evidence sequences list them."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_uid(ds)
+    item.ReferencedSOPInstanceUID = str(ds.SOPInstanceUID)
+    return item
+
+
+def algorithm_equipment(result: StudyResult) -> ContributingEquipment:
+    """The model as contributing equipment (IHE AI Results): Purpose of Reference "Processing
+    Algorithm", manufacturer, model name, version and a Device UID per set of weights."""
+    info = result.model
+    item = ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=C.PROCESSING_EQUIPMENT,
+        manufacturer_model_name=info.name, software_versions=info.version,
+        contribution_description=f"AI model, sha256 {info.sha256}, trained on {info.training_data}. {DISCLAIMER}"[:1024])
+    item.PurposeOfReferenceCodeSequence = [C.PROCESSING_ALGORITHM]  # highdicom allows CID 7005 codes only
+    item.DeviceUID = model_device_uid(info.sha256)
+    return item
 
 
 def _read(ds: Dataset, keyword: str) -> Any:
@@ -212,7 +231,7 @@ class PatientStudy:
         geometry = {k: valid_value(source, k) for k in GEOMETRY}
         complete = all(ok and v is not None for v, ok in geometry.values())
         shapes = complete and [len(_values(geometry[k][0])) for k in GEOMETRY] == [2, 6, 3, 1]
-        if shapes and ref.SOPClassUID in MR_CLASSES:
+        if shapes and ref.SOPClassUID in MR_SOP_CLASSES:
             for keyword, (value, _) in geometry.items():
                 setattr(ref, keyword, value)
             ref.Modality = "MR"

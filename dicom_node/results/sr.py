@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
-from highdicom import ContributingEquipment
 from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
@@ -42,27 +41,22 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node.results import codes as C
-from dicom_node.results.identity import (
-    DEVICE_NAME,
-    DEVICE_UID,
-    DISCLAIMER,
-    MANUFACTURER,
-    MODEL_NAME,
-    model_device_uid,
-)
+from dicom_node.results.identity import DEVICE_NAME, DEVICE_UID, MANUFACTURER, MODEL_NAME
 from dicom_node.results.sources import (
+    REGION_RADIUS_MM,
     ImageKey,
     PatientStudy,
+    algorithm_equipment,
     column_spacing,
     location_key,
     patient_study,
+    sop_reference,
 )
 from inference.analyze import AssessedLabel, LabelResult, NotAssessedLabel, StudyResult
 from inference.labels import SEVERITIES, SPINAL, Severity
 
 SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "AI lumbar stenosis grading (SR) - not for diagnosis"
-REGION_RADIUS_MM = 4.0
 G = TypeVar("G", bound=Template)
 
 
@@ -73,19 +67,6 @@ def algorithm(result: StudyResult) -> AlgorithmIdentification:
         name=info.name, version=info.version,
         parameters=[f"model sha256 {info.sha256}",
                     f"machine-generated result; trained on {info.training_data}; not for clinical use"])
-
-
-def algorithm_equipment(result: StudyResult) -> ContributingEquipment:
-    """The model as contributing equipment (IHE AI Results): Purpose of Reference "Processing
-    Algorithm", manufacturer, model name, version and a Device UID per set of weights."""
-    info = result.model
-    item = ContributingEquipment(
-        manufacturer=MANUFACTURER, purpose_of_reference=C.PROCESSING_EQUIPMENT,
-        manufacturer_model_name=info.name, software_versions=info.version,
-        contribution_description=f"AI model, sha256 {info.sha256}, trained on {info.training_data}. {DISCLAIMER}"[:1024])
-    item.PurposeOfReferenceCodeSequence = [C.PROCESSING_ALGORITHM]  # highdicom allows CID 7005 codes only
-    item.DeviceUID = model_device_uid(info.sha256)
-    return item
 
 
 def _sites(r: LabelResult) -> list[FindingSite]:
@@ -237,10 +218,10 @@ def build_sr(result: StudyResult, sources: Mapping[ImageKey, Dataset], *, series
 def evidence_sequence(images: Sequence[Dataset]) -> list[Dataset]:
     """Hierarchical SOP Instance Reference items (study, series, instance) for these images, each
     (series, instance) once, in the order given."""
-    studies: dict[str, dict[str, dict[str, str]]] = {}
+    studies: dict[str, dict[str, dict[str, Dataset]]] = {}
     for ds in images:
         series = studies.setdefault(str(ds.StudyInstanceUID), {}).setdefault(str(ds.SeriesInstanceUID), {})
-        series.setdefault(str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+        series.setdefault(str(ds.SOPInstanceUID), ds)
     items = []
     for study_uid, series_map in studies.items():
         study_item = Dataset()
@@ -249,12 +230,7 @@ def evidence_sequence(images: Sequence[Dataset]) -> list[Dataset]:
         for series_uid, instances in series_map.items():
             series_item = Dataset()
             series_item.SeriesInstanceUID = series_uid
-            series_item.ReferencedSOPSequence = []
-            for sop_uid, sop_class in instances.items():
-                ref = Dataset()
-                ref.ReferencedSOPClassUID = sop_class
-                ref.ReferencedSOPInstanceUID = sop_uid
-                series_item.ReferencedSOPSequence.append(ref)
+            series_item.ReferencedSOPSequence = [sop_reference(ds) for ds in instances.values()]
             study_item.ReferencedSeriesSequence.append(series_item)
         items.append(study_item)
     return items

@@ -1,10 +1,12 @@
 """The one writer of a grading run's outputs: the SR, the Grad-CAM Secondary Captures, the PDF
-summary and the result as text and JSON, into one folder, returned as a typed record.
+summary and the result as text and JSON, into one folder, returned as a typed record; and the
+folder's layout (``RunFolder``), which the writer and every reader of a run go by:
 
     <folder>/SR_<SOPInstanceUID>.dcm
     <folder>/SC/<nn>_<SOPInstanceUID>.dcm
     <folder>/PDF_<SOPInstanceUID>.dcm      (Encapsulated PDF; unless outputs.pdf is false)
     <folder>/results.txt, results.json
+    <folder>/.grading                      (while a worker grades into it)
 
 The node writes a run per folder (results/<study>/run-<n>/); ``predict --out`` writes a folder
 per study and supersedes what it finds there.
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -29,11 +32,93 @@ from dicom_node.results.text import result_json, result_table
 from inference.analyze import AssessedLabel, StudyResult
 from inference.instances import Instance
 
-SR_GLOB = "SR_*.dcm"
-SC_FOLDER = "SC"
-PDF_GLOB = "PDF_*.dcm"
-TABLE_FILE = "results.txt"
-JSON_FILE = "results.json"
+_SR_PREFIX = "SR_"
+_PDF_PREFIX = "PDF_"
+_DICOM_SUFFIX = ".dcm"
+_SC_FOLDER = "SC"
+_TABLE_FILE = "results.txt"
+_JSON_FILE = "results.json"
+_RUNNING_MARKER = ".grading"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's folder and its layout: where the writer puts each output and where readers (the
+    node, ``predict``, the demo, the web page) find them."""
+
+    path: Path
+
+    @classmethod
+    def of_sr(cls, sr_path: str | Path) -> RunFolder:
+        """The run folder that holds this SR (the ledger records a run by its SR's path)."""
+        return cls(Path(sr_path).parent)
+
+    def sr_path(self, sop_instance_uid: str) -> Path:
+        return self.path / f"{_SR_PREFIX}{sop_instance_uid}{_DICOM_SUFFIX}"
+
+    def sr_files(self) -> list[Path]:
+        """The SRs in the folder (one per node run; ``predict --out`` keeps the superseded ones)."""
+        return sorted(self.path.glob(f"{_SR_PREFIX}*{_DICOM_SUFFIX}"))
+
+    def newest_sr(self) -> Path | None:
+        """The SR with the highest Instance Number (a superseding report has the next one)."""
+        files = self.sr_files()
+        if len(files) <= 1:
+            return next(iter(files), None)
+        numbers = {p: int(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["InstanceNumber"]).InstanceNumber)
+                   for p in files}
+        return sorted(files, key=numbers.__getitem__)[-1]
+
+    @property
+    def sc_dir(self) -> Path:
+        return self.path / _SC_FOLDER
+
+    def sc_path(self, number: int, sop_instance_uid: str) -> Path:
+        """The ``number``-th Secondary Capture (its Instance Number; two digits, so names sort by it)."""
+        return self.sc_dir / f"{number:02d}_{sop_instance_uid}{_DICOM_SUFFIX}"
+
+    def sc_files(self) -> list[Path]:
+        """The Secondary Captures in Instance Number order."""
+        return sorted(self.sc_dir.glob(f"*{_DICOM_SUFFIX}"))
+
+    def pdf_path(self, sop_instance_uid: str) -> Path:
+        return self.path / f"{_PDF_PREFIX}{sop_instance_uid}{_DICOM_SUFFIX}"
+
+    def pdf_files(self) -> list[Path]:
+        return sorted(self.path.glob(f"{_PDF_PREFIX}*{_DICOM_SUFFIX}"))
+
+    @property
+    def table_path(self) -> Path:
+        return self.path / _TABLE_FILE
+
+    @property
+    def json_path(self) -> Path:
+        return self.path / _JSON_FILE
+
+    @property
+    def running_marker(self) -> Path:
+        """Present while a worker grades into the folder: left behind, it shows the worker died."""
+        return self.path / _RUNNING_MARKER
+
+    def result(self) -> dict[str, Any]:
+        """The run's results.json, parsed (OSError when it is gone, ValueError when not JSON)."""
+        data = json.loads(self.json_path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.json_path}: not a JSON object")
+        return data
+
+    def series_roles(self) -> dict[str, list[str]]:
+        """The series roles the run found (role -> series UIDs), none when results.json cannot be read."""
+        try:
+            return dict(self.result().get("series_roles", {}))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def files_to_send(self, sr: Path | None = None) -> list[Path]:
+        """What a delivery of this run sends, in the order sent: the SR (``sr``, the report the
+        ledger recorded; by default the folder's newest), the Secondary Captures, the PDF."""
+        sr = sr if sr is not None else self.newest_sr()
+        return [*([sr] if sr is not None else []), *self.sc_files(), *self.pdf_files()]
 
 
 class OutputKind(StrEnum):
@@ -101,26 +186,27 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
     predecessor (same series, next instance number), the heatmaps keep their series and so does
     the PDF (its series follows from the report's).
     """
+    run = RunFolder(folder)
     headers = {image_key(ds): ds for ds, _ in instances}  # (series, SOP instance): the Kaggle files
     paths = {image_key(ds): path for ds, path in instances}  # repeat SOP Instance UIDs across series
     located = {location_key(r.location) for r in result.labels if isinstance(r, AssessedLabel)}
     full = {key: pydicom.dcmread(paths[key]) for key in located}
     patient = patient_study([*full.values(), *headers.values()], result.study_uid)  # logged once per run
-    (folder / SC_FOLDER).mkdir(parents=True, exist_ok=True)
+    run.sc_dir.mkdir(parents=True, exist_ok=True)
     previous = supersedes.sr if supersedes else None
     sr = build_sr(result, headers, series_uid=None if previous is None else str(previous.SeriesInstanceUID),
                   instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
                   predecessors=[] if previous is None else [previous], patient=patient)
-    files = [_save(sr, OutputKind.SR, folder / f"SR_{sr.SOPInstanceUID}.dcm")]
+    files = [_save(sr, OutputKind.SR, run.sr_path(sr.SOPInstanceUID))]
     scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None, patient=patient)
     for sc in scs:
-        files.append(_save(sc, OutputKind.SC, folder / SC_FOLDER / f"{int(sc.InstanceNumber):02d}_{sc.SOPInstanceUID}.dcm"))
+        files.append(_save(sc, OutputKind.SC, run.sc_path(int(sc.InstanceNumber), sc.SOPInstanceUID)))
     if pdf:
         heatmap = dict(zip((r.label for r in result.assessed()), scs, strict=True))
         source = next(iter(full.values()), None) or next(iter(headers.values()))
         document = build_pdf(result, sr, source, [(r, heatmap[r.label]) for r in key_findings(result)], patient=patient)
-        files.append(_save(document, OutputKind.PDF, folder / f"PDF_{document.SOPInstanceUID}.dcm"))
-    table, data = folder / TABLE_FILE, folder / JSON_FILE
+        files.append(_save(document, OutputKind.PDF, run.pdf_path(document.SOPInstanceUID)))
+    table, data = run.table_path, run.json_path
     table.write_text(result_table(result) + "\n")
     data.write_text(json.dumps(result_json(result), indent=1))
     return RunOutputs(folder, tuple(files), table, data)
@@ -128,9 +214,11 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
 
 def previous_outputs(folder: Path) -> Supersedes | None:
     """What a folder written by ``write_run`` holds to supersede: its newest SR and the SC series."""
-    reports = sorted((pydicom.dcmread(p) for p in folder.glob(SR_GLOB)), key=lambda d: int(d.InstanceNumber))
-    if not reports:
+    run = RunFolder(folder)
+    sr = run.newest_sr()
+    if sr is None:
         return None
-    old_sc = sorted((folder / SC_FOLDER).glob("*.dcm"))
+    old_sc = run.sc_files()
     sc_series = str(pydicom.dcmread(old_sc[0], stop_before_pixels=True).SeriesInstanceUID) if old_sc else None
-    return Supersedes(reports[-1], sc_series)
+    return Supersedes(pydicom.dcmread(sr), sc_series)
+

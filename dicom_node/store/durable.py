@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import grp
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
 PRIVATE_UMASK = 0o077  # files 0600, folders 0700: the node's user only
 GROUP_UMASK = 0o027  # files 0640, folders 0750: and the configured group may read
+INCOMING_PREFIX = ".incoming-"  # a file being written (a crash may leave one behind)
 
 
 def restrict_access(folders: Iterable[Path], group: str | None = None, shared: Iterable[Path] = ()) -> None:
@@ -41,12 +42,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(data: bytes, target: Path, fsync: bool = True) -> None:
-    """Write to a temporary file in the target's folder, fsync, rename into place, fsync the folder."""
+def write_durably(data: bytes, target: Path, fsync: bool = True, mode: int | None = None) -> None:
+    """Write to a temporary file in the target's folder, fsync, rename into place, fsync the folder.
+
+    The file gets the permission bits any new file of the process gets (0666 less the umask that
+    ``restrict_access`` set: 0600, or 0640 with a group), and the folder's group when the folder is
+    setgid; ``mode`` sets exactly these bits instead (the file is never wider than ``mode`` meanwhile)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+    fd, tmp = _create_beside(target, 0o666 if mode is None else mode)
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)  # exactly ``mode``, whatever the umask
             f.write(data)
             if fsync:
                 f.flush()
@@ -55,8 +62,21 @@ def write_durably(data: bytes, target: Path, fsync: bool = True) -> None:
         if fsync:
             fsync_dir(target.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_beside(target: Path, mode: int) -> tuple[int, Path]:
+    """A new temporary file ``.incoming-<random>`` in the target's folder, opened for writing and
+    created with ``mode`` less the umask (``tempfile.mkstemp`` would make it 0600 whatever the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = target.parent / f"{INCOMING_PREFIX}{secrets.token_hex(8)}"
+        try:
+            return os.open(tmp, flags, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 def fsync_files(paths: Iterable[Path]) -> None:

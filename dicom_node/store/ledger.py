@@ -5,6 +5,9 @@ A study goes receiving -> analysing -> sending -> done, or ends failed / skipped
 A new instance (re)opens its study as receiving and bumps its generation, so that a grading run
 started before it arrived is recognised as stale and the study is graded again; the new report
 then supersedes the previous one.
+
+The schema is versioned (PRAGMA user_version) and brought up to date at open, in one
+transaction, by the numbered steps of MIGRATIONS; a ledger of a newer version is refused.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
+from dicom_node.errors import NodeError
 from dicom_node.states import DeliveryState, EventKind, StudyState
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
+#: The instances table, keyed by (series, SOP Instance UID): the RSNA Kaggle files repeat SOP
+#: Instance UIDs across the series of a study.
+INSTANCES_TABLE = """(
     sop_instance_uid TEXT NOT NULL,
     study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL,
@@ -33,7 +39,21 @@ CREATE TABLE IF NOT EXISTS instances (
     series_size INTEGER,
     digest TEXT,
     PRIMARY KEY (series_uid, sop_instance_uid)
-);
+)"""
+INSTANCE_KEY = ("series_uid", "sop_instance_uid")
+INSTANCE_COLUMNS = ("sop_instance_uid, study_uid, series_uid, sop_class_uid, path, calling_aet, received_at, "
+                    "series_size, digest")
+STUDY_COLUMNS = ("study_uid, state, reason, first_received, last_received, updated_at, generation, worker_deaths, "
+                 "purged_at, purged")
+
+# -- the schema, as numbered migrations ------------------------------------------------------------
+# A ledger's version is its PRAGMA user_version: the number of the last migration applied. Ledgers
+# of the releases before versioning are at 0, in whichever state their release left them (tables
+# created, columns added and the key changed at open, without a record of it): so migrations 1-4
+# check before they change. Later migrations start from a known version and need not.
+
+_BASE_TABLES = f"""
+CREATE TABLE IF NOT EXISTS instances {INSTANCES_TABLE};
 CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
@@ -67,45 +87,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
     updated_at REAL NOT NULL
-);
+)
 """
-# Columns added after the first release: (table, column, declaration), added to older ledgers at open.
-MIGRATIONS = (("instances", "digest", "TEXT"), ("studies", "worker_deaths", "INTEGER NOT NULL DEFAULT 0"),
-              ("studies", "purged_at", "REAL"), ("studies", "purged", "TEXT"))
-# Instances were keyed by SOP Instance UID alone until the RSNA Kaggle files, which repeat SOP
-# Instance UIDs across the series of a study: older ledgers get the (series, SOP instance) key.
-INSTANCE_KEY = ("series_uid", "sop_instance_uid")
-INSTANCE_COLUMNS = ("sop_instance_uid, study_uid, series_uid, sop_class_uid, path, calling_aet, received_at, "
-                    "series_size, digest")
 
+# Columns that earlier ledgers lack, in the order they were added: (table, column, declaration).
+_ADDED_COLUMNS = (("instances", "series_size", "INTEGER"), ("instances", "digest", "TEXT"),
+                  ("studies", "generation", "INTEGER NOT NULL DEFAULT 0"),
+                  ("studies", "worker_deaths", "INTEGER NOT NULL DEFAULT 0"),
+                  ("studies", "purged_at", "REAL"), ("studies", "purged", "TEXT"))
 
-def _migrate_instance_key(db: sqlite3.Connection) -> bool:
-    """Rebuild an older ledger's instances table with the (series, SOP instance) primary key, its
-    rows kept; True if it was rebuilt."""
-    def key() -> tuple[str, ...]:
-        return tuple(row[1] for row in sorted(db.execute("PRAGMA table_info(instances)"), key=lambda r: r[5]) if row[5])
-
-    if key() == INSTANCE_KEY:
-        return False
-    table = SCHEMA.split("CREATE TABLE IF NOT EXISTS instances", 1)[1].split(";", 1)[0]
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if key() == INSTANCE_KEY:  # another process migrated it meanwhile
-            db.execute("COMMIT")
-            return False
-        db.execute(f"CREATE TABLE instances_keyed {table}")
-        db.execute(f"INSERT INTO instances_keyed ({INSTANCE_COLUMNS}) SELECT {INSTANCE_COLUMNS} FROM instances")
-        db.execute("DROP TABLE instances")
-        db.execute("ALTER TABLE instances_keyed RENAME TO instances")
-        db.execute("CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid)")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    return True
-# Tables and indexes added after the first release, created in older ledgers at open: the audit trail
-# (events), the studies that came through the web page's upload, the dashboard's newest-first index.
-TABLE_MIGRATIONS = """
+_WEB_TABLES = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_uid TEXT,
@@ -124,8 +115,68 @@ CREATE TABLE IF NOT EXISTS uploads (
     send INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_newest_first ON studies (first_received, study_uid);
-CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, first_received, study_uid);
+CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, first_received, study_uid)
 """
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Each statement of ``script`` in the open transaction (``executescript`` would commit it)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> list[tuple]:
+    return db.execute(f"PRAGMA table_info({table})").fetchall()
+
+
+def _base_tables(db: sqlite3.Connection) -> None:
+    _run_script(db, _BASE_TABLES)
+
+
+def _added_columns(db: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        if column not in {row[1] for row in _columns(db, table)}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+def _instance_key(db: sqlite3.Connection) -> None:
+    key = tuple(row[1] for row in sorted(_columns(db, "instances"), key=lambda r: r[5]) if row[5])
+    if key == INSTANCE_KEY:
+        return
+    db.execute(f"CREATE TABLE instances_keyed {INSTANCES_TABLE}")
+    db.execute(f"INSERT INTO instances_keyed ({INSTANCE_COLUMNS}) SELECT {INSTANCE_COLUMNS} FROM instances")
+    db.execute("DROP TABLE instances")
+    db.execute("ALTER TABLE instances_keyed RENAME TO instances")
+    db.execute("CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_uid)")
+
+
+def _web_tables(db: sqlite3.Connection) -> None:
+    _run_script(db, _WEB_TABLES)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the ledger's schema: applied to a ledger whose version is ``version`` - 1."""
+
+    version: int
+    what: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+#: The ledger's schema, step by step; a ledger's version is the last one applied (PRAGMA user_version).
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "instances, studies, reports and deliveries", _base_tables),
+    Migration(2, "the columns added before versioning: series size, digest, generation, worker deaths, purge",
+              _added_columns),
+    Migration(3, "instances keyed by (series, SOP Instance UID)", _instance_key),
+    Migration(4, "the audit trail, the web page's uploads and the dashboard's indexes", _web_tables),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+class LedgerVersionError(NodeError, RuntimeError):
+    """The ledger was written by a newer lumbar-node (its schema version is above this one's)."""
 
 
 class Recorded(StrEnum):
@@ -135,6 +186,30 @@ class Recorded(StrEnum):
     RESENT = "resent"  # the same bytes again: nothing changes
     REPLACED = "replaced"  # the same (series, SOP Instance UID) with other bytes: the study is graded again
     OTHER_STUDY = "other study"  # the series' SOP Instance UID is already filed under another study: refused
+
+
+class KnownInstance(NamedTuple):
+    """A recorded instance: the study it is filed under and its content digest (None when recorded
+    before digests were kept)."""
+
+    study_uid: str
+    digest: str | None
+
+
+class SeriesCount(NamedTuple):
+    """A series of a study as received so far."""
+
+    series_uid: str
+    received: int  # instances received
+    expected: int | None  # ImagesInAcquisition, when the sender gave it
+    a_file: str  # one of its files (the first by path)
+
+
+class Purgeable(NamedTuple):
+    """A finished study old enough to purge, with the instance files the ledger holds."""
+
+    study_uid: str
+    files: list[Path]
 
 
 @dataclass(frozen=True)
@@ -176,7 +251,8 @@ class Delivery:
 
 
 class Ledger:
-    """Thread-safe SQLite ledger (one connection, serialised access, synchronous=FULL)."""
+    """Thread-safe SQLite ledger (one connection, serialised access, synchronous=FULL).
+    ``migrated_from`` is the schema version the file had when opened (SCHEMA_VERSION: none to do)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,13 +261,41 @@ class Ledger:
         if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # set once, by the first opener
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        for table, column, declaration in MIGRATIONS:
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-        self.migrated_instance_key = _migrate_instance_key(self._db)
-        self._db.executescript(TABLE_MIGRATIONS)
+        try:
+            self.migrated_from = self._migrate(path)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self, path: Path) -> int:
+        """Bring the ledger to SCHEMA_VERSION in one transaction (all steps or none); the version
+        it had. LedgerVersionError, nothing changed, if a newer lumbar-node wrote it."""
+        db = self._db
+        version = self._version(path)
+        if version == SCHEMA_VERSION:
+            return version
+        db.execute("BEGIN IMMEDIATE")  # one process migrates; another opening meanwhile waits, then finds it done
+        try:
+            version = self._version(path)
+            for migration in MIGRATIONS:
+                if migration.version > version:
+                    migration.apply(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return version
+
+    def _version(self, path: Path) -> int:
+        """The ledger's schema version; LedgerVersionError if it is newer than this lumbar-node's."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise LedgerVersionError(
+                f"{path}: the ledger's schema is version {version}, written by a newer lumbar-node; this one "
+                f"knows versions up to {SCHEMA_VERSION}. Run the newer version, or point storage.ledger_path "
+                "at another file.")
+        return version
 
     def close(self) -> None:
         with self._lock:
@@ -214,11 +318,11 @@ class Ledger:
 
     # -- instances and studies --------------------------------------------------------------------
 
-    def instance(self, series_uid: str, sop_instance_uid: str) -> tuple[str, str | None] | None:
-        """(study UID, content digest) of a recorded instance (a series' SOP instance), or None."""
+    def instance(self, series_uid: str, sop_instance_uid: str) -> KnownInstance | None:
+        """The study and content digest of a recorded instance (a series' SOP instance), or None."""
         rows = self._query("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
                            (series_uid, sop_instance_uid))
-        return (rows[0][0], rows[0][1]) if rows else None
+        return KnownInstance(*rows[0]) if rows else None
 
     def sop_uid_repeats(self, study_uid: str, sop_instance_uid: str) -> bool:
         """Whether this SOP Instance UID is recorded in more than one series of the study (as the
@@ -240,24 +344,25 @@ class Ledger:
         """
         now = time.time()
         with self._transaction() as db:
-            known = db.execute("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
-                               (series_uid, sop_instance_uid)).fetchone()
-            if known is not None and known[0] != study_uid:
+            row = db.execute("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
+                             (series_uid, sop_instance_uid)).fetchone()
+            known = KnownInstance(*row) if row is not None else None
+            if known is not None and known.study_uid != study_uid:
                 return Recorded.OTHER_STUDY
-            if known is not None and (digest is None or known[1] == digest):
+            if known is not None and (digest is None or known.digest == digest):
                 return Recorded.RESENT
             outcome = Recorded.NEW if known is None else Recorded.REPLACED
             db.execute(f"INSERT OR REPLACE INTO instances ({INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now,
                         series_size, digest))
+            new_study = f"INTO studies ({STUDY_COLUMNS}) VALUES (?, ?, NULL, ?, ?, ?, 1, 0, NULL, NULL)"
             if reopens:
-                db.execute("INSERT INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0, NULL, NULL) "
+                db.execute(f"INSERT {new_study} "
                            "ON CONFLICT(study_uid) DO UPDATE SET state=excluded.state, reason=NULL, "
                            "last_received=excluded.last_received, updated_at=excluded.updated_at, "
                            "generation=studies.generation + 1", (study_uid, StudyState.RECEIVING, now, now, now))
             else:
-                db.execute("INSERT OR IGNORE INTO studies VALUES (?, ?, NULL, ?, ?, ?, 1, 0, NULL, NULL)",
-                           (study_uid, StudyState.RECEIVING, now, now, now))
+                db.execute(f"INSERT OR IGNORE {new_study}", (study_uid, StudyState.RECEIVING, now, now, now))
         return outcome
 
     def set_state(self, study_uid: str, state: StudyState, reason: str | None = None, generation: int | None = None) -> bool:
@@ -292,10 +397,11 @@ class Ledger:
         rows = self._query("SELECT path FROM instances WHERE study_uid=? ORDER BY received_at", (study_uid,))
         return [Path(r[0]) for r in rows]
 
-    def series_counts(self, study_uid: str) -> list[tuple[str, int, int | None, str]]:
-        """(series UID, instances received, ImagesInAcquisition if sent, one file) per series of a study."""
-        return self._query("SELECT series_uid, COUNT(*), MAX(series_size), MIN(path) FROM instances "
+    def series_counts(self, study_uid: str) -> list[SeriesCount]:
+        """Each series of a study: instances received, ImagesInAcquisition if sent, one file."""
+        rows = self._query("SELECT series_uid, COUNT(*), MAX(series_size), MIN(path) FROM instances "
                            "WHERE study_uid=? GROUP BY series_uid", (study_uid,))
+        return [SeriesCount(*row) for row in rows]
 
     def reopen(self, study_uid: str) -> bool:
         """Grade a known study again (after a failure, a skip or a model change). False if unknown."""
@@ -325,9 +431,9 @@ class Ledger:
 
     # -- retention -----------------------------------------------------------------------------------
 
-    def purgeable(self, received_before: float) -> list[tuple[str, list[Path]]]:
+    def purgeable(self, received_before: float) -> list[Purgeable]:
         """Finished studies (done, failed, skipped) with files, whose last instance came before
-        ``received_before``, oldest first: (study UID, the instance files the ledger holds)."""
+        ``received_before``, oldest first, with the instance files the ledger holds."""
         finished = (StudyState.DONE, StudyState.FAILED, StudyState.SKIPPED)
         rows = self._query("SELECT s.study_uid, i.path FROM studies s JOIN instances i ON i.study_uid = s.study_uid "
                            f"WHERE s.state IN ({','.join('?' * len(finished))}) AND s.last_received < ? "
@@ -335,7 +441,7 @@ class Ledger:
         out: dict[str, list[Path]] = {}
         for study_uid, path in rows:
             out.setdefault(study_uid, []).append(Path(path))
-        return list(out.items())
+        return [Purgeable(study_uid, files) for study_uid, files in out.items()]
 
     def purged(self, study_uid: str, files: list[Path], what: str) -> None:
         """Record a purge: the instances whose files were removed are forgotten (a re-send is new
@@ -370,16 +476,11 @@ class Ledger:
                 return None
             db.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)",
                        (report.study_uid, report.run, report.sr_path, report.sr_series_uid, report.sc_series_uid, now))
-            db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
-                       (DeliveryState.SUPERSEDED, now, report.study_uid, DeliveryState.PENDING))
-            ids = [db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
-                              "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (report.study_uid, report.run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid
-                   for name in destinations]
+            ids = _queue_deliveries(db, report.study_uid, report.run, destinations, paths, now)
             state = StudyState.SENDING if destinations else StudyState.DONE
             db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
                        (state, now, report.study_uid))
-        return [int(i) for i in ids]
+        return ids
 
     def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None,
                    delivery_id: int | None = None) -> list[Delivery]:
@@ -468,16 +569,11 @@ class Ledger:
         study 'sending'; pending deliveries of the study are superseded by these."""
         now = time.time()
         with self._transaction() as db:
-            db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
-                       (DeliveryState.SUPERSEDED, now, study_uid, DeliveryState.PENDING))
-            ids = [db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
-                              "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (study_uid, run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid
-                   for name in destinations]
+            ids = _queue_deliveries(db, study_uid, run, destinations, paths, now)
             if destinations:
                 db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
                            (StudyState.SENDING, now, study_uid))
-        return [int(i) for i in ids]
+        return ids
 
     def state_counts(self) -> dict[StudyState, int]:
         """How many studies are in each state (every state listed, zero included)."""
@@ -512,11 +608,24 @@ class Ledger:
             (EventKind.RELEASED, EventKind.GRADED, EventKind.DELIVERED, EventKind.GRADED, *args, limit, offset))
         total = self._query(f"SELECT COUNT(*) FROM studies s {where}", tuple(args))[0][0]
         out = []
-        for r in rows:
-            graded = json.loads(r[10]) if r[10] else {}
-            out.append(StudyRow(r[0], StudyState(r[1]), r[2], r[5], r[6], r[3], r[4], r[7], r[8], r[9],
-                                graded.get("series_roles", {}), r[11]))
+        for (study_uid, state_value, reason, first_received, last_received, instances, series, released_at,
+             graded_at, delivered_at, graded, uploaded_by) in rows:
+            roles = json.loads(graded).get("series_roles", {}) if graded else {}
+            out.append(StudyRow(study_uid, StudyState(state_value), reason, instances, series, first_received,
+                                last_received, released_at, graded_at, delivered_at, roles, uploaded_by))
         return out, total
+
+
+def _queue_deliveries(db: sqlite3.Connection, study_uid: str, run: int, destinations: list[str], paths: list[str],
+                      now: float) -> list[int]:
+    """In the caller's transaction: the study's pending deliveries superseded, one new pending
+    delivery of run ``run`` (``paths``, in the order sent) per destination; their ids."""
+    db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
+               (DeliveryState.SUPERSEDED, now, study_uid, DeliveryState.PENDING))
+    return [int(db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
+                           "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (study_uid, run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid)
+            for name in destinations]
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ in a YAML file whose path the configuration gives (``web.accounts_file``):
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -21,6 +19,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from dicom_node.errors import NodeError
+from dicom_node.store.durable import write_durably
 
 USER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MIN_PASSWORD = 8
@@ -70,16 +69,7 @@ def add_account(path: Path, name: str, role: Role, password: str) -> Account:
     account = Account(name, role, _HASHER.hash(password))
     accounts[name] = account
     data = {"users": {a.name: {"role": str(a.role), "password_hash": a.password_hash} for a in accounts.values()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".accounts-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            yaml.safe_dump(data, out, sort_keys=True)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_durably(yaml.safe_dump(data, sort_keys=True).encode("utf-8"), path, mode=0o600)
     return account
 
 

@@ -1,14 +1,20 @@
 """What every route shares: the templates, the signed-in user, and ``page()``, the wrapper that
-lets only signed-in users in and checks an action's CSRF token and role (refusals are audited)."""
+lets only signed-in users in and checks an action's CSRF token and role (refusals are audited).
+
+Nothing that blocks runs on the event loop: the ledger (SQLite), the accounts file and argon2 are
+called through ``run_in_threadpool``, and a handler that is a plain function (not ``async``) is
+run there whole by ``page()``, as Starlette runs plain endpoints."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
 from urllib.parse import urlencode
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
@@ -24,8 +30,10 @@ __all__ = ["MAX_UPLOAD_FILES", "Handler", "Site"]
 log = get_logger(__name__)
 MAX_UPLOAD_FILES = 20000
 
-#: A route's handler once ``page()`` let the request in: it gets the signed-in user.
-Handler = Callable[[Request, User], Awaitable[Response]]
+#: A route's handler once ``page()`` let the request in: it gets the signed-in user. A plain
+#: function (one that reads the ledger or files) runs in the threadpool; a coroutine function
+#: (one that reads the request body) on the event loop, and must not block it.
+Handler = Callable[[Request, User], Awaitable[Response]] | Callable[[Request, User], Response]
 
 
 def _when(ts: float | None) -> str:
@@ -71,7 +79,7 @@ class Site:
         ctx, web, render = self.ctx, self.web, self.render
 
         async def endpoint(request: Request) -> Response:
-            user = self.user_of(request)
+            user = await run_in_threadpool(self.user_of, request)
             if user is None:
                 if request.method == "GET" and "application/json" not in request.headers.get("accept", ""):
                     return RedirectResponse(f"/signin?{urlencode({'next': request.url.path})}", 303)
@@ -98,13 +106,15 @@ class Site:
                                           "and try again.")
                 if admin and not user.admin:
                     study_uid = request.path_params.get("study_uid")
-                    ctx.ledger.add_event(EventKind.REFUSED, user.name, study_uid, f"{action}: {user.name} is "
-                                         f"{user.role}, only an administrator may")
+                    await run_in_threadpool(ctx.ledger.add_event, EventKind.REFUSED, user.name, study_uid,
+                                            f"{action}: {user.name} is {user.role}, only an administrator may")
                     log.warning("action refused: not an administrator", action=action, user=user.name,
                                 study_uid=study_uid)
                     return render(request, "message.html", user, 403, title="Not allowed",
                                   message=f"Only an administrator may {action}; you are signed in as "
                                           f"{user.name} ({user.role}).")
-            return await handler(request, user)
+            if inspect.iscoroutinefunction(handler):
+                return await handler(request, user)
+            return await run_in_threadpool(handler, request, user)
 
         return endpoint

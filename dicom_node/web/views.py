@@ -4,7 +4,6 @@ Secondary Captures rendered as PNG, the SR and the PDF summary (from the run fol
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from dicom_node.results import JSON_FILE, PDF_GLOB, SC_FOLDER
+from dicom_node.results import RunFolder
 from inference.labels import CONDITIONS, LEVELS, SEVERITY_NAMES
 
 NORMAL = SEVERITY_NAMES[0]
@@ -21,9 +20,9 @@ NORMAL = SEVERITY_NAMES[0]
 
 @dataclass(frozen=True)
 class RunView:
-    """What the pages show of one run."""
+    """What the pages show of one run: its folder (``RunFolder``), its number and its results.json."""
 
-    folder: Path
+    folder: RunFolder
     run: int
     result: dict[str, Any]
 
@@ -56,24 +55,29 @@ class RunView:
         return [role for role in ("Sagittal T1", "Sagittal T2/STIR", "Axial T2") if role not in found]
 
     def sc_files(self) -> list[Path]:
-        return sorted((self.folder / SC_FOLDER).glob("*.dcm"))
+        return self.folder.sc_files()
 
     def heatmaps(self) -> list[tuple[int, dict[str, Any]]]:
         """(SC index, its label): the SCs are written in the order of the assessed labels."""
         return list(enumerate(self.assessed[: len(self.sc_files())]))
 
     def sr_file(self) -> Path | None:
-        return next(iter(sorted(self.folder.glob("SR_*.dcm"))), None)
+        return self.folder.newest_sr()
 
     def pdf_file(self) -> Path | None:
-        return next(iter(sorted(self.folder.glob(PDF_GLOB))), None)
+        return next(iter(self.folder.pdf_files()), None)
+
+    @property
+    def json_file(self) -> Path:
+        return self.folder.json_path
 
 
 def run_view(sr_path: str, run: int) -> RunView | None:
-    """The run whose SR is ``sr_path``, or None when its files are gone (purged)."""
-    folder = Path(sr_path).parent
+    """The run whose SR is ``sr_path``, or None when its files are gone (purged) or its
+    results.json cannot be read."""
+    folder = RunFolder.of_sr(sr_path)
     try:
-        return RunView(folder, run, json.loads((folder / JSON_FILE).read_text()))
+        return RunView(folder, run, folder.result())
     except (OSError, ValueError):
         return None
 
@@ -90,13 +94,6 @@ def sc_png(path: Path, max_side: int = 512) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
-
-
-def pdf_bytes(path: Path) -> bytes:
-    """The PDF inside an Encapsulated PDF object (its trailing pad byte, if any, removed)."""
-    data = bytes(pydicom.dcmread(path).EncapsulatedDocument)
-    end = data.rfind(b"%%EOF")
-    return data[: end + 5] + b"\n" if end >= 0 else data
 
 
 def patient_of(path: Path) -> tuple[str, str]:

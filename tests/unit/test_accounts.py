@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 import time
 from pathlib import Path
@@ -23,6 +24,17 @@ def test_an_account_is_written_hashed_and_private(tmp_path: Path) -> None:
     assert authenticate(accounts, "ada", "correct horse").role is Role.ADMIN
     assert authenticate(accounts, "ada", "wrong horse") is None
     assert authenticate(accounts, "nobody", "correct horse") is None
+
+
+def test_the_accounts_file_stays_private_whatever_the_umask_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.yaml"
+    previous = os.umask(0)
+    try:
+        add_account(path, "ada", Role.ADMIN, "correct horse")
+        add_account(path, "vic", Role.VIEWER, "viewer password")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and [p.name for p in tmp_path.iterdir()] == ["accounts.yaml"]
 
 
 def test_adding_again_replaces_and_keeps_the_others(tmp_path: Path) -> None:

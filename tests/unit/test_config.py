@@ -202,6 +202,19 @@ def test_invalid_values_are_rejected(tmp_path: Path, yaml_text: str, key: str) -
     assert str(cfg) in str(excinfo.value)
 
 
+@pytest.mark.parametrize(("title", "why"), [
+    ("THIS_TITLE_IS_TOO_LONG", "an AE title must not exceed 16 characters"),
+    ("BAD\\\\AE", "an AE title must not contain control characters or backslashes"),
+    ("TAB\\tAE", "an AE title must not contain control characters or backslashes"),
+    ("NÖDE", "an AE title must only contain ASCII characters"),
+    ("    ", "an AE title must not be empty or all spaces"),
+])
+def test_ae_titles_are_checked_by_pynetdicom_with_the_reason_given(tmp_path: Path, title: str, why: str) -> None:
+    cfg = write(tmp_path, f'node:\n  ae_title: "{title}"\n')
+    with pytest.raises(ConfigError, match=f"node.ae_title: .*{why}"):
+        load_settings(cfg, environ={})
+
+
 def test_ae_title_edge_values_are_accepted(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, "node:\n  ae_title: SIXTEEN_CHARS_AE\n"), environ={})
     assert s.node.ae_title == "SIXTEEN_CHARS_AE"

@@ -84,6 +84,7 @@ def test_an_older_ledger_gets_the_new_tables(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE events")
         db.execute("DROP TABLE uploads")
+        db.execute("PRAGMA user_version = 0")  # as the release before the web page left it: unversioned
     ledger = Ledger(path)
     try:
         ledger.add_event(EventKind.SIGNED_IN, "ada", None, "ada")

@@ -13,9 +13,10 @@ from dicom_node.results.sources import (
     image_key,
     number,
     patient_study,
-    sop_class_uid,
+    sop_reference,
     valid_value,
 )
+from inference.instances import sop_class_uid
 
 BIRTH = "1931-07-04"
 
@@ -99,6 +100,18 @@ def test_a_kaggle_header_gets_its_sop_class_from_the_file_meta_and_a_reference_f
     assert ref.Modality == "" and "PixelSpacing" not in ref
     ds.SOPClassUID = MRImageStorage  # the data set's own class wins
     assert sop_class_uid(ds) == MRImageStorage
+
+
+def test_a_reference_item_names_the_instance_and_its_class_even_when_only_the_file_meta_has_it() -> None:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = "7.1.1"
+    item = sop_reference(ds)
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (EnhancedMRImageStorage, "7.1.1")
+    assert set(item.dir()) == {"ReferencedSOPClassUID", "ReferencedSOPInstanceUID"}
+    ds.SOPClassUID = MRImageStorage
+    assert sop_reference(ds).ReferencedSOPClassUID == MRImageStorage
 
 
 def test_numbers_are_read_defensively() -> None:

@@ -1,14 +1,21 @@
 """The web page's rules, on the app itself (Starlette's TestClient, a small double of the node):
 anonymous visits, sign-in and its cookie, CSRF on actions, what a viewer may not do, /metrics,
-/healthz, and the upload's checks of what was sent."""
+/healthz, the upload's checks of what was sent, and that nothing blocking (the ledger, argon2)
+runs on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
+import threading
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
@@ -19,8 +26,9 @@ from dicom_node.config import load_settings
 from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind
 from dicom_node.store.ledger import Ledger
-from dicom_node.web.accounts import Role, add_account
+from dicom_node.web.accounts import Role, add_account, authenticate
 from dicom_node.web.app import WebContext, build_app
+from dicom_node.web.routes import auth, ops
 from dicom_node.web.security import AccountsFile
 
 
@@ -241,3 +249,107 @@ def test_upload_through_the_app_is_recorded_and_released(site: tuple, tmp_path: 
     assert client.post("/upload", files=[("files", ("a.dcm", _dicom(study)))]).status_code == 403  # no CSRF token
     from_pacs = client.post("/upload", data={"csrf": token}, files=[("files", ("a.dcm", _dicom("1.2.3")))])
     assert from_pacs.status_code == 400 and "came from the PACS" in from_pacs.json()["error"]
+
+
+# -- nothing blocking on the event loop ------------------------------------------------------------
+
+
+class LoopWatch:
+    """Records each watched call, and those made on the event loop's thread (a running loop there)."""
+
+    def __init__(self) -> None:
+        self.calls: set[str] = set()
+        self.on_loop: set[str] = set()
+
+    def check(self, name: str) -> None:
+        self.calls.add(name)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a worker thread: fine
+        self.on_loop.add(name)
+
+    def wrap(self, name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            self.check(name)
+            return call(*args, **kwargs)
+        return watched
+
+
+class WatchedLedger:
+    """The real ledger, every method call watched."""
+
+    def __init__(self, ledger: Ledger, watch: LoopWatch) -> None:
+        self._ledger, self._watch = ledger, watch
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._ledger, name)
+        return self._watch.wrap(f"ledger.{name}", attr) if callable(attr) else attr
+
+
+class WatchedNode(FakeNode):
+    """The node's actions that touch the ledger in the real node, watched."""
+
+    def __init__(self, watch: LoopWatch) -> None:
+        super().__init__()
+        self.grade_again = watch.wrap("node.grade_again", self.grade_again)  # type: ignore[method-assign]
+        self.send_again = watch.wrap("node.send_again", self.send_again)  # type: ignore[method-assign]
+
+
+def test_the_ledger_and_argon2_are_never_called_on_the_event_loop(site: tuple, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _, ledger = site
+    watch = LoopWatch()
+    for module in (auth, ops):
+        monkeypatch.setattr(module, "authenticate", watch.wrap("authenticate", authenticate))
+    ctx = WebContext(load_settings(environ={"LUMBAR_NODE__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
+                                            "LUMBAR_NODE__STORAGE__FSYNC": "false"}),
+                     WatchedLedger(ledger, watch), WatchedNode(watch), AccountsFile(tmp_path / "accounts.yaml"))
+    client = TestClient(build_app(ctx), follow_redirects=False)
+    assert client.post("/signin", data={"name": "ada", "password": "nope"}).status_code == 401
+    token = _sign_in(client, "ada", "ada-password")
+    for path in ("/", "/studies/1.2.3", "/upload/1.2.3", "/studies/1.2.3/status", "/studies/1.2.3/files/sr.dcm",
+                 "/studies/1.2.3/heatmaps/0.png", "/healthz"):
+        assert client.get(path).status_code in (200, 404), path
+    assert client.get("/metrics", auth=("vic", "vic-password")).status_code == 200
+    assert client.post("/studies/1.2.3/grade-again", data={"csrf": token}).status_code == 303
+    assert client.post("/studies/1.2.3/send-again", data={"csrf": token}).status_code == 409  # nothing to send
+    study = generate_uid()
+    assert client.post("/upload", data={"csrf": token}, files=[("files", ("a.dcm", _dicom(study)))]).status_code == 200
+    assert client.post("/signout", data={"csrf": token}).status_code == 303
+    viewer = _sign_in(client, "vic", "vic-password")
+    assert client.post("/studies/1.2.3/grade-again", data={"csrf": viewer}).status_code == 403  # refused: audited
+    expected = {"authenticate", "node.grade_again", "node.send_again", "ledger.dashboard", "ledger.state_counts",
+                "ledger.study", "ledger.series_counts", "ledger.last_report", "ledger.events", "ledger.add_event",
+                "ledger.record_instance", "ledger.upload"}
+    assert expected <= watch.calls, expected - watch.calls  # the watch saw them all...
+    assert watch.on_loop == set()  # ...and none on the event loop
+
+
+def test_healthz_answers_while_a_sign_in_hashes_its_password(site: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """argon2 takes a while: while one sign-in is being checked, the node still answers."""
+    client, _, _ = site
+    hashing, done = threading.Event(), threading.Event()
+
+    def slow_authenticate(*args: Any) -> Any:
+        hashing.set()
+        done.wait(10)  # held until /healthz answered (on the event loop this would block it for 10 s)
+        return authenticate(*args)
+
+    monkeypatch.setattr(auth, "authenticate", slow_authenticate)
+
+    async def scenario() -> tuple[float, bool, int]:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
+            signin = asyncio.create_task(http.post("/signin", data={"name": "ada", "password": "ada-password"}))
+            while not hashing.is_set():
+                await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            health = await http.get("/healthz")
+            took, pending = time.perf_counter() - started, not signin.done()
+            assert health.json() == {"status": "ok"}
+            done.set()
+            return took, pending, (await signin).status_code
+
+    took, pending, signed_in = asyncio.run(scenario())
+    assert pending and took < 5 and signed_in == 303

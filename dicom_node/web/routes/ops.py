@@ -16,14 +16,16 @@ from dicom_node.web.site import Site
 def routes(site: Site) -> list[Route]:
     ctx, web = site.ctx, site.web
 
-    async def healthz(request: Request) -> Response:
+    # Both read the ledger or hash a password: plain functions, which Starlette runs in its threadpool.
+
+    def healthz(request: Request) -> Response:
         try:
             ctx.ledger.state_counts()
         except Exception as exc:  # noqa: BLE001
             return JSONResponse({"status": "error", "error": f"ledger: {type(exc).__name__}"}, 503)
         return JSONResponse({"status": "ok"})
 
-    async def metrics(request: Request) -> Response:
+    def metrics(request: Request) -> Response:
         if not web.metrics_anonymous and site.user_of(request) is None:
             credentials = basic_credentials(request.headers.get("authorization"))
             if credentials is None or authenticate(ctx.accounts.accounts(), *credentials) is None:

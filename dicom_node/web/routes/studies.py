@@ -7,20 +7,19 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from dicom_node.observability import get_logger
+from dicom_node.results import read_pdf
 from dicom_node.states import StudyState
 from dicom_node.store import uid_problem
 from dicom_node.web.security import User
 from dicom_node.web.site import Site
-from dicom_node.web.views import levels, patient_of, pdf_bytes, run_view, sc_png
+from dicom_node.web.views import RunView, levels, patient_of, run_view, sc_png
 
 log = get_logger(__name__)
 
@@ -28,7 +27,10 @@ log = get_logger(__name__)
 def routes(site: Site) -> list[Route]:
     ctx, web, render, page = site.ctx, site.web, site.render, site.page
 
-    async def dashboard(request: Request, user: User) -> Response:
+    # Every handler here reads the ledger (SQLite) or the run's files: plain functions, which
+    # page() runs in the threadpool, never on the event loop.
+
+    def dashboard(request: Request, user: User) -> Response:
         params = request.query_params
         state = params.get("state") or None
         state_value = StudyState(state) if state in {s.value for s in StudyState} else None
@@ -38,9 +40,8 @@ def routes(site: Site) -> list[Route]:
         except ValueError:
             page_no = 1
         started = time.perf_counter()
-        rows, total = await run_in_threadpool(ctx.ledger.dashboard, state_value, search,
-                                              (page_no - 1) * web.page_size, web.page_size)
-        counts = await run_in_threadpool(ctx.ledger.state_counts)
+        rows, total = ctx.ledger.dashboard(state_value, search, (page_no - 1) * web.page_size, web.page_size)
+        counts = ctx.ledger.state_counts()
         pages = max(1, math.ceil(total / web.page_size))
         query = {k: v for k, v in (("state", state_value and str(state_value)), ("q", search)) if v}
         return render(request, "dashboard.html", user, rows=rows, total=total, page=page_no, pages=pages,
@@ -57,17 +58,17 @@ def routes(site: Site) -> list[Route]:
         return render(request, "message.html", user, 404, title="Not found",
                       message="The node's ledger holds no such study.")
 
-    def _view(study_uid: str) -> Any:
+    def _view(study_uid: str) -> RunView | None:
         report = ctx.ledger.last_report(study_uid)
         return run_view(report.sr_path, report.run) if report is not None else None
 
-    async def study_page(request: Request, user: User) -> Response:
+    def study_page(request: Request, user: User) -> Response:
         study_uid = _study_or_404(request)
         if study_uid is None:
             return _not_found(request, user)
         study = ctx.ledger.study(study_uid)
         series = ctx.ledger.series_counts(study_uid)
-        name, patient_id = patient_of(Path(series[0][3])) if series else ("", "")
+        name, patient_id = patient_of(Path(series[0].a_file)) if series else ("", "")
         upload = ctx.ledger.upload(study_uid)
         template = "upload_result.html" if request.url.path.startswith("/upload/") else "study.html"
         return render(request, template, user, study=study, series=series, view=_view(study_uid),
@@ -75,17 +76,16 @@ def routes(site: Site) -> list[Route]:
                       upload=upload, patient_name=name, patient_id=patient_id, levels=levels(),
                       destinations=[d.name for d in ctx.settings.destinations])
 
-    async def study_status(request: Request, user: User) -> Response:
+    def study_status(request: Request, user: User) -> Response:
         study_uid = _study_or_404(request)
-        if study_uid is None:
+        study = ctx.ledger.study(study_uid) if study_uid is not None else None
+        if study_uid is None or study is None:
             return JSONResponse({"error": "no such study"}, 404)
-        study = ctx.ledger.study(study_uid)
-        assert study is not None
         return JSONResponse({"study_uid": study_uid, "state": str(study.state), "reason": study.reason,
                              "final": study.state.final or (study.state is StudyState.SENDING
                                                             and ctx.ledger.last_report(study_uid) is not None)})
 
-    async def grade_again(request: Request, user: User) -> Response:
+    def grade_again(request: Request, user: User) -> Response:
         study_uid = _study_or_404(request)
         if study_uid is None:
             return _not_found(request, user)
@@ -93,7 +93,7 @@ def routes(site: Site) -> list[Route]:
         log.info("grade again requested", user=user.name, study_uid=study_uid)
         return RedirectResponse(_back(request, study_uid), 303)
 
-    async def send_again(request: Request, user: User) -> Response:
+    def send_again(request: Request, user: User) -> Response:
         study_uid = _study_or_404(request)
         if study_uid is None:
             return _not_found(request, user)
@@ -110,35 +110,44 @@ def routes(site: Site) -> list[Route]:
         referer = request.headers.get("referer", "")
         return f"/upload/{study_uid}" if "/upload/" in referer else f"/studies/{study_uid}"
 
-    async def download(request: Request, user: User) -> Response:
+    def download(request: Request, user: User) -> Response:
         study_uid = _study_or_404(request)
         view = _view(study_uid) if study_uid else None
         what = request.path_params["what"]
         if view is None:
             return PlainTextResponse("no result for this study\n", 404)
         short = study_uid[-12:] if study_uid else "study"
-        if what == "result.json":
-            return Response((view.folder / "results.json").read_bytes(), media_type="application/json",
-                            headers=_attachment(f"lumbar-result-{short}.json"))
-        if what == "sr.dcm" and (sr := view.sr_file()) is not None:
-            return Response(sr.read_bytes(), media_type="application/dicom", headers=_attachment(f"SR-{short}.dcm"))
-        if what == "summary.pdf" and (pdf := view.pdf_file()) is not None:
-            return Response(pdf_bytes(pdf), media_type="application/pdf", headers=_attachment(f"summary-{short}.pdf"))
-        if what == "pdf.dcm" and (pdf := view.pdf_file()) is not None:
-            return Response(pdf.read_bytes(), media_type="application/dicom", headers=_attachment(f"PDF-{short}.dcm"))
+        try:
+            if what == "result.json":
+                return Response(view.json_file.read_bytes(), media_type="application/json",
+                                headers=_attachment(f"lumbar-result-{short}.json"))
+            if what == "sr.dcm" and (sr := view.sr_file()) is not None:
+                return Response(sr.read_bytes(), media_type="application/dicom", headers=_attachment(f"SR-{short}.dcm"))
+            if what == "summary.pdf" and (pdf := view.pdf_file()) is not None:
+                return Response(read_pdf(pdf), media_type="application/pdf",
+                                headers=_attachment(f"summary-{short}.pdf"))
+            if what == "pdf.dcm" and (pdf := view.pdf_file()) is not None:
+                return Response(pdf.read_bytes(), media_type="application/dicom", headers=_attachment(f"PDF-{short}.dcm"))
+        except (OSError, ValueError) as exc:  # purged meanwhile, or not a readable document
+            log.warning("a run's file could not be read", study_uid=study_uid, what=what,
+                        error=type(exc).__name__)
         return PlainTextResponse("no such file\n", 404)
 
-    async def heatmap(request: Request, user: User) -> Response:
+    def heatmap(request: Request, user: User) -> Response:
         study_uid = _study_or_404(request)
         view = _view(study_uid) if study_uid else None
         scs = view.sc_files() if view else []
         index = request.path_params["index"]
         if not 0 <= index < len(scs):
             return PlainTextResponse("no such image\n", 404)
-        if request.path_params["ext"] == "dcm":
-            return Response(scs[index].read_bytes(), media_type="application/dicom",
-                            headers=_attachment(scs[index].name))
-        return Response(await run_in_threadpool(sc_png, scs[index]), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+        try:
+            if request.path_params["ext"] == "dcm":
+                return Response(scs[index].read_bytes(), media_type="application/dicom",
+                                headers=_attachment(scs[index].name))
+            return Response(sc_png(scs[index]), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+        except (OSError, ValueError) as exc:  # purged meanwhile, or not a readable image
+            log.warning("a heatmap could not be read", study_uid=study_uid, error=type(exc).__name__)
+            return PlainTextResponse("no such image\n", 404)
 
     return [
         Route("/", page(dashboard)),
