@@ -29,7 +29,9 @@ Instance = tuple[Dataset, Path]
 
 #: The SOP classes of MR images (what ``is_mr`` goes by when a file has no Modality; the Modality
 #: highdicom needs for an Image Library entry, see dicom_node.results.sources).
-MR_SOP_CLASSES: frozenset[UID] = frozenset({MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage})
+MR_SOP_CLASSES: frozenset[UID] = frozenset(
+    {MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage}
+)
 
 
 def sop_class_uid(ds: Dataset) -> str:

@@ -262,12 +262,12 @@ class Admission:
         head = self._head(candidate)
         size, digest = _digest(candidate.body, head)
         known = self.ledger.instance(series_uid, sop_uid)
-        if known is not None and known[0] != study_uid:
+        if known is not None and known.study_uid != study_uid:
             raise Refused(StoreStatus.CANNOT_UNDERSTAND, Reason.OTHER_STUDY,
                           f"SOP Instance UID {sop_uid} of series {series_uid} is already filed under another "
-                          f"study ({known[0]})")
+                          f"study ({known.study_uid})")
         return Admissible(candidate, sop_uid, sop_class, study_uid, series_uid, modality, series_size, target, head,
-                          size, digest, known is not None and known[1] == digest)
+                          size, digest, known is not None and known.digest == digest)
 
     def _file_meta(self, candidate: Candidate, fp: BinaryIO) -> tuple[Dataset, UID]:
         """A Part 10 body's file meta and transfer syntax (``fp`` left at the dataset), or a bare
