@@ -34,7 +34,8 @@ def decode_frame(src: bytes, rows: int, columns: int, bits_allocated: int, bits_
     image.SetNumberOfDimensions(2)
     image.SetDimensions((columns, rows, 1))
     image.SetDataElement(element)
-    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(gdcm.PhotometricInterpretation.GetPIType(photometric)))
+    pi_type = gdcm.PhotometricInterpretation.GetPIType(photometric)
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi_type))
     image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(JPEG_EXTENDED)))
     image.SetPixelFormat(gdcm.PixelFormat(1, bits_allocated, bits_stored, bits_stored - 1, pixel_representation))
     frame = image.GetBuffer().encode("utf-8", "surrogateescape")  # GDCM returns char* as str

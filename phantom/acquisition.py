@@ -30,11 +30,11 @@ from phantom.anatomy import (
 class MatrixSize(StrEnum):
     """The phantom's image sizes."""
 
-    SMALL = "small"  # sagittal 256-384 px, axial 224-320 px, about 0.7-1.3 mm: quick to make and train on
+    SMALL = "small"  # sagittal 256-384 px, axial 224-320 px, about 0.5-1.25 mm: quick to make and train on
     REAL = "real"  # as the RSNA 2024 files: sagittal 384-768 px, axial 256-320 px, 0.4-0.7 mm, more slices
 
 
-# The real set's sizes (measured on RSNA 2024 competition files).
+# The real set's sizes, as issue 19 gives them; the mix of matrices within them is an assumption.
 REAL_SPACING = (0.4, 0.7)  # mm per pixel
 REAL_SAGITTAL_MATRICES = ((384, 448, 512, 640, 768), (0.35, 0.15, 0.3, 0.1, 0.1))
 REAL_SAGITTAL_SLICES = (15, 20)

@@ -245,8 +245,9 @@ def generate_dataset(out: Path, n_studies: int, seed: int, workers: int = 1,
                      matrix: MatrixSize = MatrixSize.SMALL) -> list[PhantomStudy]:
     """Make ``n_studies`` phantom studies in the RSNA layout under ``out``, on ``workers``
     processes (worker processes of one thread each, one at least, from two studies on), their files
-    encoded in ``style``, their images of the ``matrix`` sizes; returns them without their pixels. The files do not depend on ``workers``; the style changes the encoding
-    only (same anatomy, pixels, CSVs)."""
+    encoded in ``style``, their images of the ``matrix`` sizes; returns them without their pixels.
+    The files do not depend on ``workers``; the style changes the encoding only (same anatomy,
+    pixels, CSVs)."""
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(seed, index, out, style, matrix) for index in range(n_studies)]
     studies: list[PhantomStudy] = []

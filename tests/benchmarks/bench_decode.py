@@ -58,7 +58,8 @@ def _predict(study: Path, choice: DecoderChoice) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None, help="RSNA-layout folder (default: make real-size phantom studies)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="RSNA-layout folder (default: make real-size phantom studies)")
     parser.add_argument("--studies", type=int, default=2, help="studies to make or to take from --data")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=5)
@@ -72,8 +73,10 @@ def main() -> None:
                             str(args.studies), "--seed", str(args.seed), "--out", str(data)],
                            check=True, capture_output=True, timeout=3600)
         studies = sorted(p for p in (data / IMAGES_DIR).iterdir() if p.is_dir())[: args.studies]
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-              f"pydicom {pydicom.__version__}; {len(studies)} studies from {'phantom --matrix real' if args.data is None else data}")
+        source = "phantom --matrix real" if args.data is None else data
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"Python {platform.python_version()}, pydicom {pydicom.__version__}; "
+              f"{len(studies)} studies from {source}")
         for study in studies:
             files = sorted(study.rglob("*.dcm"))
             t0 = time.perf_counter()
@@ -82,8 +85,8 @@ def main() -> None:
             sizes = sorted({(ds.Rows, ds.Columns) for ds in datasets})
             syntaxes = sorted({ds.file_meta.TransferSyntaxUID.name for ds in datasets})
             megapixels = sum(ds.Rows * ds.Columns for ds in datasets) / 1e6
-            print(f"\nstudy {study.name}: {len(files)} images, {megapixels:.1f} Mpixel, sizes {sizes}, {syntaxes}; "
-                  f"read (dcmread) {read_s:.2f} s")
+            print(f"\nstudy {study.name}: {len(files)} images, {megapixels:.1f} Mpixel, sizes {sizes}, "
+                  f"{syntaxes}; read (dcmread) {read_s:.2f} s")
             decode_s: dict[DecoderChoice, list[float]] = {c: [] for c in CHOICES}
             predict: dict[DecoderChoice, list[tuple[float, float, float]]] = {c: [] for c in CHOICES}
             for k in range(args.repeats):
@@ -95,7 +98,8 @@ def main() -> None:
             for choice in CHOICES:
                 d = statistics.median(decode_s[choice])
                 wall, load, analysis = (statistics.median(run[i] for run in predict[choice]) for i in range(3))
-                print(f"  {DECODER_ENV}={choice.value:8s} decode {1000 * d / len(files):6.2f} ms/image, {d:5.2f} s/study; "
+                print(f"  {DECODER_ENV}={choice.value:8s} decode {1000 * d / len(files):6.2f} ms/image, "
+                      f"{d:5.2f} s/study; "
                       f"predict {wall:5.2f} s wall (study load {load:5.2f} s, analysis {analysis:5.2f} s), "
                       f"median of {args.repeats}")
             old, new = (statistics.median(decode_s[c]) for c in CHOICES)

@@ -145,9 +145,10 @@ def test_real_size_studies_keep_the_small_studies_labels(kaggle_real_dir: Path, 
     assert len(study_ids) == 2
     for name in (TRAIN_CSV, SERIES_CSV):
         assert _rows(kaggle_real_dir / name, study_ids) == _rows(phantom_dir / name, study_ids)
-    labelled = [(r["study_id"], r["condition"], r["level"]) for r in _rows(kaggle_real_dir / COORDINATES_CSV, study_ids)]
-    assert labelled == [(r["study_id"], r["condition"], r["level"])
-                        for r in _rows(phantom_dir / COORDINATES_CSV, study_ids)]
+    def labelled(data: Path) -> list[tuple[str, str, str]]:
+        return [(r["study_id"], r["condition"], r["level"]) for r in _rows(data / COORDINATES_CSV, study_ids)]
+
+    assert labelled(kaggle_real_dir) == labelled(phantom_dir)
 
 
 def test_the_real_size_preview_is_a_picture(kaggle_real_dir: Path) -> None:
