@@ -9,6 +9,7 @@ equation with the series' TR/TE/TI, then a coil bias field and Rician noise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import cv2
 import numpy as np
@@ -24,6 +25,30 @@ from phantom.anatomy import (
     disc_index,
     render,
 )
+
+
+class MatrixSize(StrEnum):
+    """The phantom's image sizes."""
+
+    SMALL = "small"  # sagittal 256-384 px, axial 224-320 px, about 0.5-1.25 mm: quick to make and train on
+    REAL = "real"  # as the RSNA 2024 files: sagittal 384-768 px, axial 256-320 px, 0.4-0.7 mm, more slices
+
+
+# The real set's sizes, as issue 19 gives them; the mix of matrices within them is an assumption.
+REAL_SPACING = (0.4, 0.7)  # mm per pixel
+REAL_SAGITTAL_MATRICES = ((384, 448, 512, 640, 768), (0.35, 0.15, 0.3, 0.1, 0.1))
+REAL_SAGITTAL_SLICES = (15, 20)
+REAL_AXIAL_MATRICES = ((256, 288, 320), (0.5, 0.2, 0.3))
+REAL_AXIAL_SLICES = (40, 60)  # per axial acquisition (split in two series now and then)
+REAL_MIN_GAP = 2.5  # mm between axial slices at least
+
+
+def _real_matrix(rng: np.random.Generator, matrices: tuple[tuple[int, ...], tuple[float, ...]],
+                 fov: tuple[float, float]) -> tuple[float, int]:
+    """A matrix of the real set and a field of view within ``fov`` whose pixel spacing lies in REAL_SPACING."""
+    matrix = int(rng.choice(matrices[0], p=matrices[1]))
+    low, high = max(fov[0], REAL_SPACING[0] * matrix), min(fov[1], REAL_SPACING[1] * matrix)
+    return float(rng.uniform(low, high)), matrix
 
 
 @dataclass(frozen=True)
@@ -93,15 +118,23 @@ def _stack(center: NDArray, row: NDArray, col: NDArray, n: int, gap: float, fov:
 
 
 def sagittal_series(anat: Anatomy, rng: np.random.Generator, role: SeriesRole, number: int,
-                    field_strength: float) -> SeriesSpec:
-    """A sagittal slab: 13-19 slices across the spine, columns running posterior, rows inferior."""
+                    field_strength: float, real: np.random.Generator | None = None) -> SeriesSpec:
+    """A sagittal slab: 13-19 slices across the spine, columns running posterior, rows inferior.
+
+    With ``real`` (a stream of its own), the real set's sizes (MatrixSize.REAL) are drawn from it:
+    the study's own stream ``rng`` is drawn from exactly as for the small sizes, so that a study
+    keeps its anatomy, series and labels at either size."""
     thickness = float(rng.choice([3.0, 3.5, 4.0]))
     gap = thickness + float(rng.choice([0.3, 0.4, 0.5, 0.8]))
     # Enough slices to cover both foramina with a margin, as a technologist plans it.
     half_width = float(anat.canal_w.max()) + FORAMEN_X_OFFSET + 9.0
-    n = max(int(rng.integers(13, 20)), 2 * int(np.ceil(half_width / gap)) + 1)
+    n = small_n = max(int(rng.integers(13, 20)), 2 * int(np.ceil(half_width / gap)) + 1)
     fov = float(rng.uniform(240, 320))
     matrix = int(rng.choice([256, 320, 384], p=[0.4, 0.4, 0.2]))
+    if real is not None:
+        low, high = REAL_SAGITTAL_SLICES
+        n = min(max(int(real.integers(low, high + 1)), 2 * int(np.ceil(half_width / gap)) + 1), high)
+        fov, matrix = _real_matrix(real, REAL_SAGITTAL_MATRICES, (240.0, 320.0))
     s_mid = float(anat.disc_center[disc_index(LEVELS[2])]) + rng.normal(0, 10)
     center = anat.to_patient(rng.normal(0, 2.0), s_mid, rng.uniform(-30, 5))
     tilt = _rot(np.array([0.0, 0.0, 1.0]), np.radians(rng.normal(0, 2.5))) @ _rot(
@@ -118,17 +151,26 @@ def sagittal_series(anat: Anatomy, rng: np.random.Generator, role: SeriesRole, n
         contrast = Contrast("T2", tr=rng.uniform(2800, 4500), te=rng.uniform(85, 120),
                             echo_train=int(rng.integers(12, 25)), flip_angle=float(rng.choice([90, 150])))
     planes = _stack(center, row, col, n, gap, fov, matrix, rng)
-    return _finish(SeriesSpec(role, contrast, planes, thickness, gap, number), rng, field_strength)
+    return _finish(SeriesSpec(role, contrast, planes, thickness, gap, number), rng, field_strength, real, small_n)
 
 
 def axial_series(anat: Anatomy, rng: np.random.Generator, number: int, field_strength: float,
-                 continuous: bool) -> SeriesSpec:
-    """Axial T2: either one stack angled along each disc (3-6 slices each) or one straight block."""
+                 continuous: bool, real: np.random.Generator | None = None) -> SeriesSpec:
+    """Axial T2: either one stack angled along each disc (3-6 slices each) or one straight block.
+
+    With ``real`` (see sagittal_series): 40-60 slices in all, the stacks along the discs about as
+    long as the discs lie apart (8-12 slices each), the block's slices closer together."""
     fov = float(rng.uniform(160, 220))
     matrix = int(rng.choice([224, 256, 320], p=[0.3, 0.5, 0.2]))
     thickness = float(rng.choice([3.5, 4.0, 4.5]))
+    if real is not None:
+        fov, matrix = _real_matrix(real, REAL_AXIAL_MATRICES, (160.0, 220.0))
+        total = int(real.integers(REAL_AXIAL_SLICES[0], REAL_AXIAL_SLICES[1] + 1))
+        per_level = [total // len(LEVELS) + (k < total % len(LEVELS)) for k in real.permutation(len(LEVELS))]
+    slice_thickness = thickness
     right = anat.rotation @ np.array([1.0, 0.0, 0.0])  # spine frame's +x: the patient's left
     planes: list[ImagePlane] = []
+    small_n = 0  # the slices of the small sizes (see _finish)
     if continuous:
         gap = thickness + float(rng.choice([0.0, 0.4, 0.8]))
         top = anat.canal_point(LEVELS[0]) - 14.0 * anat.tangent(float(anat.disc_center[disc_index(LEVELS[0])]))
@@ -140,12 +182,20 @@ def axial_series(anat: Anatomy, rng: np.random.Generator, number: int, field_str
         row = right - (right @ normal) * normal
         row /= np.linalg.norm(row)
         col = np.cross(normal, row)
-        n = int(np.ceil(span / gap)) + 1
+        n = small_n = int(np.ceil(span / gap)) + 1
+        if real is not None:  # the slices closer together (or the block longer) to make ``total``
+            n = total
+            gap = max(span / (n - 1), REAL_MIN_GAP)
+            slice_thickness = min(thickness, gap)
         center = (top + bottom) / 2 + rng.normal(0, 3, 3)
         planes = _stack(center, row, col, n, gap, fov, matrix, rng)[::-1]  # head first
     else:
         gap = thickness + float(rng.choice([0.0, 0.3, 0.5]))
-        for level in LEVELS:
+        if real is not None:  # stacks about as long as the discs lie apart (one spacing for all)
+            apart = float(np.min(np.diff(anat.disc_center[disc_index(LEVELS[0]) - 1: disc_index(LEVELS[-1]) + 1])))
+            gap = float(np.clip(apart / max(per_level), REAL_MIN_GAP, gap))
+            slice_thickness = min(thickness, gap)
+        for k, level in enumerate(LEVELS):
             s = float(anat.disc_center[disc_index(level)])
             normal = -anat.tangent(s)
             normal = _rot(right, np.radians(rng.normal(0, 4))) @ normal
@@ -154,15 +204,21 @@ def axial_series(anat: Anatomy, rng: np.random.Generator, number: int, field_str
             col = np.cross(normal, row)
             center = anat.to_patient(rng.normal(0, 4), s, rng.uniform(-18, 0))
             n = int(rng.integers(3, 7))
+            small_n += n
+            if real is not None:
+                n = per_level[k]
             planes += _stack(center, row, col, n, gap, fov, matrix, rng, jitter=1.0)[::-1]
     contrast = Contrast("T2", tr=rng.uniform(3000, 5500), te=rng.uniform(85, 115),
                         echo_train=int(rng.integers(10, 22)))
-    spec = SeriesSpec(SeriesRole.AX_T2, contrast, planes, thickness, gap, number)
-    return _finish(spec, rng, field_strength)
+    spec = SeriesSpec(SeriesRole.AX_T2, contrast, planes, slice_thickness, gap, number)
+    return _finish(spec, rng, field_strength, real, small_n)
 
 
-def _finish(spec: SeriesSpec, rng: np.random.Generator, field_strength: float) -> SeriesSpec:
-    """Scanner-dependent gain, noise and bias; instance numbering (sometimes not in position order)."""
+def _finish(spec: SeriesSpec, rng: np.random.Generator, field_strength: float,
+            real: np.random.Generator | None = None, small_n: int = 0) -> SeriesSpec:
+    """Scanner-dependent gain, noise and bias; instance numbering (sometimes not in position order).
+    With ``real``, a permutation of the slices is drawn from it, and ``rng`` is drawn from as for
+    the ``small_n`` slices of the small sizes (a permutation's draws depend on the count)."""
     spec.gain = float(rng.uniform(700, 2400))
     spec.noise = float(rng.uniform(0.015, 0.045))
     spec.bias = np.concatenate([[rng.uniform(0.25, 0.8)], rng.normal(0, 0.12, 3)])
@@ -172,8 +228,12 @@ def _finish(spec: SeriesSpec, rng: np.random.Generator, field_strength: float) -
     quirk = rng.random()
     if quirk < 0.15:
         order = order[::-1]  # numbered from the other end
-    elif quirk < 0.2:
-        order = rng.permutation(order)  # numbered in acquisition (interleaved) order
+    elif quirk < 0.2:  # numbered in acquisition (interleaved) order
+        if real is None:
+            order = rng.permutation(order)
+        else:
+            rng.permutation(small_n)  # the study's own stream drawn from as for the small sizes
+            order = real.permutation(order)
     spec.instance_numbers = [int(i) for i in order]
     return spec
 

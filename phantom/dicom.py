@@ -12,6 +12,7 @@ from enum import StrEnum
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels.encoders import RLELosslessEncoder
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     EnhancedMRImageStorage,
@@ -166,6 +167,13 @@ def mr_dataset(study: StudyInfo, spec: SeriesSpec, slice_index: int, pixels: NDA
     return ds
 
 
+def rle_encoding_plugin() -> str:
+    """pydicom's RLE Lossless encoder to use: ``pylibjpeg`` (pylibjpeg-rle, a compiled encoder,
+    about ten times faster) when installed, else pydicom's own. Both write the same bytes; GDCM's
+    encoder (pydicom's first choice when python-gdcm is installed) writes other ones."""
+    return "pylibjpeg" if "pylibjpeg" in RLELosslessEncoder.available_plugins else "pydicom"
+
+
 def kaggle_dataset(study: StudyInfo, spec: SeriesSpec, slice_index: int, pixels: NDArray[np.uint16]) -> Dataset:
     """One instance encoded as the RSNA 2024 Kaggle files are (measured on real competition files):
 
@@ -219,7 +227,8 @@ def kaggle_dataset(study: StudyInfo, spec: SeriesSpec, slice_index: int, pixels:
     lo, hi = np.percentile(pixels[::4, ::4], [1, 99.5])
     ds.WindowCenter = _ds(round(float(lo + hi) / 2))
     ds.WindowWidth = _ds(max(round(float(hi - lo)), 1))
-    ds.compress(RLELossless, np.ascontiguousarray(pixels.astype("<u2")), generate_instance_uid=False)
+    ds.compress(RLELossless, np.ascontiguousarray(pixels.astype("<u2")), encoding_plugin=rle_encoding_plugin(),
+                generate_instance_uid=False)
     return ds
 
 

@@ -6,14 +6,18 @@
     train_images/<study_id>/<series_id>/<instance_number>.dcm
 
 Each study is drawn from ``numpy.random.default_rng([seed, index])``: the same seed gives the same
-files, and study ``i`` does not depend on how many studies are made.
+files, and study ``i`` does not depend on how many studies are made. The real set's image sizes
+(``MatrixSize.REAL``) are drawn from a stream of their own, ``[seed, index, 2]``: a study has the
+same anatomy, series, grades and labels at either size.
 """
 
 from __future__ import annotations
 
 import csv
 import multiprocessing
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from inference.rsna_layout import (
     Coordinate,
 )
 from phantom.acquisition import (
+    MatrixSize,
     SeriesSpec,
     axial_series,
     render_series,
@@ -72,10 +77,12 @@ class PhantomStudy:
                 yield spec, phantom_dataset(style, self.info, spec, i, pixels)
 
 
-def make_study(seed: int, index: int, render: bool = True) -> PhantomStudy:
-    """Draw and render study number ``index`` of the set made with ``seed``. With ``render``
-    False, everything but the pixels (geometry, labels, coordinates), much faster."""
+def make_study(seed: int, index: int, render: bool = True, matrix: MatrixSize = MatrixSize.SMALL) -> PhantomStudy:
+    """Draw and render study number ``index`` of the set made with ``seed``, its images of the
+    ``matrix`` sizes. With ``render`` False, everything but the pixels (geometry, labels,
+    coordinates), much faster."""
     rng = np.random.default_rng([seed, index])
+    real = np.random.default_rng([seed, index, 2]) if matrix is MatrixSize.REAL else None
     study_id = int(rng.integers(10**6, 4 * 10**9))
     info = study_info(study_id, seed, rng)
     anat = sample_anatomy(rng)
@@ -89,11 +96,11 @@ def make_study(seed: int, index: int, render: bool = True) -> PhantomStudy:
     series: list[SeriesSpec] = []
     number = 1
     for role in (SeriesRole.SAG_T1, SeriesRole.SAG_T2):
-        spec = sagittal_series(anat, rng, role, number, field_strength)
+        spec = sagittal_series(anat, rng, role, number, field_strength, real)
         number += 1
         if role is not missing:
             series.append(spec)
-    axial = axial_series(anat, rng, number, field_strength, continuous=rng.random() < P_CONTINUOUS_AXIAL)
+    axial = axial_series(anat, rng, number, field_strength, continuous=rng.random() < P_CONTINUOUS_AXIAL, real=real)
     if missing is not SeriesRole.AX_T2:
         if rng.random() < P_TWO_AXIAL_SERIES:
             series += _split_axial(axial, rng)
@@ -204,9 +211,29 @@ def _single_threaded() -> None:
     cv2.setNumThreads(1)
 
 
-def _make_and_write(args: tuple[int, int, Path, PhantomStyle]) -> PhantomStudy:
-    seed, index, out, style = args
-    study = make_study(seed, index)
+# Read by OpenBLAS and OpenMP when numpy loads, so set for the worker processes as they start. Two
+# BLAS threads per worker on a busy 2-core machine made one (N, 3) x (3, 3) product 50 times slower.
+_ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextmanager
+def _one_thread_children() -> Iterator[None]:
+    """Processes started inside start with one BLAS and OpenMP thread; this process is unchanged."""
+    saved = {key: os.environ.get(key) for key in _ONE_THREAD_ENV}
+    os.environ.update(_ONE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _make_and_write(args: tuple[int, int, Path, PhantomStyle, MatrixSize]) -> PhantomStudy:
+    seed, index, out, style, matrix = args
+    study = make_study(seed, index, matrix=matrix)
     write_study(study, out, style)
     study.pixels = {}  # keep memory flat: the files hold the pixels now
     return study
@@ -214,15 +241,20 @@ def _make_and_write(args: tuple[int, int, Path, PhantomStyle]) -> PhantomStudy:
 
 def generate_dataset(out: Path, n_studies: int, seed: int, workers: int = 1,
                      progress: Callable[[PhantomStudy], None] | None = None,
-                     style: PhantomStyle = PhantomStyle.DEFAULT) -> list[PhantomStudy]:
+                     style: PhantomStyle = PhantomStyle.DEFAULT,
+                     matrix: MatrixSize = MatrixSize.SMALL) -> list[PhantomStudy]:
     """Make ``n_studies`` phantom studies in the RSNA layout under ``out``, on ``workers``
-    processes, their files encoded in ``style``; returns them without their pixels. The files do
-    not depend on ``workers``; the style changes the encoding only (same anatomy, pixels, CSVs)."""
+    processes (worker processes of one thread each, one at least, from two studies on), their files
+    encoded in ``style``, their images of the ``matrix`` sizes; returns them without their pixels.
+    The files do not depend on ``workers``; the style changes the encoding only (same anatomy,
+    pixels, CSVs)."""
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, index, out, style) for index in range(n_studies)]
+    jobs = [(seed, index, out, style, matrix) for index in range(n_studies)]
     studies: list[PhantomStudy] = []
-    if workers > 1 and n_studies > 1:
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_threaded) as pool:
+    if n_studies > 1:  # worker processes (one at least), each single-threaded
+        with _one_thread_children():
+            pool = multiprocessing.get_context("spawn").Pool(min(workers, n_studies), initializer=_single_threaded)
+        with pool:
             for study in pool.imap(_make_and_write, jobs):
                 studies.append(study)
                 if progress:
