@@ -20,10 +20,12 @@ process; GDCM decodes only through ``gdcm12``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from enum import StrEnum
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import structlog
@@ -70,10 +72,8 @@ _FAMILIES = {
 
 
 def _register_gdcm12() -> None:
-    try:
+    with contextlib.suppress(ValueError):  # added already
         JPEGExtended12BitDecoder.add_plugin(gdcm_jpeg12.PLUGIN, ("inference.gdcm_jpeg12", "_decode_frame"))
-    except ValueError:  # added already
-        pass
 
 
 def _remove_in_process_gdcm() -> None:
@@ -139,7 +139,7 @@ def decoding_plugins(transfer_syntax: UID, choice: DecoderChoice = DecoderChoice
     return tuple(ordered)
 
 
-def decoded_pixels(ds: Dataset) -> NDArray:
+def decoded_pixels(ds: Dataset) -> NDArray[Any]:
     """The data set's pixels as pydicom decodes them, through the plugins of ``decoding_plugins``
     (for LUMBAR_NODE_DECODER), one after another until one succeeds. RuntimeError naming every
     plugin's failure when none does."""
@@ -154,7 +154,7 @@ def decoded_pixels(ds: Dataset) -> NDArray:
     for plugin in plugins:
         try:
             return np.asarray(pixel_array(ds, decoding_plugin=plugin))
-        except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException; others go on up
+        except BaseException as exc:  # a Rust panic is a BaseException; others go on up
             if not _plugin_failure(exc):
                 raise
             reason = " ".join(str(exc).replace(_ALL_FAILED, "").split())

@@ -21,7 +21,7 @@ def decode_frame(src: bytes, rows: int, columns: int, bits_allocated: int, bits_
                  pixel_representation: int, photometric: str) -> bytes:
     """One greyscale JPEG Extended frame decoded by GDCM: rows x columns samples of
     ``bits_allocated`` bits, little endian."""
-    import gdcm
+    import gdcm  # type: ignore[import-untyped]  # python-gdcm ships no type information
 
     fragment = gdcm.Fragment()
     fragment.SetByteStringValue(src)
@@ -38,7 +38,7 @@ def decode_frame(src: bytes, rows: int, columns: int, bits_allocated: int, bits_
     image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi_type))
     image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(JPEG_EXTENDED)))
     image.SetPixelFormat(gdcm.PixelFormat(1, bits_allocated, bits_stored, bits_stored - 1, pixel_representation))
-    frame = image.GetBuffer().encode("utf-8", "surrogateescape")  # GDCM returns char* as str
+    frame: bytes = image.GetBuffer().encode("utf-8", "surrogateescape")  # GDCM returns char* as str
     expected = rows * columns * (bits_allocated // 8)
     if len(frame) < expected:
         raise ValueError(f"GDCM decoded {len(frame)} bytes, {expected} expected")
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         rows, columns, bits_allocated, bits_stored, pixel_representation = (int(a) for a in argv[:5])
         frame = decode_frame(sys.stdin.buffer.read(), rows, columns, bits_allocated, bits_stored,
                              pixel_representation, argv[5])
-    except Exception as exc:  # reported to the parent, which tells the user
+    except Exception as exc:  # noqa: BLE001 - any failure is reported to the parent, which tells the user
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     sys.stdout.buffer.write(frame)
