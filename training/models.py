@@ -74,6 +74,9 @@ class Grader(nn.Module):
     own condition (B, 3) and the Grad-CAM map of its predicted class (B, 6, 6).
     """
 
+    temperature: Tensor  # buffers (register_buffer): per condition, and each condition's group
+    condition_group: Tensor
+
     def __init__(self, width: int = 24, dropout: float = 0.2):
         super().__init__()
         self.features = nn.Sequential(
