@@ -115,7 +115,8 @@ def running_orthanc(workdir: Path, peers: dict[str, tuple[str, int]] | None = No
         config["LuaScripts"] = [str(workdir / "routing.lua")]
     if dicomweb:
         if not DICOMWEB_PLUGIN.is_file():
-            raise FileNotFoundError(f"{DICOMWEB_PLUGIN} is missing: run scripts/setup.sh (apt package 'orthanc-dicomweb')")
+            raise FileNotFoundError(f"{DICOMWEB_PLUGIN} is missing: "
+                                    "run scripts/setup.sh (apt package 'orthanc-dicomweb')")
         config["Plugins"] = [str(DICOMWEB_PLUGIN)]
         config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": True, "WadoRoot": "/wado",
                               "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
@@ -130,9 +131,10 @@ def running_orthanc(workdir: Path, peers: dict[str, tuple[str, int]] | None = No
             try:
                 server.get("/system")
                 break
-            except OSError:
+            except OSError as exc:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not start: {(workdir / 'orthanc.log').read_text()[-2000:]}")
+                    log_tail = (workdir / "orthanc.log").read_text()[-2000:]
+                    raise RuntimeError(f"Orthanc did not start: {log_tail}") from exc
                 time.sleep(0.2)
         yield server
     finally:

@@ -28,7 +28,8 @@ def demo_settings(workdir: Path, node_port: int, orthanc_port: int, config_file:
     environ = {
         "LUMBAR_NODE__NODE__BIND_ADDRESS": "127.0.0.1", "LUMBAR_NODE__NODE__PORT": str(node_port),
         "LUMBAR_NODE__NODE__ALLOWED_PEERS": f"[{{ae_title: {ORTHANC_AET}, host: 127.0.0.1}}]",
-        "LUMBAR_NODE__DESTINATIONS": f"[{{name: pacs, ae_title: {ORTHANC_AET}, host: 127.0.0.1, port: {orthanc_port}}}]",
+        "LUMBAR_NODE__DESTINATIONS":
+            f"[{{name: pacs, ae_title: {ORTHANC_AET}, host: 127.0.0.1, port: {orthanc_port}}}]",
         "LUMBAR_NODE__STORAGE__SPOOL_DIR": str(workdir / "node" / "spool"),
         "LUMBAR_NODE__STORAGE__RESULTS_DIR": str(workdir / "node" / "results"),
         "LUMBAR_NODE__STORAGE__LEDGER_PATH": str(workdir / "node" / "ledger.sqlite"),
@@ -81,7 +82,8 @@ def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file:
             echo(f"Grad-CAM Secondary Captures: {run.sc_dir} ({len(run.sc_files())} images)")
             for pdf in run.pdf_files():
                 echo(f"PDF summary (Encapsulated PDF): {pdf}")
-            echo(f"node status: lumbar-node status  with  LUMBAR_NODE__STORAGE__LEDGER_PATH={settings.storage.ledger_path}")
+            echo("node status: lumbar-node status  with  "
+                 f"LUMBAR_NODE__STORAGE__LEDGER_PATH={settings.storage.ledger_path}")
             return Path(report.sr_path)
         finally:
             node.stop()

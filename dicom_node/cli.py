@@ -27,7 +27,8 @@ def settings_of(ctx: click.Context) -> Settings:
             raise click.ClickException(str(exc)) from None
         log = obj["settings"].logging
         configure_logging(log.format, log.level)
-    return obj["settings"]
+    settings: Settings = obj["settings"]
+    return settings
 
 
 @contextmanager
@@ -173,7 +174,8 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
 
     settings = settings_of(ctx)
     if not settings.storage.ledger_path.exists():
-        raise click.ClickException(f"no ledger at {settings.storage.ledger_path}: the node has not received anything yet")
+        raise click.ClickException(f"no ledger at {settings.storage.ledger_path}: "
+                                   "the node has not received anything yet")
     with node_errors():
         ledger = Ledger(settings.storage.ledger_path)
         try:

@@ -324,8 +324,10 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
         for err in exc.errors():
             loc = tuple(err["loc"])
             key = ".".join(str(p) for p in loc) or "(top level)"
-            got = "" if err["type"] == "missing" or isinstance(err["input"], (dict, list)) else f" (got {err['input']!r})"
-            env_var = next((v for p, v in from_env.items() if loc and (loc[: len(p)] == p or p[: len(loc)] == loc)), None)
+            plain = err["type"] != "missing" and not isinstance(err["input"], (dict, list))
+            got = f" (got {err['input']!r})" if plain else ""
+            env_var = next((var for path, var in from_env.items()
+                            if loc and (loc[: len(path)] == path or path[: len(loc)] == loc)), None)
             if env_var:
                 source = f"environment variable {env_var}"
             elif config_file is not None and _in_file(file_data, loc):

@@ -79,8 +79,8 @@ class Node:
             log.info("removed unfinished uploads from the staging area", uploads=left)
         self.scheduler.start()
         pending = self.deliveries.resume()
-        log.info("resumed from the ledger", studies_to_grade=regrade + len(self.ledger.studies((StudyState.RECEIVING,))),
-                 deliveries_pending=pending)
+        receiving = len(self.ledger.studies((StudyState.RECEIVING,)))
+        log.info("resumed from the ledger", studies_to_grade=regrade + receiving, deliveries_pending=pending)
         self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_INTERVAL_S, id="sweep", max_instances=1)
         storage = self.settings.storage
         if storage.retention_days is not None or storage.purge_below_free_mb:

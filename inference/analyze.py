@@ -219,7 +219,7 @@ def _localise_levels(vols: _Volumes, runner: Runner, batch: int) -> _Levels | No
     normal = sag.slices[mid].plane.normal
     offsets = np.array([float((sl.plane.position - sag.slices[mid].plane.position) @ normal) for sl in sag.slices])
     points = points + midline_shift(heatmaps, inputs[mid].frame, points, offsets)[:, None] * normal
-    return _Levels({lv: points[lv.index] for lv in LEVELS}, level_features(points, peaks, sag))
+    return _Levels({lv: points[lv.position] for lv in LEVELS}, level_features(points, peaks, sag))
 
 
 def _level_check(info: ModelInfo) -> LevelCheck:

@@ -92,8 +92,9 @@ class Level(StrEnum):
         return self.value.replace("/", "_").lower()
 
     @property
-    def index(self) -> int:  # type: ignore[override]  # shadows str.index (Level is a str); rename with phantom/
-        """Position in LEVELS, head to feet."""
+    def position(self) -> int:
+        """Position in LEVELS, head to feet (0 for L1/L2). Not ``index``: a Level is a str, whose
+        ``index`` method it would shadow."""
         return LEVELS.index(self)
 
 

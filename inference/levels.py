@@ -130,7 +130,7 @@ def heatmap_target(frame: CropFrame, points: dict[Level, FloatArray], sigma_px: 
     rows, cols = np.mgrid[0:n, 0:n]
     for level, point in points.items():
         col, row = patient_to_crop(frame, point)
-        out[level.index] = np.exp(-((cols - col) ** 2 + (rows - row) ** 2) / (2 * sigma_px**2))
+        out[level.position] = np.exp(-((cols - col) ** 2 + (rows - row) ** 2) / (2 * sigma_px**2))
     return out
 
 

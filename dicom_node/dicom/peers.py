@@ -65,7 +65,10 @@ class PeerGate:
     def check(self, event: evt.Event) -> None:
         """EVT_REQUESTED: reject an association from a caller that is not configured."""
         try:
-            calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+            request = event.assoc.requestor.primitive
+            if request is None:  # pynetdicom sets it before EVT_REQUESTED; without it, the check fails closed
+                raise ValueError("no A-ASSOCIATE-RQ to check")
+            calling = str(request.calling_ae_title).strip()
             address = event.assoc.requestor.address
             if not self.allowed(calling, address):
                 log.warning("rejected an association from an unknown peer", calling_aet=calling, address=address)

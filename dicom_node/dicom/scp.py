@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -26,8 +27,10 @@ from pydicom.uid import (
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.sop_class import Verification
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # a name made at import
 from pynetdicom.status import Status
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import tls
 from dicom_node.config import Settings
@@ -80,16 +83,17 @@ class StorageSCP:
         self.max_instance_bytes = int(limits.max_instance_mb * 2**20)
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
         for context in StoragePresentationContexts:
-            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+            if context.abstract_syntax is not None:  # always set in pynetdicom's list
+                self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
         self._in_flight = 0
         self._idle = threading.Condition()
 
     def start(self) -> None:
         """Listen in the background (pynetdicom runs one thread per association)."""
         node = self.settings.node
-        handlers = [(evt.EVT_REQUESTED, self.peers.check), (evt.EVT_C_STORE, self.handle_store),
+        handlers: list[EventHandlerType] = [(evt.EVT_REQUESTED, self.peers.check), (evt.EVT_C_STORE, self.handle_store),
                     (evt.EVT_C_ECHO, lambda event: Status.SUCCESS), (evt.EVT_DATA_RECV, self._count_data),
                     (evt.EVT_DIMSE_RECV, self._answer_malformed), (evt.EVT_CONN_CLOSE, self._closed)]
         GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
@@ -148,10 +152,11 @@ class StorageSCP:
         command set cannot even be read (an over-long UID) pynetdicom answers with an A-ABORT."""
         message = event.message
         command = message.command_set
-        if command is None or command.get("CommandField") != C_STORE_RQ_FIELD:
+        if command is None or command.get("CommandField") != C_STORE_RQ_FIELD or message.context_id is None:
             return
         try:
-            if message.message_to_primitive().is_valid_request:
+            request = message.message_to_primitive()
+            if isinstance(request, C_STORE) and request.is_valid_request:
                 return  # the storage service answers it (the handler checks the UIDs)
         except Exception:  # noqa: BLE001 - pynetdicom answers it with an A-ABORT itself (Evt19)
             log.warning("aborted an association: a C-STORE command set that cannot be read",
@@ -159,12 +164,13 @@ class StorageSCP:
             return
         response = C_STORE()
         message_id = command.get("MessageID")
-        response.MessageIDBeingRespondedTo = message_id if isinstance(message_id, int) and 0 <= message_id < 2**16 else 0
+        valid_id = isinstance(message_id, int) and 0 <= message_id < 2**16
+        response.MessageIDBeingRespondedTo = message_id if valid_id else 0
         if uid_problem(str(command.get("AffectedSOPClassUID", "")), "class") is None:
             response.AffectedSOPClassUID = command.AffectedSOPClassUID
         response.Status = StoreStatus.CANNOT_UNDERSTAND
-        log.warning("refused a C-STORE request with a malformed command set", calling_aet=event.assoc.requestor.ae_title,
-                    status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
+        log.warning("refused a C-STORE request with a malformed command set",
+                    calling_aet=event.assoc.requestor.ae_title, status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
                     why=uid_problem(str(command.get("AffectedSOPInstanceUID", "")), "Affected SOP Instance UID")
                     or "required command elements missing")
         event.assoc.dimse.send_msg(response, message.context_id)
@@ -178,7 +184,8 @@ class StorageSCP:
             batch.close()
         suppressed = tuning.ERRORS.closed(threading.current_thread().name)
         if suppressed:
-            log.warning("connection closed after protocol errors", address=event.address[0],
+            address = event.address[0]  # type: ignore[attr-defined]  # EVT_CONN_CLOSE's own attribute
+            log.warning("connection closed after protocol errors", address=address,
                         errors_not_logged=suppressed)
 
     def handle_store(self, event: evt.Event) -> int:
@@ -197,11 +204,11 @@ class StorageSCP:
                 self._in_flight -= 1
                 self._idle.notify_all()
 
-    def _store(self, event: evt.Event) -> int:
+    def _store(self, event: evt.Event) -> StoreStatus:
         calling = event.assoc.requestor.ae_title
         key = id(event.assoc)
         self._received.pop(key, None)  # this instance has arrived in full
-        request = event.request
+        request = cast(C_STORE, event.request)  # EVT_C_STORE's request, as pynetdicom's own handlers cast it
         candidate = Candidate.received(request.DataSet.getvalue() if request.DataSet is not None else b"",
                                        event.context.transfer_syntax, str(request.AffectedSOPClassUID or ""),
                                        str(request.AffectedSOPInstanceUID or ""), calling, lambda: _file_meta(event))

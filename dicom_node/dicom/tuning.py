@@ -14,6 +14,7 @@ nest: each ``apply()`` needs its ``restore()``; the last one puts everything bac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from pynetdicom.association import Association
 
 from dicom_node.observability import get_logger
 
-__all__ = ["ERRORS", "IDLE_AFTER_S", "IDLE_POLL_S", "OncePerConnection", "apply", "applied", "restore",
+__all__ = ["ERRORS", "IDLE_AFTER_S", "IDLE_POLL_S", "OncePerConnection", "applied", "apply", "restore",
            "restore_poll_interval", "set_poll_interval"]
 
 log = get_logger(__name__)
@@ -67,15 +68,15 @@ class _PollClock:
 def set_poll_interval(poll_s: float) -> None:
     """Poll pynetdicom's association and DUL reactors every ``poll_s`` seconds instead of every 1 ms
     (for the whole process; ``restore_poll_interval`` undoes it). ``apply()`` calls it."""
-    clock = _PollClock(poll_s)
-    pynetdicom.association.time = clock  # type: ignore[attr-defined]
-    pynetdicom.dul.time = clock  # type: ignore[attr-defined]
+    clock = _PollClock(poll_s)  # stands in for the `time` module: its sleep, and time's own for the rest
+    pynetdicom.association.time = clock  # type: ignore[assignment]  # a duck-typed module, see _PollClock
+    pynetdicom.dul.time = clock  # type: ignore[assignment]  # the same
 
 
 def restore_poll_interval() -> None:
     """pynetdicom's own polling again (1 ms)."""
-    pynetdicom.association.time = time  # type: ignore[attr-defined]
-    pynetdicom.dul.time = time  # type: ignore[attr-defined]
+    pynetdicom.association.time = time
+    pynetdicom.dul.time = time
 
 
 class OncePerConnection(logging.Filter):
@@ -118,10 +119,8 @@ def _thread_died(args: threading.ExceptHookArgs) -> None:
     log.error("a thread ended with an exception", thread=getattr(thread, "name", "?"),
               error=f"{args.exc_type.__name__}: {args.exc_value}", association=assoc is not None)
     if isinstance(assoc, Association) and assoc.is_alive():
-        try:
+        with contextlib.suppress(Exception):  # the association is already broken: any error of abort() is moot
             assoc.abort()
-        except Exception:  # noqa: BLE001 - the association is already broken
-            pass
 
 
 _lock = threading.Lock()

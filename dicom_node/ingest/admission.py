@@ -324,7 +324,7 @@ class Admission:
             return b""
         try:
             return candidate.file_meta()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - pynetdicom's encoder fails many ways: each is a refusal
             raise Refused(StoreStatus.CANNOT_UNDERSTAND, Reason.UNREADABLE,
                           f"cannot be encoded: {type(exc).__name__}: {exc}") from None
 

@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 
 from dicom_node.states import SkipReason, StudyState
 
-disable_created_metrics()  # no *_created series: counters and histograms only, as Prometheus users expect
+# no *_created series: counters and histograms only, as Prometheus users expect
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 PREFIX = "lumbar_node"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

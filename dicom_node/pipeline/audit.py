@@ -18,5 +18,5 @@ def audit(ledger: Ledger, kind: EventKind, study_uid: str | None, detail: str, d
     """One line of the audit trail (a failure to write it is logged, never raised)."""
     try:
         ledger.add_event(kind, actor, study_uid, detail, data)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - the audit line is lost (logged), what it records is not
         log.error("could not write the audit trail", study_uid=study_uid, error=f"{type(exc).__name__}: {exc}")

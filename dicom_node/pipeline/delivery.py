@@ -26,7 +26,7 @@ log = get_logger(__name__)
 
 def backoff(attempt: int, settings: DeliverySettings) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): doubling, capped."""
-    return min(settings.backoff_initial_s * 2 ** (attempt - 1), settings.backoff_max_s)
+    return min(settings.backoff_initial_s * 2.0 ** (attempt - 1), settings.backoff_max_s)
 
 
 class Deliveries:

@@ -3,6 +3,7 @@ report: the policy the node's release and worker and the ``predict`` command sha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pydicom
@@ -65,7 +66,7 @@ def nothing_assessed(result: StudyResult) -> Skip | None:
     return Skip(SkipReason.NOTHING_ASSESSED, "; ".join(f"{why}: {n} labels" for why, n in counts.items()))
 
 
-def has_all_roles(headers: list[pydicom.Dataset]) -> bool:
+def has_all_roles(headers: Sequence[pydicom.Dataset]) -> bool:
     """Whether these headers (one or more per series) cover Sagittal T1, Sagittal T2/STIR and Axial T2."""
     roles = {role_of(s) for s in group_series((ds, None) for ds in headers)}
-    return ALL_ROLES <= roles
+    return roles >= ALL_ROLES

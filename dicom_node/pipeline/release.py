@@ -202,7 +202,7 @@ class Releaser:
                 else:  # queued behind it: graded by the new pool, not failed with it
                     self.ledger.set_state(uid, StudyState.RECEIVING, generation=job.generation)
                 return
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - whatever the pool raises fails this study, not the node
                 outcome = GradeOutcome.failed(f"grading failed: {type(exc).__name__}: {exc}")
             if outcome.result is not GradeResult.REPORTED or outcome.outputs is None:
                 state = outcome.result.study_state
@@ -214,7 +214,8 @@ class Releaser:
                           f"run {job.run}: {outcome.reason}", {"run": job.run})
                 return
             outputs = outcome.outputs
-            report = Report(uid, job.run, str(outputs.sr.path), outputs.sr.series_uid, outputs.series_uid(OutputKind.SC))
+            report = Report(uid, job.run, str(outputs.sr.path), outputs.sr.series_uid,
+                            outputs.series_uid(OutputKind.SC))
             files = [str(p) for p in outputs.paths]
             if self.settings.storage.fsync:  # on disk before the commit that publishes them
                 fsync_files([*outputs.paths, outputs.table, outputs.json])

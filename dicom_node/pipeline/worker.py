@@ -11,7 +11,7 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -50,7 +50,7 @@ class GradeJob:
     folder: str
     previous_sr: str | None = None
     sc_series_uid: str | None = None
-    limits: AnalysisLimits = AnalysisLimits()
+    limits: AnalysisLimits = field(default_factory=AnalysisLimits)
     timeout_s: float = 600.0
     pdf: bool = True  # outputs.pdf: write the PDF summary too
     report_when_nothing_assessed: bool = False  # study.report_when_nothing_assessed

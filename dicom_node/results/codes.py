@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from inference.analyze import NotAssessedReason
 from inference.labels import CONDITIONS, ConditionGroup, Level, Severity, Side
@@ -20,7 +21,7 @@ def private(value: str, meaning: str) -> CodedConcept:
     return CodedConcept(value, PRIVATE_SCHEME, meaning)
 
 
-def sct(code, meaning: str | None = None) -> CodedConcept:
+def sct(code: Code, meaning: str | None = None) -> CodedConcept:
     """A pydicom dictionary code as a highdicom CodedConcept; ``meaning`` replaces a dictionary
     meaning that reads badly in a rendered report (e.g. "Severity (attribute)")."""
     return CodedConcept(code.value, code.scheme_designator, meaning or code.meaning)

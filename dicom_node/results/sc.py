@@ -39,21 +39,28 @@ SC_SERIES_NUMBER = 9902
 SC_SERIES_DESCRIPTION = "AI Grad-CAM heatmaps - not for diagnosis"
 
 
+def source_window(ds: Dataset) -> tuple[float, float] | None:
+    """The source's own window (first WindowCenter and WindowWidth values) when it is usable, else None."""
+    center, width = number(ds, "WindowCenter"), number(ds, "WindowWidth")
+    return (center, width) if center is not None and width is not None and width > 0 else None
+
+
 def has_window(ds: Dataset) -> bool:
     """Whether the source's own window (first WindowCenter and WindowWidth values) is usable."""
-    width = number(ds, "WindowWidth")
-    return number(ds, "WindowCenter") is not None and width is not None and width > 0
+    return source_window(ds) is not None
 
 
 def _window(ds: Dataset, pixels: NDArray[np.float32]) -> NDArray[np.uint8]:
     """8-bit greyscale with the source's own window (first value) when usable, else a percentile
     window (no window, or one that is not a number: "abc")."""
-    if has_window(ds):
-        c, w = number(ds, "WindowCenter"), number(ds, "WindowWidth")
+    window = source_window(ds)
+    if window is not None:
+        c, w = window
         lo, hi = c - w / 2, c + w / 2
     else:
-        lo, hi = np.percentile(pixels, [1, 99.5])
-    return np.clip((pixels - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
+        lo, hi = (float(v) for v in np.percentile(pixels, [1, 99.5]))
+    windowed: NDArray[np.uint8] = np.clip((pixels - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
+    return windowed
 
 
 def cam_on_image(r: AssessedLabel, plane: ImagePlane) -> NDArray[np.float32]:
@@ -66,7 +73,8 @@ def cam_on_image(r: AssessedLabel, plane: ImagePlane) -> NDArray[np.float32]:
     half = (n - 1) / 2
     col = (d @ frame.u / frame.spec.mm_per_pixel + half).astype(np.float32)
     row = (d @ frame.v / frame.spec.mm_per_pixel + half).astype(np.float32)
-    return cv2.remap(cam, col, row, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    on_image = cv2.remap(cam, col, row, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return np.asarray(on_image, dtype=np.float32)  # float32 already (cam's type): typed, not copied
 
 
 MIN_SIDE = 512  # pictures are drawn at least this large, so that the burned-in text stays legible
@@ -107,11 +115,11 @@ def render_overlay(r: AssessedLabel, source: Dataset) -> NDArray[np.uint8]:
     heat = cam_on_image(r, plane)
     zoom = max(1.0, MIN_SIDE / max(gray.shape))
     size = (round(gray.shape[1] * zoom), round(gray.shape[0] * zoom))
-    gray = cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC)
+    gray = np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC), dtype=np.uint8)
     heat = np.clip(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR), 0, 1)
     colour = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     alpha = (0.5 * np.clip((heat - 0.15) / 0.85, 0, 1))[..., None]
-    out = (cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB) * (1 - alpha) + colour * alpha).astype(np.uint8)
+    out: NDArray[np.uint8] = (cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB) * (1 - alpha) + colour * alpha).astype(np.uint8)
     h, w = out.shape[:2]
     u = max(h, w) / MIN_SIDE  # 1 at MIN_SIDE
     x, y = (round(v * zoom) for v in r.location.pixel)
@@ -154,7 +162,7 @@ def build_sc_images(result: StudyResult, sources: Mapping[ImageKey, Dataset], se
     ``patient`` holds the patient/study attributes to write (made from the sources when not given)."""
     series_uid = series_uid or generate_uid()
     patient = patient or patient_study(sources.values(), result.study_uid)
-    images = []
+    images: list[SCImage] = []
     unwindowed: set[ImageKey] = set()
     for r in result.labels:
         if not isinstance(r, AssessedLabel):

@@ -109,7 +109,8 @@ def algorithm_equipment(result: StudyResult) -> ContributingEquipment:
     item = ContributingEquipment(
         manufacturer=MANUFACTURER, purpose_of_reference=C.PROCESSING_EQUIPMENT,
         manufacturer_model_name=info.name, software_versions=info.version,
-        contribution_description=f"AI model, sha256 {info.sha256}, trained on {info.training_data}. {DISCLAIMER}"[:1024])
+        contribution_description=(f"AI model, sha256 {info.sha256}, trained on {info.training_data}. "
+                                  f"{DISCLAIMER}")[:1024])
     item.PurposeOfReferenceCodeSequence = [C.PROCESSING_ALGORITHM]  # highdicom allows CID 7005 codes only
     item.DeviceUID = model_device_uid(info.sha256)
     return item

@@ -124,7 +124,8 @@ def _assessed_group(result: StudyResult, r: AssessedLabel, source: Dataset,
         finding_type=C.STENOSIS,
         algorithm_id=algorithm(result),
         finding_sites=_sites(r),
-        measurements=[_grade(r), *(_percent(C.PROBABILITY[s], p) for s, p in zip(SEVERITIES, r.probabilities, strict=True))],
+        measurements=[_grade(r), *(_percent(C.PROBABILITY[s], p)
+                                   for s, p in zip(SEVERITIES, r.probabilities, strict=True))],
         qualitative_evaluations=[QualitativeEvaluation(C.SEVERITY, C.GRADE[r.grade])],
     )
 
@@ -146,7 +147,8 @@ def _not_assessed(study_uid: str, r: NotAssessedLabel) -> CodeContentItem:
         *_tracking(study_uid, r),
         CodeContentItem(name=C.FINDING, value=C.STENOSIS, relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
         *_sites(r),
-        CodeContentItem(name=C.REASON, value=C.REASONS[r.why], relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
+        CodeContentItem(name=C.REASON, value=C.REASONS[r.why],
+                        relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
     ])
     return item
 
@@ -185,13 +187,15 @@ def build_sr(result: StudyResult, sources: Mapping[ImageKey, Dataset], *, series
         source = sources[key]
         reference = located.setdefault(key, patient.reference(source))
         groups.append(_separate(_assessed_group(result, r, source, reference)))
-    evaluations = _summary(result) + [_not_assessed(result.study_uid, r) for r in result.labels if isinstance(r, NotAssessedLabel)]
+    evaluations = _summary(result) + [_not_assessed(result.study_uid, r)
+                                      for r in result.labels if isinstance(r, NotAssessedLabel)]
     observer = ObserverContext(
         observer_type=C.DEVICE,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=DEVICE_UID, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=MODEL_NAME))
     report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
-                               procedure_reported=C.PROCEDURE_REPORTED, referenced_images=list(located.values()) or None,
+                               procedure_reported=C.PROCEDURE_REPORTED,
+                               referenced_images=list(located.values()) or None,
                                imaging_measurements=groups or [_placeholder_group()])
     root = report[0].ContentSequence
     if not groups:  # nothing located: no Imaging Measurements (highdicom needs one group to build the report)

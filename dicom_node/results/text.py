@@ -17,7 +17,8 @@ def result_json(result: StudyResult) -> dict[str, Any]:
         item: dict[str, Any] = {"label": r.label.column, "condition": r.label.condition.display,
                                 "level": r.label.level.value, "assessed": r.assessed}
         if isinstance(r, AssessedLabel):
-            item.update({"grade": r.grade.display, "probabilities": dict(zip(SEVERITY_NAMES, r.probabilities, strict=True)),
+            item.update({"grade": r.grade.display,
+                         "probabilities": dict(zip(SEVERITY_NAMES, r.probabilities, strict=True)),
                          "series_uid": r.location.series_uid, "sop_instance_uid": r.location.sop_instance_uid,
                          "instance_number": r.location.instance_number, "pixel_xy": r.location.pixel,
                          "patient_xyz": r.location.patient})

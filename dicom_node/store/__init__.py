@@ -21,5 +21,5 @@ from dicom_node.store.paths import UnsafePath, remove_tree, uid_problem, under
 from dicom_node.store.spool import spool_path
 
 __all__ = ["Delivery", "Event", "KnownInstance", "Ledger", "LedgerVersionError", "Purgeable", "Recorded", "Report",
-           "SeriesCount", "Study", "StudyRow", "UnsafePath", "Upload", "fsync_dir", "fsync_files", "remove_tree", "restrict_access",
-           "spool_path", "uid_problem", "under", "write_durably"]
+           "SeriesCount", "Study", "StudyRow", "UnsafePath", "Upload", "fsync_dir", "fsync_files", "remove_tree",
+           "restrict_access", "spool_path", "uid_problem", "under", "write_durably"]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from dicom_node.errors import NodeError
 from dicom_node.states import DeliveryState, EventKind, StudyState
@@ -126,7 +126,7 @@ def _run_script(db: sqlite3.Connection, script: str) -> None:
             db.execute(statement)
 
 
-def _columns(db: sqlite3.Connection, table: str) -> list[tuple]:
+def _columns(db: sqlite3.Connection, table: str) -> list[tuple[Any, ...]]:
     return db.execute(f"PRAGMA table_info({table})").fetchall()
 
 
@@ -312,7 +312,7 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -329,7 +329,7 @@ class Ledger:
         RSNA Kaggle files have it)."""
         rows = self._query("SELECT COUNT(DISTINCT series_uid) FROM instances WHERE study_uid=? AND sop_instance_uid=?",
                            (study_uid, sop_instance_uid))
-        return rows[0][0] > 1
+        return int(rows[0][0]) > 1
 
     def record_instance(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str,
                         path: Path, calling_aet: str, series_size: int | None = None, reopens: bool = True,
@@ -365,10 +365,11 @@ class Ledger:
                 db.execute(f"INSERT OR IGNORE {new_study}", (study_uid, StudyState.RECEIVING, now, now, now))
         return outcome
 
-    def set_state(self, study_uid: str, state: StudyState, reason: str | None = None, generation: int | None = None) -> bool:
+    def set_state(self, study_uid: str, state: StudyState, reason: str | None = None,
+                  generation: int | None = None) -> bool:
         """Set a study's state; with ``generation``, only if no instance arrived since. True if set."""
         sql = "UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?"
-        args: tuple = (state, reason, time.time(), study_uid)
+        args: tuple[object, ...] = (state, reason, time.time(), study_uid)
         if generation is not None:
             sql, args = sql + " AND generation=?", (*args, generation)
         with self._transaction() as db:
@@ -376,7 +377,8 @@ class Ledger:
 
     def studies(self, states: tuple[StudyState, ...] | None = None, study_uid: str | None = None) -> list[Study]:
         """Every study (or those in ``states``, or the one ``study_uid``) with its instance count, oldest first."""
-        conditions, args = [], list(states or ())
+        conditions: list[str] = []
+        args: list[object] = list(states or ())
         if states:
             conditions.append(f"s.state IN ({','.join('?' * len(states))})")
         if study_uid is not None:
@@ -465,7 +467,8 @@ class Ledger:
                            (study_uid, DeliveryState.DELIVERED) if published else (study_uid,))
         return Report(*rows[0]) if rows else None
 
-    def add_report(self, report: Report, generation: int, destinations: list[str], paths: list[str]) -> list[int] | None:
+    def add_report(self, report: Report, generation: int, destinations: list[str],
+                   paths: list[str]) -> list[int] | None:
         """Commit a finished run: the report, one pending delivery per destination (their ids), the
         study 'sending'; earlier undelivered results are superseded. Nothing (None) if the study
         was re-opened by a late instance meanwhile."""
@@ -487,7 +490,7 @@ class Ledger:
         """Deliveries, optionally of one study, in one state, or the one with this id."""
         sql = ("SELECT id, study_uid, run, destination, paths, state, attempts, next_attempt_at, last_error "
                "FROM deliveries WHERE 1=1")
-        args: list = []
+        args: list[object] = []
         for column, value in (("study_uid", study_uid), ("state", state), ("id", delivery_id)):
             if value is not None:
                 sql, args = sql + f" AND {column}=?", [*args, value]
@@ -505,7 +508,9 @@ class Ledger:
             db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=NULL, updated_at=? "
                        "WHERE id=? AND state=?", (DeliveryState.DELIVERED, now, delivery_id, DeliveryState.PENDING))
             study_uid = db.execute("SELECT study_uid FROM deliveries WHERE id=?", (delivery_id,)).fetchone()[0]
-            if db.execute("SELECT 1 FROM deliveries WHERE study_uid=? AND state=?", (study_uid, DeliveryState.PENDING)).fetchone() is None:
+            pending = db.execute("SELECT 1 FROM deliveries WHERE study_uid=? AND state=?",
+                                 (study_uid, DeliveryState.PENDING)).fetchone()
+            if pending is None:
                 db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=? AND state=?",
                            (StudyState.DONE, now, study_uid, StudyState.SENDING))
 
@@ -513,24 +518,26 @@ class Ledger:
         """Record a failed attempt: retry at ``next_attempt_at``, or (None) give up and fail the study."""
         now = time.time()
         with self._transaction() as db:
-            state = DeliveryState.PENDING if next_attempt_at is not None else DeliveryState.FAILED
+            delivery_state = DeliveryState.PENDING if next_attempt_at is not None else DeliveryState.FAILED
             db.execute("UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, next_attempt_at=?, "
                        "updated_at=? WHERE id=? AND state=?",
-                       (state, error, next_attempt_at or now, now, delivery_id, DeliveryState.PENDING))
+                       (delivery_state, error, next_attempt_at or now, now, delivery_id, DeliveryState.PENDING))
             study_uid, destination, attempts = db.execute(
                 "SELECT study_uid, destination, attempts FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
             if next_attempt_at is None:
-                state, reason = StudyState.FAILED, f"delivery to {destination} failed after {attempts} attempts: {error}"
+                study_state = StudyState.FAILED
+                reason = f"delivery to {destination} failed after {attempts} attempts: {error}"
             else:
                 when = time.strftime("%H:%M:%S", time.gmtime(next_attempt_at))
-                state, reason = StudyState.SENDING, f"delivery to {destination}: attempt {attempts} failed ({error}); retry {when} UTC"
+                study_state = StudyState.SENDING
+                reason = f"delivery to {destination}: attempt {attempts} failed ({error}); retry {when} UTC"
             db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=? AND state=?",
-                       (state, reason, now, study_uid, StudyState.SENDING))
+                       (study_state, reason, now, study_uid, StudyState.SENDING))
 
     # -- audit trail, uploads and the dashboard (read by the web page) ------------------------------
 
     def add_event(self, kind: EventKind, actor: str, study_uid: str | None = None, detail: str | None = None,
-                  data: dict | None = None) -> None:
+                  data: dict[str, Any] | None = None) -> None:
         """Write one line of the audit trail: what happened (``kind``), who did it (``actor``: a
         user name, a calling AE title, or "node"), to which study, in words (``detail``) and as
         plain data (``data``). Never patient data."""
@@ -542,7 +549,8 @@ class Ledger:
         """A study's audit trail, oldest first; without ``study_uid``, the newest ``limit`` events of all."""
         columns = "id, study_uid, at, kind, actor, detail, data"
         if study_uid is not None:
-            rows = self._query(f"SELECT {columns} FROM events WHERE study_uid=? ORDER BY id LIMIT ?", (study_uid, limit))
+            rows = self._query(f"SELECT {columns} FROM events WHERE study_uid=? ORDER BY id LIMIT ?",
+                               (study_uid, limit))
         else:
             rows = self._query(f"SELECT {columns} FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return [Event(r[0], r[1], r[2], EventKind(r[3]), r[4], r[5], json.loads(r[6]) if r[6] else None) for r in rows]
@@ -556,7 +564,8 @@ class Ledger:
 
     def upload(self, study_uid: str) -> Upload | None:
         """How a study came through the web page's upload, or None (it came over DICOM)."""
-        rows = self._query("SELECT study_uid, uploaded_by, uploaded_at, send FROM uploads WHERE study_uid=?", (study_uid,))
+        rows = self._query("SELECT study_uid, uploaded_by, uploaded_at, send FROM uploads WHERE study_uid=?",
+                           (study_uid,))
         return Upload(rows[0][0], rows[0][1], rows[0][2], bool(rows[0][3])) if rows else None
 
     def set_upload_send(self, study_uid: str, send: bool) -> bool:
@@ -622,10 +631,15 @@ def _queue_deliveries(db: sqlite3.Connection, study_uid: str, run: int, destinat
     delivery of run ``run`` (``paths``, in the order sent) per destination; their ids."""
     db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
                (DeliveryState.SUPERSEDED, now, study_uid, DeliveryState.PENDING))
-    return [int(db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
-                           "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (study_uid, run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid)
-            for name in destinations]
+    ids = []
+    for name in destinations:
+        row_id = db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
+                            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (study_uid, run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid
+        if row_id is None:  # sqlite3 sets it after every INSERT of a row; None would be a broken driver
+            raise RuntimeError("the ledger's INSERT returned no delivery id")
+        ids.append(row_id)
+    return ids
 
 
 @dataclass(frozen=True)
@@ -638,7 +652,7 @@ class Event:
     kind: EventKind
     actor: str
     detail: str | None
-    data: dict | None
+    data: dict[str, Any] | None
 
 
 @dataclass(frozen=True)

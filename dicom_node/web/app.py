@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 from importlib.resources import files
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -40,9 +40,9 @@ def build_app(ctx: WebContext) -> Starlette:
 class _SecurityHeaders:
     """Headers on every response: no framing, no sniffing, scripts and styles from this site only."""
 
-    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-               (b"referrer-policy", b"same-origin"),
-               (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'")]
+    HEADERS: ClassVar[tuple[tuple[bytes, bytes], ...]] = (
+        (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"),
+        (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"))
 
     def __init__(self, app: Any):
         self.app = app

@@ -11,10 +11,11 @@ import inspect
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
@@ -25,7 +26,7 @@ from dicom_node.web.accounts import AccountError
 from dicom_node.web.context import WebContext
 from dicom_node.web.security import CSRF_FIELD, CSRF_HEADER, User, csrf_ok, session_user
 
-__all__ = ["MAX_UPLOAD_FILES", "Handler", "Site"]
+__all__ = ["MAX_UPLOAD_FILES", "AsyncHandler", "Handler", "Site", "SyncHandler"]
 
 log = get_logger(__name__)
 MAX_UPLOAD_FILES = 20000
@@ -33,7 +34,21 @@ MAX_UPLOAD_FILES = 20000
 #: A route's handler once ``page()`` let the request in: it gets the signed-in user. A plain
 #: function (one that reads the ledger or files) runs in the threadpool; a coroutine function
 #: (one that reads the request body) on the event loop, and must not block it.
-Handler = Callable[[Request, User], Awaitable[Response]] | Callable[[Request, User], Response]
+AsyncHandler = Callable[[Request, User], Awaitable[Response]]
+SyncHandler = Callable[[Request, User], Response]
+Handler = AsyncHandler | SyncHandler
+
+
+def _on_the_loop(handler: Handler) -> AsyncHandler:
+    """``handler`` as a coroutine function: a plain one is run in the threadpool."""
+    if inspect.iscoroutinefunction(handler):
+        return cast(AsyncHandler, handler)  # the check above is the runtime's, the type cannot say it
+    plain = cast(SyncHandler, handler)
+
+    async def in_threadpool(request: Request, user: User) -> Response:
+        return await run_in_threadpool(plain, request, user)
+
+    return in_threadpool
 
 
 def _when(ts: float | None) -> str:
@@ -77,6 +92,7 @@ class Site:
         handler reads a multipart body itself, as it arrives: without the token in the header,
         it checks the form's token before the first file (the body is never read here)."""
         ctx, web, render = self.ctx, self.web, self.render
+        call = _on_the_loop(handler)
 
         async def endpoint(request: Request) -> Response:
             user = await run_in_threadpool(self.user_of, request)
@@ -85,10 +101,10 @@ class Site:
                     return RedirectResponse(f"/signin?{urlencode({'next': request.url.path})}", 303)
                 return JSONResponse({"error": "sign in first"}, 401)
             if request.method == "POST":
-                token = request.headers.get(CSRF_HEADER)
+                token: str | UploadFile | None = request.headers.get(CSRF_HEADER)
                 content_type = request.headers.get("content-type", "")
                 if token is None and streamed and not admin and content_type.startswith("multipart/form-data"):
-                    return await handler(request, user)  # it checks the form's token itself
+                    return await call(request, user)  # it checks the form's token itself
                 if token is None and content_type.startswith("multipart/form-data"):
                     declared = request.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > web.upload_max_mb * 2**20 + 2**20:
@@ -113,8 +129,6 @@ class Site:
                     return render(request, "message.html", user, 403, title="Not allowed",
                                   message=f"Only an administrator may {action}; you are signed in as "
                                           f"{user.name} ({user.role}).")
-            if inspect.iscoroutinefunction(handler):
-                return await handler(request, user)
-            return await run_in_threadpool(handler, request, user)
+            return await call(request, user)
 
         return endpoint

@@ -54,7 +54,7 @@ def complete_studies(data: Path) -> list[list[Path]]:
     for folder in sorted((data / "train_images").iterdir()):
         descriptions = {pydicom.dcmread(next(s.glob("*.dcm")), stop_before_pixels=True).SeriesDescription
                         for s in folder.iterdir() if s.is_dir()}
-        if ROLES <= descriptions:
+        if descriptions >= ROLES:
             studies.append(sorted(folder.rglob("*.dcm")))
     return studies
 

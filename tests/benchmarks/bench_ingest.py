@@ -199,7 +199,8 @@ def main() -> None:
     print(f"\n{len(files)} images, {megabytes:.1f} MB ({n_bytes / len(files) / 1e3:.0f} KB each), "
           f"{n_studies} studies; "
           f"median of {args.repeats} run(s); sender DCMTK storescu, TCP_NODELAY=1")
-    print(f"{'receiver':13} {'synced per image':17} {'mode':8} {'images':>6} {'MB':>6} {'s':>7} {'img/s':>7} {'MB/s':>6}  runs (s)")
+    print(f"{'receiver':13} {'synced per image':17} {'mode':8} {'images':>6} {'MB':>6} {'s':>7} {'img/s':>7} "
+          f"{'MB/s':>6}  runs (s)")
     for r in rows:
         print(f"{r['receiver']:13} {r['fsync']:17} {r['mode']:8} {r['images']:>6} {r['mb']:>6.1f} {r['seconds']:>7.2f} "
               f"{r['images_per_s']:>7.1f} {r['mb_per_s']:>6.1f}  {' '.join(f'{x:.2f}' for x in r['runs_s'])}")

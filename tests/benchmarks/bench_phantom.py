@@ -50,7 +50,8 @@ def main() -> None:
           f"{images / args.studies:.0f} images per study")
     print(f"draw + render per study: median {statistics.median(render):.3f} s, max {max(render):.3f} s")
     print(f"write DICOM per study:   median {statistics.median(write):.3f} s")
-    print(f"total per study (1 core): median {statistics.median([a + b for a, b in zip(render, write)]):.3f} s")
+    total = [a + b for a, b in zip(render, write, strict=True)]
+    print(f"total per study (1 core): median {statistics.median(total):.3f} s")
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()

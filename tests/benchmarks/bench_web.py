@@ -60,7 +60,8 @@ def fill(ledger_path: Path, studies: int, instances: int) -> float:
             state = STATES[n % len(STATES)]
             db.execute("INSERT INTO studies (study_uid, state, reason, first_received, last_received, updated_at, "
                        "generation) VALUES (?, ?, ?, ?, ?, ?, 1)",
-                       (uid, state, "not a lumbar spine study" if state is StudyState.SKIPPED else None, t, t + 5, t + 9))
+                       (uid, state, "not a lumbar spine study" if state is StudyState.SKIPPED else None,
+                        t, t + 5, t + 9))
             db.executemany("INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, path, "
                            "calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(f"{uid}.{i}", uid, f"{uid}.0.{i % 3}", MR, f"/spool/{uid}/{i}.dcm", "ORTHANC", t)

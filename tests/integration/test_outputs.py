@@ -73,12 +73,14 @@ def test_the_model_is_contributing_equipment_of_every_heatmap(outputs: tuple[Pat
     name, version and device UID; the source's acquisition equipment stays listed."""
     _, folder = outputs
     sr = pydicom.dcmread(next(folder.glob("SR_*.dcm")), stop_before_pixels=True)
-    [algorithm] = [e for e in sr.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+    [algorithm] = [e for e in sr.ContributingEquipmentSequence
+                   if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
     for path in sorted((folder / "SC").glob("*.dcm")):
         sc = pydicom.dcmread(path, stop_before_pixels=True)
         purposes = [e.PurposeOfReferenceCodeSequence[0].CodeMeaning for e in sc.ContributingEquipmentSequence]
         assert "Processing Algorithm" in purposes and "Acquisition Equipment" in purposes
-        [item] = [e for e in sc.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+        [item] = [e for e in sc.ContributingEquipmentSequence
+                  if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
         assert item.Manufacturer == MANUFACTURER
         assert (item.ManufacturerModelName, item.SoftwareVersions, item.DeviceUID) == (
             algorithm.ManufacturerModelName, algorithm.SoftwareVersions, algorithm.DeviceUID)

@@ -55,7 +55,8 @@ def test_an_encapsulated_pdf_in_its_own_series_of_the_study(written: tuple[Path,
     assert ds.SOPClassUID == EncapsulatedPDFStorage and ds.Modality == "DOC"
     assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf" and bytes(ds.EncapsulatedDocument).startswith(b"%PDF")
     assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
-    assert ds.SeriesInstanceUID not in (sr.SeriesInstanceUID, sc.SeriesInstanceUID) and int(ds.SeriesNumber) == PDF_SERIES_NUMBER
+    assert ds.SeriesInstanceUID not in (sr.SeriesInstanceUID, sc.SeriesInstanceUID)
+    assert int(ds.SeriesNumber) == PDF_SERIES_NUMBER
     assert "not for diagnosis" in ds.SeriesDescription and "not for diagnosis" in ds.DocumentTitle
     assert ds.SourceInstanceSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
     assert any(e.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
@@ -70,7 +71,8 @@ def test_a_dicom_file_with_the_file_meta_pydicom_completes(written: tuple[Path, 
     assert ds.preamble == b"\0" * 128 and path.read_bytes()[128:132] == b"DICM"
     meta = ds.file_meta
     assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID) == (ds.SOPClassUID, ds.SOPInstanceUID)
-    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian and meta.ImplementationClassUID == PYDICOM_IMPLEMENTATION_UID
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.ImplementationClassUID == PYDICOM_IMPLEMENTATION_UID
     assert meta.FileMetaInformationVersion == b"\0\1"
 
 
@@ -134,7 +136,8 @@ def test_rendered_the_table_is_coloured_by_grade_with_the_key_heatmaps(written: 
     assert colourful[rgb.shape[0] // 2:].sum() > 1000, f"no heatmaps in the lower half of {prefix}.png"
 
 
-def test_outputs_pdf_false_writes_none(written: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outputs_pdf_false_writes_none(written: tuple[Path, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     study, _ = written
     monkeypatch.setenv("LUMBAR_NODE__OUTPUTS__PDF", "false")
     lumbar_node("predict", str(study), "--out", str(tmp_path))

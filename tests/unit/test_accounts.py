@@ -48,7 +48,8 @@ def test_adding_again_replaces_and_keeps_the_others(tmp_path: Path) -> None:
     assert authenticate(accounts, "ada", "second password") is not None
 
 
-@pytest.mark.parametrize(("name", "password", "why"), [("ada", "short", "at least 8"), ("a b", "long enough", "user name"),
+@pytest.mark.parametrize(("name", "password", "why"), [("ada", "short", "at least 8"),
+                                                      ("a b", "long enough", "user name"),
                                                       ("", "long enough", "user name")])
 def test_bad_accounts_are_refused(tmp_path: Path, name: str, password: str, why: str) -> None:
     with pytest.raises(AccountError, match=why):
@@ -59,7 +60,7 @@ def test_bad_accounts_are_refused(tmp_path: Path, name: str, password: str, why:
 def test_an_unreadable_accounts_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "accounts.yaml"
     path.write_text("users:\n  ada: {role: king, password_hash: x}\n")
-    with pytest.raises(AccountError, match="accounts.yaml: cannot read the accounts file"):
+    with pytest.raises(AccountError, match=r"accounts\.yaml: cannot read the accounts file"):
         load_accounts(path)
     assert load_accounts(tmp_path / "absent.yaml") == {}
 

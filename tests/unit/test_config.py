@@ -161,7 +161,7 @@ def test_invalid_yaml_names_file(tmp_path: Path) -> None:
 
 def test_missing_file_names_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml"):
+    with pytest.raises(ConfigError, match=r"absent\.yaml"):
         load_settings(missing, environ={})
 
 

@@ -62,5 +62,5 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path:
     target = tmp_path / "x.dcm"
     write_durably(b"old", target)
     with pytest.raises(TypeError):
-        write_durably("not bytes", target)  # type: ignore[arg-type]
+        write_durably("not bytes", target)  # type: ignore[arg-type]  # the wrong type, on purpose
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.dcm"]

@@ -74,7 +74,8 @@ def test_every_test_file_lives_in_the_folder_of_its_kind() -> None:
     from tests.conftest import KINDS
 
     tests = ROOT / "tests"
-    misplaced = [str(p.relative_to(tests)) for p in tests.rglob("test_*.py") if p.relative_to(tests).parts[0] not in KINDS]
+    misplaced = [str(p.relative_to(tests)) for p in tests.rglob("test_*.py")
+                 if p.relative_to(tests).parts[0] not in KINDS]
     assert misplaced == []
     assert not list(tests.rglob("bench_*.py")) or all(p.parent.name == "benchmarks" for p in tests.rglob("bench_*.py"))
 

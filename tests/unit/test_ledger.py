@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from pydicom.uid import MRImageStorage
 
-from dicom_node.store import ledger as ledger_module
 from dicom_node.config import DeliverySettings
 from dicom_node.pipeline.delivery import backoff
 from dicom_node.states import EventKind, StudyState
+from dicom_node.store import ledger as ledger_module
 from dicom_node.store.ledger import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -124,7 +124,8 @@ def test_new_content_under_a_known_uid_reopens_the_study_and_another_study_is_re
     assert study is not None
     ledger.set_state("1.2.3", StudyState.DONE)
     assert _add(ledger, "1", digest="d1") is Recorded.RESENT
-    assert ledger.study("1.2.3").state is StudyState.DONE  # type: ignore[union-attr]
+    done = ledger.study("1.2.3")
+    assert done is not None and done.state is StudyState.DONE
     assert _add(ledger, "1", digest="d2") is Recorded.REPLACED
     again = ledger.study("1.2.3")
     assert again is not None and again.state is StudyState.RECEIVING and again.generation == study.generation + 1
@@ -142,7 +143,8 @@ def test_a_sop_instance_uid_repeated_in_another_series_is_another_instance(ledge
     assert ledger.study("7").instances == 2 and len(ledger.instance_paths("7")) == 2
     assert _add(ledger, "7.1.1", study="7", series="7.20", digest="other pixels") is Recorded.RESENT
     assert _add(ledger, "7.1.1", study="7", series="7.10", digest="new") is Recorded.REPLACED
-    assert ledger.instance("7.10", "7.1.1") == ("7", "new") and ledger.instance("7.20", "7.1.1") == ("7", "other pixels")
+    assert ledger.instance("7.10", "7.1.1") == ("7", "new")
+    assert ledger.instance("7.20", "7.1.1") == ("7", "other pixels")
     assert _add(ledger, "7.1.1", study="8", series="7.20") is Recorded.OTHER_STUDY
     assert _add(ledger, "7.1.1", study="8", series="8.20") is Recorded.NEW  # its own series: not the other study's
     assert [(uid, n) for uid, n, *_ in ledger.series_counts("7")] == [("7.10", 1), ("7.20", 1)]
@@ -218,7 +220,8 @@ def _old_ledger(path: Path, scripts: list[str]) -> None:
 def _schema(path: Path) -> dict[str, object]:
     """Every table's columns (name, type, not null, default, key) and the index names."""
     with closing(sqlite3.connect(path)) as db:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master "
+                                           "WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
         schema: dict[str, object] = {t: sorted(r[1:] for r in db.execute(f"PRAGMA table_info({t})")) for t in tables}
         schema["indexes"] = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' "
                                                             "AND name NOT LIKE 'sqlite_%'"))
@@ -244,7 +247,8 @@ def test_a_ledger_of_an_earlier_release_is_migrated_with_its_rows(tmp_path: Path
     ledger = Ledger(path)
     try:
         assert ledger.migrated_from == 0
-        assert ledger.instance("5.10", "5.1.1") == ("5", None) and ledger.instance_paths("5") == [Path("/s/5/5.10/5.1.1.dcm")]
+        assert ledger.instance("5.10", "5.1.1") == ("5", None)
+        assert ledger.instance_paths("5") == [Path("/s/5/5.10/5.1.1.dcm")]
         study = ledger.study("5")
         assert study is not None and (study.state, study.instances, study.generation) == (StudyState.SENDING, 1, 4)
         assert ledger.last_report("5") == Report("5", 1, "/r/5/run-1/SR_9.dcm", "9.1", "9.2")
@@ -254,7 +258,8 @@ def test_a_ledger_of_an_earlier_release_is_migrated_with_its_rows(tmp_path: Path
         assert ledger.record_instance("5.1.1", "5", "5.20", MRImageStorage, Path("/s/5/5.20/5.1.1.dcm"), "PACS",
                                       digest="d") is Recorded.NEW
         assert _add(ledger, "6.1.1", study="6", series="6.10") is Recorded.NEW
-        assert len(ledger.instance_paths("5")) == 2 and ledger.study("6").generation == 1  # type: ignore[union-attr]
+        new = ledger.study("6")
+        assert len(ledger.instance_paths("5")) == 2 and new is not None and new.generation == 1
         ledger.add_event(EventKind.GRADED, "node", "5", "run 1")
         assert [e.kind for e in ledger.events("5")] == [EventKind.GRADED]
     finally:
@@ -316,5 +321,5 @@ def test_rows_come_back_with_named_fields(ledger: Ledger) -> None:
     [old] = ledger.purgeable(time.time() + 1)
     assert old.study_uid == "1.2.3" and sorted(old.files) == [Path("/spool/1.2.3/1.2.3.4/1.dcm"),
                                                               Path("/spool/1.2.3/1.2.3.4/2.dcm")]
-    study_uid, files = old
+    _study_uid, files = old
     assert files == old.files

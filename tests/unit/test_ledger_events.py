@@ -75,7 +75,8 @@ def test_an_upload_is_marked_and_sent_only_when_asked(ledger: Ledger) -> None:
     assert len(ids) == 1 and ledger.delivery(ids[0]).state is DeliveryState.PENDING
     assert ledger.study("1.5").state == StudyState.SENDING
     again = ledger.add_deliveries("1.5", 1, ["pacs"], ["/r/SR.dcm"])  # send again: the pending one is superseded
-    assert ledger.delivery(ids[0]).state is DeliveryState.SUPERSEDED and ledger.delivery(again[0]).state is DeliveryState.PENDING
+    assert ledger.delivery(ids[0]).state is DeliveryState.SUPERSEDED
+    assert ledger.delivery(again[0]).state is DeliveryState.PENDING
 
 
 def test_an_older_ledger_gets_the_new_tables(tmp_path: Path) -> None:

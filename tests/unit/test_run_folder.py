@@ -33,9 +33,11 @@ def test_the_layout(tmp_path: Path) -> None:
     run = RunFolder(tmp_path)
     assert run.sr_path("1.2") == tmp_path / "SR_1.2.dcm" and run.pdf_path("1.3") == tmp_path / "PDF_1.3.dcm"
     assert run.sc_path(3, "1.4") == tmp_path / "SC" / "03_1.4.dcm" and run.sc_dir == tmp_path / "SC"
-    assert (run.table_path.name, run.json_path.name, run.running_marker.name) == ("results.txt", "results.json", ".grading")
+    names = (run.table_path.name, run.json_path.name, run.running_marker.name)
+    assert names == ("results.txt", "results.json", ".grading")
     for path in (run.sr_path("1.2"), run.sc_path(10, "1.5"), run.sc_path(2, "1.6"), run.pdf_path("1.3")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
     run.running_marker.touch()
-    assert run.files_to_send() == [run.sr_path("1.2"), run.sc_path(2, "1.6"), run.sc_path(10, "1.5"), run.pdf_path("1.3")]
+    assert run.files_to_send() == [run.sr_path("1.2"), run.sc_path(2, "1.6"), run.sc_path(10, "1.5"),
+                                   run.pdf_path("1.3")]

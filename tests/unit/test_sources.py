@@ -33,7 +33,8 @@ def _broken() -> Dataset:
     for keyword, text in [("SpecificCharacterSet", "FOO_BAR"), ("PatientName", "Doe^Jane"),
                           ("PatientID", "A1\\A2"),  # two values where one is allowed
                           ("PatientBirthDate", BIRTH), ("PatientSex", "X"), ("StudyTime", "12:30:00"),
-                          ("StudyDate", "20240131"), ("StudyDescription", "LUMBAR SPINE"), ("StudyInstanceUID", "1.2.3"),
+                          ("StudyDate", "20240131"), ("StudyDescription", "LUMBAR SPINE"),
+                          ("StudyInstanceUID", "1.2.3"),
                           ("WindowCenter", "abc"), ("WindowWidth", "400")]:
         _raw(ds, keyword, text)
     return ds

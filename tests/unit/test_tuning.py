@@ -19,7 +19,7 @@ from dicom_node.store import Ledger
 def _pristine(hook: object) -> bool:
     """Nothing of the tuning in place; ``threading.excepthook`` is ``hook`` (pytest installs its own)."""
     handlers = logging.getLogger().handlers
-    return (pynetdicom.association.time is time and pynetdicom.dul.time is time  # type: ignore[attr-defined]
+    return (pynetdicom.association.time is time and pynetdicom.dul.time is time
             and threading.excepthook is hook and not tuning.applied()
             and all(tuning.ERRORS not in h.filters for h in handlers))
 
@@ -30,7 +30,7 @@ def test_apply_patches_everything_and_restore_undoes_everything() -> None:
     try:
         assert _pristine(hook)
         tuning.apply(0.0002)
-        assert pynetdicom.association.time is not time and pynetdicom.dul.time is not time  # type: ignore[attr-defined]
+        assert pynetdicom.association.time is not time and pynetdicom.dul.time is not time
         assert threading.excepthook is not hook
         assert tuning.ERRORS in handler.filters
         tuning.apply(0.0005)  # nested: the inner restore keeps the patches

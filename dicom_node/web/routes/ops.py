@@ -21,7 +21,7 @@ def routes(site: Site) -> list[Route]:
     def healthz(request: Request) -> Response:
         try:
             ctx.ledger.state_counts()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any ledger failure is an unhealthy node (503)
             return JSONResponse({"status": "error", "error": f"ledger: {type(exc).__name__}"}, 503)
         return JSONResponse({"status": "ok"})
 

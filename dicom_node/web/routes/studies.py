@@ -49,7 +49,7 @@ def routes(site: Site) -> list[Route]:
                       query_ms=(time.perf_counter() - started) * 1000)
 
     def _study_or_404(request: Request) -> str | None:
-        study_uid = request.path_params["study_uid"]
+        study_uid: str = request.path_params["study_uid"]
         if uid_problem(study_uid, "Study Instance UID") is not None or ctx.ledger.study(study_uid) is None:
             return None
         return study_uid
@@ -127,7 +127,8 @@ def routes(site: Site) -> list[Route]:
                 return Response(read_pdf(pdf), media_type="application/pdf",
                                 headers=_attachment(f"summary-{short}.pdf"))
             if what == "pdf.dcm" and (pdf := view.pdf_file()) is not None:
-                return Response(pdf.read_bytes(), media_type="application/dicom", headers=_attachment(f"PDF-{short}.dcm"))
+                return Response(pdf.read_bytes(), media_type="application/dicom",
+                                headers=_attachment(f"PDF-{short}.dcm"))
         except (OSError, ValueError) as exc:  # purged meanwhile, or not a readable document
             log.warning("a run's file could not be read", study_uid=study_uid, what=what,
                         error=type(exc).__name__)
@@ -144,7 +145,8 @@ def routes(site: Site) -> list[Route]:
             if request.path_params["ext"] == "dcm":
                 return Response(scs[index].read_bytes(), media_type="application/dicom",
                                 headers=_attachment(scs[index].name))
-            return Response(sc_png(scs[index]), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+            return Response(sc_png(scs[index]), media_type="image/png",
+                            headers={"Cache-Control": "private, max-age=300"})
         except (OSError, ValueError) as exc:  # purged meanwhile, or not a readable image
             log.warning("a heatmap could not be read", study_uid=study_uid, error=type(exc).__name__)
             return PlainTextResponse("no such image\n", 404)
