@@ -181,4 +181,4 @@ def test_real_sizes_over_many_studies() -> None:
             assert 40 <= n_axial <= 62
     assert sagittal <= {384, 448, 512, 640, 768} and {384, 512} <= sagittal
     assert axial <= {256, 288, 320} and len(axial) >= 2
-    assert 0.4 <= min(spacing) and max(spacing) <= 0.7
+    assert min(spacing) >= 0.4 and max(spacing) <= 0.7

@@ -15,8 +15,8 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
-    JPEG2000Lossless,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLosslessSV1,
