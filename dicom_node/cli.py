@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -10,11 +12,12 @@ import click
 import yaml
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.logconfig import PHI_VALUES, configure_logging
+from dicom_node.errors import NodeError
+from dicom_node.observability import PHI_VALUES, configure_logging
 from inference import __version__
 
 
-def _settings(ctx: click.Context) -> Settings:
+def settings_of(ctx: click.Context) -> Settings:
     """Load (once) the settings named by ``--config`` and the environment; configure logging."""
     obj = ctx.ensure_object(dict)
     if "settings" not in obj:
@@ -24,7 +27,19 @@ def _settings(ctx: click.Context) -> Settings:
             raise click.ClickException(str(exc)) from None
         log = obj["settings"].logging
         configure_logging(log.format, log.level)
-    return obj["settings"]
+    settings: Settings = obj["settings"]
+    return settings
+
+
+@contextmanager
+def node_errors() -> Iterator[None]:
+    """A ``NodeError`` (a ledger written by a newer lumbar-node, a path that leaves its folder...)
+    ends the command with one line on stderr and exit status 1, as click reports its own errors,
+    instead of a traceback."""
+    try:
+        yield
+    except NodeError as exc:
+        raise click.ClickException(PHI_VALUES.scrub(str(exc))) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,8 +66,8 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
     configure_logging("auto", "INFO")  # commands that read the settings reconfigure it from them
 
 
-#: The entry-point group through which the phantom's, training's and export's commands join this
-#: one (pyproject.toml); the node imports none of their code.
+#: The entry-point group through which the demo's, phantom's, training's and export's commands join
+#: this one (pyproject.toml); the node imports none of their code.
 COMMAND_GROUP = "lumbar_node.commands"
 
 
@@ -66,7 +81,7 @@ def add_registered_commands(group: click.Group) -> None:
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Validate the configuration and print the effective settings (defaults, file, environment)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     click.echo(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
@@ -85,7 +100,7 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     """
     from dicom_node.predict import predict_folder
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     model_dir = model_dir or settings.models.dir
     try:
         predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out,
@@ -111,43 +126,17 @@ def serve_command(ctx: click.Context) -> None:
     import threading
     from concurrent.futures.process import BrokenProcessPool
 
-    from dicom_node.node import Node, run_until_signalled
+    from dicom_node.service import Node, run_until_signalled
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        run_until_signalled(Node(settings), stop)
+        with node_errors():
+            run_until_signalled(Node(settings), stop)
     except (OSError, BrokenProcessPool) as exc:  # the port is taken, the spool unwritable, the model unloadable
         raise click.ClickException(f"cannot start the node: {type(exc).__name__}: {exc}") from None
-
-
-@main.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo-node"),
-              show_default=True, help="Folder for the phantom study, Orthanc's storage and the node's spool/results.")
-@click.option("--seed", type=int, default=7, show_default=True, help="Phantom seed of the study sent.")
-@click.pass_context
-def demo_command(ctx: click.Context, workdir: Path, seed: int) -> None:
-    """The whole loop on this machine: Orthanc as the PACS, the node, a phantom study.
-
-    Starts a real Orthanc (Debian's package) that routes stable studies to the node, sends it a
-    phantom lumbar spine MRI, waits until the node's SR and Grad-CAM images are back in the same
-    study in Orthanc, and prints the graded table with the paths of the SR and SC.
-    Phantom data and a phantom-trained model: not for diagnosis.
-    """
-    import shutil
-    import signal
-
-    from dicom_node.demo import run_demo
-
-    _settings(ctx)  # validates the configuration and sets up logging
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the node and Orthanc on SIGTERM too
-    shutil.rmtree(workdir, ignore_errors=True)
-    try:
-        run_demo(workdir, seed, click.echo, ctx.obj.get("config_file"))
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        raise click.ClickException(f"demo failed: {exc}") from None
 
 
 @main.command("reprocess")
@@ -158,18 +147,18 @@ def reprocess_command(ctx: click.Context, study_uid: str) -> None:
 
     The running node picks it up at its next sweep; the new report supersedes the previous one.
     """
-    from dicom_node.ledger import Ledger
+    from dicom_node.states import EventKind
+    from dicom_node.store import Ledger
 
-    settings = _settings(ctx)
-    ledger = Ledger(settings.storage.ledger_path)
-    try:
-        if not ledger.reopen(study_uid):
-            raise click.ClickException(f"the ledger does not know study {study_uid}")
-        from dicom_node.states import EventKind
-
-        ledger.add_event(EventKind.GRADE_AGAIN, "lumbar-node reprocess", study_uid, "requested on the command line")
-    finally:
-        ledger.close()
+    settings = settings_of(ctx)
+    with node_errors():
+        ledger = Ledger(settings.storage.ledger_path)
+        try:
+            if not ledger.reopen(study_uid):
+                raise click.ClickException(f"the ledger does not know study {study_uid}")
+            ledger.add_event(EventKind.GRADE_AGAIN, "lumbar-node reprocess", study_uid, "requested on the command line")
+        finally:
+            ledger.close()
     click.echo(f"study {study_uid} queued for grading")
 
 
@@ -181,16 +170,18 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     import json
     from datetime import datetime
 
-    from dicom_node.ledger import Ledger
+    from dicom_node.store import Ledger
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if not settings.storage.ledger_path.exists():
-        raise click.ClickException(f"no ledger at {settings.storage.ledger_path}: the node has not received anything yet")
-    ledger = Ledger(settings.storage.ledger_path)
-    try:
-        studies = ledger.studies()
-    finally:
-        ledger.close()
+        raise click.ClickException(f"no ledger at {settings.storage.ledger_path}: "
+                                   "the node has not received anything yet")
+    with node_errors():
+        ledger = Ledger(settings.storage.ledger_path)
+        try:
+            studies = ledger.studies()
+        finally:
+            ledger.close()
     if as_json:
         click.echo(json.dumps([s.__dict__ for s in studies], indent=1))
         return
@@ -214,9 +205,9 @@ def user_add_command(ctx: click.Context, name: str, role: str) -> None:
     """Add (or replace) the account NAME; its password is read from standard input (one line)."""
     import sys
 
-    from dicom_node.accounts import AccountError, Role, add_account
+    from dicom_node.web.accounts import AccountError, Role, add_account
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:

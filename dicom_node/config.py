@@ -24,22 +24,26 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pynetdicom import _config as pynetdicom_config  # pynetdicom's documented settings module
+
+from dicom_node.errors import NodeError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "default.yaml"
 ENV_PREFIX = "LUMBAR_NODE__"
 
 
-class ConfigError(ValueError):
+class ConfigError(NodeError, ValueError):
     """The configuration is unreadable or invalid; the message names the key and where it came from."""
 
 
 def _check_ae_title(value: str) -> str:
-    if not 1 <= len(value) <= 16:
-        raise ValueError("an AE title must be 1 to 16 characters")
-    if "\\" in value:
-        raise ValueError("an AE title must not contain a backslash")
+    """An AE title pynetdicom accepts (its AE validator: at most 16 ASCII characters, no backslash
+    or control character) that names someone: not empty, not all spaces."""
     if not value.strip():
-        raise ValueError("an AE title must not be all spaces")
+        raise ValueError("an AE title must not be empty or all spaces")
+    valid, reason = pynetdicom_config.VALIDATORS["AE"](value)
+    if not valid:
+        raise ValueError(f"an AE title {reason}")
     return value
 
 
@@ -320,8 +324,10 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
         for err in exc.errors():
             loc = tuple(err["loc"])
             key = ".".join(str(p) for p in loc) or "(top level)"
-            got = "" if err["type"] == "missing" or isinstance(err["input"], (dict, list)) else f" (got {err['input']!r})"
-            env_var = next((v for p, v in from_env.items() if loc and (loc[: len(p)] == p or p[: len(loc)] == loc)), None)
+            plain = err["type"] != "missing" and not isinstance(err["input"], (dict, list))
+            got = f" (got {err['input']!r})" if plain else ""
+            env_var = next((var for path, var in from_env.items()
+                            if loc and (loc[: len(path)] == path or path[: len(loc)] == loc)), None)
             if env_var:
                 source = f"environment variable {env_var}"
             elif config_file is not None and _in_file(file_data, loc):

@@ -6,17 +6,17 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicom_node.grading import nothing_assessed
-from dicom_node.logconfig import PHI_VALUES, get_logger
-from dicom_node.outputs import (
-    PDF_GLOB,
-    SC_FOLDER,
+from dicom_node.observability import PHI_VALUES, get_logger
+from dicom_node.pipeline import nothing_assessed
+from dicom_node.results import (
     OutputKind,
+    RunFolder,
     RunOutputs,
     previous_outputs,
+    result_json,
+    result_table,
     write_run,
 )
-from dicom_node.summary import result_json, result_table
 from inference.analyze import StudyResult, analyze_study
 from inference.instances import Instance, read_folder
 from inference.runtime import OnnxRunner
@@ -33,7 +33,8 @@ def write_outputs(result: StudyResult, instances: Sequence[Instance], out: Path,
         log.info("superseding an earlier report", study_uid=result.study_uid,
                  predecessor=str(supersedes.sr.SOPInstanceUID))
     # the superseded heatmaps and PDF leave this folder (a PACS keeps its copies)
-    for path in [*(folder / SC_FOLDER).glob("*.dcm"), *folder.glob(PDF_GLOB)]:
+    run = RunFolder(folder)
+    for path in [*run.sc_files(), *run.pdf_files()]:
         path.unlink()
     return write_run(result, instances, folder, supersedes, pdf=pdf)
 

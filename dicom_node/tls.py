@@ -32,7 +32,7 @@ class _HandshakeInAssociationThread(ssl.SSLContext):
     thread and under its socket timeout. pynetdicom wraps each accepted socket in its acceptor
     thread; a handshake there would let one silent client stop every other from connecting."""
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         kwargs["do_handshake_on_connect"] = False
         return super().wrap_socket(sock, *args, **kwargs)
 

@@ -8,6 +8,7 @@ autograd Grad-CAM of the same class.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +19,14 @@ import onnx
 import onnxruntime as ort
 import structlog
 import torch
+from numpy.typing import NDArray
 
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
 from inference.model import ModelMetadata, file_sha256
 from inference.runtime import usable_providers
-from training.models import CONDITION_GROUP, N_CLASSES, N_GROUPS, Grader
 from training.level_calibration import card_line
-from training.runner import load_model
+from training.models import CONDITION_GROUP, N_CLASSES, N_GROUPS, Grader
+from training.runner import TorchRunner, load_model
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -38,7 +40,8 @@ class ExportError(RuntimeError):
     """The exported graph does not reproduce the checkpoint."""
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
+            outputs: list[str]) -> None:
     axes = {name: {0: "batch"} for name in inputs + outputs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -58,16 +61,17 @@ def autograd_gradcam(grader: Grader, crops: torch.Tensor, conditions: torch.Tens
     return torch.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1)).detach()
 
 
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+def _correlation(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
     a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
     den = float(np.linalg.norm(a) * np.linalg.norm(b))
     return 1.0 if den == 0 else float(a @ b) / den
 
 
-def sample_inputs(n: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_inputs(n: int = 25, seed: int = 0) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32]]:
     """Deterministic sample inputs: smooth random images in the normalised intensity range."""
     rng = np.random.default_rng(seed)
-    def smooth(shape: tuple[int, ...]) -> np.ndarray:
+
+    def smooth(shape: tuple[int, ...]) -> NDArray[np.float32]:
         base = rng.normal(0.4, 0.35, shape).astype(np.float32)
         return np.clip(base + np.roll(base, 1, -1) + np.roll(base, 1, -2), -0.5, 2.5) / 3 + 0.2
     crops = smooth((n, GRADER_SPEC.n_slices, GRADER_SPEC.pixels, GRADER_SPEC.pixels))
@@ -76,7 +80,7 @@ def sample_inputs(n: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray, n
     return crops, conditions, images
 
 
-def verify(model_dir: Path, runner: Any, precision: str = "fp32") -> dict[str, float]:
+def verify(model_dir: Path, runner: TorchRunner, precision: str = "fp32") -> dict[str, float]:
     """Compare the ONNX models in ``model_dir`` with the PyTorch runner; raise ExportError on failure."""
     suffix = "" if precision == "fp32" else f".{precision}"
     providers = ["CPUExecutionProvider"] if precision == "fp32" else ["CUDAExecutionProvider"]
@@ -101,7 +105,8 @@ def verify(model_dir: Path, runner: Any, precision: str = "fp32") -> dict[str, f
     if result["max_abs_diff_heatmaps"] > tolerance:
         failures.append(f"heatmaps differ by {result['max_abs_diff_heatmaps']:.2e} > {tolerance:g}")
     if result["min_gradcam_correlation_vs_autograd"] < CAM_MIN_CORRELATION:
-        failures.append(f"Grad-CAM correlation {result['min_gradcam_correlation_vs_autograd']:.4f} < {CAM_MIN_CORRELATION}")
+        failures.append(f"Grad-CAM correlation {result['min_gradcam_correlation_vs_autograd']:.4f} "
+                        f"< {CAM_MIN_CORRELATION}")
     if failures:
         raise ExportError(f"{precision} export of {model_dir} failed verification: " + "; ".join(failures))
     return result
@@ -133,20 +138,33 @@ def export_run(run: Path, out: Path, fp16: bool = False) -> ModelMetadata:
         runner.metadata,
         checkpoint_sha256=file_sha256(checkpoint),
         onnx={"opset": OPSET, "files": {p.name: file_sha256(p) for p in sorted(out.glob("*.onnx"))},
-                 "inputs": {"localiser": ["images (B, 3, 128, 128) float32"],
-                            "grader": ["crops (B, 3, 48, 48) float32", "conditions (B,) int64, index in conditions"]},
-                 "outputs": {"localiser": ["heatmaps (B, 5, 128, 128)"],
-                             "grader": ["probabilities (B, 3) calibrated", "cam (B, 6, 6) Grad-CAM of the predicted class"]}},
+              "inputs": {"localiser": ["images (B, 3, 128, 128) float32"],
+                         "grader": ["crops (B, 3, 48, 48) float32", "conditions (B,) int64, index in conditions"]},
+              "outputs": {"localiser": ["heatmaps (B, 5, 128, 128)"],
+                          "grader": ["probabilities (B, 3) calibrated",
+                                     "cam (B, 6, 6) Grad-CAM of the predicted class"]}},
         verification=checks,
     )
     meta.write(out / "model.json")
     evaluation = checkpoint.parent / "evaluation" / "evaluation.json"
-    (out / "MODEL_CARD.md").write_text(model_card(meta, json.loads(evaluation.read_text()) if evaluation.is_file() else None))
+    card = model_card(meta, json.loads(evaluation.read_text()) if evaluation.is_file() else None)
+    (out / "MODEL_CARD.md").write_text(card)
     return meta
 
 
 def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{x:.3f}"
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def _row(*cells: object) -> str:
+    """One row of a Markdown table."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _scores(score: dict[str, float], baseline: dict[str, float]) -> list[str]:
+    """The table's score columns: total, baseline total, then per group and any severe spinal."""
+    return [_fmt(score["total"]), _fmt(baseline["total"]),
+            *(_fmt(score[k]) for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal"))]
 
 
 def model_card(meta: ModelMetadata, evaluation: dict[str, Any] | None) -> str:
@@ -173,18 +191,16 @@ def model_card(meta: ModelMetadata, evaluation: dict[str, Any] | None) -> str:
         "",
         "## Numbers",
         "",
-        "| data | studies | score (lower is better) | class-prior baseline | spinal | foraminal | subarticular | any severe spinal | median level error (mm) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| validation split (phantom) | {val['studies']} | {_fmt(val['score']['total'])} | "
-        f"{_fmt(val['class_prior_score']['total'])} | {_fmt(val['score']['spinal'])} | {_fmt(val['score']['foraminal'])} | "
-        f"{_fmt(val['score']['subarticular'])} | {_fmt(val['score']['any_severe_spinal'])} | {_fmt(val['median_level_error_mm'])} |",
+        _row("data", "studies", "score (lower is better)", "class-prior baseline", "spinal", "foraminal",
+             "subarticular", "any severe spinal", "median level error (mm)"),
+        _row(*["---"] * 9),
+        _row("validation split (phantom)", val["studies"], *_scores(val["score"], val["class_prior_score"]),
+             _fmt(val["median_level_error_mm"])),
     ]
     if evaluation is not None:
-        s = evaluation["score"]
-        lines.append(
-            f"| held-out phantom studies (`{evaluation['data']}`) | {evaluation['studies']} | {_fmt(s['total'])} | "
-            f"{_fmt(evaluation['class_prior_baseline']['total'])} | {_fmt(s['spinal'])} | {_fmt(s['foraminal'])} | "
-            f"{_fmt(s['subarticular'])} | {_fmt(s['any_severe_spinal'])} | {_fmt(evaluation['level_error_mm']['median'])} |")
+        lines.append(_row(f"held-out phantom studies (`{evaluation['data']}`)", evaluation["studies"],
+                          *_scores(evaluation["score"], evaluation["class_prior_baseline"]),
+                          _fmt(evaluation["level_error_mm"]["median"])))
         lines += ["", "Recall of Severe per condition on the held-out studies: "
                   + ", ".join(f"{k} {_fmt(v)}" for k, v in evaluation["severe_recall"].items()) + "."]
     lines += ["", "Score: the RSNA 2024 competition metric as implemented in `training/metrics.py`; the baseline",

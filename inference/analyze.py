@@ -28,6 +28,7 @@ from inference.labels import (
     SeriesRole,
     Severity,
 )
+from inference.level_check import DEFAULT_LEVEL_CHECK, LevelCheck, LevelFeatures, implausible, level_features
 from inference.levels import (
     GRADER_SPEC,
     crop_axes,
@@ -36,7 +37,6 @@ from inference.levels import (
     localiser_inputs,
     midline_shift,
 )
-from inference.level_check import DEFAULT_LEVEL_CHECK, LevelCheck, LevelFeatures, implausible, level_features
 from inference.model import ModelInfo
 from inference.preprocess import (
     CropFrame,
@@ -79,7 +79,8 @@ class Runner(Protocol):
         """(B, 3, 128, 128) -> heatmaps (B, 5, 128, 128)."""
         ...
 
-    def grade(self, crops: NDArray[np.float32], conditions: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+    def grade(self, crops: NDArray[np.float32],
+              conditions: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """(B, 3, 48, 48) crops and their condition indices -> (probabilities (B, 3), Grad-CAM (B, h, w))."""
         ...
 
@@ -218,7 +219,7 @@ def _localise_levels(vols: _Volumes, runner: Runner, batch: int) -> _Levels | No
     normal = sag.slices[mid].plane.normal
     offsets = np.array([float((sl.plane.position - sag.slices[mid].plane.position) @ normal) for sl in sag.slices])
     points = points + midline_shift(heatmaps, inputs[mid].frame, points, offsets)[:, None] * normal
-    return _Levels({lv: points[lv.index] for lv in LEVELS}, level_features(points, peaks, sag))
+    return _Levels({lv: points[lv.position] for lv in LEVELS}, level_features(points, peaks, sag))
 
 
 def _level_check(info: ModelInfo) -> LevelCheck:
@@ -246,8 +247,9 @@ def _place_crop(label: Label, vols: _Volumes, canal: NDArray[np.float64], info: 
     sl = vol.slices[index]
     x, y, _ = sl.plane.to_pixel(center)
     frame = crop_frame(sl, center, u, v, GRADER_SPEC)
+    cx, cy, cz = (float(c) for c in frame.center)
     location = Location(sl.series_uid, sl.sop_instance_uid, sl.sop_class_uid, sl.instance_number,
-                        (float(x), float(y)), tuple(float(c) for c in frame.center), frame)
+                        (float(x), float(y)), (cx, cy, cz), frame)
     return _Crop(label, pixels.astype(np.float32), CONDITIONS.index(label.condition), location)
 
 
@@ -280,24 +282,24 @@ def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runn
     series_roles = {role: tuple(s.series_uid for s in series) for role, series in roles.items()}
     vols = _load_volumes(roles, limits)
     t1 = time.perf_counter()
-    found = _localise_levels(vols, runner, limits.localiser_batch)
+    located = _localise_levels(vols, runner, limits.localiser_batch)
     t2 = time.perf_counter()
-    if found is None:
+    if located is None:
         why = "no usable sagittal series to localise the disc levels"
         labels: tuple[LabelResult, ...] = tuple(NotAssessedLabel(label, NotAssessedReason.NO_SAGITTAL, why)
                                                 for label in LABELS)
         return StudyResult(study_uid, labels, runner.info, {}, series_roles, {"load": t1 - t0})
-    problem = implausible(found.features, _level_check(runner.info)) if check_levels else None
+    problem = implausible(located.features, _level_check(runner.info)) if check_levels else None
     if problem is not None:
         log.warning("disc levels not localised: every label not assessed", study_uid=study_uid, why=problem)
         why = f"{NotAssessedReason.LEVELS_NOT_LOCALISED.value} ({problem})"
         labels = tuple(NotAssessedLabel(label, NotAssessedReason.LEVELS_NOT_LOCALISED, why) for label in LABELS)
         return StudyResult(study_uid, labels, runner.info, {}, series_roles,
-                           {"load": t1 - t0, "localise": t2 - t1}, found.features)
-    canal = found.points
+                           {"load": t1 - t0, "localise": t2 - t1}, located.features)
+    canal = located.points
     placed = [_place_crop(label, vols, canal[label.level], runner.info) for label in LABELS]
     graded = {r.label: r for r in _grade_crops([p for p in placed if isinstance(p, _Crop)], runner)}
     labels = tuple(graded[p.label] if isinstance(p, _Crop) else p for p in placed)
     levels = {lv: (float(p[0]), float(p[1]), float(p[2])) for lv, p in canal.items()}
     seconds = {"load": t1 - t0, "localise": t2 - t1, "grade": time.perf_counter() - t2}
-    return StudyResult(study_uid, labels, runner.info, levels, series_roles, seconds, found.features)
+    return StudyResult(study_uid, labels, runner.info, levels, series_roles, seconds, located.features)

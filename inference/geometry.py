@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 FloatArray = NDArray[np.float64]
 
@@ -68,15 +72,10 @@ class ImagePlane:
         )
 
     @classmethod
-    def from_dataset(cls, ds: object) -> ImagePlane:
+    def from_dataset(cls, ds: Dataset) -> ImagePlane:
         """Build from a pydicom Dataset carrying the Image Plane and Image Pixel modules."""
-        return cls.from_attributes(
-            ds.ImagePositionPatient,  # type: ignore[attr-defined]
-            ds.ImageOrientationPatient,  # type: ignore[attr-defined]
-            ds.PixelSpacing,  # type: ignore[attr-defined]
-            ds.Rows,  # type: ignore[attr-defined]
-            ds.Columns,  # type: ignore[attr-defined]
-        )
+        return cls.from_attributes(ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds.Rows,
+                                   ds.Columns)
 
     @property
     def normal(self) -> FloatArray:

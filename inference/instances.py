@@ -15,17 +15,23 @@ import pydicom
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+)
 
 log = structlog.stdlib.get_logger(__name__)
 
 #: An instance as the analysis takes it: its header (pixels read from the path when needed).
 Instance = tuple[Dataset, Path]
 
-MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
-ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
-LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.4")
-MR_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE})
+#: The SOP classes of MR images (what ``is_mr`` goes by when a file has no Modality; the Modality
+#: highdicom needs for an Image Library entry, see dicom_node.results.sources).
+MR_SOP_CLASSES: frozenset[UID] = frozenset(
+    {MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage}
+)
 
 
 def sop_class_uid(ds: Dataset) -> str:
@@ -60,7 +66,7 @@ def is_single_frame_image(ds: Dataset) -> bool:
 def read_headers(paths: Iterable[Path | str]) -> list[Instance]:
     """The headers of these files, pixels left on disk; an unreadable file is logged and left out.
     A header without SOPClassUID gets the file meta's (a log line says how many)."""
-    headers = []
+    headers: list[Instance] = []
     from_meta = 0
     for name in paths:
         path = Path(name)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 
 
-class SeriesRole(str, Enum):
+class SeriesRole(StrEnum):
     """The three series a lumbar study must provide, with their RSNA series descriptions."""
 
     SAG_T1 = "Sagittal T1"
@@ -19,12 +19,12 @@ class SeriesRole(str, Enum):
     AX_T2 = "Axial T2"
 
 
-class Side(str, Enum):
+class Side(StrEnum):
     LEFT = "left"
     RIGHT = "right"
 
 
-class ConditionGroup(str, Enum):
+class ConditionGroup(StrEnum):
     """The three scored condition groups of the competition metric."""
 
     SPINAL = "spinal_canal_stenosis"
@@ -77,7 +77,7 @@ CONDITIONS: tuple[Condition, ...] = (
 )
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     """Lumbar disc levels, valued with their RSNA spelling."""
 
     L1_L2 = "L1/L2"
@@ -92,7 +92,9 @@ class Level(str, Enum):
         return self.value.replace("/", "_").lower()
 
     @property
-    def index(self) -> int:
+    def position(self) -> int:
+        """Position in LEVELS, head to feet (0 for L1/L2). Not ``index``: a Level is a str, whose
+        ``index`` method it would shadow."""
         return LEVELS.index(self)
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from inference.preprocess import HEAD
 from inference.volume import Volume
@@ -97,7 +97,7 @@ class LevelCheck:
         if unknown:
             raise ValueError(f"level_check has unknown keys {unknown}")
         try:
-            values = {k: (int(v) if k == "fitted_on" else float(v)) for k, v in data.items()}
+            values: dict[str, Any] = {k: (int(v) if k == "fitted_on" else float(v)) for k, v in data.items()}
             check = cls(**values)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"level_check is malformed: {exc}") from None
@@ -122,10 +122,11 @@ def _corners(volume: Volume) -> NDArray[np.float64]:
     return np.concatenate(corners)
 
 
-def level_features(points: NDArray, peaks: NDArray, volume: Volume) -> LevelFeatures:
+def level_features(points: ArrayLike, peaks: ArrayLike, volume: Volume) -> LevelFeatures:
     """The features of five decoded canal points (5, 3) and their heatmap peaks (5,) on a
     sagittal volume (the localiser ran on its central slice)."""
     points = np.asarray(points, np.float64)
+    peaks = np.asarray(peaks, np.float64)
     finite = bool(np.isfinite(points).all())
     steps = np.diff(points, axis=0) if finite else np.full((len(points) - 1, 3), np.nan)
     gaps = np.linalg.norm(steps, axis=1)

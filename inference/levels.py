@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
+from inference.geometry import FloatArray
 from inference.labels import LEVELS, Condition, ConditionGroup, Level, Side
 from inference.preprocess import (
     HEAD,
@@ -40,7 +41,7 @@ def side_sign(condition: Condition) -> float:
     return -1.0 if condition.side is Side.RIGHT else 1.0
 
 
-def crop_axes(condition: Condition) -> tuple[NDArray, NDArray, NDArray]:
+def crop_axes(condition: Condition) -> tuple[FloatArray, FloatArray, FloatArray]:
     """(u, v, across) for a condition's crop: columns, rows, and the order of the 2.5D channels.
     Right-sided crops are mirrored, so that lateral is always +u (axial) or +across (sagittal)."""
     s = side_sign(condition)
@@ -54,7 +55,7 @@ def crop_axes(condition: Condition) -> tuple[NDArray, NDArray, NDArray]:
 CANAL_CENTRED = frozenset({ConditionGroup.SPINAL, ConditionGroup.SUBARTICULAR})
 
 
-def local_offset(condition: Condition, offset: tuple[float, float, float]) -> NDArray:
+def local_offset(condition: Condition, offset: tuple[float, float, float]) -> FloatArray:
     """A (lateral, posterior, head) offset in mm -> a patient vector, mirrored for the right;
     zero for canal-centred groups."""
     if condition.group in CANAL_CENTRED:
@@ -74,7 +75,7 @@ class LocaliserInput:
     frame: CropFrame
 
 
-def localiser_input(volume: Volume, intensity: Intensity, center: NDArray | None = None,
+def localiser_input(volume: Volume, intensity: Intensity, center: FloatArray | None = None,
                     index: int | None = None) -> LocaliserInput:
     """Three adjacent sagittal slices around the central one (or ``index``) on the localiser's
     fixed physical grid, centred on the middle of the central slice (or on ``center``)."""
@@ -102,8 +103,8 @@ def localiser_inputs(volume: Volume, intensity: Intensity) -> list[LocaliserInpu
     return out
 
 
-def midline_shift(heatmaps: NDArray, frame: CropFrame, points: NDArray, offsets_mm: NDArray,
-                  window: int = 3, power: float = 4.0) -> NDArray:
+def midline_shift(heatmaps: NDArray[np.float32], frame: CropFrame, points: FloatArray, offsets_mm: FloatArray,
+                  window: int = 3, power: float = 4.0) -> FloatArray:
     """Per level, how far (mm, along the slice normal) the canal lies from the central slice.
 
     ``heatmaps`` (n_slices, 5, H, W) are the localiser's answers on every sagittal slice,
@@ -114,7 +115,7 @@ def midline_shift(heatmaps: NDArray, frame: CropFrame, points: NDArray, offsets_
     n = frame.spec.pixels
     for k, point in enumerate(points):
         col, row = patient_to_crop(frame, point)
-        r, c = int(round(row)), int(round(col))
+        r, c = round(row), round(col)
         r0, r1, c0, c1 = max(r - window, 0), min(r + window + 1, n), max(c - window, 0), min(c + window + 1, n)
         w = np.clip(heatmaps[:, k, r0:r1, c0:c1].max(axis=(1, 2)), 0, None) ** power
         if w.sum() > 0:
@@ -122,18 +123,18 @@ def midline_shift(heatmaps: NDArray, frame: CropFrame, points: NDArray, offsets_
     return out
 
 
-def heatmap_target(frame: CropFrame, points: dict[Level, NDArray], sigma_px: float = 2.0) -> NDArray[np.float32]:
+def heatmap_target(frame: CropFrame, points: dict[Level, FloatArray], sigma_px: float = 2.0) -> NDArray[np.float32]:
     """Gaussian heatmaps (5, pixels, pixels) for the disc points that are known (others stay 0)."""
     n = frame.spec.pixels
     out = np.zeros((len(LEVELS), n, n), np.float32)
     rows, cols = np.mgrid[0:n, 0:n]
     for level, point in points.items():
         col, row = patient_to_crop(frame, point)
-        out[level.index] = np.exp(-((cols - col) ** 2 + (rows - row) ** 2) / (2 * sigma_px**2))
+        out[level.position] = np.exp(-((cols - col) ** 2 + (rows - row) ** 2) / (2 * sigma_px**2))
     return out
 
 
-def patient_to_crop(frame: CropFrame, point: NDArray) -> tuple[float, float]:
+def patient_to_crop(frame: CropFrame, point: ArrayLike) -> tuple[float, float]:
     """Patient point -> (col, row) on a crop (projected onto the crop's plane)."""
     half = (frame.spec.pixels - 1) / 2
     d = np.asarray(point, np.float64) - frame.center
@@ -141,14 +142,17 @@ def patient_to_crop(frame: CropFrame, point: NDArray) -> tuple[float, float]:
     return float(d @ frame.u / step + half), float(d @ frame.v / step + half)
 
 
-def _peaks(hm: NDArray, k: int = 5, floor: float = 0.05) -> list[tuple[int, int, float]]:
+def _peaks(hm: NDArray[np.float32], k: int = 5, floor: float = 0.05) -> list[tuple[int, int, float]]:
     """Up to k local maxima (row, col, value) of a heatmap, strongest first."""
     hm = hm.astype(np.float32)
     dilated = cv2.dilate(hm, np.ones((5, 5), np.uint8))
     rows, cols = np.nonzero((hm >= dilated) & (hm > max(floor, 0.1 * float(hm.max()))))
     order = np.argsort(-hm[rows, cols])[:k]
     peaks = [(int(rows[i]), int(cols[i]), float(hm[rows[i], cols[i]])) for i in order]
-    return peaks or [(*np.unravel_index(int(np.argmax(hm)), hm.shape), float(hm.max()))]
+    if peaks:
+        return peaks
+    row, col = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    return [(int(row), int(col), float(hm.max()))]
 
 
 def _ordered_choice(candidates: list[list[tuple[int, int, float]]], step_mm: float,
@@ -180,7 +184,8 @@ def _ordered_choice(candidates: list[list[tuple[int, int, float]]], step_mm: flo
     return [candidates[k][i] for k, i in enumerate(chosen)]
 
 
-def decode_heatmaps(heatmaps: NDArray, frame: CropFrame, window: int = 3) -> tuple[NDArray, NDArray]:
+def decode_heatmaps(heatmaps: NDArray[np.float32], frame: CropFrame,
+                    window: int = 3) -> tuple[FloatArray, FloatArray]:
     """One point per disc level: heatmap peaks chosen jointly so that the levels run head to feet
     in order (a channel that also fires on a neighbouring disc cannot take it), each refined by a
     soft-argmax in a (2*window+1)^2 neighbourhood.

@@ -10,11 +10,13 @@ nothing re-implements them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
+from inference.geometry import FloatArray
 from inference.volume import Slice, Volume
 
 # Patient directions (LPS).
@@ -43,7 +45,7 @@ class Intensity:
     low: float
     high: float
 
-    def apply(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
+    def apply(self, pixels: NDArray[np.number[Any]]) -> NDArray[np.float32]:
         return ((pixels - self.low) / max(self.high - self.low, 1e-6)).astype(np.float32)
 
 
@@ -54,8 +56,8 @@ def intensity_of(volume: Volume, low_pct: float = 1.0, high_pct: float = 99.5) -
     return Intensity(float(low), float(high))
 
 
-def _in_plane(direction: NDArray, normal: NDArray) -> NDArray:
-    d = direction - (direction @ normal) * normal
+def _in_plane(direction: FloatArray, normal: FloatArray) -> FloatArray:
+    d: FloatArray = direction - (direction @ normal) * normal
     n = float(np.linalg.norm(d))
     if n < 1e-6:
         raise ValueError("crop axis is perpendicular to the slice")
@@ -66,21 +68,21 @@ def _in_plane(direction: NDArray, normal: NDArray) -> NDArray:
 class CropFrame:
     """Where a crop lies on a slice: the patient point of its centre and its in-plane axes."""
 
-    center: NDArray  # patient point of the crop's centre, on the slice plane
-    u: NDArray  # unit vector along crop columns
-    v: NDArray  # unit vector along crop rows
+    center: FloatArray  # patient point of the crop's centre, on the slice plane
+    u: FloatArray  # unit vector along crop columns
+    v: FloatArray  # unit vector along crop rows
     spec: CropSpec
 
-    def to_patient(self, col: NDArray | float, row: NDArray | float) -> NDArray:
+    def to_patient(self, col: ArrayLike, row: ArrayLike) -> FloatArray:
         """Crop pixel (col, row), scalars or arrays -> patient coordinates (..., 3)."""
         half = (self.spec.pixels - 1) / 2
-        col = np.asarray(col, np.float64)[..., None]
-        row = np.asarray(row, np.float64)[..., None]
+        cols = np.asarray(col, np.float64)[..., None]
+        rows = np.asarray(row, np.float64)[..., None]
         step = self.spec.mm_per_pixel
-        return self.center + (col - half) * step * self.u + (row - half) * step * self.v
+        return self.center + (cols - half) * step * self.u + (rows - half) * step * self.v
 
 
-def crop_frame(sl: Slice, center: NDArray, u: NDArray, v: NDArray, spec: CropSpec) -> CropFrame:
+def crop_frame(sl: Slice, center: FloatArray, u: FloatArray, v: FloatArray, spec: CropSpec) -> CropFrame:
     """The frame of a crop around ``center``'s projection onto a slice, axes projected in-plane."""
     plane = sl.plane
     normal = plane.normal
@@ -90,7 +92,7 @@ def crop_frame(sl: Slice, center: NDArray, u: NDArray, v: NDArray, spec: CropSpe
     return CropFrame(c, uu, vv, spec)
 
 
-def sample_slice(sl: Slice, center: NDArray, u: NDArray, v: NDArray, spec: CropSpec,
+def sample_slice(sl: Slice, center: FloatArray, u: FloatArray, v: FloatArray, spec: CropSpec,
                  intensity: Intensity) -> NDArray[np.float32]:
     """One slice of a crop: bilinear samples on a square grid around ``center``'s projection."""
     frame = crop_frame(sl, center, u, v, spec)
@@ -102,7 +104,7 @@ def sample_slice(sl: Slice, center: NDArray, u: NDArray, v: NDArray, spec: CropS
     return intensity.apply(out)
 
 
-def crop_25d(volume: Volume, center: NDArray, u: NDArray, v: NDArray, across: NDArray, spec: CropSpec,
+def crop_25d(volume: Volume, center: FloatArray, u: FloatArray, v: FloatArray, across: FloatArray, spec: CropSpec,
              intensity: Intensity, index: int | None = None) -> NDArray[np.float32]:
     """A (n_slices, pixels, pixels) crop: the slice nearest ``center`` (or ``index``) and its
     neighbours, channels ordered along ``across`` (so mirrored sides share one channel order)."""

@@ -56,8 +56,10 @@ class OnnxRunner:
         self.info = ModelInfo(self.metadata, file_sha256(self.model_dir / f"grader{suffix}.onnx"))
 
     def localise(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
-        return self.localiser.run(None, {"images": images.astype(self.dtype)})[0].astype(np.float32)
+        heatmaps = self.localiser.run(None, {"images": images.astype(self.dtype)})[0]
+        return np.asarray(heatmaps, np.float32)
 
-    def grade(self, crops: NDArray[np.float32], conditions: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+    def grade(self, crops: NDArray[np.float32],
+              conditions: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         probs, cam = self.grader.run(None, {"crops": crops.astype(self.dtype), "conditions": conditions})
-        return probs.astype(np.float32), cam.astype(np.float32)
+        return np.asarray(probs, np.float32), np.asarray(cam, np.float32)

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import structlog
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_rescale
 
+from inference.decoders import decoded_pixels
 from inference.geometry import ImagePlane, nearest_plane
 from inference.instances import sop_class_uid
 from inference.labels import SeriesRole
@@ -47,7 +48,7 @@ class Volume:
     def planes(self) -> list[ImagePlane]:
         return [s.plane for s in self.slices]
 
-    def nearest(self, point: NDArray) -> tuple[int, float]:
+    def nearest(self, point: ArrayLike) -> tuple[int, float]:
         """Index of the slice nearest a patient point (that projects into it) and the distance."""
         return nearest_plane(self.planes, point)
 
@@ -73,13 +74,14 @@ def _count(ds: Dataset, keyword: str, default: int | None) -> int:
 
 def decode(ds: Dataset, max_pixels: int = MAX_PIXELS) -> NDArray[np.float32]:
     """Pixel data as float32, modality rescale applied, MONOCHROME1 inverted. Compressed transfer
-    syntaxes decode through pydicom's plugins (pylibjpeg, pillow, gdcm when installed). The size
-    the header declares is checked before anything is decoded (a 2 kB file may declare 4 Gi pixels)."""
+    syntaxes decode through pydicom's plugins in the order ``inference.decoders`` sets (pylibjpeg,
+    then GDCM, then Pillow, then pydicom's own; LUMBAR_NODE_DECODER may name one). The size the
+    header declares is checked before anything is decoded (a 2 kB file may declare 4 Gi pixels)."""
     declared = (_count(ds, "Rows", None) * _count(ds, "Columns", None) * _count(ds, "NumberOfFrames", 1)
                 * _count(ds, "SamplesPerPixel", 1))
     if declared > max_pixels:
         raise ValueError(f"an image of {declared} pixels (Rows x Columns x frames x samples; at most {max_pixels})")
-    arr = ds.pixel_array
+    arr = decoded_pixels(ds)
     if arr.ndim != 2:
         raise ValueError(f"expected a single-frame greyscale image, got shape {arr.shape}")
     out = apply_rescale(arr, ds).astype(np.float32)

@@ -30,11 +30,11 @@ from phantom.anatomy import (
 class MatrixSize(StrEnum):
     """The phantom's image sizes."""
 
-    SMALL = "small"  # sagittal 256-384 px, axial 224-320 px, about 0.7-1.3 mm: quick to make and train on
+    SMALL = "small"  # sagittal 256-384 px, axial 224-320 px, about 0.5-1.25 mm: quick to make and train on
     REAL = "real"  # as the RSNA 2024 files: sagittal 384-768 px, axial 256-320 px, 0.4-0.7 mm, more slices
 
 
-# The real set's sizes (measured on RSNA 2024 competition files).
+# The real set's sizes, as issue 19 gives them; the mix of matrices within them is an assumption.
 REAL_SPACING = (0.4, 0.7)  # mm per pixel
 REAL_SAGITTAL_MATRICES = ((384, 448, 512, 640, 768), (0.35, 0.15, 0.3, 0.1, 0.1))
 REAL_SAGITTAL_SLICES = (15, 20)
@@ -128,7 +128,7 @@ def sagittal_series(anat: Anatomy, rng: np.random.Generator, role: SeriesRole, n
     gap = thickness + float(rng.choice([0.3, 0.4, 0.5, 0.8]))
     # Enough slices to cover both foramina with a margin, as a technologist plans it.
     half_width = float(anat.canal_w.max()) + FORAMEN_X_OFFSET + 9.0
-    n = max(int(rng.integers(13, 20)), 2 * int(np.ceil(half_width / gap)) + 1)
+    n = small_n = max(int(rng.integers(13, 20)), 2 * int(np.ceil(half_width / gap)) + 1)
     fov = float(rng.uniform(240, 320))
     matrix = int(rng.choice([256, 320, 384], p=[0.4, 0.4, 0.2]))
     if real is not None:
@@ -151,7 +151,7 @@ def sagittal_series(anat: Anatomy, rng: np.random.Generator, role: SeriesRole, n
         contrast = Contrast("T2", tr=rng.uniform(2800, 4500), te=rng.uniform(85, 120),
                             echo_train=int(rng.integers(12, 25)), flip_angle=float(rng.choice([90, 150])))
     planes = _stack(center, row, col, n, gap, fov, matrix, rng)
-    return _finish(SeriesSpec(role, contrast, planes, thickness, gap, number), rng, field_strength, real)
+    return _finish(SeriesSpec(role, contrast, planes, thickness, gap, number), rng, field_strength, real, small_n)
 
 
 def axial_series(anat: Anatomy, rng: np.random.Generator, number: int, field_strength: float,
@@ -170,6 +170,7 @@ def axial_series(anat: Anatomy, rng: np.random.Generator, number: int, field_str
     slice_thickness = thickness
     right = anat.rotation @ np.array([1.0, 0.0, 0.0])  # spine frame's +x: the patient's left
     planes: list[ImagePlane] = []
+    small_n = 0  # the slices of the small sizes (see _finish)
     if continuous:
         gap = thickness + float(rng.choice([0.0, 0.4, 0.8]))
         top = anat.canal_point(LEVELS[0]) - 14.0 * anat.tangent(float(anat.disc_center[disc_index(LEVELS[0])]))
@@ -181,7 +182,7 @@ def axial_series(anat: Anatomy, rng: np.random.Generator, number: int, field_str
         row = right - (right @ normal) * normal
         row /= np.linalg.norm(row)
         col = np.cross(normal, row)
-        n = int(np.ceil(span / gap)) + 1
+        n = small_n = int(np.ceil(span / gap)) + 1
         if real is not None:  # the slices closer together (or the block longer) to make ``total``
             n = total
             gap = max(span / (n - 1), REAL_MIN_GAP)
@@ -203,19 +204,21 @@ def axial_series(anat: Anatomy, rng: np.random.Generator, number: int, field_str
             col = np.cross(normal, row)
             center = anat.to_patient(rng.normal(0, 4), s, rng.uniform(-18, 0))
             n = int(rng.integers(3, 7))
+            small_n += n
             if real is not None:
                 n = per_level[k]
             planes += _stack(center, row, col, n, gap, fov, matrix, rng, jitter=1.0)[::-1]
     contrast = Contrast("T2", tr=rng.uniform(3000, 5500), te=rng.uniform(85, 115),
                         echo_train=int(rng.integers(10, 22)))
     spec = SeriesSpec(SeriesRole.AX_T2, contrast, planes, slice_thickness, gap, number)
-    return _finish(spec, rng, field_strength, real)
+    return _finish(spec, rng, field_strength, real, small_n)
 
 
 def _finish(spec: SeriesSpec, rng: np.random.Generator, field_strength: float,
-            real: np.random.Generator | None = None) -> SeriesSpec:
+            real: np.random.Generator | None = None, small_n: int = 0) -> SeriesSpec:
     """Scanner-dependent gain, noise and bias; instance numbering (sometimes not in position order).
-    A permutation of the real sizes' slices is drawn from ``real`` (its draws depend on the count)."""
+    With ``real``, a permutation of the slices is drawn from it, and ``rng`` is drawn from as for
+    the ``small_n`` slices of the small sizes (a permutation's draws depend on the count)."""
     spec.gain = float(rng.uniform(700, 2400))
     spec.noise = float(rng.uniform(0.015, 0.045))
     spec.bias = np.concatenate([[rng.uniform(0.25, 0.8)], rng.normal(0, 0.12, 3)])
@@ -225,8 +228,12 @@ def _finish(spec: SeriesSpec, rng: np.random.Generator, field_strength: float,
     quirk = rng.random()
     if quirk < 0.15:
         order = order[::-1]  # numbered from the other end
-    elif quirk < 0.2:
-        order = (rng if real is None else real).permutation(order)  # numbered in acquisition (interleaved) order
+    elif quirk < 0.2:  # numbered in acquisition (interleaved) order
+        if real is None:
+            order = rng.permutation(order)
+        else:
+            rng.permutation(small_n)  # the study's own stream drawn from as for the small sizes
+            order = real.permutation(order)
     spec.instance_numbers = [int(i) for i in order]
     return spec
 

@@ -43,7 +43,7 @@ N_LUMBAR_DISCS_ABOVE_SACRUM = 7  # T11/T12 ... L5/S1 are real discs; the rest ar
 
 def disc_index(level: Level) -> int:
     """Index of a lumbar level's disc in the anatomy's disc arrays."""
-    return L1_INDEX + level.index
+    return L1_INDEX + level.position
 
 
 class Tissue(IntEnum):
@@ -236,7 +236,7 @@ def sample_grades(rng: np.random.Generator) -> tuple[dict[Label, Severity], dict
     grades: dict[Label, Severity] = {}
     narrowing: dict[Label, float] = {}
     for label in LABELS:
-        prior = np.array(GRADE_PRIORS[label.condition.group][label.level.index])
+        prior = np.array(GRADE_PRIORS[label.condition.group][label.level.position])
         w = prior * np.exp(0.6 * degeneration * np.arange(3))
         grade = Severity(int(rng.choice(3, p=w / w.sum())))
         lo, hi = NARROWING_RANGES[grade]

@@ -31,7 +31,7 @@ log = structlog.stdlib.get_logger("lumbar_node.phantom")
               "RSNA 2024 Kaggle files are encoded (kaggle: no SOP class in the data set, Enhanced MR in the "
               "file meta, no Modality or patient name, the same SOP Instance UIDs in every series, RLE Lossless).")
 @click.option("--matrix", type=click.Choice([m.value for m in MatrixSize]), default=MatrixSize.SMALL.value,
-              show_default=True, help="Image sizes: small (sagittal 256-384 px, axial 224-320 px, about 0.7-1.3 mm; "
+              show_default=True, help="Image sizes: small (sagittal 256-384 px, axial 224-320 px, about 0.5-1.25 mm; "
               "quick to make and train on) or real, as the RSNA 2024 files (sagittal 384-768 px and 15-20 slices, "
               "axial 256-320 px and 40-60 slices, 0.4-0.7 mm). The same seed gives the same anatomy, series, "
               "grades and labels at either size.")

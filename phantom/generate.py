@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import csv
 import multiprocessing
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +211,26 @@ def _single_threaded() -> None:
     cv2.setNumThreads(1)
 
 
+# Read by OpenBLAS and OpenMP when numpy loads, so set for the worker processes as they start. Two
+# BLAS threads per worker on a busy 2-core machine made one (N, 3) x (3, 3) product 50 times slower.
+_ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextmanager
+def _one_thread_children() -> Iterator[None]:
+    """Processes started inside start with one BLAS and OpenMP thread; this process is unchanged."""
+    saved = {key: os.environ.get(key) for key in _ONE_THREAD_ENV}
+    os.environ.update(_ONE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _make_and_write(args: tuple[int, int, Path, PhantomStyle, MatrixSize]) -> PhantomStudy:
     seed, index, out, style, matrix = args
     study = make_study(seed, index, matrix=matrix)
@@ -222,14 +244,17 @@ def generate_dataset(out: Path, n_studies: int, seed: int, workers: int = 1,
                      style: PhantomStyle = PhantomStyle.DEFAULT,
                      matrix: MatrixSize = MatrixSize.SMALL) -> list[PhantomStudy]:
     """Make ``n_studies`` phantom studies in the RSNA layout under ``out``, on ``workers``
-    processes, their files encoded in ``style``, their images of the ``matrix`` sizes; returns them
-    without their pixels. The files do not depend on ``workers``; the style changes the encoding
-    only (same anatomy, pixels, CSVs)."""
+    processes (worker processes of one thread each, one at least, from two studies on), their files
+    encoded in ``style``, their images of the ``matrix`` sizes; returns them without their pixels.
+    The files do not depend on ``workers``; the style changes the encoding only (same anatomy,
+    pixels, CSVs)."""
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(seed, index, out, style, matrix) for index in range(n_studies)]
     studies: list[PhantomStudy] = []
-    if workers > 1 and n_studies > 1:
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_single_threaded) as pool:
+    if n_studies > 1:  # worker processes (one at least), each single-threaded
+        with _one_thread_children():
+            pool = multiprocessing.get_context("spawn").Pool(min(workers, n_studies), initializer=_single_threaded)
+        with pool:
             for study in pool.imap(_make_and_write, jobs):
                 studies.append(study)
                 if progress:

@@ -42,7 +42,7 @@ def _tile(study: PhantomStudy, spec: SeriesSpec | None, index: int | None, title
             colour = GRADE_COLOURS[grade] if grade is not None else (200, 200, 200)
             centre = (round(c.x * scale), round(c.y * scale))
             cv2.circle(tile, centre, 6, colour, 1, cv2.LINE_AA)
-            text = f"{c.label.level.value} {_SHORT.get(grade, '?')}"  # type: ignore[arg-type]
+            text = f"{c.label.level.value} {_SHORT[grade] if grade is not None else '?'}"
             cv2.putText(tile, text, (centre[0] + 8, centre[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
                         colour, 1, cv2.LINE_AA)
     else:
@@ -88,7 +88,8 @@ def preview(study: PhantomStudy, path: Path) -> Path:
         tiles.append(_tile(study, None, None, "Sagittal T2/STIR", []))
     for side in (Side.LEFT, Side.RIGHT):
         idx, marks = _marked(study, sag_t1, ConditionGroup.FORAMINAL, side) if sag_t1 else (None, [])
-        tiles.append(_tile(study, sag_t1 if idx is not None else None, idx, f"Sagittal T1: {side.value} foramina", marks))
+        tiles.append(_tile(study, sag_t1 if idx is not None else None, idx, f"Sagittal T1: {side.value} foramina",
+                           marks))
     axials = _find(study, SeriesRole.AX_T2)
     for level in LEVELS:
         marks = [c for c in study.coordinates if c.label.level is level

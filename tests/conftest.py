@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.kaggle import make_kaggle_phantom
 from tests.support.tools import PHANTOM_SEED, PHANTOM_STUDIES, lumbar_node
 
 KINDS = ("unit", "integration", "e2e")
@@ -33,3 +34,11 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lumbar_node("phantom", "--studies", str(PHANTOM_STUDIES), "--seed", str(PHANTOM_SEED), "--out", str(out),
                 "--workers", "2", "--preview", str(out / "preview.png"))
     return out
+
+
+@pytest.fixture(scope="session")
+def kaggle_real_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Kaggle-style phantom studies at the RSNA 2024 set's sizes (``--matrix real``), with a preview,
+    made once per test session by the real command line."""
+    out = tmp_path_factory.mktemp("kaggle-real")
+    return make_kaggle_phantom(out, 2, PHANTOM_SEED, "real", "--preview", str(out / "preview.png"))

@@ -14,7 +14,7 @@ import click
 
 def require_torch() -> None:
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401 - imported to learn whether it can be
     except ImportError:
         raise click.ClickException("this command needs PyTorch: a serving-only install has none "
                                    "(run scripts/setup.sh without LUMBAR_NODE_NO_TORCH=1)") from None
@@ -186,14 +186,14 @@ def evaluate_command(run: Path | None, model_dir: Path | None, data: Path, out: 
         try:
             torch_runner = load_model(checkpoint)
         except Exception as exc:  # noqa: BLE001 - torch.load's errors (a truncated or foreign file) vary
-            raise click.ClickException(f"cannot read the checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
+            raise click.ClickException(f"cannot read the checkpoint {checkpoint}: "
+                                       f"{type(exc).__name__}: {exc}") from None
         runner = torch_runner if onnx_dir is None else _onnx_runner(onnx_dir)
         class_prior = torch_runner.metadata.class_prior
         history_path = folder / "history.json"
         history = json.loads(history_path.read_text()) if history_path.is_file() else []
         out = out or (folder / "evaluation")
     from training.evaluate import evaluate
-
     from training.rsna import LayoutError
 
     try:
@@ -227,7 +227,6 @@ def calibrate_levels_command(model_dir: Path, data: Path, seed: int, val_fractio
     runner = _onnx_runner(model_dir)
     from inference.model import ModelMetadata
     from training.level_calibration import calibrate_levels, update_model_card, with_level_check
-
     from training.rsna import LayoutError
 
     try:

@@ -69,6 +69,9 @@ def evaluate(runner: Runner, data: Path, class_prior: Sequence[Sequence[float]],
     probs, targets = np.stack(all_probs), np.array(all_targets)
     score = competition_score(probs, targets)
     baseline = competition_score(np.broadcast_to(prior, probs.shape), targets)
+    level_error = {"median": float(np.median(errors)) if errors else None,
+                   "p90": float(np.percentile(errors, 90)) if errors else None,
+                   "mean": float(np.mean(errors)) if errors else None, "n": len(errors)}
     report = {
         "data": str(data), "studies": len(records), "model": runner.info.name, "version": runner.info.version,
         "score": score.as_dict(), "class_prior_baseline": baseline.as_dict(),
@@ -76,15 +79,13 @@ def evaluate(runner: Runner, data: Path, class_prior: Sequence[Sequence[float]],
         "per_condition_log_loss": per_condition_log_loss(probs, targets),
         "severe_recall": severe_recall(probs, targets),
         "classification": classification_report(probs, targets),
-        "level_error_mm": {"median": float(np.median(errors)) if errors else None,
-                           "p90": float(np.percentile(errors, 90)) if errors else None,
-                           "mean": float(np.mean(errors)) if errors else None, "n": len(errors)},
+        "level_error_mm": level_error,
         "not_assessed": not_assessed,
         "seconds_per_study": {"median": float(np.median(seconds)), "max": float(np.max(seconds))},
     }
     log.info("evaluated", studies=len(records), score=score.total, class_prior_score=baseline.total,
              score_over_baseline=report["score_over_baseline"],
-             median_level_error_mm=report["level_error_mm"]["median"])
+             median_level_error_mm=level_error["median"])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(report, indent=1))

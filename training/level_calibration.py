@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from inference.analyze import Runner, StudyResult, analyze_study
 from inference.labels import LEVELS, ConditionGroup, Level
-from inference.level_check import LevelCheck, fit_level_check, implausible
+from inference.level_check import LevelCheck, LevelFeatures, fit_level_check, implausible
 from inference.model import ModelMetadata
 from training.data import ground_truth_points, level_error_mm
 from training.rsna import load_rsna, read_instances, split_studies
@@ -56,7 +56,8 @@ def correctly_localised(result: StudyResult, truth: dict[Level, NDArray]) -> boo
 
 def fit_on_results(results: Sequence[StudyResult], truths: Sequence[dict[Level, NDArray]]) -> LevelFit:
     """Fit the check on results analysed with ``check_levels=False`` and their marked canal points."""
-    correct, wrong = [], []
+    correct: list[LevelFeatures] = []
+    wrong: list[LevelFeatures] = []
     for result, truth in zip(results, truths, strict=True):
         if result.localisation is None or not truth:
             continue

@@ -7,6 +7,8 @@ returns it next to the probabilities (see DESIGN.md, "Grad-CAM through ONNX").
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -30,7 +32,7 @@ class Localiser(nn.Module):
         super().__init__()
         w = [width, width * 2, width * 4, width * 6, width * 8]
         self.down = nn.ModuleList([nn.Sequential(_conv(3, w[0]), _conv(w[0], w[0]))])
-        for a, b in zip(w[:-1], w[1:], strict=True):
+        for a, b in itertools.pairwise(w):
             self.down.append(nn.Sequential(nn.MaxPool2d(2), _conv(a, b), _conv(b, b)))
         self.up = nn.ModuleList()
         for a, b in zip(w[::-1][:-1], w[::-1][1:], strict=True):
@@ -71,6 +73,9 @@ class Grader(nn.Module):
     ``forward(crops, conditions)`` returns what is served: calibrated probabilities of each crop's
     own condition (B, 3) and the Grad-CAM map of its predicted class (B, 6, 6).
     """
+
+    temperature: Tensor  # buffers (register_buffer): per condition, and each condition's group
+    condition_group: Tensor
 
     def __init__(self, width: int = 24, dropout: float = 0.2):
         super().__init__()

@@ -16,6 +16,7 @@ study): an image is known by its path, i.e. by (study, series, instance number).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,10 +138,8 @@ def _read_labels(path: Path) -> dict[int, dict[Label, Severity | None]]:
         raise LayoutError(f"{path}: no study_id column")
     columns: dict[str, Label] = {}
     for name in header:
-        try:
+        with contextlib.suppress(ValueError):  # study_id, or an extra column: ignored
             columns[name] = parse_column(name)
-        except ValueError:
-            pass  # study_id, or an extra column: ignored
     missing = [label.column for label in LABELS if label not in columns.values()]
     if missing:
         raise LayoutError(f"{path}: missing label column(s): {', '.join(missing)}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node.accounts import Account, Role, load_accounts
+from dicom_node.web.accounts import Account, Role, load_accounts
 
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"

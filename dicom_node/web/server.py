@@ -7,17 +7,17 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import uvicorn
 
-from dicom_node.ledger import Ledger
-from dicom_node.logconfig import get_logger
-from dicom_node.web.app import WebContext, build_app
+from dicom_node.config import Settings
+from dicom_node.observability import get_logger
+from dicom_node.store import Ledger
+from dicom_node.web.app import build_app
+from dicom_node.web.context import NodeActions, WebContext
 from dicom_node.web.security import AccountsFile
 
-if TYPE_CHECKING:
-    from dicom_node.node import Node
+__all__ = ["WebServer"]
 
 log = get_logger(__name__)
 
@@ -25,11 +25,10 @@ log = get_logger(__name__)
 class WebServer:
     """The node's web page; ``start()`` binds and serves in the background, ``stop()`` ends it."""
 
-    def __init__(self, node: Node):
-        settings = node.settings
+    def __init__(self, settings: Settings, node: NodeActions):
         self.web = settings.web
         self.ledger = Ledger(Path(settings.storage.ledger_path))  # its own connection: never waits on C-STORE's
-        node.metrics.watch(self.ledger.state_counts, Path(settings.storage.spool_dir), lambda: len(node._grading))
+        node.metrics.watch(self.ledger.state_counts, Path(settings.storage.spool_dir), node.queued)
         app = build_app(WebContext(settings, self.ledger, node, AccountsFile(Path(self.web.accounts_file))))
         config = uvicorn.Config(app, host=self.web.bind_address, port=self.web.port or 0, log_config=None,
                                 access_log=False, lifespan="off", server_header=False, timeout_graceful_shutdown=5)

@@ -36,7 +36,7 @@ from typing import Any
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
-from dicom_node.orthanc import Orthanc, running_orthanc, storescu
+from demo.orthanc import Orthanc, running_orthanc, storescu
 from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, wait_for
 
 ROLES = {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"}
@@ -54,7 +54,7 @@ def complete_studies(data: Path) -> list[list[Path]]:
     for folder in sorted((data / "train_images").iterdir()):
         descriptions = {pydicom.dcmread(next(s.glob("*.dcm")), stop_before_pixels=True).SeriesDescription
                         for s in folder.iterdir() if s.is_dir()}
-        if ROLES <= descriptions:
+        if descriptions >= ROLES:
             studies.append(sorted(folder.rglob("*.dcm")))
     return studies
 

@@ -1,6 +1,7 @@
 """Benchmark: per-study inference time, ONNX Runtime against PyTorch eager, same inputs, same run.
 
-    .venv/bin/python tests/benchmarks/bench_inference.py --run runs/default [--model DIR] [--studies 5] [--device cpu|cuda]
+    .venv/bin/python tests/benchmarks/bench_inference.py --run runs/default [--model DIR] [--studies 5] \
+        [--device cpu|cuda]
 
 Times the whole ``analyze_study`` (headers in memory, pixels decoded inside) and the two networks
 alone (localiser batch 1, grader batch 25), as medians over repeats. With --device cuda, ONNX
@@ -13,6 +14,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from phantom import generate_dataset
 from training.runner import load_model
 
 
-def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -44,10 +46,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
 
-    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if args.device == "cuda" else ("CPUExecutionProvider",)
+    cpu = ("CPUExecutionProvider",)
+    providers = ("CUDAExecutionProvider", *cpu) if args.device == "cuda" else cpu
     onnx_runner = OnnxRunner(args.model, providers)
     torch_runner = load_model(args.run / "model.pt", torch.device(args.device))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; ONNX Runtime providers {onnx_runner.providers}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"ONNX Runtime providers {onnx_runner.providers}")
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(Path(tmp), args.studies, seed=9090)
         studies = []

@@ -4,7 +4,7 @@
 
 Receivers: (a) the node as it runs, `lumbar-node serve` (storage SCP + ledger; nothing released
 for grading during the run), with storage.fsync on (the product default) and off; (b) DCMTK storescp (--fork, +B
-bit-preserving, default 16 KB PDU, no fsync); (c) a real Orthanc (dicom_node.orthanc.running_orthanc,
+bit-preserving, default 16 KB PDU, no fsync); (c) a real Orthanc (demo.orthanc.running_orthanc,
 its defaults: SyncStorageArea=true, i.e. fdatasync of each file, SQLite index, 4 DICOM threads, 16 KB PDU).
 storage.fsync=false skips the node's file and folder fsyncs only: the ledger (SQLite WAL,
 synchronous=FULL) still syncs each C-STORE's commit.
@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.orthanc import ORTHANC_AET, free_port, running_orthanc, storescu
+from demo.orthanc import ORTHANC_AET, free_port, running_orthanc, storescu
 
 CALLING = "BENCH"
 NODE_AET = "LUMBAR_AI"
@@ -199,7 +199,8 @@ def main() -> None:
     print(f"\n{len(files)} images, {megabytes:.1f} MB ({n_bytes / len(files) / 1e3:.0f} KB each), "
           f"{n_studies} studies; "
           f"median of {args.repeats} run(s); sender DCMTK storescu, TCP_NODELAY=1")
-    print(f"{'receiver':13} {'synced per image':17} {'mode':8} {'images':>6} {'MB':>6} {'s':>7} {'img/s':>7} {'MB/s':>6}  runs (s)")
+    print(f"{'receiver':13} {'synced per image':17} {'mode':8} {'images':>6} {'MB':>6} {'s':>7} {'img/s':>7} "
+          f"{'MB/s':>6}  runs (s)")
     for r in rows:
         print(f"{r['receiver']:13} {r['fsync']:17} {r['mode']:8} {r['images']:>6} {r['mb']:>6.1f} {r['seconds']:>7.2f} "
               f"{r['images_per_s']:>7.1f} {r['mb_per_s']:>6.1f}  {' '.join(f'{x:.2f}' for x in r['runs_s'])}")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from dicom_node.accounts import Role, add_account
 from dicom_node.config import load_settings
-from dicom_node.ledger import Ledger
-from dicom_node.metrics import NodeMetrics
+from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind, StudyState
+from dicom_node.store.ledger import Ledger
+from dicom_node.web.accounts import Role, add_account
 from dicom_node.web.app import WebContext, build_app
 from dicom_node.web.security import AccountsFile
 
@@ -40,6 +40,9 @@ class _Node:
     def release_now(self, study_uid: str) -> None:
         pass
 
+    def queued(self) -> int:
+        return 0
+
 
 def fill(ledger_path: Path, studies: int, instances: int) -> float:
     """Write ``studies`` studies with ``instances`` instances in 3 series and 4 events each; seconds taken."""
@@ -57,7 +60,8 @@ def fill(ledger_path: Path, studies: int, instances: int) -> float:
             state = STATES[n % len(STATES)]
             db.execute("INSERT INTO studies (study_uid, state, reason, first_received, last_received, updated_at, "
                        "generation) VALUES (?, ?, ?, ?, ?, ?, 1)",
-                       (uid, state, "not a lumbar spine study" if state is StudyState.SKIPPED else None, t, t + 5, t + 9))
+                       (uid, state, "not a lumbar spine study" if state is StudyState.SKIPPED else None,
+                        t, t + 5, t + 9))
             db.executemany("INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, path, "
                            "calling_aet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(f"{uid}.{i}", uid, f"{uid}.0.{i % 3}", MR, f"/spool/{uid}/{i}.dcm", "ORTHANC", t)

@@ -25,6 +25,7 @@ Exit status 1 if a check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import socket
@@ -52,10 +53,10 @@ from pydicom.uid import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
 
-from dicom_node.ledger import Ledger  # noqa: E402
-from tests.support.procfs import children, cpu_seconds, proc_status  # noqa: E402
-from tests.support.raw_dicom import echo, encode, raw_bytes, raw_store  # noqa: E402
-from tests.support.served_node import SENDER_AET, ServedNode, wait_for  # noqa: E402
+from dicom_node.store.ledger import Ledger
+from tests.support.procfs import children, cpu_seconds, proc_status
+from tests.support.raw_dicom import echo, encode, raw_bytes, raw_store
+from tests.support.served_node import SENDER_AET, ServedNode, wait_for
 
 settings.writing_validation_mode = IGNORE  # the fuzzer writes what a careless peer would
 settings.reading_validation_mode = IGNORE
@@ -90,7 +91,8 @@ class Fuzzer:
 
     def _fresh(self, ds: Dataset, study_uid: str | None = None) -> Dataset:
         ds.SOPInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = str(ds.SeriesInstanceUID) + ".9" if len(str(ds.SeriesInstanceUID)) < 62 else generate_uid()
+        series_uid = str(ds.SeriesInstanceUID)
+        ds.SeriesInstanceUID = series_uid + ".9" if len(series_uid) < 62 else generate_uid()
         if study_uid is not None:
             ds.StudyInstanceUID = study_uid
         return ds
@@ -134,7 +136,8 @@ class Fuzzer:
             if choice == 0:
                 del ds[name]
             else:
-                values = {1: [float("nan")] * (6 if "Orient" in name else 3), 2: [1e300] * 3, 3: [0] * 6, 4: [1]}[choice]
+                values = {1: [float("nan")] * (6 if "Orient" in name else 3), 2: [1e300] * 3, 3: [0] * 6,
+                          4: [1]}[choice]
                 ds[name].value = values
         elif kind == 6:
             pixels = ds.PixelData
@@ -146,8 +149,10 @@ class Fuzzer:
             self._store(rle, syntax=RLELossless, data=encode(rle))
             return
         elif kind == 8:
-            name = ["PatientName", "SeriesDescription", "InstitutionName", "StudyDescription"][int(self.rng.integers(4))]
-            ds[name].value = "".join(chr(int(c)) for c in self.rng.integers(32, 0x2FFF, int(self.rng.integers(1, 3000))))
+            names = ["PatientName", "SeriesDescription", "InstitutionName", "StudyDescription"]
+            name = names[int(self.rng.integers(4))]
+            codes = self.rng.integers(32, 0x2FFF, int(self.rng.integers(1, 3000)))
+            ds[name].value = "".join(chr(int(c)) for c in codes)
         elif kind == 9:
             ds.SpecificCharacterSet = ["FOO_BAR", "ISO_IR 999", "", "ISO 2022 IR 87\\BAD"][int(self.rng.integers(4))]
         elif kind == 10:  # hostile UIDs in the data set
@@ -239,10 +244,8 @@ class Fuzzer:
             return
         sock = assoc.dul.socket.socket  # the raw socket under the association: write half a PDU on it
         pdu = struct.pack(">BBI", 0x04, 0, len(data) + 6) + struct.pack(">IBB", len(data) + 2, 1, 0x00) + data
-        try:
+        with contextlib.suppress(OSError):
             sock.sendall(pdu[: len(pdu) // 2])
-        except OSError:
-            pass
         assoc.abort()
 
     def cases(self, n: int) -> list[Case]:

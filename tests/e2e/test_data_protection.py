@@ -16,7 +16,7 @@ from pydicom.config import IGNORE, settings
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, Verification
 
-from dicom_node.orthanc import free_port, storescu
+from demo.orthanc import free_port, storescu
 from tests.support.served_node import (
     NODE_AET,
     SENDER_AET,

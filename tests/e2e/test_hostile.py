@@ -26,8 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.dimse import StoreStatus
-from dicom_node.orthanc import storescu
+from demo.orthanc import storescu
+from dicom_node.dicom.statuses import StoreStatus
 from tests.support.procfs import children, proc_status
 from tests.support.raw_dicom import encode, raw_bytes, raw_store
 from tests.support.served_node import (
@@ -66,7 +66,8 @@ def _echoscu(port: int) -> bool:
     return out.returncode == 0
 
 
-def test_hostile_uids_are_refused_and_nothing_lands_outside(node: ServedNode, phantom_dir: Path, tmp_path: Path) -> None:
+def test_hostile_uids_are_refused_and_nothing_lands_outside(node: ServedNode, phantom_dir: Path,
+                                                            tmp_path: Path) -> None:
     source = pydicom.dcmread(_study(phantom_dir)[0])
     victim = tmp_path / "victim" / "run-1"
     victim.mkdir(parents=True)
@@ -133,7 +134,7 @@ def test_memory_bombs_are_refused_before_they_inflate_or_decode(node: ServedNode
 
 def test_garbage_on_the_port_costs_a_bounded_number_of_log_lines(node: ServedNode) -> None:
     before = len(node.log_text().splitlines())
-    for i in range(5):
+    for _ in range(5):
         raw_bytes(node.port, [os.urandom(100_000)])
         raw_bytes(node.port, [b"\x01\x00\xff\xff\xff\xf0" + os.urandom(64)])
     time.sleep(1.0)
@@ -156,7 +157,9 @@ def test_a_worker_that_dies_fails_only_its_study_and_twice_is_given_up(tmp_path:
     seen: set[tuple[int, int]] = set()
     for _ in range(2):  # the victim's grading kills its worker twice (as the OOM killer would)
         wait_for("the victim's grading to start", lambda: _stamp(marker) not in (None, *seen), timeout=90, every=0.01)
-        seen.add(_stamp(marker))  # type: ignore[arg-type]
+        stamp = _stamp(marker)
+        assert stamp is not None, "the victim's grading marker went away"
+        seen.add(stamp)
         for pid in _workers(served):
             os.kill(pid, signal.SIGKILL)
     failed = served.wait_state(victim, ("failed",), timeout=120)

@@ -21,7 +21,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from dicom_node.orthanc import Orthanc, free_port, running_orthanc, storescu
+from demo.orthanc import Orthanc, free_port, running_orthanc, storescu
 from tests.support.served_node import (
     NODE_AET,
     SENDER_AET,
@@ -343,7 +343,8 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     out = done.stdout
     assert "results back in Orthanc" in out and "AI result - not for diagnosis" in out
     assert " SR    1 instances" in out and "AI Grad-CAM heatmaps" in out
-    assert len([line for line in out.splitlines() if line.startswith(("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"))]) == 25
+    levels = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+    assert len([line for line in out.splitlines() if line.startswith(levels)]) == 25
     sr_path = Path(out.split("Structured Report: ")[1].splitlines()[0])
     sr = pydicom.dcmread(sr_path)
     assert sr.Modality == "SR" and sr.StudyInstanceUID in out

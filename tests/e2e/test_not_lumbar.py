@@ -14,21 +14,21 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import data_store
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRBigEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
 
-from dicom_node.orthanc import free_port, storescu
+from demo.orthanc import free_port, storescu
 from dicom_node.states import StudyState
 from tests.support.served_node import NODE_AET, SENDER_AET, ServedNode, stop_all, wait_for
 from tests.support.tools import complete_study, require_tool

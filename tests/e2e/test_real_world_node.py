@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.orthanc import running_orthanc, storescu
+from demo.orthanc import running_orthanc, storescu
 from tests.support.kaggle import (
     assert_heatmaps_on_their_own_series,
     kaggle_study,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from demo.orthanc import free_port, storescu
 from dicom_node.config import Destination, TLSSettings
-from dicom_node.delivery import DeliveryError, send_files
-from dicom_node.orthanc import free_port, storescu
+from dicom_node.dicom.scu import DeliveryError, send_files
 from tests.support.certs import CertificateAuthority, KeyPair
 from tests.support.served_node import (
     NODE_AET,
@@ -65,8 +65,8 @@ def _tls(pair: KeyPair | None, ca: Path) -> list[str]:
 
 def _echo(port: int, *options: str, called: str = NODE_AET) -> subprocess.CompletedProcess[str]:
     return subprocess.run([require_tool("echoscu"), *options, "-to", "10", "-ta", "10", "-aet", SENDER_AET,
-                           "-aec", called, "127.0.0.1", str(port)], check=False, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)
+                           "-aec", called, "127.0.0.1", str(port)], check=False, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
 
 
 def _node_tls(certs: Certs, mutual: bool = True) -> dict[str, str]:

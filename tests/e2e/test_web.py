@@ -14,6 +14,7 @@ import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pydicom
@@ -21,14 +22,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
-from dicom_node.orthanc import Orthanc, free_port, running_orthanc, storescu
+from demo.orthanc import Orthanc, free_port, running_orthanc, storescu
 from tests.support.browser import Shots, chromium, require_chromium
 from tests.support.served_node import NODE_AET, ServedNode, stop_all, wait_for
 from tests.support.tools import normal_study
 
+if TYPE_CHECKING:  # playwright is imported by tests.support.browser when a test runs (skipped without it)
+    from playwright.sync_api import Browser, Page
+
 ADMIN, ADMIN_PASSWORD = "ada", "ada-password-1"
 VIEWER, VIEWER_PASSWORD = "vic", "vic-password-1"
 FINISHED = ("done", "failed", "skipped")
+HEATMAPS_LOADED = "() => [...document.querySelectorAll('#heatmaps img')].every(i => i.complete && i.naturalWidth > 0)"
 
 
 def _complete_studies(phantom_dir: Path) -> list[list[Path]]:
@@ -112,13 +117,13 @@ def site(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def browser(site: Site) -> Iterator[object]:
+def browser(site: Site) -> Iterator[Browser]:
     with chromium() as b:
         yield b
 
 
-def _signed_in(browser: object, site: Site, name: str, password: str) -> object:
-    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 900})  # type: ignore[attr-defined]
+def _signed_in(browser: Browser, site: Site, name: str, password: str) -> Page:
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 900})
     page = context.new_page()
     page.goto(f"{site.node.web_url}/")
     assert "/signin" in page.url, "an anonymous visit goes to the sign-in page"
@@ -129,22 +134,22 @@ def _signed_in(browser: object, site: Site, name: str, password: str) -> object:
     return page
 
 
-def _upload(page: object) -> None:
+def _upload(page: Page) -> None:
     """Press Upload and wait for the result page (failing with the page's message if refused)."""
-    page.click("#upload")  # type: ignore[attr-defined]
-    page.wait_for_function("() => location.pathname.startsWith('/upload/') "  # type: ignore[attr-defined]
+    page.click("#upload")
+    page.wait_for_function("() => location.pathname.startsWith('/upload/') "
                            "|| !document.getElementById('upload-error').hidden", timeout=60000)
-    assert "/upload/" in page.url, page.inner_text("#upload-error")  # type: ignore[attr-defined]
+    assert "/upload/" in page.url, page.inner_text("#upload-error")
 
 
-def test_anonymous_gets_sign_in_healthz_and_no_metrics(site: Site, browser: object) -> None:
+def test_anonymous_gets_sign_in_healthz_and_no_metrics(site: Site, browser: Browser) -> None:
     url = site.node.web_url
     answer = httpx.get(f"{url}/", follow_redirects=False)
     assert answer.status_code == 303 and answer.headers["location"].startswith("/signin")
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{url}/metrics").status_code == 401  # web.metrics_anonymous is false
     assert httpx.get(f"{url}/metrics", auth=(ADMIN, "wrong-password")).status_code == 401
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     page.goto(f"{url}/studies/1.2.3")
     assert "/signin" in page.url
     page.fill("input[name=name]", ADMIN)
@@ -155,7 +160,7 @@ def test_anonymous_gets_sign_in_healthz_and_no_metrics(site: Site, browser: obje
     page.close()
 
 
-def test_dashboard_and_study_page_as_a_study_flows_through_orthanc(site: Site, browser: object) -> None:
+def test_dashboard_and_study_page_as_a_study_flows_through_orthanc(site: Site, browser: Browser) -> None:
     node, files = site.node, site.studies[0]
     study_uid = _study_uid(files)
     before = _metrics(node)
@@ -186,7 +191,7 @@ def test_dashboard_and_study_page_as_a_study_flows_through_orthanc(site: Site, b
     assert str(patient.PatientName) in page.inner_text("#patient"), "a signed-in user sees the patient's name"
     images = page.query_selector_all("#heatmaps img")
     assert images, "no Grad-CAM heatmaps"
-    page.wait_for_function("() => [...document.querySelectorAll('#heatmaps img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(HEATMAPS_LOADED)
     site.shots.take(page, "study-page")
 
     after = _metrics(node)
@@ -197,7 +202,8 @@ def test_dashboard_and_study_page_as_a_study_flows_through_orthanc(site: Site, b
     assert _value(after, "lumbar_node_studies_graded_total") == _value(before, "lumbar_node_studies_graded_total") + 1
     assert _value(after, "lumbar_node_deliveries_total", destination="pacs") == \
         _value(before, "lumbar_node_deliveries_total", destination="pacs") + 1
-    assert _value(after, "lumbar_node_end_to_end_seconds_count") == _value(before, "lumbar_node_end_to_end_seconds_count") + 1
+    assert _value(after, "lumbar_node_end_to_end_seconds_count") == \
+        _value(before, "lumbar_node_end_to_end_seconds_count") + 1
     assert _value(after, "lumbar_node_grading_seconds_count") > _value(before, "lumbar_node_grading_seconds_count")
     assert _value(after, "lumbar_node_studies", state="done") >= 1
     assert _value(after, "lumbar_node_associations_total", result="accepted", reason="") > 0
@@ -205,7 +211,7 @@ def test_dashboard_and_study_page_as_a_study_flows_through_orthanc(site: Site, b
     page.context.close()
 
 
-def test_read_only_user_cannot_grade_again(site: Site, browser: object) -> None:
+def test_read_only_user_cannot_grade_again(site: Site, browser: Browser) -> None:
     node = site.node
     study_uid = _study_uid(site.studies[0])
     node.wait_state(study_uid, ("done",), 120)
@@ -238,7 +244,7 @@ def test_read_only_user_cannot_grade_again(site: Site, browser: object) -> None:
     admin.context.close()
 
 
-def test_upload_cases(site: Site, browser: object) -> None:
+def test_upload_cases(site: Site, browser: Browser) -> None:
     """The seven upload cases: (4) Upload disabled until something is chosen; (1) a wrong file type
     says "Wrong format: ..." naming what was expected; (2) DICOM files, or a zip, enable Upload;
     (5) a study with findings shows them with probabilities; (7) Save result downloads the JSON,
@@ -276,7 +282,7 @@ def test_upload_cases(site: Site, browser: object) -> None:
     page.wait_for_selector("#findings", timeout=120000)
     table = page.inner_text("#findings")
     assert re.search(r"(Moderate|Severe)\s+\d+%\s+\d+%\s+\d+%", table), table
-    page.wait_for_function("() => [...document.querySelectorAll('#heatmaps img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(HEATMAPS_LOADED)
     shots.take(page, "upload-result-findings")
     uploaded_uid = _study_uid(findings)
     # (7) Save result
@@ -342,7 +348,7 @@ def test_upload_cases(site: Site, browser: object) -> None:
     page.context.close()
 
 
-def test_an_administrator_sends_an_upload_to_the_pacs(site: Site, browser: object) -> None:
+def test_an_administrator_sends_an_upload_to_the_pacs(site: Site, browser: Browser) -> None:
     node = site.node
     uploaded_uid = _study_uid(site.studies[1])
     page = _signed_in(browser, site, ADMIN, ADMIN_PASSWORD)

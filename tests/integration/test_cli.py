@@ -32,6 +32,28 @@ def test_bad_config_value_fails_at_start_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_serving_path_does_not_import_torch() -> None:
-    code = ("import sys, dicom_node.cli, dicom_node.config, dicom_node.logconfig, inference.labels, "
+    code = ("import sys, dicom_node.cli, dicom_node.config, dicom_node.observability, inference.labels, "
             "inference.geometry; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_ledger_of_a_newer_release_is_one_line_of_error_not_a_traceback(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.store.ledger import SCHEMA_VERSION, Ledger
+
+    ledger_path = tmp_path / "ledger.sqlite"
+    Ledger(ledger_path).close()
+    with sqlite3.connect(ledger_path) as db:  # as a newer lumbar-node leaves it
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage:\n  ledger_path: {ledger_path}\n  spool_dir: {tmp_path / 'spool'}\n"
+                      f"  results_dir: {tmp_path / 'results'}\n")
+    for command in (["status"], ["reprocess", "1.2.3"], ["serve"]):
+        result = lumbar_node("--config", str(config), *command, check=False)
+        assert result.returncode == 1, (command, result.stderr)
+        [line] = result.stderr.strip().splitlines()  # one line, no traceback
+        assert line.startswith(f"Error: {ledger_path}: ") and "written by a newer lumbar-node" in line, command
+        assert not result.stdout, command
+    with sqlite3.connect(ledger_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1  # left as it was

@@ -20,9 +20,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from structlog.testing import capture_logs
 
-from dicom_node import codes as C
-from dicom_node.sr import build_sr
-from dicom_node.summary import result_json, result_table
+from dicom_node.results import codes as C
+from dicom_node.results.sr import build_sr
+from dicom_node.results.text import result_json, result_table
 from inference.analyze import NotAssessedLabel, NotAssessedReason, StudyResult, analyze_study
 from inference.geometry import ImagePlane
 from inference.labels import LEVELS, SeriesRole

@@ -156,7 +156,8 @@ def test_a_kaggle_style_phantom_trains_exports_evaluates_and_predicts(tmp_path: 
     report = json.loads((evaluation / "evaluation.json").read_text())
     assert report["studies"] == 8 and report["score"]["total"] > 0, scored.stdout
     out = tmp_path / "predicted"
-    predicted = lumbar_node("predict", str(data / "train_images"), "--model", str(exported), "--json", "--out", str(out))
+    predicted = lumbar_node("predict", str(data / "train_images"), "--model", str(exported), "--json",
+                            "--out", str(out))
     results = json.loads(predicted.stdout)
     assert len(results) == 8
     for result in results:  # each study is reported, or says why not (one epoch may not find the levels)

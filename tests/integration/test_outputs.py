@@ -3,6 +3,7 @@ as files a PACS accepts, checked with dciodvfy and dcentvfy against their source
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from dicom_node.identity import DISCLAIMER, MANUFACTURER
+from dicom_node.results import RunFolder
+from dicom_node.results.identity import DISCLAIMER, MANUFACTURER
 from tests.support.dicom_tools import dcentvfy_errors, dciodvfy_errors
 from tests.support.tools import lumbar_node
 
@@ -71,12 +73,14 @@ def test_the_model_is_contributing_equipment_of_every_heatmap(outputs: tuple[Pat
     name, version and device UID; the source's acquisition equipment stays listed."""
     _, folder = outputs
     sr = pydicom.dcmread(next(folder.glob("SR_*.dcm")), stop_before_pixels=True)
-    [algorithm] = [e for e in sr.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+    [algorithm] = [e for e in sr.ContributingEquipmentSequence
+                   if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
     for path in sorted((folder / "SC").glob("*.dcm")):
         sc = pydicom.dcmread(path, stop_before_pixels=True)
         purposes = [e.PurposeOfReferenceCodeSequence[0].CodeMeaning for e in sc.ContributingEquipmentSequence]
         assert "Processing Algorithm" in purposes and "Acquisition Equipment" in purposes
-        [item] = [e for e in sc.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+        [item] = [e for e in sc.ContributingEquipmentSequence
+                  if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
         assert item.Manufacturer == MANUFACTURER
         assert (item.ManufacturerModelName, item.SoftwareVersions, item.DeviceUID) == (
             algorithm.ManufacturerModelName, algorithm.SoftwareVersions, algorithm.DeviceUID)
@@ -93,6 +97,32 @@ def test_dcentvfy_finds_sr_sc_pdf_and_sources_consistent(outputs: tuple[Path, Pa
     files = [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *folder.glob("PDF_*.dcm"),
              *sorted(study.rglob("*.dcm"))]
     assert dcentvfy_errors(files) == []
+
+
+def test_the_run_folder_finds_what_the_writer_wrote(outputs: tuple[Path, Path]) -> None:
+    """RunFolder is the layout the writer wrote by and readers go by: each file where its UID puts
+    it, the result as written, the files a delivery sends in the order sent."""
+    _, folder = outputs
+    run = RunFolder(folder)
+    [sr_path] = list(folder.glob("SR_*.dcm"))
+    sr = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    assert run.sr_files() == [sr_path] == [run.sr_path(sr.SOPInstanceUID)] and run.newest_sr() == sr_path
+    assert RunFolder.of_sr(str(sr_path)) == run
+    scs = run.sc_files()
+    assert scs == sorted((folder / "SC").glob("*.dcm")) and len(scs) >= 15
+    numbers = []
+    for path in scs:
+        sc = pydicom.dcmread(path, stop_before_pixels=True)
+        assert path == run.sc_path(int(sc.InstanceNumber), sc.SOPInstanceUID)
+        numbers.append(int(sc.InstanceNumber))
+    assert numbers == list(range(1, len(scs) + 1))  # in Instance Number order
+    [pdf_path] = run.pdf_files()
+    assert pdf_path == run.pdf_path(pydicom.dcmread(pdf_path, stop_before_pixels=True).SOPInstanceUID)
+    assert run.files_to_send() == [sr_path, *scs, pdf_path]
+    assert run.table_path.read_text().strip() and run.result() == json.loads(run.json_path.read_text())
+    assert run.series_roles() == run.result()["series_roles"] and all(run.series_roles().values())
+    assert not run.running_marker.exists()  # the worker's marker (the writer alone never leaves one)
+    assert run.files_to_send(sr_path) == run.files_to_send()  # the ledger's SR is the folder's newest
 
 
 def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tuple[Path, Path]) -> None:
@@ -114,3 +144,6 @@ def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tupl
     assert pdf.SeriesInstanceUID == first_pdf.SeriesInstanceUID and int(pdf.InstanceNumber) == 2
     assert pdf.SOPInstanceUID != first_pdf.SOPInstanceUID
     assert pdf.SourceInstanceSequence[0].ReferencedSOPInstanceUID == newest.SOPInstanceUID
+    run = RunFolder(folder)
+    assert run.newest_sr() == run.sr_path(newest.SOPInstanceUID) and len(run.sr_files()) == 2
+    assert run.files_to_send()[0] == run.newest_sr() and run.files_to_send()[-1] == run.pdf_path(pdf.SOPInstanceUID)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.orthanc import running_orthanc, storescu
+from demo.orthanc import running_orthanc, storescu
 from tests.support.tools import lumbar_node
 
 

@@ -23,7 +23,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import EnhancedMRImageStorage
 
-from dicom_node.outputs import write_run
+from dicom_node.results.writer import write_run
 from inference.analyze import analyze_study
 from inference.runtime import OnnxRunner
 from tests.support.dicom_tools import (
@@ -123,8 +123,8 @@ def test_a_pacs_style_kaggle_study_gets_valid_outputs_drawn_on_its_own_series(pa
     evidence = {(series.SeriesInstanceUID, ref.ReferencedSOPInstanceUID)
                 for study in sr.CurrentRequestedProcedureEvidenceSequence for series in study.ReferencedSeriesSequence
                 for ref in series.ReferencedSOPSequence}
-    located = {(i["series_uid"], i["sop_instance_uid"]) for i in json.loads((folder / "results.json").read_text())["labels"]
-               if i["assessed"]}
+    labels = json.loads((folder / "results.json").read_text())["labels"]
+    located = {(i["series_uid"], i["sop_instance_uid"]) for i in labels if i["assessed"]}
     assert located == evidence
     assert len({sop for _, sop in evidence}) < len(evidence)  # the same SOP Instance UID in two series, both listed
     report = pixelmed_sr_report(next(folder.glob("SR_*.dcm")))
@@ -148,8 +148,8 @@ def test_attribute_values_that_break_their_vr_are_left_empty_and_named_in_the_lo
     assert "WindowCenter/WindowWidth not usable" in log
 
 
-def test_raw_kaggle_headers_without_sop_class_or_modality_get_valid_outputs(kaggle_files: list[Path],
-                                                                          pacs_copy: list[Path], tmp_path: Path) -> None:
+def test_raw_kaggle_headers_without_sop_class_or_modality_get_valid_outputs(
+        kaggle_files: list[Path], pacs_copy: list[Path], tmp_path: Path) -> None:
     """Graded from the PACS-style copy (the inference side reads the SOP class from the file meta
     in its own branch), written from the raw Kaggle headers: the outputs' references take the
     SOP class from the file meta (Enhanced MR Image Storage, as the files say)."""

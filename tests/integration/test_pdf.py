@@ -12,10 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.uid import EncapsulatedPDFStorage
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
-from dicom_node.identity import DISCLAIMER_LINES
-from dicom_node.pdf import GRADE_COLOUR, PDF_SERIES_NUMBER, read_pdf
+from dicom_node.results.identity import DISCLAIMER_LINES
+from dicom_node.results.pdf import GRADE_COLOUR, PDF_SERIES_NUMBER, pdf_document, read_pdf
 from inference.labels import Severity
 from tests.support.dicom_tools import dciodvfy_errors
 from tests.support.tools import lumbar_node, require_tool
@@ -55,12 +55,50 @@ def test_an_encapsulated_pdf_in_its_own_series_of_the_study(written: tuple[Path,
     assert ds.SOPClassUID == EncapsulatedPDFStorage and ds.Modality == "DOC"
     assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf" and bytes(ds.EncapsulatedDocument).startswith(b"%PDF")
     assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
-    assert ds.SeriesInstanceUID not in (sr.SeriesInstanceUID, sc.SeriesInstanceUID) and int(ds.SeriesNumber) == PDF_SERIES_NUMBER
+    assert ds.SeriesInstanceUID not in (sr.SeriesInstanceUID, sc.SeriesInstanceUID)
+    assert int(ds.SeriesNumber) == PDF_SERIES_NUMBER
     assert "not for diagnosis" in ds.SeriesDescription and "not for diagnosis" in ds.DocumentTitle
     assert ds.SourceInstanceSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
     assert any(e.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
                for e in ds.ContributingEquipmentSequence)
     assert dciodvfy_errors(path) == []
+
+
+def test_a_dicom_file_with_the_file_meta_pydicom_completes(written: tuple[Path, Path]) -> None:
+    _, folder = written
+    [path] = list(folder.glob("PDF_*.dcm"))
+    ds = pydicom.dcmread(path)
+    assert ds.preamble == b"\0" * 128 and path.read_bytes()[128:132] == b"DICM"
+    meta = ds.file_meta
+    assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID) == (ds.SOPClassUID, ds.SOPInstanceUID)
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.ImplementationClassUID == PYDICOM_IMPLEMENTATION_UID
+    assert meta.FileMetaInformationVersion == b"\0\1"
+
+
+def test_the_pdf_is_extracted_whole_with_or_without_a_usable_length(written: tuple[Path, Path]) -> None:
+    """The node's PDF as stored (an odd length padded with a NUL), and as other writers store one:
+    without EncapsulatedDocumentLength, with one too long, too short or zero, with a space as pad
+    byte, with bytes after the last %%EOF: the same document comes out."""
+    _, folder = written
+    [path] = list(folder.glob("PDF_*.dcm"))
+    ds = pydicom.dcmread(path)
+    document = read_pdf(path)
+    stored = bytes(ds.EncapsulatedDocument)
+    assert len(document) == ds.EncapsulatedDocumentLength and stored[: len(document)] == document
+    assert document.startswith(b"%PDF-") and document.rstrip(b"\r\n").endswith(b"%%EOF")
+    for length in (None, len(stored) + 2, len(document) - 100, 0):
+        if length is None:
+            del ds.EncapsulatedDocumentLength
+        else:
+            ds.EncapsulatedDocumentLength = length
+        assert pdf_document(ds) == document, length
+    odd = document if len(document) % 2 else document + b"\n"  # an odd-length document, padded with a space
+    ds.EncapsulatedDocument, ds.EncapsulatedDocumentLength = odd + b" ", len(odd)
+    assert pdf_document(ds) == odd
+    del ds.EncapsulatedDocumentLength
+    ds.EncapsulatedDocument = document + b"junk after the end\0"
+    assert pdf_document(ds) == document
 
 
 def test_one_page_with_every_grade_reason_model_and_disclaimer(written: tuple[Path, Path], pdf: Path) -> None:
@@ -98,7 +136,8 @@ def test_rendered_the_table_is_coloured_by_grade_with_the_key_heatmaps(written: 
     assert colourful[rgb.shape[0] // 2:].sum() > 1000, f"no heatmaps in the lower half of {prefix}.png"
 
 
-def test_outputs_pdf_false_writes_none(written: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outputs_pdf_false_writes_none(written: tuple[Path, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     study, _ = written
     monkeypatch.setenv("LUMBAR_NODE__OUTPUTS__PDF", "false")
     lumbar_node("predict", str(study), "--out", str(tmp_path))

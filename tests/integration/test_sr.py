@@ -14,10 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node import codes as C
-from dicom_node.identity import MANUFACTURER, model_device_uid
-from dicom_node.sources import ImageKey, image_key
-from dicom_node.sr import build_sr, percent
+from dicom_node.results import codes as C
+from dicom_node.results.identity import MANUFACTURER, model_device_uid
+from dicom_node.results.sources import ImageKey, image_key
+from dicom_node.results.sr import build_sr, percent
 from inference.analyze import (
     AssessedLabel,
     LabelResult,
@@ -34,8 +34,11 @@ from tests.support.dicom_tools import (
 )
 from tests.support.tools import require_tool
 
+#: A graded phantom study: the result and its source images by (series, SOP instance) key.
+Graded = tuple[StudyResult, dict[ImageKey, pydicom.Dataset]]
 
-def _graded(phantom_dir: Path, without_axial: bool) -> tuple[StudyResult, dict[ImageKey, pydicom.Dataset]]:
+
+def _graded(phantom_dir: Path, without_axial: bool) -> Graded:
     study = min((phantom_dir / "train_images").iterdir())
     instances = [(pydicom.dcmread(f, stop_before_pixels=True), f) for f in sorted(study.rglob("*.dcm"))]
     if without_axial:
@@ -45,19 +48,19 @@ def _graded(phantom_dir: Path, without_axial: bool) -> tuple[StudyResult, dict[I
     return result, {image_key(ds): ds for ds, _ in instances}
 
 
-def _write(graded: tuple[StudyResult, dict[ImageKey, pydicom.Dataset]], folder: Path) -> Path:
+def _write(graded: Graded, folder: Path) -> Path:
     result, sources = graded
     build_sr(result, sources).save_as(folder / "sr.dcm", enforce_file_format=True)
     return folder / "sr.dcm"
 
 
 @pytest.fixture(scope="module", params=["all series", "no Axial T2"])
-def graded(request: pytest.FixtureRequest, phantom_dir: Path) -> tuple[StudyResult, dict[ImageKey, pydicom.Dataset]]:
+def graded(request: pytest.FixtureRequest, phantom_dir: Path) -> Graded:
     return _graded(phantom_dir, without_axial=request.param == "no Axial T2")
 
 
 @pytest.fixture(scope="module")
-def sr_file(graded, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sr_file(graded: Graded, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write(graded, tmp_path_factory.mktemp("sr"))
 
 
@@ -90,7 +93,8 @@ def _label(r: LabelResult) -> str:
     return f"{r.label.level.value} {r.label.condition.display}"
 
 
-def test_sr_is_in_the_study_of_its_sources_with_one_planar_roi_group_per_graded_label(graded, sr_file: Path) -> None:
+def test_sr_is_in_the_study_of_its_sources_with_one_planar_roi_group_per_graded_label(graded: Graded,
+                                                                                      sr_file: Path) -> None:
     """TID 1410 groups (tracking identifier and UID, the region on its source image, the grade as a
     NUM and a CODE, three probabilities, the algorithm), in label order."""
     result, sources = graded
@@ -106,12 +110,14 @@ def test_sr_is_in_the_study_of_its_sources_with_one_planar_roi_group_per_graded_
         items = g.ContentSequence
         assert [i.ConceptNameCodeSequence[0].CodeValue for i in items[:2]] == ["112039", "112040"]
         [region] = [i for i in items if i.ValueType == "SCOORD"]
-        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == r.location.sop_instance_uid
+        image = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert image.ReferencedSOPInstanceUID == r.location.sop_instance_uid
         nums = [i for i in items if i.ValueType == "NUM"]
         assert nums[0].ConceptNameCodeSequence[0].CodeMeaning == f"{r.label.condition.display} grade"
         assert float(nums[0].MeasuredValueSequence[0].NumericValue) == int(r.grade) + 1
         assert nums[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == f"{{{r.grade.display}}}"
-        assert [float(n.MeasuredValueSequence[0].NumericValue) for n in nums[1:]] == [percent(p) for p in r.probabilities]
+        probabilities = [float(n.MeasuredValueSequence[0].NumericValue) for n in nums[1:]]
+        assert probabilities == [percent(p) for p in r.probabilities]
         assert all(float(n.MeasuredValueSequence[0].NumericValue) > 0 for n in nums)  # OHIF shows a 0 as empty
         assert {i.ConceptNameCodeSequence[0].CodeValue for i in items} >= {"111001", "111003"}  # TID 4019 in the group
     evidence = {sop.ReferencedSOPInstanceUID for ev in sr.CurrentRequestedProcedureEvidenceSequence
@@ -119,18 +125,19 @@ def test_sr_is_in_the_study_of_its_sources_with_one_planar_roi_group_per_graded_
     assert {r.location.sop_instance_uid for r in assessed} <= evidence
 
 
-def test_the_image_library_lists_every_image_a_finding_references(graded, sr_file: Path) -> None:
+def test_the_image_library_lists_every_image_a_finding_references(graded: Graded, sr_file: Path) -> None:
     """TID 1600, as OHIF reads it: one Image Library Group of IMAGE items, each image once."""
     result, _ = graded
     sr = pydicom.dcmread(sr_file)
     library = _root(sr, "111028")
     [group] = library.ContentSequence
     assert group.ConceptNameCodeSequence[0].CodeValue == "126200"
-    images = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in group.ContentSequence if i.ValueType == "IMAGE"]
+    images = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+              for i in group.ContentSequence if i.ValueType == "IMAGE"]
     assert sorted(images) == sorted({r.location.sop_instance_uid for r in result.assessed()})
 
 
-def test_not_assessed_labels_and_the_summary_are_document_level_evaluations(graded, sr_file: Path) -> None:
+def test_not_assessed_labels_and_the_summary_are_document_level_evaluations(graded: Graded, sr_file: Path) -> None:
     """Located nowhere, they are no measurement group (OHIF 3.13 fails on a group without a region):
     "Not assessed" with tracking identifier, sites and coded reason; the spinal canal summary."""
     result, _ = graded
@@ -146,7 +153,7 @@ def test_not_assessed_labels_and_the_summary_are_document_level_evaluations(grad
         assert item.ContentSequence[-1].ConceptCodeSequence[0].CodeValue == C.REASONS[r.why].value
 
 
-def test_the_model_is_in_the_contributing_equipment_sequence(graded, sr_file: Path) -> None:
+def test_the_model_is_in_the_contributing_equipment_sequence(graded: Graded, sr_file: Path) -> None:
     """IHE AI Results: Purpose of Reference "Processing Algorithm", manufacturer, model, version, device UID."""
     result, _ = graded
     sr = pydicom.dcmread(sr_file)
@@ -170,7 +177,8 @@ def test_pixelmed_finds_tid_1500_without_errors(partial_sr_file: Path) -> None:
     assert unexpected == [], unexpected[:5]
 
 
-def test_dsr2html_shows_each_label_with_its_finding_grade_and_named_probabilities(graded, rendered: str) -> None:
+def test_dsr2html_shows_each_label_with_its_finding_grade_and_named_probabilities(graded: Graded,
+                                                                                  rendered: str) -> None:
     result, _ = graded
     assert "Image Library" in rendered
     for r in result.labels:
@@ -182,7 +190,8 @@ def test_dsr2html_shows_each_label_with_its_finding_grade_and_named_probabilitie
             continue
         assert "Finding: Stenosis" in section
         assert f"Severity: {C.GRADE[r.grade].meaning}" in section
-        assert re.search(rf"{r.label.condition.display} grade: {int(r.grade) + 1}(\.0)? {{{re.escape(r.grade.display)}}}", section)
+        grade = rf"{r.label.condition.display} grade: {int(r.grade) + 1}(\.0)? {{{re.escape(r.grade.display)}}}"
+        assert re.search(grade, section)
         for s, p in zip(SEVERITIES, r.probabilities, strict=True):
             assert f"{C.PROBABILITY[s].meaning}: {percent(p)} %" in section, (s, section[:1500])
     assert any(r.assessed for r in result.labels)

@@ -9,15 +9,16 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from demo.orthanc import free_port, storescu
 from dicom_node.config import load_settings
-from dicom_node.ledger import Ledger
-from dicom_node.orthanc import free_port, storescu
-from dicom_node.storage_scp import StorageSCP
+from dicom_node.dicom.scp import StorageSCP
+from dicom_node.store.ledger import Ledger
 
 CALLING = "LUMBAR_TEST"
+Node = tuple[StorageSCP, Ledger]
 
 
-def _scp(tmp_path: Path, **env: str) -> tuple[StorageSCP, Ledger]:
+def _scp(tmp_path: Path, **env: str) -> Node:
     environ = {"LUMBAR_NODE__NODE__PORT": str(free_port()), "LUMBAR_NODE__NODE__BIND_ADDRESS": "127.0.0.1",
                "LUMBAR_NODE__NODE__ALLOWED_PEERS": f"[{{ae_title: {CALLING}}}]",
                "LUMBAR_NODE__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
@@ -30,7 +31,7 @@ def _scp(tmp_path: Path, **env: str) -> tuple[StorageSCP, Ledger]:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[StorageSCP, Ledger]]:
+def node(tmp_path: Path) -> Iterator[Node]:
     scp, ledger = _scp(tmp_path)
     yield scp, ledger
     scp.stop()
@@ -41,7 +42,7 @@ def _study(phantom_dir: Path) -> list[Path]:
     return sorted(sorted((phantom_dir / "train_images").iterdir())[0].rglob("*.dcm"))
 
 
-def test_a_study_sent_by_storescu_is_spooled_byte_for_byte_and_recorded(node, phantom_dir: Path) -> None:  # noqa: ANN001
+def test_a_study_sent_by_storescu_is_spooled_byte_for_byte_and_recorded(node: Node, phantom_dir: Path) -> None:
     scp, ledger = node
     files = _study(phantom_dir)
     sent = storescu(files, scp.settings.node.port, called=scp.settings.node.ae_title, calling=CALLING)
@@ -49,17 +50,19 @@ def test_a_study_sent_by_storescu_is_spooled_byte_for_byte_and_recorded(node, ph
     [study] = ledger.studies()
     assert study.state == "receiving" and study.instances == len(files)
     source = pydicom.dcmread(files[0])
-    spooled = pydicom.dcmread(scp.spool / source.StudyInstanceUID / source.SeriesInstanceUID / f"{source.SOPInstanceUID}.dcm")
+    spooled = pydicom.dcmread(scp.spool / source.StudyInstanceUID / source.SeriesInstanceUID /
+                              f"{source.SOPInstanceUID}.dcm")
     assert spooled.PixelData == source.PixelData and spooled.StudyInstanceUID == study.study_uid
     # sending the same study again records nothing twice
     storescu(files[:3], scp.settings.node.port, called=scp.settings.node.ae_title, calling=CALLING)
     assert ledger.studies()[0].instances == len(files)
 
 
-def test_echo_and_an_unknown_calling_ae_is_refused(node) -> None:  # noqa: ANN001
+def test_echo_and_an_unknown_calling_ae_is_refused(node: Node) -> None:
     scp, _ = node
     port, aet = str(scp.settings.node.port), scp.settings.node.ae_title
-    ok = subprocess.run(["/usr/bin/echoscu", "-aet", CALLING, "-aec", aet, "127.0.0.1", port], capture_output=True, text=True)
+    ok = subprocess.run(["/usr/bin/echoscu", "-aet", CALLING, "-aec", aet, "127.0.0.1", port],
+                        capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     refused = subprocess.run(["/usr/bin/echoscu", "-aet", "STRANGER", "-aec", aet, "127.0.0.1", port],
                              capture_output=True, text=True)
@@ -81,7 +84,7 @@ def test_low_disk_answers_out_of_resources_and_stores_nothing(tmp_path: Path, ph
         ledger.close()
 
 
-def test_a_dataset_that_cannot_be_understood_is_refused_and_the_node_keeps_running(node) -> None:  # noqa: ANN001
+def test_a_dataset_that_cannot_be_understood_is_refused_and_the_node_keeps_running(node: Node) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
     from pynetdicom import AE
@@ -104,12 +107,12 @@ def test_a_dataset_that_cannot_be_understood_is_refused_and_the_node_keeps_runni
     assert echo.returncode == 0
 
 
-def test_status_lists_the_ledger_studies(node, phantom_dir: Path) -> None:  # noqa: ANN001
+def test_status_lists_the_ledger_studies(node: Node, phantom_dir: Path) -> None:
     import json
     import os
     import sys
 
-    scp, ledger = node
+    scp, _ = node
     files = _study(phantom_dir)[:4]
     storescu(files, scp.settings.node.port, called=scp.settings.node.ae_title, calling=CALLING)
     env = {**os.environ, "LUMBAR_NODE__STORAGE__LEDGER_PATH": str(scp.settings.storage.ledger_path)}

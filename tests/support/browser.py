@@ -7,8 +7,12 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # playwright is imported when a test needs it (skipped without it)
+    from playwright.sync_api import Browser, Page
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -17,12 +21,13 @@ def require_chromium() -> str:
     """The system Chromium; the test is skipped, saying why, when it is not installed."""
     path = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
     if path is None:
-        pytest.skip("Chromium is not installed (/usr/bin/chromium, Debian package chromium; scripts/setup.sh installs it)")
+        pytest.skip("Chromium is not installed (/usr/bin/chromium, Debian package chromium; "
+                    "scripts/setup.sh installs it)")
     return path
 
 
 @contextmanager
-def chromium() -> Iterator[object]:
+def chromium() -> Iterator[Browser]:
     """A headless Chromium (playwright.sync_api.Browser) for the duration of the block."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (dev extra) is not installed")
     path = require_chromium()
@@ -43,9 +48,9 @@ class Shots:
         folder.mkdir(parents=True, exist_ok=True)
         self.count = 0
 
-    def take(self, page: object, name: str) -> Path:
+    def take(self, page: Page, name: str) -> Path:
         self.count += 1
         path = self.folder / f"{self.count:02d}-{name}.png"
-        page.wait_for_function("() => [...document.images].every(i => i.complete)")  # type: ignore[attr-defined]
-        page.screenshot(path=str(path), full_page=True)  # type: ignore[attr-defined]
+        page.wait_for_function("() => [...document.images].every(i => i.complete)")
+        page.screenshot(path=str(path), full_page=True)
         return path

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from dicom_node import codes as C
+from pydicom.sr.coding import Code
+
+from dicom_node.results import codes as C
 from tests.support.tools import require_tool
 
 ROOT = '/CONTAINER (126000,DCM,"Imaging Measurement Report")'
@@ -14,7 +16,7 @@ EVALUATIONS = f'{ROOT}/CONTAINER (C0034375,UMLS,"Qualitative Evaluations")'
 NOT_ASSESSED = f'{EVALUATIONS}/CODE (AST,99LUMBAR,"Assessment status")'
 
 
-def _code(c) -> str:
+def _code(c: Code) -> str:
     return f'({c.value},{c.scheme_designator},"{c.meaning}")'
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom import dcmwrite
 
-from dicom_node.sources import image_key
+from dicom_node.results.sources import image_key
 from inference.rsna_layout import IMAGES_DIR, SERIES_CSV
 from tests.support.tools import PHANTOM_SEED, lumbar_node
 
@@ -23,10 +23,12 @@ KAGGLE_STUDIES = 2  # the first complete one is the study the tests use
 ROLES = ("Sagittal T1", "Sagittal T2/STIR", "Axial T2")
 
 
-def make_kaggle_phantom(out: Path, studies: int = KAGGLE_STUDIES, seed: int = PHANTOM_SEED) -> Path:
-    """A Kaggle-style phantom data set made by the real command line."""
+def make_kaggle_phantom(out: Path, studies: int = KAGGLE_STUDIES, seed: int = PHANTOM_SEED,
+                        matrix: str = "small", *extra: str) -> Path:
+    """A Kaggle-style phantom data set made by the real command line, its images of the ``matrix``
+    sizes (``real``: the RSNA 2024 set's)."""
     lumbar_node("phantom", "--style", "kaggle", "--studies", str(studies), "--seed", str(seed), "--out", str(out),
-                "--workers", "2")
+                "--workers", "2", "--matrix", matrix, *extra)
     return out
 
 

@@ -72,7 +72,8 @@ def require_viewer() -> None:
     """OHIF's dist, playwright-core and Chromium, as scripts/setup.sh installs them; fail (not skip)."""
     missing = [what for what, ok in [
         (f"OHIF's built app ({OHIF_DIST})", (OHIF_DIST / "index.html").is_file()),
-        (f"playwright-core ({VIEWER_DIR / 'node_modules'})", (VIEWER_DIR / "node_modules" / "playwright-core").is_dir()),
+        (f"playwright-core ({VIEWER_DIR / 'node_modules'})",
+         (VIEWER_DIR / "node_modules" / "playwright-core").is_dir()),
         (f"Chromium ({CHROMIUM}, Debian chromium)", Path(CHROMIUM).is_file()),
         ("node (Node.js)", shutil.which("node") is not None),
     ] if not ok]

@@ -14,8 +14,8 @@ from typing import TypeVar
 
 import yaml
 
-from dicom_node.ledger import Ledger, Study
-from dicom_node.orthanc import ORTHANC_AET, free_port
+from demo.orthanc import ORTHANC_AET, free_port
+from dicom_node.store.ledger import Ledger, Study
 
 _RUNNING: list[ServedNode] = []  # started and not stopped: stopped by stop_all() after each test
 NODE_AET = "LUMBAR_AI"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 import time
 from pathlib import Path
 
 import pytest
 
-from dicom_node.accounts import AccountError, Role, add_account, authenticate, load_accounts
+from dicom_node.web.accounts import AccountError, Role, add_account, authenticate, load_accounts
 from dicom_node.web.security import AccountsFile, basic_credentials, csrf_ok, session_user, sign_in
 
 
@@ -25,6 +26,17 @@ def test_an_account_is_written_hashed_and_private(tmp_path: Path) -> None:
     assert authenticate(accounts, "nobody", "correct horse") is None
 
 
+def test_the_accounts_file_stays_private_whatever_the_umask_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.yaml"
+    previous = os.umask(0)
+    try:
+        add_account(path, "ada", Role.ADMIN, "correct horse")
+        add_account(path, "vic", Role.VIEWER, "viewer password")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and [p.name for p in tmp_path.iterdir()] == ["accounts.yaml"]
+
+
 def test_adding_again_replaces_and_keeps_the_others(tmp_path: Path) -> None:
     path = tmp_path / "accounts.yaml"
     add_account(path, "ada", Role.ADMIN, "first password")
@@ -36,7 +48,8 @@ def test_adding_again_replaces_and_keeps_the_others(tmp_path: Path) -> None:
     assert authenticate(accounts, "ada", "second password") is not None
 
 
-@pytest.mark.parametrize(("name", "password", "why"), [("ada", "short", "at least 8"), ("a b", "long enough", "user name"),
+@pytest.mark.parametrize(("name", "password", "why"), [("ada", "short", "at least 8"),
+                                                      ("a b", "long enough", "user name"),
                                                       ("", "long enough", "user name")])
 def test_bad_accounts_are_refused(tmp_path: Path, name: str, password: str, why: str) -> None:
     with pytest.raises(AccountError, match=why):
@@ -47,7 +60,7 @@ def test_bad_accounts_are_refused(tmp_path: Path, name: str, password: str, why:
 def test_an_unreadable_accounts_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "accounts.yaml"
     path.write_text("users:\n  ada: {role: king, password_hash: x}\n")
-    with pytest.raises(AccountError, match="accounts.yaml: cannot read the accounts file"):
+    with pytest.raises(AccountError, match=r"accounts\.yaml: cannot read the accounts file"):
         load_accounts(path)
     assert load_accounts(tmp_path / "absent.yaml") == {}
 

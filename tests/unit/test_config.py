@@ -161,7 +161,7 @@ def test_invalid_yaml_names_file(tmp_path: Path) -> None:
 
 def test_missing_file_names_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml"):
+    with pytest.raises(ConfigError, match=r"absent\.yaml"):
         load_settings(missing, environ={})
 
 
@@ -200,6 +200,19 @@ def test_invalid_values_are_rejected(tmp_path: Path, yaml_text: str, key: str) -
         load_settings(cfg, environ={})
     assert f"{key}:" in str(excinfo.value)
     assert str(cfg) in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("title", "why"), [
+    ("THIS_TITLE_IS_TOO_LONG", "an AE title must not exceed 16 characters"),
+    ("BAD\\\\AE", "an AE title must not contain control characters or backslashes"),
+    ("TAB\\tAE", "an AE title must not contain control characters or backslashes"),
+    ("NÖDE", "an AE title must only contain ASCII characters"),
+    ("    ", "an AE title must not be empty or all spaces"),
+])
+def test_ae_titles_are_checked_by_pynetdicom_with_the_reason_given(tmp_path: Path, title: str, why: str) -> None:
+    cfg = write(tmp_path, f'node:\n  ae_title: "{title}"\n')
+    with pytest.raises(ConfigError, match=f"node.ae_title: .*{why}"):
+        load_settings(cfg, environ={})
 
 
 def test_ae_title_edge_values_are_accepted(tmp_path: Path) -> None:

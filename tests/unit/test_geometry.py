@@ -18,7 +18,8 @@ SAGITTAL = [0, 1, 0, 0, 0, -1]
 AXIAL = [1, 0, 0, 0, 1, 0]
 
 
-def _plane(position: list[float], orientation: list[float], spacing=(0.5, 0.8), size=(100, 200)) -> ImagePlane:
+def _plane(position: list[float], orientation: list[float], spacing: tuple[float, float] = (0.5, 0.8),
+           size: tuple[int, int] = (100, 200)) -> ImagePlane:
     return ImagePlane.from_attributes(position, orientation, spacing, *size)
 
 

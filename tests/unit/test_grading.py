@@ -10,11 +10,12 @@ import pydicom
 import pytest
 
 from dicom_node.config import load_settings
-from dicom_node.grading import Skip, has_all_roles, nothing_assessed, skip_reason
-from dicom_node.ledger import Ledger
+from dicom_node.dicom.scp import StorageSCP
+from dicom_node.ingest.checks import reopens_study
+from dicom_node.pipeline.eligibility import Skip, has_all_roles, nothing_assessed, skip_reason
 from dicom_node.states import SkipReason
-from dicom_node.storage_scp import StorageSCP, reopens_study
-from inference.analyze import AssessedLabel, Location, NotAssessedLabel, NotAssessedReason, StudyResult
+from dicom_node.store.ledger import Ledger
+from inference.analyze import AssessedLabel, LabelResult, Location, NotAssessedLabel, NotAssessedReason, StudyResult
 from inference.labels import LABELS
 from inference.model import ModelInfo
 
@@ -39,7 +40,8 @@ def test_a_lumbar_mri_is_graded_and_other_studies_are_skipped_with_the_reason(he
     assert skip_reason(headers) is None
     assert skip_reason(_with(headers, Modality="CT")) == Skip(SkipReason.NOT_MR, "modality CT")
     assert str(skip_reason(_with(headers, Modality="CT"))) == "not an MR study (modality CT)"
-    assert str(skip_reason(_with(headers, BodyPartExamined="HEAD"))) == "not a lumbar spine study (BodyPartExamined HEAD)"
+    assert str(skip_reason(_with(headers, BodyPartExamined="HEAD"))) == \
+        "not a lumbar spine study (BodyPartExamined HEAD)"
     coronal = skip_reason(_with(headers, ImageOrientationPatient=[1, 0, 0, 0, 0, -1], SeriesDescription="Coronal T2"))
     assert str(coronal) == "no Sagittal T1, Sagittal T2/STIR or Axial T2 series found"
     assert skip_reason([]) == Skip(SkipReason.NO_INSTANCES)
@@ -59,8 +61,8 @@ def test_kaggle_files_without_modality_are_mr_by_their_sop_class(headers: list) 
     assert skip_reason(bare) == Skip(SkipReason.NOT_MR, "modality none")
 
 
-def _result(labels: tuple) -> StudyResult:
-    return StudyResult("1.2.3", labels, ModelInfo(None, ""), {}, {}, {})  # type: ignore[arg-type]
+def _result(labels: tuple[LabelResult, ...]) -> StudyResult:
+    return StudyResult("1.2.3", labels, ModelInfo(None, ""), {}, {}, {})  # type: ignore[arg-type]  # no model needed
 
 
 def test_a_study_of_which_nothing_was_assessed_gets_no_report() -> None:
@@ -72,7 +74,8 @@ def test_a_study_of_which_nothing_was_assessed_gets_no_report() -> None:
     assert skip is not None and skip.why is SkipReason.NOTHING_ASSESSED
     assert str(skip) == ("nothing could be assessed (no Sagittal T2/STIR series: 5 labels; no Sagittal T1 series: "
                          "5 labels; level not covered: 15 labels)")
-    location = Location("1.2", "1.2.1", "1.2.840.10008.5.1.4.1.1.4", 1, (0.0, 0.0), (0.0, 0.0, 0.0), None)  # type: ignore[arg-type]
+    location = Location("1.2", "1.2.1", "1.2.840.10008.5.1.4.1.1.4", 1, (0.0, 0.0), (0.0, 0.0, 0.0),
+                        None)  # type: ignore[arg-type]  # no crop frame: nothing here draws the heatmap
     one_graded = AssessedLabel(LABELS[0], (0.8, 0.1, 0.1), location, np.zeros((6, 6), np.float32))
     assert nothing_assessed(_result((one_graded, *missing[1:], *uncovered))) is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ from inference.preprocess import (
 )
 from inference.series import assign_roles, contrast_of, group_series
 from inference.volume import load_volume
-from phantom import make_study, write_study
+from phantom import PhantomStudy, make_study, write_study
 
 
-def _study_with(predicate, render: bool = True):  # noqa: ANN001, ANN202
+def _study_with(predicate: Callable[[PhantomStudy], bool], render: bool = True) -> PhantomStudy:
     for i in range(200):
         st = make_study(77, i, render=False)
         if predicate(st):
@@ -44,15 +45,15 @@ def _headers(folder: Path, strip_descriptions: bool = False) -> list[tuple[pydic
 
 
 @pytest.fixture(scope="module")
-def two_axial(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def two_axial(tmp_path_factory: pytest.TempPathFactory) -> tuple[PhantomStudy, Path]:
     st = _study_with(lambda s: [x.role for x in s.series].count(SeriesRole.AX_T2) == 2 and len(s.series) == 4)
     root = tmp_path_factory.mktemp("two_axial")
     write_study(st, root)
     return st, root / "train_images" / str(st.study_id)
 
 
-def test_roles_come_from_geometry_and_sequence_not_descriptions(two_axial) -> None:  # noqa: ANN001
-    st, folder = two_axial
+def test_roles_come_from_geometry_and_sequence_not_descriptions(two_axial: tuple[PhantomStudy, Path]) -> None:
+    _, folder = two_axial
     roles = assign_roles(group_series(_headers(folder, strip_descriptions=True)))
     assert set(roles) == set(SeriesRole)
     assert len(roles[SeriesRole.AX_T2]) == 2  # both axial series are kept, to be merged
@@ -74,7 +75,7 @@ def test_contrast_from_sequence_parameters() -> None:
     assert contrast_of(pydicom.Dataset()) is None
 
 
-def test_merged_axial_volume_is_sorted_by_position_not_instance_number(two_axial) -> None:  # noqa: ANN001
+def test_merged_axial_volume_is_sorted_by_position_not_instance_number(two_axial: tuple[PhantomStudy, Path]) -> None:
     st, folder = two_axial
     roles = assign_roles(group_series(_headers(folder)))
     vol = load_volume(SeriesRole.AX_T2, roles[SeriesRole.AX_T2])
@@ -98,8 +99,8 @@ def test_reversed_instance_numbers_do_not_change_the_order(tmp_path: Path) -> No
             assert np.all(np.diff(positions) > 0)
 
 
-def test_crop_equals_the_image_window_when_axes_and_scale_match(two_axial) -> None:  # noqa: ANN001
-    st, folder = two_axial
+def test_crop_equals_the_image_window_when_axes_and_scale_match(two_axial: tuple[PhantomStudy, Path]) -> None:
+    _, folder = two_axial
     roles = assign_roles(group_series(_headers(folder)))
     vol = load_volume(SeriesRole.SAG_T2, roles[SeriesRole.SAG_T2])
     intensity = intensity_of(vol)
@@ -115,7 +116,7 @@ def test_crop_equals_the_image_window_when_axes_and_scale_match(two_axial) -> No
     assert np.allclose(mirrored, crop[:, ::-1], atol=1e-4)
 
 
-def test_25d_crop_channels_follow_the_across_direction(two_axial) -> None:  # noqa: ANN001
+def test_25d_crop_channels_follow_the_across_direction(two_axial: tuple[PhantomStudy, Path]) -> None:
     st, folder = two_axial
     roles = assign_roles(group_series(_headers(folder)))
     vol = load_volume(SeriesRole.SAG_T1, roles[SeriesRole.SAG_T1])
@@ -129,7 +130,7 @@ def test_25d_crop_channels_follow_the_across_direction(two_axial) -> None:  # no
     assert not np.allclose(to_left[0], to_left[2])
 
 
-def test_localiser_inputs_for_all_slices_equal_the_per_slice_inputs(two_axial) -> None:  # noqa: ANN001
+def test_localiser_inputs_for_all_slices_equal_the_per_slice_inputs(two_axial: tuple[PhantomStudy, Path]) -> None:
     from inference.levels import localiser_input, localiser_inputs
 
     _, folder = two_axial

@@ -11,10 +11,9 @@ import pydicom
 import pytest
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 
 from inference.instances import (
-    ENHANCED_MR_IMAGE_STORAGE,
-    MR_IMAGE_STORAGE,
     is_mr,
     is_single_frame_image,
     read_headers,
@@ -30,7 +29,7 @@ def _kaggle_like(path: Path) -> Dataset:
     ds = pydicom.dcmread(path)
     del ds.SOPClassUID
     del ds.Modality
-    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_MR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
     return ds
 
 
@@ -38,7 +37,7 @@ def test_sop_class_comes_from_the_file_meta_when_the_data_set_has_none(phantom_d
     path = next((phantom_dir / "train_images").rglob("*.dcm"))
     ds = _kaggle_like(path)
     assert "SOPClassUID" not in ds
-    assert sop_class_uid(ds) == ENHANCED_MR_IMAGE_STORAGE
+    assert sop_class_uid(ds) == EnhancedMRImageStorage
     assert is_mr(ds)  # no Modality, but an MR SOP class
     assert is_single_frame_image(ds)  # labelled Enhanced MR, shaped as a classic image
     bare = Dataset()
@@ -46,7 +45,7 @@ def test_sop_class_comes_from_the_file_meta_when_the_data_set_has_none(phantom_d
     ct = Dataset()
     ct.Modality = "CT"
     ct.file_meta = FileMetaDataset()
-    ct.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    ct.file_meta.MediaStorageSOPClassUID = MRImageStorage
     assert not is_mr(ct)  # Modality wins where it is present
     enhanced = copy.deepcopy(ds)
     enhanced.PerFrameFunctionalGroupsSequence = []
@@ -64,7 +63,7 @@ def test_read_headers_fills_the_sop_class_from_the_meta_and_says_so(phantom_dir:
     with structlog.testing.capture_logs() as logs:
         headers = read_headers([*paths, tmp_path / ".DS_Store"])
     assert [p for _, p in headers] == paths  # the stray file left out
-    assert all(str(ds.SOPClassUID) == ENHANCED_MR_IMAGE_STORAGE for ds, _ in headers)
+    assert all(str(ds.SOPClassUID) == EnhancedMRImageStorage for ds, _ in headers)
     assert any(e["event"].startswith("SOP class taken from the file meta") and e["instances"] == 3 for e in logs)
 
 

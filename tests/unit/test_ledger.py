@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
+from pydicom.uid import MRImageStorage
 
 from dicom_node.config import DeliverySettings
-from dicom_node.delivery import backoff
-from dicom_node.ledger import Ledger, Recorded, Report
-from dicom_node.states import StudyState
+from dicom_node.pipeline.delivery import backoff
+from dicom_node.states import EventKind, StudyState
+from dicom_node.store import ledger as ledger_module
+from dicom_node.store.ledger import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Ledger,
+    LedgerVersionError,
+    Migration,
+    Recorded,
+    Report,
+)
 
 
 @pytest.fixture
@@ -112,7 +124,8 @@ def test_new_content_under_a_known_uid_reopens_the_study_and_another_study_is_re
     assert study is not None
     ledger.set_state("1.2.3", StudyState.DONE)
     assert _add(ledger, "1", digest="d1") is Recorded.RESENT
-    assert ledger.study("1.2.3").state is StudyState.DONE  # type: ignore[union-attr]
+    done = ledger.study("1.2.3")
+    assert done is not None and done.state is StudyState.DONE
     assert _add(ledger, "1", digest="d2") is Recorded.REPLACED
     again = ledger.study("1.2.3")
     assert again is not None and again.state is StudyState.RECEIVING and again.generation == study.generation + 1
@@ -130,39 +143,183 @@ def test_a_sop_instance_uid_repeated_in_another_series_is_another_instance(ledge
     assert ledger.study("7").instances == 2 and len(ledger.instance_paths("7")) == 2
     assert _add(ledger, "7.1.1", study="7", series="7.20", digest="other pixels") is Recorded.RESENT
     assert _add(ledger, "7.1.1", study="7", series="7.10", digest="new") is Recorded.REPLACED
-    assert ledger.instance("7.10", "7.1.1") == ("7", "new") and ledger.instance("7.20", "7.1.1") == ("7", "other pixels")
+    assert ledger.instance("7.10", "7.1.1") == ("7", "new")
+    assert ledger.instance("7.20", "7.1.1") == ("7", "other pixels")
     assert _add(ledger, "7.1.1", study="8", series="7.20") is Recorded.OTHER_STUDY
     assert _add(ledger, "7.1.1", study="8", series="8.20") is Recorded.NEW  # its own series: not the other study's
     assert [(uid, n) for uid, n, *_ in ledger.series_counts("7")] == [("7.10", 1), ("7.20", 1)]
 
 
-OLD_INSTANCES = """CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, calling_aet TEXT NOT NULL,
-    received_at REAL NOT NULL, series_size INTEGER)"""
+# -- the versioned schema -------------------------------------------------------------------------
+# The schemas of the releases before versioning (user_version 0), as their ledger.py created them:
+# each later one added to the one before at open (columns, then tables), without a version.
+FIRST_RELEASE = """
+CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, calling_aet TEXT NOT NULL, received_at REAL NOT NULL,
+    series_size INTEGER);
+CREATE INDEX instances_by_study ON instances (study_uid);
+CREATE TABLE studies (study_uid TEXT PRIMARY KEY, state TEXT NOT NULL, reason TEXT, first_received REAL NOT NULL,
+    last_received REAL NOT NULL, updated_at REAL NOT NULL, generation INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE reports (study_uid TEXT NOT NULL, run INTEGER NOT NULL, sr_path TEXT NOT NULL,
+    sr_series_uid TEXT NOT NULL, sc_series_uid TEXT, created_at REAL NOT NULL, PRIMARY KEY (study_uid, run));
+CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT NOT NULL, run INTEGER NOT NULL,
+    destination TEXT NOT NULL, paths TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL, last_error TEXT, updated_at REAL NOT NULL);
+"""
+HOSTILE_INPUT = """
+ALTER TABLE instances ADD COLUMN digest TEXT;
+ALTER TABLE studies ADD COLUMN worker_deaths INTEGER NOT NULL DEFAULT 0;
+"""
+DATA_PROTECTION = """
+ALTER TABLE studies ADD COLUMN purged_at REAL;
+ALTER TABLE studies ADD COLUMN purged TEXT;
+"""
+WEB_PAGE = """
+CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT, at REAL NOT NULL, kind TEXT NOT NULL,
+    actor TEXT NOT NULL, detail TEXT, data TEXT);
+CREATE INDEX events_by_study ON events (study_uid, kind, at);
+CREATE INDEX events_by_time ON events (at);
+CREATE TABLE uploads (study_uid TEXT PRIMARY KEY, uploaded_by TEXT NOT NULL, uploaded_at REAL NOT NULL,
+    send INTEGER NOT NULL DEFAULT 0);
+"""
+SERIES_KEY = """
+CREATE TABLE instances_keyed (sop_instance_uid TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL, path TEXT NOT NULL, calling_aet TEXT NOT NULL, received_at REAL NOT NULL,
+    series_size INTEGER, digest TEXT, PRIMARY KEY (series_uid, sop_instance_uid));
+INSERT INTO instances_keyed SELECT * FROM instances;
+DROP TABLE instances;
+ALTER TABLE instances_keyed RENAME TO instances;
+CREATE INDEX instances_by_study ON instances (study_uid);
+CREATE INDEX studies_newest_first ON studies (first_received, study_uid);
+CREATE INDEX studies_by_state ON studies (state, first_received, study_uid);
+"""
+RELEASES = {"first release": [FIRST_RELEASE], "hostile input": [FIRST_RELEASE, HOSTILE_INPUT],
+            "data protection": [FIRST_RELEASE, HOSTILE_INPUT, DATA_PROTECTION],
+            "web page": [FIRST_RELEASE, HOSTILE_INPUT, DATA_PROTECTION, WEB_PAGE],
+            "series key": [FIRST_RELEASE, HOSTILE_INPUT, DATA_PROTECTION, WEB_PAGE, SERIES_KEY]}
 
 
-def test_an_older_ledger_keyed_by_sop_instance_uid_is_migrated_with_its_rows(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "old.sqlite"
+def _old_ledger(path: Path, scripts: list[str]) -> None:
+    """A ledger as an earlier release left it, with a study of two series (the same SOP Instance UID
+    in one: not possible before the series key), a report and its delivery."""
     db = sqlite3.connect(path)
-    db.execute(OLD_INSTANCES)  # before the digest column and the (series, SOP instance) key
-    db.execute("INSERT INTO instances VALUES ('5.1.1', '5', '5.10', '1.2.840.10008.5.1.4.1.1.4', '/s/5/5.1.1.dcm', "
-               "'PACS', 1.0, 3)")
+    for script in scripts:
+        db.executescript(script)
+    db.execute("INSERT INTO instances (sop_instance_uid, study_uid, series_uid, sop_class_uid, path, calling_aet, "
+               "received_at, series_size) VALUES ('5.1.1', '5', '5.10', ?, '/s/5/5.10/5.1.1.dcm', 'PACS', 1.0, 3)",
+               (MRImageStorage,))
+    db.execute("INSERT INTO studies (study_uid, state, reason, first_received, last_received, updated_at, generation) "
+               "VALUES ('5', 'sending', NULL, 1.0, 2.0, 3.0, 4)")
+    db.execute("INSERT INTO reports VALUES ('5', 1, '/r/5/run-1/SR_9.dcm', '9.1', '9.2', 5.0)")
+    db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, updated_at) "
+               "VALUES ('5', 1, 'pacs', '[\"/r/5/run-1/SR_9.dcm\"]', 'pending', 6.0, 6.0)")
     db.commit()
     db.close()
+
+
+def _schema(path: Path) -> dict[str, object]:
+    """Every table's columns (name, type, not null, default, key) and the index names."""
+    with closing(sqlite3.connect(path)) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master "
+                                           "WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
+        schema: dict[str, object] = {t: sorted(r[1:] for r in db.execute(f"PRAGMA table_info({t})")) for t in tables}
+        schema["indexes"] = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' "
+                                                            "AND name NOT LIKE 'sqlite_%'"))
+        schema["version"] = db.execute("PRAGMA user_version").fetchone()[0]
+    return schema
+
+
+def test_a_new_ledger_is_at_the_latest_version(tmp_path: Path) -> None:
+    path = tmp_path / "new.sqlite"
+    ledger = Ledger(path)
+    ledger.close()
+    assert ledger.migrated_from == 0 and _schema(path)["version"] == SCHEMA_VERSION == MIGRATIONS[-1].version
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    again = Ledger(path)
+    again.close()
+    assert again.migrated_from == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+def test_a_ledger_of_an_earlier_release_is_migrated_with_its_rows(tmp_path: Path, release: str) -> None:
+    path = tmp_path / "old.sqlite"
+    _old_ledger(path, RELEASES[release])
     ledger = Ledger(path)
     try:
-        assert ledger.migrated_instance_key
+        assert ledger.migrated_from == 0
         assert ledger.instance("5.10", "5.1.1") == ("5", None)
-        assert ledger.instance_paths("5") == [Path("/s/5/5.1.1.dcm")]
-        assert ledger.record_instance("5.1.1", "5", "5.20", "1.2.840.10008.5.1.4.1.1.4", Path("/s/5/5.20/5.1.1.dcm"),
-                                      "PACS", digest="d") is Recorded.NEW
-        assert len(ledger.instance_paths("5")) == 2
+        assert ledger.instance_paths("5") == [Path("/s/5/5.10/5.1.1.dcm")]
+        study = ledger.study("5")
+        assert study is not None and (study.state, study.instances, study.generation) == (StudyState.SENDING, 1, 4)
+        assert ledger.last_report("5") == Report("5", 1, "/r/5/run-1/SR_9.dcm", "9.1", "9.2")
+        [delivery] = ledger.deliveries("5")
+        assert (delivery.destination, delivery.paths, delivery.state) == ("pacs", ["/r/5/run-1/SR_9.dcm"], "pending")
+        # and it works as a new one does: the SOP Instance UID again in another series, a new study, the audit trail
+        assert ledger.record_instance("5.1.1", "5", "5.20", MRImageStorage, Path("/s/5/5.20/5.1.1.dcm"), "PACS",
+                                      digest="d") is Recorded.NEW
+        assert _add(ledger, "6.1.1", study="6", series="6.10") is Recorded.NEW
+        new = ledger.study("6")
+        assert len(ledger.instance_paths("5")) == 2 and new is not None and new.generation == 1
+        ledger.add_event(EventKind.GRADED, "node", "5", "run 1")
+        assert [e.kind for e in ledger.events("5")] == [EventKind.GRADED]
     finally:
         ledger.close()
+    fresh = tmp_path / "fresh.sqlite"
+    Ledger(fresh).close()
+    assert _schema(path) == _schema(fresh)
     again = Ledger(path)  # opened again: nothing left to migrate
     try:
-        assert not again.migrated_instance_key and len(again.instance_paths("5")) == 2
+        assert again.migrated_from == SCHEMA_VERSION and len(again.instance_paths("5")) == 2
     finally:
         again.close()
+
+
+def test_a_ledger_of_a_newer_version_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "newer.sqlite"
+    Ledger(path).close()
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    before = _schema(path)
+    with pytest.raises(LedgerVersionError, match=f"version {SCHEMA_VERSION + 1}, written by a newer lumbar-node"):
+        Ledger(path)
+    assert _schema(path) == before
+
+
+def test_a_migration_that_fails_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps run in one transaction: a failing step leaves the earlier ones undone too."""
+    path = tmp_path / "old.sqlite"
+    _old_ledger(path, [FIRST_RELEASE])
+    before = _schema(path)
+
+    def fails(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE half_done (x)")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    broken = (*MIGRATIONS, Migration(SCHEMA_VERSION + 1, "a step that fails", fails))
+    monkeypatch.setattr(ledger_module, "MIGRATIONS", broken)
+    monkeypatch.setattr(ledger_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        Ledger(path)
+    assert _schema(path) == before
+    monkeypatch.undo()
+    ledger = Ledger(path)  # the working steps, once the failure is gone
+    try:
+        assert ledger.migrated_from == 0 and ledger.instance("5.10", "5.1.1") == ("5", None)
+    finally:
+        ledger.close()
+
+
+def test_rows_come_back_with_named_fields(ledger: Ledger) -> None:
+    _add(ledger, "1", digest="d1")
+    _add(ledger, "2", digest="d2")
+    known = ledger.instance("1.2.3.4", "1")
+    assert known is not None and (known.study_uid, known.digest) == ("1.2.3", "d1") and known[0] == "1.2.3"
+    [series] = ledger.series_counts("1.2.3")
+    assert (series.series_uid, series.received, series.expected) == ("1.2.3.4", 2, 3)
+    assert series.a_file == "/spool/1.2.3/1.2.3.4/1.dcm" and series[3] == series.a_file
+    ledger.set_state("1.2.3", StudyState.DONE)
+    [old] = ledger.purgeable(time.time() + 1)
+    assert old.study_uid == "1.2.3" and sorted(old.files) == [Path("/spool/1.2.3/1.2.3.4/1.dcm"),
+                                                              Path("/spool/1.2.3/1.2.3.4/2.dcm")]
+    _study_uid, files = old
+    assert files == old.files

@@ -33,7 +33,8 @@ def _volume(center: tuple[float, float, float] = (0.0, 0.0, 0.0), fov_mm: float 
         x = center[0] + 4.0 * (k - n // 2)
         position = [x, center[1] - fov_mm / 2, center[2] + fov_mm / 2]
         plane = ImagePlane.from_attributes(position, SAGITTAL, [spacing, spacing], pixels, pixels)
-        slices.append(Slice(plane, np.zeros((pixels, pixels), np.float32), "1.2", f"1.2.{k}", "1.2.840.10008.5.1.4.1.1.4", k))
+        slices.append(Slice(plane, np.zeros((pixels, pixels), np.float32), "1.2", f"1.2.{k}",
+                            "1.2.840.10008.5.1.4.1.1.4", k))
     return Volume(SeriesRole.SAG_T2, slices)
 
 
@@ -144,5 +145,5 @@ def test_model_json_round_trips_the_check_and_an_older_one_loads_without_it() ->
 def test_a_malformed_check_is_a_model_error(bad: object) -> None:
     data = _metadata_json()
     data["level_check"] = bad if not isinstance(bad, dict) else {**FITTED.to_json(), **bad}
-    with pytest.raises(ModelError, match="level_check|malformed"):
+    with pytest.raises(ModelError, match=r"level_check|malformed"):
         ModelMetadata.from_json(json.loads(json.dumps(data, allow_nan=True)))

@@ -1,4 +1,4 @@
-"""Tests for dicom_node.logconfig: JSON/console output and PHI scrubbing."""
+"""Tests for dicom_node.observability (logs, scrub): JSON/console output and PHI scrubbing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
-from dicom_node.logconfig import REDACTED, configure_logging, get_logger
+from dicom_node.observability import REDACTED, configure_logging, get_logger
 
 NAME = "Doe^Jane"
 PID = "PID-12345"

@@ -225,7 +225,8 @@ def test_auc_averages_ties() -> None:
     probs[0, sub] = [[0.25, 0.25, 0.5], [0.05, 0.05, 0.9], [0.4, 0.1, 0.5], [0.8, 0.1, 0.1]]
     targets[0, sub] = [S, S, N, N]
     # Severe: positives 0.5, 0.9 vs negatives 0.5, 0.1: 0.5 (tie) + 1 + 1 + 1 = 3.5 / 4
-    severe = classification_report(probs, targets)[ConditionGroup.SUBARTICULAR.value]["classes"][Severity.SEVERE.display]
+    report = classification_report(probs, targets)
+    severe = report[ConditionGroup.SUBARTICULAR.value]["classes"][Severity.SEVERE.display]
     assert severe["auc"] == pytest.approx(0.875)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.metrics import NodeMetrics, skip_label
+from dicom_node.observability.metrics import NodeMetrics, skip_label
 from dicom_node.states import SkipReason, StudyState
 
 

@@ -7,6 +7,7 @@ with the phantom's own anatomy regenerated from the seed only to know where the 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from inference.labels import (
     parse_condition,
     parse_level,
 )
+from inference.rsna_layout import Coordinate
 from phantom import PhantomStudy, make_study
 from phantom.anatomy import disc_index, region_of
 from tests.support.tools import PHANTOM_SEED, PHANTOM_STUDIES
@@ -72,7 +74,8 @@ def _by_grade(pairs: list[tuple[Severity, float]]) -> dict[Severity, float]:
     return {g: float(np.mean([v for s, v in pairs if s is g])) for g in Severity if any(s is g for s, _ in pairs)}
 
 
-def _measure(group: ConditionGroup, measure) -> list[tuple[Severity, float]]:  # noqa: ANN001
+def _measure(group: ConditionGroup,
+             measure: Callable[[PhantomStudy, Coordinate], float]) -> list[tuple[Severity, float]]:
     pairs = []
     for index in range(MEASURED_STUDIES):
         st = _study(index)
@@ -83,7 +86,7 @@ def _measure(group: ConditionGroup, measure) -> list[tuple[Severity, float]]:  #
     return pairs
 
 
-def _csf_width(st: PhantomStudy, c) -> float:  # noqa: ANN001
+def _csf_width(st: PhantomStudy, c: Coordinate) -> float:
     """AP width (mm) of bright CSF through the labelled point on the Sagittal T2/STIR image."""
     img, plane = _image(st, c.series_id, c.instance_number)
     anat = st.anatomy
@@ -113,7 +116,7 @@ def test_canal_csf_width_shrinks_with_the_spinal_grade() -> None:
     assert _spearman([g.value for g, _ in pairs], [v for _, v in pairs]) < -0.5
 
 
-def _bright_fraction(st: PhantomStudy, c, radius: float) -> float:  # noqa: ANN001
+def _bright_fraction(st: PhantomStudy, c: Coordinate, radius: float) -> float:
     """Share of bright pixels (fat on T1 / CSF and fat on T2) around a labelled point."""
     img, plane = _image(st, c.series_id, c.instance_number)
     centre = plane.to_patient(c.x, c.y)

@@ -60,7 +60,7 @@ def _layout(root: Path, studies: dict[int, dict[str, str]], series: list[tuple[i
     return root
 
 
-def _standard(root: Path, study_ids: list[int] = [1]) -> Path:
+def _standard(root: Path, study_ids: tuple[int, ...] = (1,)) -> Path:
     series = [(s, s * 10 + k, d) for s in study_ids for k, d in enumerate((SAG_T1, SAG_T2, AX))]
     return _layout(root, {s: {} for s in study_ids}, series, {(s, sid): [1, 2, 3] for s, sid, _ in series})
 
@@ -82,7 +82,7 @@ def test_phantom_layout_loads_labels_series_and_coordinates(phantom: tuple[Path,
             assert s.instance_numbers == sorted(specs[s.series_id].instance_numbers)
             assert s.path == root / "train_images" / str(st.study_id) / str(s.series_id)
         assert len(record.coordinates) == len(st.coordinates) > 0
-        for got, want in zip(record.coordinates, st.coordinates):
+        for got, want in zip(record.coordinates, st.coordinates, strict=True):
             assert (got.label, got.series_id, got.instance_number) == (want.label, want.series_id, want.instance_number)
             assert got.x == pytest.approx(want.x, abs=1e-3) and got.y == pytest.approx(want.y, abs=1e-3)
             assert got.series_id in {s.series_id for s in record.series}
@@ -198,7 +198,7 @@ def test_coordinates_parse_errors_and_stray_series(tmp_path: Path) -> None:
     [stray] = [e for e in logs if "not in their study" in e["event"]]
     assert (stray["count"], stray["example_study"], stray["example_series"]) == (2, 1, 77)
 
-    _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, coords + [[1, 10, 3, "Central Stenosis", "L1/L2", 0, 0]])
+    _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, [*coords, [1, 10, 3, "Central Stenosis", "L1/L2", 0, 0]])
     with pytest.raises(ValueError, match="row 6"):
         load_rsna(tmp_path)
     _layout(tmp_path, {1: {}}, [(1, 10, AX)], {(1, 10): [3]}, [[1, 10, 3, "Spinal Canal Stenosis", "L6/S1", 0, 0]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import zlib
 from pathlib import Path
 
@@ -9,12 +10,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.safety import UnsafePath, remove_tree, uid_problem, under
-from dicom_node.storage_scp import (
-    image_size_problem,
-    inflated_size_problem,
-    series_size_of,
-)
+from dicom_node.ingest import InflateProblem, image_size_problem, inflate, series_size_of
+from dicom_node.store.paths import UnsafePath, remove_tree, uid_problem, under
 from inference.geometry import ImagePlane
 from inference.series import group_series
 
@@ -75,10 +72,16 @@ def test_a_deflate_bomb_is_refused_without_inflating_it_whole() -> None:
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     bomb = packer.compress(bytes(300 * 2**20)) + packer.flush()
     assert len(bomb) < 400 * 2**10
-    assert "inflates beyond 64 MiB" in (inflated_size_problem(bomb, 64 * 2**20) or "")
+    with pytest.raises(InflateProblem, match="inflates beyond 64 MiB") as refused:
+        inflate(io.BytesIO(bomb).read, 64 * 2**20)
+    assert refused.value.too_large
     small = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    assert inflated_size_problem(small.compress(b"x" * 1000) + small.flush(), 64 * 2**20) is None
-    assert "does not inflate" in (inflated_size_problem(b"\xff" * 100, 64 * 2**20) or "")
+    out = io.BytesIO()
+    assert inflate(io.BytesIO(small.compress(b"x" * 1000) + small.flush()).read, 64 * 2**20, out) == 1000
+    assert out.getvalue() == b"x" * 1000
+    with pytest.raises(InflateProblem, match="does not inflate") as refused:
+        inflate(io.BytesIO(b"\xff" * 100).read, 64 * 2**20)
+    assert not refused.value.too_large
 
 
 @pytest.mark.parametrize(("value", "expected"), [("12", 12), ("12345678901234567890", None), ("-3", None),

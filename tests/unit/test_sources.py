@@ -1,4 +1,4 @@
-"""dicom_node.sources: what the outputs copy from real-world source headers, valid values only."""
+"""dicom_node.results.sources: what the outputs copy from real-world source headers, valid values only."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from structlog.testing import capture_logs
 
-from dicom_node.sources import (
+from dicom_node.results.sources import (
     column_spacing,
     image_key,
     number,
     patient_study,
-    sop_class_uid,
+    sop_reference,
     valid_value,
 )
+from inference.instances import sop_class_uid
 
 BIRTH = "1931-07-04"
 
@@ -32,7 +33,8 @@ def _broken() -> Dataset:
     for keyword, text in [("SpecificCharacterSet", "FOO_BAR"), ("PatientName", "Doe^Jane"),
                           ("PatientID", "A1\\A2"),  # two values where one is allowed
                           ("PatientBirthDate", BIRTH), ("PatientSex", "X"), ("StudyTime", "12:30:00"),
-                          ("StudyDate", "20240131"), ("StudyDescription", "LUMBAR SPINE"), ("StudyInstanceUID", "1.2.3"),
+                          ("StudyDate", "20240131"), ("StudyDescription", "LUMBAR SPINE"),
+                          ("StudyInstanceUID", "1.2.3"),
                           ("WindowCenter", "abc"), ("WindowWidth", "400")]:
         _raw(ds, keyword, text)
     return ds
@@ -99,6 +101,18 @@ def test_a_kaggle_header_gets_its_sop_class_from_the_file_meta_and_a_reference_f
     assert ref.Modality == "" and "PixelSpacing" not in ref
     ds.SOPClassUID = MRImageStorage  # the data set's own class wins
     assert sop_class_uid(ds) == MRImageStorage
+
+
+def test_a_reference_item_names_the_instance_and_its_class_even_when_only_the_file_meta_has_it() -> None:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = "7.1.1"
+    item = sop_reference(ds)
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (EnhancedMRImageStorage, "7.1.1")
+    assert set(item.dir()) == {"ReferencedSOPClassUID", "ReferencedSOPInstanceUID"}
+    ds.SOPClassUID = MRImageStorage
+    assert sop_reference(ds).ReferencedSOPClassUID == MRImageStorage
 
 
 def test_numbers_are_read_defensively() -> None:

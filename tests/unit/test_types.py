@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from dicom_node.dimse import STORED, StoreStatus
-from dicom_node.ledger import Ledger
+from dicom_node.dicom.statuses import STORED, StoreStatus, is_stored
 from dicom_node.states import DeliveryState, GradeResult, StudyState
+from dicom_node.store.ledger import Ledger
 from inference.labels import ConditionGroup
 from inference.model import ModelError, ModelMetadata, file_sha256
 from inference.runtime import DEFAULT_MODEL_DIR
@@ -28,6 +28,16 @@ def test_store_statuses_mean_what_pynetdicom_says() -> None:
         assert word in text
         assert (category in ("Success", "Warning")) is (status in STORED)
     assert StoreStatus.SUCCESS in STORED and StoreStatus.SUCCESS == 0
+
+
+@pytest.mark.parametrize(("status", "stored"), [
+    (0x0000, True), (0xB000, True), (0xB007, True), (0xB123, True),  # any warning: stored (PS3.7 C.4)
+    (0x0107, True), (0x0001, True),
+    (0xA700, False), (0xA900, False), (0xC000, False), (0x0110, False), (0x0122, False),  # failures
+    (0xFF00, False), (0xFE00, False), (0x1234, False), (-1, False),  # pending, cancel, unknown, not a status
+])
+def test_stored_is_success_or_a_warning_as_pynetdicom_categorises_them(status: int, stored: bool) -> None:
+    assert is_stored(status) is stored and (status in STORED) is stored
 
 
 def test_states_are_stored_as_their_strings_and_read_back_as_enums(tmp_path: Path) -> None:

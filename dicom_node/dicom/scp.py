@@ -1,0 +1,223 @@
+"""The storage SCP: C-ECHO and C-STORE. The C-STORE handler hands the received encoded dataset to
+the node's one admission (``dicom_node.ingest``: checked without decoding pixels, written to the
+spool, fsynced, recorded in the ledger per (series, SOP Instance UID)), then answers with the
+admission's status. The audit trail gets one line per association and study when it closes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import cast
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # a name made at import
+from pynetdicom.status import Status
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import tls
+from dicom_node.config import Settings
+from dicom_node.dicom import tuning
+from dicom_node.dicom.peers import GuardedServer, PeerGate
+from dicom_node.ingest import Admission, Batch, Candidate, Source, StoreStatus
+from dicom_node.observability import NodeMetrics, get_logger
+from dicom_node.store import Ledger, uid_problem
+
+__all__ = ["C_STORE_RQ_FIELD", "TRANSFER_SYNTAXES", "StorageSCP"]
+
+log = get_logger(__name__)
+
+# pynetdicom accepts the first syntax of this list that the caller proposes, so the order decides
+# what a sender that offers several must send: lossless compressed first (a file compressed
+# losslessly is stored as it was sent, nobody decompresses it), then uncompressed, and lossy last,
+# taken only when the sender offers nothing else (the data is already lossy): the node never asks a
+# sender to compress lossily.
+TRANSFER_SYNTAXES = [
+    JPEGLSLossless, JPEGLosslessSV1, JPEG2000Lossless, RLELossless, DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGLSNearLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000,
+]
+C_STORE_RQ_FIELD = 0x0001  # Command Field of a C-STORE request (PS3.7 E.1)
+
+
+class StorageSCP:
+    """Receives studies into the spool and the ledger."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: NodeMetrics | None = None):
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics or NodeMetrics()
+        self.admission = Admission(settings, ledger, self.metrics)
+        # association id -> what it stored, per study: one audit line per association and study,
+        # written when the connection closes
+        self._batches: dict[int, Batch] = {}
+        self.spool = Path(settings.storage.spool_dir)
+        self.ae = AE(ae_title=settings.node.ae_title)
+        self.ae.maximum_pdu_size = settings.node.max_pdu_size
+        limits = settings.limits
+        self.ae.acse_timeout = limits.acse_timeout_s
+        self.ae.dimse_timeout = limits.dimse_timeout_s
+        self.ae.network_timeout = limits.network_timeout_s
+        # pynetdicom counts every open connection, even one that never sends an A-ASSOCIATE-RQ;
+        # the node's limits (PeerGate) count associations only, so silent sockets held open by
+        # someone cannot lock the PACS out: pynetdicom's own count is only the connection cap.
+        self.ae.maximum_associations = limits.max_connections
+        self.peers = PeerGate(settings, self.metrics)
+        self.max_instance_bytes = int(limits.max_instance_mb * 2**20)
+        self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
+        for context in StoragePresentationContexts:
+            if context.abstract_syntax is not None:  # always set in pynetdicom's list
+                self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification)
+        self.server: ThreadedAssociationServer | None = None
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def start(self) -> None:
+        """Listen in the background (pynetdicom runs one thread per association)."""
+        node = self.settings.node
+        handlers: list[EventHandlerType] = [(evt.EVT_REQUESTED, self.peers.check), (evt.EVT_C_STORE, self.handle_store),
+                    (evt.EVT_C_ECHO, lambda event: Status.SUCCESS), (evt.EVT_DATA_RECV, self._count_data),
+                    (evt.EVT_DIMSE_RECV, self._answer_malformed), (evt.EVT_CONN_CLOSE, self._closed)]
+        GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
+        GuardedServer.max_connections = self.settings.limits.max_connections
+        # With node.tls, every connection must speak TLS (plain TCP fails the handshake and is closed).
+        ssl_context = tls.server_context(node.tls) if node.tls is not None else None
+        server = self.ae.make_server((node.bind_address, node.port), evt_handlers=handlers,
+                                     server_class=GuardedServer, ssl_context=ssl_context)
+        tuning.apply(node.poll_interval_ms / 1000)  # process-wide; stop() restores it
+        threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
+        self.server = server
+        log.info("storage SCP listening", ae_title=node.ae_title, address=node.bind_address, port=node.port,
+                 tls=tls.describe(node.tls))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new associations, let the C-STORE writes in flight finish, then abort what is left."""
+        if self.server is None:
+            return
+        associations = list(self.server.active_associations)
+        self.server.shutdown()  # closes the listening socket: new associations are refused
+        self.server = None
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+        for assoc in associations:
+            if assoc.is_alive():
+                assoc.abort()
+        ended = time.monotonic() + 5.0  # their threads end before the excepthook and the filter go
+        for assoc in associations:
+            if assoc.is_alive():
+                assoc.join(max(0.0, ended - time.monotonic()))
+        tuning.restore()
+        log.info("storage SCP stopped", writes_unfinished=self._in_flight, associations_aborted=len(associations))
+
+    def allowed(self, ae_title: str, address: str) -> bool:
+        """Whether a calling AE title (from this address) may associate (see ``PeerGate``)."""
+        return self.peers.allowed(ae_title, address)
+
+    def _count_data(self, event: evt.Event) -> None:
+        """EVT_DATA_RECV: abort an association whose dataset grows beyond the instance limit, so
+        that no peer can make the node hold more than ``limits.max_instance_mb`` for it."""
+        key = id(event.assoc)
+        total = self._received.get(key, 0) + len(event.data)
+        self._received[key] = total
+        if total > self.max_instance_bytes + 2**20:  # the command set and PDU headers on top
+            log.warning("aborted an association: an instance larger than the limit",
+                        address=event.assoc.requestor.address, max_instance_mb=self.settings.limits.max_instance_mb)
+            self._received.pop(key, None)
+            event.assoc.abort()
+
+    def _answer_malformed(self, event: evt.Event) -> None:
+        """EVT_DIMSE_RECV: answer 0xC000 to a C-STORE request whose command set pynetdicom cannot
+        serve (an empty Affected SOP Instance UID, no Message ID, ...): pynetdicom drops such a
+        request without a response, so the sender would wait for its own timeout. One whose
+        command set cannot even be read (an over-long UID) pynetdicom answers with an A-ABORT."""
+        message = event.message
+        command = message.command_set
+        if command is None or command.get("CommandField") != C_STORE_RQ_FIELD or message.context_id is None:
+            return
+        try:
+            request = message.message_to_primitive()
+            if isinstance(request, C_STORE) and request.is_valid_request:
+                return  # the storage service answers it (the handler checks the UIDs)
+        except Exception:  # noqa: BLE001 - pynetdicom answers it with an A-ABORT itself (Evt19)
+            log.warning("aborted an association: a C-STORE command set that cannot be read",
+                        calling_aet=event.assoc.requestor.ae_title)
+            return
+        response = C_STORE()
+        message_id = command.get("MessageID")
+        valid_id = isinstance(message_id, int) and 0 <= message_id < 2**16
+        response.MessageIDBeingRespondedTo = message_id if valid_id else 0
+        if uid_problem(str(command.get("AffectedSOPClassUID", "")), "class") is None:
+            response.AffectedSOPClassUID = command.AffectedSOPClassUID
+        response.Status = StoreStatus.CANNOT_UNDERSTAND
+        log.warning("refused a C-STORE request with a malformed command set",
+                    calling_aet=event.assoc.requestor.ae_title, status=f"0x{StoreStatus.CANNOT_UNDERSTAND:04X}",
+                    why=uid_problem(str(command.get("AffectedSOPInstanceUID", "")), "Affected SOP Instance UID")
+                    or "required command elements missing")
+        event.assoc.dimse.send_msg(response, message.context_id)
+
+    def _closed(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: forget the connection; say how many protocol errors it caused."""
+        self._received.pop(id(event.assoc), None)
+        self.peers.closed(id(event.assoc))
+        batch = self._batches.pop(id(event.assoc), None)
+        if batch is not None:
+            batch.close()
+        suppressed = tuning.ERRORS.closed(threading.current_thread().name)
+        if suppressed:
+            address = event.address[0]  # type: ignore[attr-defined]  # EVT_CONN_CLOSE's own attribute
+            log.warning("connection closed after protocol errors", address=address,
+                        errors_not_logged=suppressed)
+
+    def handle_store(self, event: evt.Event) -> int:
+        """Write, fsync, record, then answer; never raises into pynetdicom."""
+        with self._idle:
+            self._in_flight += 1
+        started = time.perf_counter()
+        status = StoreStatus.PROCESSING_FAILURE
+        try:
+            status = self._store(event)
+            return status
+        finally:
+            self.metrics.cstore_seconds.observe(time.perf_counter() - started)
+            self.metrics.cstore_status.labels(f"0x{int(status):04X}").inc()
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _store(self, event: evt.Event) -> StoreStatus:
+        calling = event.assoc.requestor.ae_title
+        key = id(event.assoc)
+        self._received.pop(key, None)  # this instance has arrived in full
+        request = cast(C_STORE, event.request)  # EVT_C_STORE's request, as pynetdicom's own handlers cast it
+        candidate = Candidate.received(request.DataSet.getvalue() if request.DataSet is not None else b"",
+                                       event.context.transfer_syntax, str(request.AffectedSOPClassUID or ""),
+                                       str(request.AffectedSOPInstanceUID or ""), calling, lambda: _file_meta(event))
+        if key not in self._batches:
+            self._batches[key] = self.admission.batch(Source.DICOM, calling)
+        return self.admission.admit(candidate, self._batches[key]).status
+
+
+def _file_meta(event: evt.Event) -> bytes:
+    """The preamble, 'DICM' and pynetdicom's file meta, as ``event.encoded_dataset()`` writes them
+    before the data set (the spooled file is that, byte for byte)."""
+    return b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)

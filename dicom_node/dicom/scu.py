@@ -1,0 +1,50 @@
+"""Sending result files (SR, SC, PDF) to a destination by C-STORE (pynetdicom as the SCU). The
+retry schedule is the pipeline's (``pipeline.delivery``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_node.config import Destination
+from dicom_node.dicom.statuses import STORED
+from dicom_node.errors import NodeError
+from dicom_node.tls import client_context
+
+__all__ = ["DeliveryError", "send_files"]
+
+
+class DeliveryError(NodeError, RuntimeError):
+    """A destination did not store every file; the message says why (for the ledger and the log)."""
+
+
+def send_files(destination: Destination, calling_aet: str, paths: list[Path], timeout: float = 30.0) -> None:
+    """C-STORE every file to ``destination`` over one association; raise DeliveryError unless all are stored."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    tls_args = (client_context(destination.tls), destination.host) if destination.tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else "no association (peer unreachable or aborted)"
+        if tls_args is not None and not assoc.is_rejected:
+            why = "no association (peer unreachable, aborted, or the TLS handshake failed: see the log)"
+        raise DeliveryError(f"{where}: {why}")
+    try:
+        for path, ds in zip(paths, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code not in STORED:
+                detail = "no response" if code is None else f"status 0x{int(code):04X}"
+                raise DeliveryError(f"{where}: {path.name} not stored ({detail})")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()

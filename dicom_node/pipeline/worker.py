@@ -1,0 +1,181 @@
+"""Grading one spooled study, in a worker process of the node: read the headers, check that it is a
+lumbar spine MRI (``eligibility``), run the ONNX model, write the run's outputs into its folder.
+
+The worker never touches the ledger; it returns a GradeOutcome and the node records it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.errors import NodeError
+from dicom_node.observability import PHI_VALUES, configure_logging, get_logger
+from dicom_node.pipeline.eligibility import mr_images, nothing_assessed, skip_reason
+from dicom_node.results import DISCLAIMER, OutputKind, RunFolder, RunOutputs, Supersedes, write_run
+from dicom_node.states import GradeResult
+from inference.analyze import AnalysisLimits, analyze_study
+from inference.instances import read_headers
+from inference.runtime import OnnxRunner
+
+__all__ = ["MIXED_PATIENTS", "GradeJob", "GradeOutcome", "GradingTimeout", "grade", "init_worker",
+           "worker_ready"]
+
+log = get_logger(__name__)
+
+MIXED_PATIENTS = "instances of more than one patient (PatientID differs): not graded, nothing sent"
+
+_runner: OnnxRunner | None = None
+
+
+class GradingTimeout(NodeError):
+    """The grading of one study took longer than ``limits.grading_timeout_s``."""
+
+
+@dataclass(frozen=True)
+class GradeJob:
+    """What a worker needs to grade one study (plain data: it crosses a process boundary)."""
+
+    study_uid: str
+    generation: int
+    run: int
+    paths: list[str]
+    folder: str
+    previous_sr: str | None = None
+    sc_series_uid: str | None = None
+    limits: AnalysisLimits = field(default_factory=AnalysisLimits)
+    timeout_s: float = 600.0
+    pdf: bool = True  # outputs.pdf: write the PDF summary too
+    report_when_nothing_assessed: bool = False  # study.report_when_nothing_assessed
+
+
+@dataclass(frozen=True)
+class GradeOutcome:
+    """What a worker returns: a report with the files written, or skipped / failed with a reason."""
+
+    result: GradeResult
+    reason: str | None = None
+    outputs: RunOutputs | None = None
+    assessed: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def reported(cls, outputs: RunOutputs, assessed: int, seconds: float) -> GradeOutcome:
+        return cls(GradeResult.REPORTED, None, outputs, assessed, seconds)
+
+    @classmethod
+    def skipped(cls, reason: str) -> GradeOutcome:
+        return cls(GradeResult.SKIPPED, reason)
+
+    @classmethod
+    def failed(cls, reason: str) -> GradeOutcome:
+        return cls(GradeResult.FAILED, reason)
+
+
+def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: str, log_level: str,
+                memory_mb: int | None = None) -> None:
+    """Process-pool initializer: logging, the memory limit, and the ONNX sessions loaded once.
+
+    Ctrl-C and SIGTERM go to the node, which shuts the pool down in order; workers ignore them.
+    With ``memory_mb`` the worker's address space is limited (RLIMIT_AS): a study that needs more
+    fails with MemoryError instead of taking the machine's memory.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if memory_mb is not None:
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
+    configure_logging(log_format, log_level)
+    global _runner
+    _runner = OnnxRunner(Path(model_dir) if model_dir else None, providers)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose node died (kill -9, OOM killer) exits instead of lingering as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _loaded_runner() -> OnnxRunner:
+    if _runner is None:
+        raise RuntimeError("init_worker was not run in this process")
+    return _runner
+
+
+def worker_ready() -> dict[str, object]:
+    """The loaded model and providers of this worker (the node calls it once per worker at start)."""
+    runner = _loaded_runner()
+    info = runner.info
+    return {"model": info.name, "version": info.version, "sha256": info.sha256[:12], "providers": runner.providers}
+
+
+
+def _timed_out(signum: int, frame: object) -> None:
+    raise GradingTimeout
+
+
+def grade(job: GradeJob) -> GradeOutcome:
+    """Grade one study (in a worker process) within ``job.timeout_s``; any error becomes a
+    'failed' outcome with its reason. A grading stuck where Python cannot interrupt it (inside a
+    native call) ends the worker 30 s after the timeout; the node then replaces it."""
+    marker = RunFolder(Path(job.folder)).running_marker  # left behind: the study the worker died on
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    watchdog = threading.Timer(job.timeout_s + 30.0, os._exit, (70,))
+    watchdog.daemon = True
+    watchdog.start()
+    previous = signal.signal(signal.SIGALRM, _timed_out)
+    signal.setitimer(signal.ITIMER_REAL, job.timeout_s)
+    try:
+        return _grade(job)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        watchdog.cancel()
+        marker.unlink(missing_ok=True)
+
+
+def _grade(job: GradeJob) -> GradeOutcome:
+    started = time.perf_counter()
+    try:
+        headers = read_headers(job.paths)
+        for ds, _ in headers:
+            PHI_VALUES.add_from(ds)  # scrubbed from this worker's log lines and from the reasons it returns
+        skip = skip_reason(headers)
+        if skip is not None:
+            return GradeOutcome.skipped(str(skip))
+        mr = mr_images(headers)
+        if len({str(ds.get("PatientID", "")) for ds, _ in mr}) > 1:  # a mislabelled instance: never mix patients
+            return GradeOutcome.failed(MIXED_PATIENTS)
+        result = analyze_study(mr, _loaded_runner(), job.limits)
+        skip = None if job.report_when_nothing_assessed else nothing_assessed(result)
+        if skip is not None:
+            log.info("study skipped: nothing could be assessed, nothing sent", study_uid=job.study_uid, run=job.run)
+            return GradeOutcome.skipped(PHI_VALUES.scrub(str(skip)))
+        supersedes = None
+        if job.previous_sr:
+            supersedes = Supersedes(pydicom.dcmread(job.previous_sr), job.sc_series_uid)
+        outputs = write_run(result, mr, Path(job.folder), supersedes, pdf=job.pdf)
+        assessed = len(result.assessed())
+        log.info("study graded", study_uid=job.study_uid, run=job.run, assessed=assessed,
+                 sc_series_uid=outputs.series_uid(OutputKind.SC),
+                 seconds=round(time.perf_counter() - started, 3), note=DISCLAIMER)
+        return GradeOutcome.reported(outputs, assessed, time.perf_counter() - started)
+    except GradingTimeout:
+        log.error("grading timed out", study_uid=job.study_uid, timeout_s=job.timeout_s)
+        return GradeOutcome.failed(f"grading took longer than {job.timeout_s:g} s (limits.grading_timeout_s)")
+    except MemoryError:
+        log.error("grading ran out of memory", study_uid=job.study_uid)
+        return GradeOutcome.failed("grading needed more memory than a worker may use (limits.worker_memory_mb)")
+    except Exception as exc:
+        log.exception("grading failed", study_uid=job.study_uid)
+        return GradeOutcome.failed(PHI_VALUES.scrub(f"grading failed: {type(exc).__name__}: {exc}"))

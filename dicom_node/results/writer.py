@@ -1,0 +1,224 @@
+"""The one writer of a grading run's outputs: the SR, the Grad-CAM Secondary Captures, the PDF
+summary and the result as text and JSON, into one folder, returned as a typed record; and the
+folder's layout (``RunFolder``), which the writer and every reader of a run go by:
+
+    <folder>/SR_<SOPInstanceUID>.dcm
+    <folder>/SC/<nn>_<SOPInstanceUID>.dcm
+    <folder>/PDF_<SOPInstanceUID>.dcm      (Encapsulated PDF; unless outputs.pdf is false)
+    <folder>/results.txt, results.json
+    <folder>/.grading                      (while a worker grades into it)
+
+The node writes a run per folder (results/<study>/run-<n>/); ``predict --out`` writes a folder
+per study and supersedes what it finds there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.results.pdf import build_pdf, key_findings
+from dicom_node.results.sc import build_sc_images
+from dicom_node.results.sources import image_key, location_key, patient_study
+from dicom_node.results.sr import build_sr
+from dicom_node.results.text import result_json, result_table
+from inference.analyze import AssessedLabel, StudyResult
+from inference.instances import Instance
+
+_SR_PREFIX = "SR_"
+_PDF_PREFIX = "PDF_"
+_DICOM_SUFFIX = ".dcm"
+_SC_FOLDER = "SC"
+_TABLE_FILE = "results.txt"
+_JSON_FILE = "results.json"
+_RUNNING_MARKER = ".grading"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's folder and its layout: where the writer puts each output and where readers (the
+    node, ``predict``, the demo, the web page) find them."""
+
+    path: Path
+
+    @classmethod
+    def of_sr(cls, sr_path: str | Path) -> RunFolder:
+        """The run folder that holds this SR (the ledger records a run by its SR's path)."""
+        return cls(Path(sr_path).parent)
+
+    def sr_path(self, sop_instance_uid: str) -> Path:
+        return self.path / f"{_SR_PREFIX}{sop_instance_uid}{_DICOM_SUFFIX}"
+
+    def sr_files(self) -> list[Path]:
+        """The SRs in the folder (one per node run; ``predict --out`` keeps the superseded ones)."""
+        return sorted(self.path.glob(f"{_SR_PREFIX}*{_DICOM_SUFFIX}"))
+
+    def newest_sr(self) -> Path | None:
+        """The SR with the highest Instance Number (a superseding report has the next one)."""
+        files = self.sr_files()
+        if len(files) <= 1:
+            return next(iter(files), None)
+        numbers = {p: int(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["InstanceNumber"]).InstanceNumber)
+                   for p in files}
+        return sorted(files, key=numbers.__getitem__)[-1]
+
+    @property
+    def sc_dir(self) -> Path:
+        return self.path / _SC_FOLDER
+
+    def sc_path(self, number: int, sop_instance_uid: str) -> Path:
+        """The ``number``-th Secondary Capture (its Instance Number; two digits, so names sort by it)."""
+        return self.sc_dir / f"{number:02d}_{sop_instance_uid}{_DICOM_SUFFIX}"
+
+    def sc_files(self) -> list[Path]:
+        """The Secondary Captures in Instance Number order."""
+        return sorted(self.sc_dir.glob(f"*{_DICOM_SUFFIX}"))
+
+    def pdf_path(self, sop_instance_uid: str) -> Path:
+        return self.path / f"{_PDF_PREFIX}{sop_instance_uid}{_DICOM_SUFFIX}"
+
+    def pdf_files(self) -> list[Path]:
+        return sorted(self.path.glob(f"{_PDF_PREFIX}*{_DICOM_SUFFIX}"))
+
+    @property
+    def table_path(self) -> Path:
+        return self.path / _TABLE_FILE
+
+    @property
+    def json_path(self) -> Path:
+        return self.path / _JSON_FILE
+
+    @property
+    def running_marker(self) -> Path:
+        """Present while a worker grades into the folder: left behind, it shows the worker died."""
+        return self.path / _RUNNING_MARKER
+
+    def result(self) -> dict[str, Any]:
+        """The run's results.json, parsed (OSError when it is gone, ValueError when not JSON)."""
+        data = json.loads(self.json_path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.json_path}: not a JSON object")
+        return data
+
+    def series_roles(self) -> dict[str, list[str]]:
+        """The series roles the run found (role -> series UIDs), none when results.json cannot be read."""
+        try:
+            return dict(self.result().get("series_roles", {}))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def files_to_send(self, sr: Path | None = None) -> list[Path]:
+        """What a delivery of this run sends, in the order sent: the SR (``sr``, the report the
+        ledger recorded; by default the folder's newest), the Secondary Captures, the PDF."""
+        sr = sr if sr is not None else self.newest_sr()
+        return [*([sr] if sr is not None else []), *self.sc_files(), *self.pdf_files()]
+
+
+class OutputKind(StrEnum):
+    """The kinds of DICOM object a run sends to the PACS."""
+
+    SR = "SR"
+    SC = "SC"
+    PDF = "PDF"
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One DICOM object a run wrote."""
+
+    kind: OutputKind
+    path: Path
+    series_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """What a run wrote: its DICOM objects in delivery order (the SR, the SCs, the PDF) and its
+    text files."""
+
+    folder: Path
+    files: tuple[OutputFile, ...]
+    table: Path
+    json: Path
+
+    @property
+    def sr(self) -> OutputFile:
+        return next(f for f in self.files if f.kind is OutputKind.SR)
+
+    def series_uid(self, kind: OutputKind) -> str | None:
+        """The series of this kind's objects (None when the run wrote none)."""
+        return next((f.series_uid for f in self.files if f.kind is kind), None)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [f.path for f in self.files]
+
+
+@dataclass(frozen=True)
+class Supersedes:
+    """What a new run replaces: the report it supersedes and the heatmaps' series it keeps (the
+    PDF's series follows from the report's, see results.pdf)."""
+
+    sr: Dataset
+    sc_series_uid: str | None
+
+
+def _save(ds: Dataset, kind: OutputKind, path: Path) -> OutputFile:
+    ds.save_as(path, enforce_file_format=True)  # preamble and complete file meta (PS3.10)
+    return OutputFile(kind, path, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+
+
+def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
+              supersedes: Supersedes | None = None, pdf: bool = True) -> RunOutputs:
+    """Write a study's SR, Grad-CAM SCs, PDF summary (with ``pdf``), table and JSON into ``folder``.
+
+    ``instances`` are the study's headers with their paths, keyed by (series, SOP instance); the
+    images a finding is located on are read in full for the heatmaps. The patient/study
+    attributes are read once, defensively (results.sources). With ``supersedes`` the new report lists the old one as its
+    predecessor (same series, next instance number), the heatmaps keep their series and so does
+    the PDF (its series follows from the report's).
+    """
+    run = RunFolder(folder)
+    headers = {image_key(ds): ds for ds, _ in instances}  # (series, SOP instance): the Kaggle files
+    paths = {image_key(ds): path for ds, path in instances}  # repeat SOP Instance UIDs across series
+    located = {location_key(r.location) for r in result.labels if isinstance(r, AssessedLabel)}
+    full = {key: pydicom.dcmread(paths[key]) for key in located}
+    patient = patient_study([*full.values(), *headers.values()], result.study_uid)  # logged once per run
+    run.sc_dir.mkdir(parents=True, exist_ok=True)
+    previous = supersedes.sr if supersedes else None
+    sr = build_sr(result, headers, series_uid=None if previous is None else str(previous.SeriesInstanceUID),
+                  instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
+                  predecessors=[] if previous is None else [previous], patient=patient)
+    files = [_save(sr, OutputKind.SR, run.sr_path(sr.SOPInstanceUID))]
+    scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None, patient=patient)
+    for sc in scs:
+        files.append(_save(sc, OutputKind.SC, run.sc_path(int(sc.InstanceNumber), sc.SOPInstanceUID)))
+    if pdf:
+        heatmap = dict(zip((r.label for r in result.assessed()), scs, strict=True))
+        source = next(iter(full.values()), None) or next(iter(headers.values()))
+        document = build_pdf(result, sr, source, [(r, heatmap[r.label]) for r in key_findings(result)], patient=patient)
+        files.append(_save(document, OutputKind.PDF, run.pdf_path(document.SOPInstanceUID)))
+    table, data = run.table_path, run.json_path
+    table.write_text(result_table(result) + "\n")
+    data.write_text(json.dumps(result_json(result), indent=1))
+    return RunOutputs(folder, tuple(files), table, data)
+
+
+def previous_outputs(folder: Path) -> Supersedes | None:
+    """What a folder written by ``write_run`` holds to supersede: its newest SR and the SC series."""
+    run = RunFolder(folder)
+    sr = run.newest_sr()
+    if sr is None:
+        return None
+    old_sc = run.sc_files()
+    sc_series = str(pydicom.dcmread(old_sc[0], stop_before_pixels=True).SeriesInstanceUID) if old_sc else None
+    return Supersedes(pydicom.dcmread(sr), sc_series)
+

@@ -1,0 +1,159 @@
+"""The node's composition root: builds the ledger, the metrics, the storage SCP, the release and
+its worker pool, the deliveries, the scheduler and the web page, and runs their life cycle, all
+resumable from the ledger after a restart.
+
+Threads: pynetdicom runs one thread per association (they only write to the spool and the
+ledger); the scheduler's threads run the release sweep, the purge and the deliveries; grading runs
+in worker processes, so the model's CPU time never holds up an association.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node.config import Settings
+from dicom_node.dicom import StorageSCP
+from dicom_node.ingest import Staging
+from dicom_node.observability import NodeMetrics, get_logger
+from dicom_node.pipeline import (
+    PURGE_INTERVAL_S,
+    SWEEP_INTERVAL_S,
+    Deliveries,
+    Releaser,
+    purge,
+    worker_ready,
+)
+from dicom_node.states import StudyState
+from dicom_node.store import Ledger, restrict_access
+from dicom_node.tls import describe
+
+if TYPE_CHECKING:
+    from dicom_node.web import WebServer
+
+__all__ = ["Node", "run_until_signalled"]
+
+log = get_logger(__name__)
+
+
+class Node:
+    """The running node. ``start()`` resumes from the ledger; ``stop()`` shuts down in order.
+    It provides what the web page asks of it (``web.NodeActions``)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        storage = settings.storage
+        restrict_access([Path(storage.spool_dir), Path(storage.results_dir)], storage.group,
+                        shared=[Path(storage.ledger_path).parent])
+        self.results_dir = Path(settings.storage.results_dir)
+        self.ledger = Ledger(Path(settings.storage.ledger_path))
+        self.metrics = NodeMetrics()
+        self.scp = StorageSCP(settings, self.ledger, self.metrics)
+        self.web: WebServer | None = None  # the web page (dicom_node.web), started by start() when web.port is set
+        self.scheduler = BackgroundScheduler(timezone=UTC,
+                                             job_defaults={"misfire_grace_time": None, "coalesce": True})
+        self._stopping = threading.Event()
+        self.deliveries = Deliveries(settings, self.ledger, self.metrics, self.scheduler, self._stopping)
+        self.destinations = self.deliveries.destinations
+        self.release = Releaser(settings, self.ledger, self.metrics, self.deliveries, self._stopping)
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model in every worker, resume the ledger's unfinished work, then listen.
+
+        The storage SCP applies the node's pynetdicom tuning (``dicom.tuning``: the poll interval
+        ``node.poll_interval_ms``, the error filter, the excepthook) for the whole process when it
+        starts, and restores it when it stops."""
+        ready = [self.release.pool.submit(worker_ready) for _ in range(self.settings.workers)]
+        log.info("grading workers ready", workers=self.settings.workers, **ready[0].result())
+        self.release.started_at = time.time()  # a study cut off by a restart gets a fresh quiet time
+        self.release.count_worker_deaths()
+        regrade = self.ledger.resume()
+        if (left := Staging(Path(self.settings.storage.spool_dir)).clear()):  # uploads cut off by a stop or a crash
+            log.info("removed unfinished uploads from the staging area", uploads=left)
+        self.scheduler.start()
+        pending = self.deliveries.resume()
+        receiving = len(self.ledger.studies((StudyState.RECEIVING,)))
+        log.info("resumed from the ledger", studies_to_grade=regrade + receiving, deliveries_pending=pending)
+        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_INTERVAL_S, id="sweep", max_instances=1)
+        storage = self.settings.storage
+        if storage.retention_days is not None or storage.purge_below_free_mb:
+            self.scheduler.add_job(self.purge, "interval", seconds=PURGE_INTERVAL_S, id="purge", max_instances=1,
+                                   next_run_time=datetime.now(UTC))
+        self.scp.start()
+        if self.settings.web.port is not None:
+            from dicom_node.web import WebServer
+
+            self.web = WebServer(self.settings, self)
+            self.web.start()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new associations and finish the writes in flight, let a running grading finish
+        within ``grace_s`` (queued ones are resumed at the next start; a grading that hangs is
+        ended), stop the deliveries, close the ledger."""
+        self._stopping.set()
+        if self.web is not None:
+            self.web.stop()
+        self.scp.stop()  # restores the pynetdicom tuning it applied
+        for job in ("sweep", "purge"):
+            if self.scheduler.get_job(job) is not None:
+                self.scheduler.remove_job(job)
+        self.release.shutdown(grace_s)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.ledger.close()
+        log.info("node stopped")
+
+    # -- scheduled jobs ------------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Release every receiving study that is quiet, or complete (when so configured)."""
+        self.release.sweep()
+
+    def purge(self) -> int:
+        """Retention (``pipeline.purge``): how many studies were purged."""
+        return purge(self.settings, self.ledger)
+
+    # -- what the web page asks for (web.NodeActions) ------------------------------------------------
+
+    def release_now(self, study_uid: str) -> None:
+        """Grade an uploaded study at the next sweep, without waiting for the quiet time."""
+        self.release.release_now(study_uid)
+
+    def grade_again(self, study_uid: str, actor: str) -> bool:
+        """Grade a study again (the new report supersedes the old). False if the ledger does not know it."""
+        return self.release.grade_again(study_uid, actor)
+
+    def send_again(self, study_uid: str, actor: str) -> int:
+        """Send the newest report's files to every destination again; how many deliveries were queued."""
+        return self.deliveries.send_again(study_uid, actor)
+
+    def queued(self) -> int:
+        """How many studies are with the grading workers."""
+        return self.release.queued()
+
+
+def run_until_signalled(node: Node, stop: threading.Event) -> None:
+    """Start the node, wait for ``stop`` (set by SIGTERM/SIGINT), then stop it."""
+    try:
+        node.start()
+        own = node.settings.node
+        if own.tls is None or own.tls.ca_certificates is None:
+            anywhere = [p.ae_title for p in own.allowed_peers if p.host is None]
+            if anywhere:
+                log.warning("peers accepted from any address: the AE title alone authenticates them; set their "
+                            "host, or node.tls with ca_certificates (client certificates)", peers=anywhere)
+        log.info("node ready", ae_title=own.ae_title, port=own.port, tls=describe(own.tls),
+                 destinations=[f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+                               for d in node.destinations.values()])
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("shutting down: refusing new associations, finishing writes in flight")
+        node.stop()

@@ -1,0 +1,134 @@
+"""What every route shares: the templates, the signed-in user, and ``page()``, the wrapper that
+lets only signed-in users in and checks an action's CSRF token and role (refusals are audited).
+
+Nothing that blocks runs on the event loop: the ledger (SQLite), the accounts file and argon2 are
+called through ``run_in_threadpool``, and a handler that is a plain function (not ``async``) is
+run there whole by ``page()``, as Starlette runs plain endpoints."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import Any, cast
+from urllib.parse import urlencode
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.templating import Jinja2Templates
+
+from dicom_node.observability import get_logger
+from dicom_node.states import EventKind, StudyState
+from dicom_node.web.accounts import AccountError
+from dicom_node.web.context import WebContext
+from dicom_node.web.security import CSRF_FIELD, CSRF_HEADER, User, csrf_ok, session_user
+
+__all__ = ["MAX_UPLOAD_FILES", "AsyncHandler", "Handler", "Site", "SyncHandler"]
+
+log = get_logger(__name__)
+MAX_UPLOAD_FILES = 20000
+
+#: A route's handler once ``page()`` let the request in: it gets the signed-in user. A plain
+#: function (one that reads the ledger or files) runs in the threadpool; a coroutine function
+#: (one that reads the request body) on the event loop, and must not block it.
+AsyncHandler = Callable[[Request, User], Awaitable[Response]]
+SyncHandler = Callable[[Request, User], Response]
+Handler = AsyncHandler | SyncHandler
+
+
+def _on_the_loop(handler: Handler) -> AsyncHandler:
+    """``handler`` as a coroutine function: a plain one is run in the threadpool."""
+    if inspect.iscoroutinefunction(handler):
+        return cast(AsyncHandler, handler)  # the check above is the runtime's, the type cannot say it
+    plain = cast(SyncHandler, handler)
+
+    async def in_threadpool(request: Request, user: User) -> Response:
+        return await run_in_threadpool(plain, request, user)
+
+    return in_threadpool
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def _percent(p: float) -> str:
+    return f"{100 * p:.0f}%"
+
+
+def _grade_class(grade: str | None) -> str:
+    return {"Normal/Mild": "g-normal", "Moderate": "g-moderate", "Severe": "g-severe"}.get(grade or "", "g-none")
+
+
+_TEMPLATES = Jinja2Templates(directory=str(files("dicom_node.web") / "templates"))
+_TEMPLATES.env.filters.update(when=_when, percent=_percent, grade_class=_grade_class)
+
+
+class Site:
+    """The routes' shared helpers over one ``WebContext``."""
+
+    def __init__(self, ctx: WebContext):
+        self.ctx = ctx
+        self.web = ctx.settings.web
+
+    def user_of(self, request: Request) -> User | None:
+        try:
+            return session_user(request.session, self.ctx.accounts.accounts(), self.web.session_max_age_s)
+        except AccountError as exc:
+            log.error("cannot read the accounts file", error=str(exc))
+            return None
+
+    def render(self, request: Request, name: str, user: User | None, status: int = 200, **values: Any) -> Response:
+        return _TEMPLATES.TemplateResponse(request, name, {"user": user, "csrf": request.session.get("csrf", ""),
+                                                           "states": list(StudyState), **values}, status_code=status)
+
+    def page(self, handler: Handler, admin: bool = False, action: str = "",
+             streamed: bool = False) -> Callable[[Request], Awaitable[Response]]:
+        """A route for signed-in users (anonymous: to the sign-in page); an action (POST) also
+        needs the CSRF token, and ``admin`` an administrator (refusals are audited). A ``streamed``
+        handler reads a multipart body itself, as it arrives: without the token in the header,
+        it checks the form's token before the first file (the body is never read here)."""
+        ctx, web, render = self.ctx, self.web, self.render
+        call = _on_the_loop(handler)
+
+        async def endpoint(request: Request) -> Response:
+            user = await run_in_threadpool(self.user_of, request)
+            if user is None:
+                if request.method == "GET" and "application/json" not in request.headers.get("accept", ""):
+                    return RedirectResponse(f"/signin?{urlencode({'next': request.url.path})}", 303)
+                return JSONResponse({"error": "sign in first"}, 401)
+            if request.method == "POST":
+                token: str | UploadFile | None = request.headers.get(CSRF_HEADER)
+                content_type = request.headers.get("content-type", "")
+                if token is None and streamed and not admin and content_type.startswith("multipart/form-data"):
+                    return await call(request, user)  # it checks the form's token itself
+                if token is None and content_type.startswith("multipart/form-data"):
+                    declared = request.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > web.upload_max_mb * 2**20 + 2**20:
+                        return JSONResponse({"error": f"Too large: the upload is over the limit of "
+                                                      f"{web.upload_max_mb:g} MiB (web.upload_max_mb)"}, 413)
+                    try:  # parsed once: the handler gets the same (cached) form
+                        token = (await request.form(max_files=MAX_UPLOAD_FILES, max_fields=100)).get(CSRF_FIELD)
+                    except Exception as exc:  # noqa: BLE001 - a malformed or over-long form
+                        return JSONResponse({"error": f"The upload could not be read: {exc}"}, 400)
+                elif token is None and content_type.startswith("application/x-www-form-urlencoded"):
+                    token = (await request.form()).get(CSRF_FIELD)
+                if not csrf_ok(request.session, token if isinstance(token, str) else None):
+                    return render(request, "message.html", user, 403, title="Refused",
+                                  message="The form was out of date (CSRF token missing or wrong): reload the page "
+                                          "and try again.")
+                if admin and not user.admin:
+                    study_uid = request.path_params.get("study_uid")
+                    await run_in_threadpool(ctx.ledger.add_event, EventKind.REFUSED, user.name, study_uid,
+                                            f"{action}: {user.name} is {user.role}, only an administrator may")
+                    log.warning("action refused: not an administrator", action=action, user=user.name,
+                                study_uid=study_uid)
+                    return render(request, "message.html", user, 403, title="Not allowed",
+                                  message=f"Only an administrator may {action}; you are signed in as "
+                                          f"{user.name} ({user.role}).")
+            return await call(request, user)
+
+        return endpoint
