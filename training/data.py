@@ -158,7 +158,7 @@ def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitte
             loc = localiser_input(vol, intensity, plane.center + shift[0] * plane.row_dir + shift[1] * plane.col_dir)
             peaks = np.full((len(LEVELS), 2), np.nan, np.float32)
             for level, point in canal.items():
-                peaks[level.index] = patient_to_crop(loc.frame, point)
+                peaks[level.position] = patient_to_crop(loc.frame, point)
             samples.localiser.append(LocaliserSample(loc.image.astype(np.float16), peaks, jitter > 0))
     intensities = {role: intensity_of(vol) for role, vol in volumes.items()}
     for i, label in enumerate(LABELS):

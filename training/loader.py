@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from inference.labels import CONDITIONS, LABELS
 from inference.levels import LOCALISER_SPEC
@@ -27,7 +27,7 @@ from training.cache import load_array
 from training.data import HEATMAP_SIGMA_PX, render_heatmaps, window_crop
 from training.models import CONDITION_GROUP
 
-OPEN_STUDIES = 8  # memory-mapped studies kept open per dataset copy (the batch sampler visits a study's samples together)
+OPEN_STUDIES = 8  # studies kept memory-mapped per dataset copy (a batch visits a study's samples together)
 Key = tuple[int, int]  # (epoch, sample index): what the samplers yield and the datasets take
 _GRADER, _LOCALISER = 1, 2  # stage codes in the augmentation seed
 
@@ -76,9 +76,8 @@ class GraderIndex:
             labels.append(window_labels.astype(np.int8))
             targets.append(study_targets[window_labels].astype(np.int8))
             starts.append(starts[-1] + len(window_labels))
-        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731
-        return cls(np.array(ids, np.int64), np.array(starts, np.int64), cat(rows, np.int32),
-                   cat(labels, np.int8), cat(targets, np.int8))
+        return cls(np.array(ids, np.int64), np.array(starts, np.int64), _concat(rows, np.int32),
+                   _concat(labels, np.int8), _concat(targets, np.int8))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -86,6 +85,10 @@ class GraderIndex:
     def study_of(self, i: int) -> int:
         """The position (in ``study_ids``) of sample i's study."""
         return int(np.searchsorted(self.starts, i, side="right") - 1)
+
+
+def _concat(parts: list[NDArray], dtype: type) -> NDArray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
 #: condition index of each label
@@ -136,7 +139,8 @@ class StudyBatchSampler(Sampler[list[Key]]):
         n = len(self.starts) - 1
         order = np.random.default_rng([self.seed, _GRADER, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
         for b in range(0, n, self.k):
-            yield [(self.epoch, int(i)) for s in order[b: b + self.k] for i in range(self.starts[s], self.starts[s + 1])]
+            studies = order[b: b + self.k]
+            yield [(self.epoch, int(i)) for s in studies for i in range(self.starts[s], self.starts[s + 1])]
 
 
 @dataclass(frozen=True)
@@ -183,22 +187,24 @@ class LocaliserDataset(Dataset):
         return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(target, np.float32)
 
 
-class EpochSampler(Sampler[Key]):
-    """Every sample index once per epoch, as (epoch, index) keys: shuffled by (seed, epoch), or in order."""
+class EpochBatchSampler(Sampler[list[Key]]):
+    """Every sample index once per epoch, as (epoch, index) keys in batches of ``batch`` (the last
+    one smaller): shuffled by (seed, epoch), or in order."""
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, batch: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.batch, self.seed, self.shuffle, self.epoch = n, batch, seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.batch)
 
-    def __iter__(self) -> Iterator[Key]:
+    def __iter__(self) -> Iterator[list[Key]]:
         order = (np.random.default_rng([self.seed, _LOCALISER, self.epoch]).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
-        return iter([(self.epoch, int(i)) for i in order])
+        for b in range(0, self.n, self.batch):
+            yield [(self.epoch, int(i)) for i in order[b: b + self.batch]]
 
 
 def _worker_init(_: int) -> None:
@@ -212,20 +218,22 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, device: 
     batches in pinned memory on CUDA. The workers are spawned, not forked: a fork of this process
     after OpenCV's or OpenMP's thread pools ran (the pipeline's validation) can inherit a held lock
     and hang."""
-    extra = {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": _worker_init,
-             "multiprocessing_context": "spawn"} if workers > 0 else {}
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                      **extra)
+    pin = device.type == "cuda"
+    if workers <= 0:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=0, pin_memory=pin)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+                      persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init,
+                      multiprocessing_context="spawn")
 
 
-def localiser_batches(n: int, batch: int, seed: int, shuffle: bool) -> BatchSampler:
+def localiser_batches(n: int, batch: int, seed: int, shuffle: bool) -> EpochBatchSampler:
     """Batches of ``batch`` localiser keys (the last one smaller)."""
-    return BatchSampler(EpochSampler(n, seed, shuffle), batch, drop_last=False)
+    return EpochBatchSampler(n, batch, seed, shuffle)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Set the epoch of a loader made by ``make_loader`` (its samplers draw from it)."""
     sampler = loader.batch_sampler
-    if isinstance(sampler, BatchSampler):
-        sampler = sampler.sampler
-    sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    if not isinstance(sampler, StudyBatchSampler | EpochBatchSampler):
+        raise TypeError(f"not a loader of make_loader's samplers: {type(sampler).__name__}")
+    sampler.set_epoch(epoch)

@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -154,7 +154,8 @@ def prepare_study(task: StudyTask) -> tuple[StudyEntry, list[dict[str, Any]]]:
             entry.reason = _left_out_reason(samples, entry.files)
             if entry.reason is None:
                 arrays = sample_arrays(samples)
-                entry.status, entry.windows, entry.localiser = StudyStatus.OK, len(samples.windows), len(samples.localiser)
+                entry.status = StudyStatus.OK
+                entry.windows, entry.localiser = len(samples.windows), len(samples.localiser)
     entry.seconds = round(time.perf_counter() - t0, 3)
     return write_entry(task.cache, entry, arrays), _captured()
 
@@ -162,7 +163,7 @@ def prepare_study(task: StudyTask) -> tuple[StudyEntry, list[dict[str, Any]]]:
 _CAPTURED: list[dict[str, Any]] = []
 
 
-def _capture(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _capture(_logger: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     _CAPTURED.append({"level": method, **event})
     raise structlog.DropEvent
 
@@ -244,7 +245,8 @@ def _run_pool(tasks: Iterable[StudyTask], workers: int, work: Work, progress: _P
     """Run ``work`` over ``tasks`` on ``workers`` spawned processes, at most 2 per process in flight.
     When the pool breaks (a worker died), the studies in flight are read again alone, each in its own
     pool, so that only the one that kills its worker is left out (WORKER_DIED)."""
-    queue, suspects = deque(tasks), deque()
+    queue: deque[StudyTask] = deque(tasks)
+    suspects: deque[StudyTask] = deque()
     while queue or suspects:
         alone = bool(suspects)
         source = suspects if alone else queue

@@ -48,6 +48,7 @@ from training.loader import (
     make_loader,
     set_epoch,
 )
+from training.memory import bound_heap_growth
 from training.metrics import competition_score, fill_not_assessed, prior_baseline
 from training.models import CONDITION_GROUP, Grader, Localiser
 from training.rsna import LayoutError, split_study_ids
@@ -202,7 +203,11 @@ def _offsets(cache: Path, study_ids: list[int]) -> dict[ConditionGroup, Offset]:
         for label, point in points.items():
             if label.level in canal and label.condition.group is not ConditionGroup.SPINAL:
                 found[label.condition.group].append(local_components(label, point - canal[label.level]))
-    return {g: (tuple(float(x) for x in np.median(v, axis=0)) if v else (0.0, 0.0, 0.0)) for g, v in found.items()}
+    return {g: _triple(np.median(v, axis=0)) if v else (0.0, 0.0, 0.0) for g, v in found.items()}
+
+
+def _triple(values: NDArray[np.float64]) -> tuple[float, float, float]:
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def _metadata(split: _Split, cfg: TrainConfig) -> ModelMetadata:
@@ -365,7 +370,7 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, device: torch.d
                              localiser_batches(len(val_index), cfg.localiser_batch, cfg.seed, shuffle=False), 0, device)
     opt = torch.optim.AdamW(localiser.parameters(), lr=cfg.lr, weight_decay=1e-4)
 
-    def train_epoch(epoch: int) -> list[float]:
+    def train_epoch(epoch: int) -> _Epoch:
         localiser.train()
         set_epoch(loader, epoch)
         done = _Epoch()
@@ -438,7 +443,7 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
         for _ in range(run.resumed_stage(Stage.GRADER).get("epoch", 0)):
             sched.step()  # to the resumed epoch; the loop then restores the optimiser's saved state
 
-    def train_epoch(epoch: int) -> list[float]:
+    def train_epoch(epoch: int) -> _Epoch:
         grader.train()
         set_epoch(loader, epoch)
         done = _Epoch()
@@ -488,7 +493,7 @@ def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperat
                   "median_level_error_mm": float(np.median(loc_err)) if loc_err else None,
                   "levels_not_localised": sum(r.localisation is not None and not r.levels for r in results)}
     return replace(meta, temperatures=tuple(temperatures),
-                   class_prior=tuple(tuple(float(x) for x in row) for row in split.prior[0]),
+                   class_prior=tuple(_triple(row) for row in split.prior[0]),
                    validation=validation, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
@@ -500,6 +505,7 @@ def train(cache: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
     the final model under ``run``. A run folder with a state.pt is resumed at its stage and epoch."""
     cfg = cfg or TrainConfig()
     device = device_of(cfg.device)
+    bound_heap_growth()
     torch.manual_seed(cfg.seed)
     training = _open_run(run, device)
     split = _load_split(cache, cfg, device)

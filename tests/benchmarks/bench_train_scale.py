@@ -8,12 +8,13 @@ Makes the largest N once (`lumbar-node phantom --style kaggle --matrix real`, ke
 reused), and the smaller N as subsets of it (the same studies, symlinked). Per N: `lumbar-node
 prepare` with each worker count (wall time, studies/s, peak RSS of the command and of all its
 processes together), a second `prepare` (cache reuse), the cache's MB per study, and `lumbar-node
-train --cache` for 1 localiser + 1 grader epoch (peak RSS; training samples/s from its history,
-once the loader's worker processes run: their start is shown apart, it is paid once per run; the
-share of the epoch spent waiting for data; validation seconds per study through the serving pipeline). Then a real-size study's `predict` time
-with pydicom's own RLE decoder (LUMBAR_NODE_DECODER=pydicom) and with the default one, and the
-projection for the 1,975 studies of the RSNA 2024 training set. Every command runs as a subprocess,
-its memory polled from /proc every 50 ms. Prints a markdown table.
+train --cache` for 2 localiser + 2 grader epochs (peak RSS; from its history, the second epochs'
+training samples/s, the DataLoader workers' start, paid once per run, and the share of an epoch
+spent waiting for data; validation seconds per study through the serving pipeline). Then a
+real-size study's `predict` time with pydicom's own RLE decoder (LUMBAR_NODE_DECODER=pydicom) and
+with the default one, and the projection for the 1,975 studies of the RSNA 2024 training set.
+Every command runs as a subprocess, its memory polled from /proc every 50 ms. Prints a markdown
+table.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REAL_SET_STUDIES = 1975
+EPOCHS = 2  # of each stage: the last one's rates are the steady state's
 EXE = Path(sys.executable).with_name("lumbar-node")
 
 
@@ -149,13 +151,16 @@ def bench_n(n: int, data: Path, out: Path, workers: list[int], device: str) -> d
     row["source_mb_per_study"] = sum(s["source_bytes"] for s in ok) / 2**20 / max(len(ok), 1)
     run = out / f"run-{n}"
     shutil.rmtree(run, ignore_errors=True)
-    m = measure([str(EXE), "train", "--cache", str(cache), "--out", str(run), "--localiser-epochs", "1",
-                 "--grader-epochs", "1", "--workers", str(max(workers)), "--device", device])
+    m = measure([str(EXE), "train", "--cache", str(cache), "--out", str(run), "--localiser-epochs", str(EPOCHS),
+                 "--grader-epochs", str(EPOCHS), "--patience", str(EPOCHS), "--workers", str(max(workers)),
+                 "--device", device])
     history = json.loads((run / "history.json").read_text())
-    loc, grd = history[0], history[1]
+    loc = [h for h in history if h["stage"] == "localiser"][-1]
+    grd = [h for h in history if h["stage"] == "grader"][-1]
+    first = next(h for h in history if h["stage"] == "grader")
     row["train"] = {"seconds": m.seconds, "peak_mb": m.peak_mb, "tree_peak_mb": m.tree_peak_mb,
                     "grader_samples": grd["samples"], "grader_samples_per_s": _rate(grd),
-                    "localiser_samples_per_s": _rate(loc), "loader_start_s": grd["first_batch_seconds"],
+                    "localiser_samples_per_s": _rate(loc), "loader_start_s": first["first_batch_seconds"],
                     "loader_wait_share": (grd["loader_wait_seconds"] - grd["first_batch_seconds"])
                     / max(grd["train_seconds"] - grd["first_batch_seconds"], 1e-9),
                     "validation_seconds": grd["validation_seconds"]}
@@ -165,7 +170,8 @@ def bench_n(n: int, data: Path, out: Path, workers: list[int], device: str) -> d
 
 
 def _rate(epoch: dict) -> float:
-    """Training samples/s once the loader's workers run (their start, once per run, left out)."""
+    """Training samples/s of an epoch, the wait for its first batch left out (in the first epoch: the
+    workers' start, once per run)."""
     return epoch["samples"] / max(epoch["train_seconds"] - epoch["first_batch_seconds"], 1e-9)
 
 

@@ -105,7 +105,7 @@ def test_the_cache_refuses_an_unfinished_or_foreign_spec_run(tmp_path: Path) -> 
     manifest.save(cache)
     with pytest.raises(CacheError, match="did not finish"):
         open_cache(cache)
-    with pytest.raises(CacheError, match="no manifest.json"):
+    with pytest.raises(CacheError, match=r"no manifest\.json"):
         open_cache(tmp_path / "nowhere")
 
 
@@ -139,7 +139,7 @@ def test_grader_samples_are_the_cached_windows_and_augmentation_is_reproducible(
     cache = _cache(tmp_path, {10: 3, 12: 5})
     index = GraderIndex.build(cache, [10, 12])
     plain = GraderDataset(cache, index)
-    crop, target, cond, study = plain[(0, 4)]
+    crop, target, _, study = plain[(0, 4)]
     window = np.load(study_dir(cache, 12) / "windows.npy")[1]
     assert np.array_equal(crop, window_crop(window, 0, 0, 0).astype(np.float32))
     assert study == 1 and target == np.load(study_dir(cache, 12) / "targets.npy")[index.labels[4]]
