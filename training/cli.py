@@ -68,10 +68,15 @@ def prepare_command(data: Path, cache: Path, workers: int | None) -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="DataLoader worker processes (0: load in the training process), and prepare's "
                    "processes with --data  [default: min(4, CPU count)]")
+@click.option("--augment", "augment", default="default", show_default=True,
+              help="Training augmentation (training/augment.py): default, legacy (jitter, slice shift, intensity "
+                   "scale and noise only), off, or a JSON object of settings that change the default, e.g. "
+                   "'{\"mirror_p\": 0, \"rotate_deg\": 5}'. Recorded in RUN/config.json.")
 @click.option("--training-data", default=None,
               help="How to describe the training data in the model's metadata and outputs.")
 def train_command(data: Path | None, cache: Path | None, run: Path, localiser_epochs: int, grader_epochs: int,
-                  patience: int, seed: int, device: str, workers: int | None, training_data: str | None) -> None:
+                  patience: int, seed: int, device: str, workers: int | None, augment: str,
+                  training_data: str | None) -> None:
     """Train the level localiser and the grader (PyTorch) on a prepared cache or an RSNA 2024 folder.
 
     Splits by study, trains the localiser, measures its real error on validation, trains the
@@ -89,7 +94,7 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
-                      seed=seed, device=device)
+                      seed=seed, device=device, augment=_augment_config(augment))
     if workers is not None:
         cfg.workers = workers
     if training_data:
@@ -102,6 +107,23 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
         train(cache, run, cfg)
     except (LayoutError, CacheError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _augment_config(text: str):  # noqa: ANN202 - training.augment.AugmentConfig, imported lazily
+    """``--augment``'s value as an AugmentConfig, or a one-line usage error."""
+    from training.augment import AugmentConfig
+
+    named = {"default": AugmentConfig, "legacy": AugmentConfig.legacy, "off": AugmentConfig.off}
+    if text in named:
+        return named[text]()
+    try:
+        changes = json.loads(text)
+        if not isinstance(changes, dict):
+            raise ValueError("not a JSON object")
+        return AugmentConfig.from_dict({**AugmentConfig().to_dict(), **changes})
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (give default, legacy, off or a JSON object of settings)",
+                                 param_hint="--augment") from None
 
 
 def _existing_dir(path: Path, what: str) -> Path:

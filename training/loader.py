@@ -20,12 +20,11 @@ import torch
 from numpy.typing import NDArray
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from inference.labels import CONDITIONS, LABELS
+from inference.labels import CONDITIONS, LABELS, ConditionGroup
 from inference.levels import LOCALISER_SPEC
-from training.augment_placeholder import AugmentConfig, augment_grader_crop, augment_localiser
+from training.augment import AugmentConfig, augment_grader_crop, augment_localiser
 from training.cache import load_array
 from training.data import HEATMAP_SIGMA_PX, render_heatmaps, window_crop
-from training.models import CONDITION_GROUP
 
 OPEN_STUDIES = 8  # studies kept memory-mapped per dataset copy (a batch visits a study's samples together)
 Key = tuple[int, int]  # (epoch, sample index): what the samplers yield and the datasets take
@@ -93,6 +92,8 @@ def _concat(parts: list[NDArray], dtype: type) -> NDArray:
 
 #: condition index of each label
 _CONDITION_OF_LABEL = np.array([CONDITIONS.index(lb.condition) for lb in LABELS], np.int64)
+#: index (0 spinal, 1 foraminal, 2 subarticular) of each condition's group, as the grader's heads
+_GROUPS = list(ConditionGroup)
 
 
 class GraderDataset(Dataset):
@@ -115,9 +116,9 @@ class GraderDataset(Dataset):
         if self.sigma_px is None:
             crop = window_crop(window, 0, 0, 0).astype(np.float32)
         else:
-            group = CONDITION_GROUP[cond]
+            group = LABELS[int(self.index.labels[i])].condition.group
             rng = np.random.default_rng([self.seed, _GRADER, epoch, i])
-            crop = augment_grader_crop(window, condition_group=group, sigma_px=self.sigma_px[group], rng=rng,
+            crop = augment_grader_crop(window, group=group, sigma_px=self.sigma_px[_GROUPS.index(group)], rng=rng,
                                        cfg=self.augment)
         return np.ascontiguousarray(crop, np.float32), int(self.index.targets[i]), cond, s
 
@@ -183,7 +184,7 @@ class LocaliserDataset(Dataset):
         target = render_heatmaps(self.arrays.get(sid, "localiser_peaks")[row], LOCALISER_SPEC.pixels, self.sigma_px)
         if self.train:
             rng = np.random.default_rng([self.seed, _LOCALISER, epoch, i])
-            image, target = augment_localiser(image, target, rng, self.augment)
+            image, target = augment_localiser(image, target, rng=rng, cfg=self.augment)
         return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(target, np.float32)
 
 

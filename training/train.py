@@ -34,7 +34,7 @@ from inference import __version__
 from inference.labels import CONDITIONS, LABELS, LEVELS, SEVERITY_WEIGHTS, ConditionGroup
 from inference.levels import GRADER_SPEC, LOCALISER_SPEC
 from inference.model import ModelInfo, ModelMetadata, Offset
-from training.augment_placeholder import AugmentConfig
+from training.augment import AugmentConfig
 from training.cache import Manifest, load_array, open_cache, study_points
 from training.data import canal_points, local_components
 from training.level_calibration import LevelFit, fit_on_results, with_level_check
@@ -91,7 +91,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_json(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "augment"}, "augment": self.augment.to_json()}
+        return {**{k: v for k, v in asdict(self).items() if k != "augment"}, "augment": self.augment.to_dict()}
 
 
 # ---- losses, batches, calibration ------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tests.support.tools import lumbar_node
+from training.augment import AugmentConfig, replace_fields
 from training.cache import MANIFEST, Manifest, PrepareSpec
 from training.runner import load_model
 
@@ -15,7 +16,7 @@ def test_train_from_a_prepared_cache_with_loader_workers_and_resume(phantom_dir:
     cache, run = tmp_path / "cache", tmp_path / "run"
     lumbar_node("prepare", "--data", str(phantom_dir), "--out", str(cache), "--workers", "2")
     args = ("train", "--cache", str(cache), "--out", str(run), "--localiser-epochs", "1", "--grader-epochs", "1",
-            "--workers", "2")
+            "--workers", "2", "--augment", '{"mirror_p": 0.25}')
     lumbar_node(*args)
     history = json.loads((run / "history.json").read_text())
     assert [h["stage"] for h in history] == ["localiser", "grader"]
@@ -25,7 +26,8 @@ def test_train_from_a_prepared_cache_with_loader_workers_and_resume(phantom_dir:
     assert meta.train_studies + meta.validation["studies"] == len(Manifest.load(cache).ok())
     config = json.loads((run / "config.json").read_text())
     assert config["workers"] == 2 and config["cache"] == str(cache.resolve())
-    assert config["spec_hash"] == Manifest.load(cache).spec.hash and isinstance(config["augment"], dict)
+    assert config["spec_hash"] == Manifest.load(cache).spec.hash
+    assert AugmentConfig.from_dict(config["augment"]) == replace_fields(AugmentConfig(), mirror_p=0.25)
     assert not (run / "cache").exists()  # --cache given: nothing prepared beside the run
 
     again = lumbar_node(*args)
