@@ -16,8 +16,9 @@ foraminal fat (foraminal) or the lateral recess (subarticular).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,7 +35,14 @@ from inference.labels import (
     Side,
 )
 
+#: float32 throughout the shapes. numpy's stubs type ``float32_array / 2`` as float64 and ``np.abs(array)`` as of
+#: any dtype, so the code writes ``/ 2.0`` and ``abs()`` (the same float32 values: a Python number takes the array's
+#: dtype, NEP 50).
 F32 = NDArray[np.float32]
+#: A signed distance or a membership: float32 from float32 operands and Python floats (numpy keeps the array's
+#: precision), float64 where a float64 array or scalar joins in (the sizes of some shapes: np.minimum of two Python
+#: floats is a float64 scalar; np.where(mask, 0.0, 1.0) a float64 array).
+Field = NDArray[np.floating[Any]]
 
 VERTEBRAE = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3")
 L1_INDEX = 2  # index of L1 in VERTEBRAE; disc i lies between VERTEBRAE[i] and VERTEBRAE[i + 1]
@@ -135,7 +143,7 @@ class Anatomy:
     @property
     def disc_center(self) -> F32:
         """s of the centre of each disc."""
-        return self.body_top[:-1] + self.body_h[:-1] + self.disc_h / 2
+        return self.body_top[:-1] + self.body_h[:-1] + self.disc_h / 2.0
 
     def narrowing_array(self, condition: Condition) -> F32:
         """Latent narrowing per disc (zeros outside L1/L2..L5/S1)."""
@@ -179,8 +187,8 @@ class Anatomy:
     def _level_geometry(self, level: Level) -> tuple[float, float, float]:
         """(s of the disc centre, canal half width, canal AP depth) at a level."""
         s = float(self.disc_center[disc_index(level)])
-        cw = float(self.vertebra_param(self.canal_w, np.float32([s]))[0])
-        ca = float(self.vertebra_param(self.canal_ap, np.float32([s]))[0])
+        cw = float(self.vertebra_param(self.canal_w, np.array([s], np.float32))[0])
+        ca = float(self.vertebra_param(self.canal_ap, np.array([s], np.float32))[0])
         return s, cw, ca
 
     def canal_point(self, level: Level) -> NDArray[np.float64]:
@@ -302,18 +310,18 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
 # ---- rendering -----------------------------------------------------------------------------
 
 
-def _soft(sd: F32, edge: float = 1.0) -> F32:
+def _soft(sd: Field, edge: float = 1.0) -> Field:
     """Soft membership from a signed distance (mm, negative inside): partial volume at edges."""
     return np.clip(0.5 - sd * np.float32(1.0 / edge), 0.0, 1.0)
 
 
-def _ellipse_sd(dx: F32, dy: F32, a: F32 | float, b: F32 | float) -> F32:
+def _ellipse_sd(dx: F32, dy: F32, a: Field | float, b: Field | float) -> Field:
     """Approximate signed distance to an axis-aligned ellipse (exact on circles)."""
     r = np.sqrt((dx / a) ** 2 + (dy / b) ** 2)
     return (r - 1.0) * np.minimum(a, b)
 
 
-def _superellipse_sd(dx: F32, dy: F32, a: F32 | float, b: F32 | float) -> F32:
+def _superellipse_sd(dx: F32, dy: F32, a: Field | float, b: Field | float) -> Field:
     """Approximate signed distance to a 4th-power superellipse (a rounded box)."""
     u, v = (dx / a) ** 2, (dy / b) ** 2
     r = np.sqrt(np.sqrt(u * u + v * v))
@@ -321,7 +329,7 @@ def _superellipse_sd(dx: F32, dy: F32, a: F32 | float, b: F32 | float) -> F32:
 
 
 def _slab_sd(d: F32, half: F32 | float) -> F32:
-    return np.abs(d) - half
+    return abs(d) - half
 
 
 def _rounded_corner(inside_s: F32, p_depth: F32, depth: F32, r: float) -> F32:
@@ -339,7 +347,7 @@ class _Canvas:
     def __init__(self, img: F32, lab: NDArray[np.uint8], values: NDArray[np.float32]):
         self.img, self.lab, self.values = img, lab, values
 
-    def paint(self, tissue: Tissue, m: F32) -> None:
+    def paint(self, tissue: Tissue, m: Field) -> None:
         self.img += (self.values[tissue] - self.img) * m
         self.lab[m > 0.5] = tissue
 
@@ -370,15 +378,7 @@ class _SpinePoints:
 
     def subset(self, idx: NDArray[np.intp]) -> _SpinePoints:
         """The same description of some of the points."""
-        return _SpinePoints(
-            *(
-                a[idx]
-                for a in (
-                    self.x, self.s, self.p, self.ax, self.k, self.ds, self.half_disc, self.sacral,
-                    self.cw, self.ca, self.bw, self.column_sd,
-                )
-            )
-        )
+        return _SpinePoints(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
 def _paint_torso(cv: _Canvas, anat: Anatomy, x: F32, y: F32, p: F32) -> None:
@@ -412,7 +412,7 @@ def _locate_segments(anat: Anatomy, x: F32, s: F32, p: F32, ax: F32, bw: F32) ->
     dc = anat.disc_center
     k = np.clip(np.searchsorted((dc[:-1] + dc[1:]) / 2, s), 0, len(dc) - 1)
     ds = s - dc[k]  # signed distance from the nearest disc centre
-    half_disc = anat.disc_h[k] / 2
+    half_disc = anat.disc_h[k] / 2.0
     sacral = k >= N_LUMBAR_DISCS_ABOVE_SACRUM
     cw = anat.vertebra_param(anat.canal_w, s)
     ca = anat.vertebra_param(anat.canal_ap, s)
@@ -425,7 +425,7 @@ def _paint_bodies_and_discs(cv: _Canvas, anat: Anatomy, sp: _SpinePoints, bd: F3
     """Vertebral bodies (cortex shell, marrow) and discs (annulus, nucleus; fused and bony in the sacrum)."""
     x, p, k, ds, half_disc, sacral, bw = sp.x, sp.p, sp.k, sp.ds, sp.half_disc, sp.sacral, sp.bw
     in_disc_sd = _slab_sd(ds, half_disc)  # < 0 inside the disc's s-range
-    body_cs = _superellipse_sd(x, p + bd / 2, bw, bd / 2)
+    body_cs = _superellipse_sd(x, p + bd / 2.0, bw, bd / 2.0)
     body_s = np.where(ds > 0, ds - half_disc, ds + half_disc)  # from the nearest endplate, + inside
     corner = _rounded_corner(np.abs(body_s), -p, bd, 3.0)
     body_sd = np.maximum(np.maximum(np.maximum(body_cs, -in_disc_sd), sp.column_sd), corner)
@@ -447,7 +447,7 @@ def _posterior_zone(sp: _SpinePoints) -> NDArray[np.intp]:
 def _paint_pedicles_and_facets(cv: _Canvas, sp: _SpinePoints) -> None:
     """Pedicle/facet columns either side of the canal, with an oblique facet joint line at each disc level."""
     p, ax, ds, cw, ca, column_sd = sp.p, sp.ax, sp.ds, sp.cw, sp.ca, sp.column_sd
-    lateral = _superellipse_sd(ax - (cw + 7.0), p - (ca + 3.0) / 2, 7.5, (ca + 5.0) / 2)
+    lateral = _superellipse_sd(ax - (cw + 7.0), p - (ca + 3.0) / 2.0, 7.5, (ca + 5.0) / 2.0)
     lateral = np.maximum(lateral, column_sd)
     cv.paint(Tissue.CORTEX, _soft(lateral))
     cv.paint(Tissue.MARROW, _soft(lateral + 1.4))
@@ -493,10 +493,10 @@ def _paint_laminae_and_spinous(cv: _Canvas, anat: Anatomy, sp: _SpinePoints) -> 
 def _paint_canal(cv: _Canvas, anat: Anatomy, sp: _SpinePoints) -> None:
     """The canal: epidural fat, thecal sac (CSF), cord or cauda equina, traversing roots."""
     x, s, p, ax, cw, ca, column_sd = sp.x, sp.s, sp.p, sp.ax, sp.cw, sp.ca, sp.column_sd
-    canal = np.maximum(_ellipse_sd(x, p - ca / 2, cw, ca / 2 + 0.5), column_sd)
+    canal = np.maximum(_ellipse_sd(x, p - ca / 2.0, cw, ca / 2.0 + 0.5), column_sd)
     cv.paint(Tissue.FAT, _soft(canal))
-    sac_w, sac_a = cw - 1.8, ca / 2 - 1.0
-    sac = np.maximum(_ellipse_sd(x, p - ca / 2, sac_w, sac_a), column_sd)
+    sac_w, sac_a = cw - 1.8, ca / 2.0 - 1.0
+    sac = np.maximum(_ellipse_sd(x, p - ca / 2.0, sac_w, sac_a), column_sd)
     cv.paint(Tissue.CSF, _soft(sac))
     taper = np.sqrt(np.clip((anat.conus_s - s) / 25.0, 0.0, 1.0))
     cord = _ellipse_sd(x, p - 0.45 * ca, 4.5 * taper + 1e-3, 3.6 * taper + 1e-3)
@@ -596,8 +596,8 @@ def region_of(anat: Anatomy, points: NDArray) -> list[str]:
     for xi, si, pi in zip(x, s, p, strict=True):
         k = int(np.argmin(np.abs(dc - si)))
         level = LEVELS[k - L1_INDEX].value if L1_INDEX <= k < L1_INDEX + len(LEVELS) else "none"
-        cw = float(anat.vertebra_param(anat.canal_w, np.float32([si]))[0])
-        ca = float(anat.vertebra_param(anat.canal_ap, np.float32([si]))[0])
+        cw = float(anat.vertebra_param(anat.canal_w, np.array([si], np.float32))[0])
+        ca = float(anat.vertebra_param(anat.canal_ap, np.array([si], np.float32))[0])
         side = "left" if xi > 0 else "right"
         if 0 < pi < ca and abs(xi) < cw:
             name = "canal" if abs(xi) < cw / 3 else f"recess-{side}"

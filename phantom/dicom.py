@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.encoders import RLELosslessEncoder
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
@@ -191,7 +192,7 @@ def kaggle_dataset(study: StudyInfo, spec: SeriesSpec, slice_index: int, pixels:
     plane: ImagePlane = spec.planes[slice_index]
     instance = spec.instance_numbers[slice_index]
     study_id = str(study.study_id)
-    sop_uid = f"{study_id}.1.{instance}"
+    sop_uid = UID(f"{study_id}.1.{instance}")
 
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
