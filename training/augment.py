@@ -236,7 +236,7 @@ def _draw_affine(rng: np.random.Generator, cfg: AugmentConfig, shift_px: float =
 def _warp(plane: NDArray[np.float32], affine: Affine, center: tuple[float, float], out_hw: tuple[int, int],
           border: int, offset: tuple[float, float] = (0.0, 0.0)) -> NDArray[np.float32]:
     """``plane`` resampled (bilinear) so that output pixel p shows source pixel
-    affine^-1(p) + ``offset``; ``center`` is the fixed point in output coordinates."""
+    ``center + A^-1 (p - center - shift) + offset`` (A: the affine's rotation and scale)."""
     m = affine.inverse_matrix(center)
     m[:, 2] += offset
     return cv2.warpAffine(plane, m, (out_hw[1], out_hw[0]), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
