@@ -362,7 +362,7 @@ def _reflect(p: np.ndarray) -> np.ndarray:
 
 
 def _crop(volume: Volume, point: np.ndarray, condition: object) -> np.ndarray:
-    return crop_25d(volume, point, *crop_axes(condition), CACHE_SPEC, Intensity(0.0, 1.0))  # type: ignore[arg-type]
+    return crop_25d(volume, point, *crop_axes(condition), CACHE_SPEC, Intensity(0.0, 1.0))  # type: ignore[arg-type]  # the test passes conditions untyped
 
 
 def test_the_mirror_against_the_real_crop_geometry() -> None:
