@@ -105,7 +105,8 @@ def predict_command(ctx: click.Context, folder: Path, model_dir: Path | None, as
     try:
         predict_folder(folder, model_dir, tuple(settings.models.providers), as_json, click.echo, out,
                        pdf=settings.outputs.pdf,
-                       report_when_nothing_assessed=settings.study.report_when_nothing_assessed)
+                       report_when_nothing_assessed=settings.study.report_when_nothing_assessed,
+                       key_images=settings.outputs.key_images)
     except Exception as exc:
         if isinstance(exc, click.ClickException):
             raise

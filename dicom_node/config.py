@@ -213,6 +213,9 @@ class OutputsSettings(_Section):
     """Which optional objects a run writes besides the SR and the Grad-CAM SCs."""
 
     pdf: bool = True  # the one-page Encapsulated PDF summary (its own series, delivered with the SR)
+    # the Key Object Selection ("Of Interest") of the source images of the findings graded Moderate or
+    # Severe (its own series, delivered with the SR; none when there is no such finding)
+    key_images: bool = True
 
 
 class WebSettings(_Section):

@@ -24,26 +24,28 @@ from inference.runtime import OnnxRunner
 log = get_logger(__name__)
 
 
-def write_outputs(result: StudyResult, instances: Sequence[Instance], out: Path, pdf: bool = True) -> RunOutputs:
+def write_outputs(result: StudyResult, instances: Sequence[Instance], out: Path, pdf: bool = True,
+                  key_images: bool = True) -> RunOutputs:
     """The study's outputs under ``out/<StudyInstanceUID>/``; a re-run supersedes the newest SR
-    found there and replaces the heatmaps and the PDF, keeping their series."""
+    found there and replaces the heatmaps, the PDF and the key images, keeping their series."""
     folder = out / result.study_uid
     supersedes = previous_outputs(folder)
     if supersedes is not None:
         log.info("superseding an earlier report", study_uid=result.study_uid,
                  predecessor=str(supersedes.sr.SOPInstanceUID))
-    # the superseded heatmaps and PDF leave this folder (a PACS keeps its copies)
+    # the superseded heatmaps, PDF and KOS leave this folder (a PACS keeps its copies)
     run = RunFolder(folder)
-    for path in [*run.sc_files(), *run.pdf_files()]:
+    for path in [*run.sc_files(), *run.pdf_files(), *run.kos_files()]:
         path.unlink()
-    return write_run(result, instances, folder, supersedes, pdf=pdf)
+    return write_run(result, instances, folder, supersedes, pdf=pdf, key_images=key_images)
 
 
 def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, ...], as_json: bool,
                    echo: Callable[[str], None], out: Path | None = None, pdf: bool = True,
-                   report_when_nothing_assessed: bool = False) -> list[StudyResult]:
+                   report_when_nothing_assessed: bool = False, key_images: bool = True) -> list[StudyResult]:
     """Grade every study found under ``folder``, print each result, and with ``out`` write its
-    Structured Report, Grad-CAM Secondary Captures and (with ``pdf``) PDF summary there. A study of
+    Structured Report, Grad-CAM Secondary Captures, (with ``pdf``) PDF summary and (with
+    ``key_images``) Key Object Selection there. A study of
     which nothing could be assessed gets no outputs (unless ``report_when_nothing_assessed``)."""
     studies = read_folder(folder)
     for instances in studies.values():
@@ -66,10 +68,11 @@ def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, .
         if no_report is not None:
             log.warning("no report: nothing could be assessed", study_uid=study_uid, reason=no_report)
         elif out is not None:
-            written = write_outputs(result, instances, out, pdf)
+            written = write_outputs(result, instances, out, pdf, key_images)
             log.info("results written", study_uid=study_uid, sr=str(written.sr.path),
                      secondary_captures=sum(f.kind is OutputKind.SC for f in written.files),
-                     pdf=next((str(f.path) for f in written.files if f.kind is OutputKind.PDF), None))
+                     pdf=next((str(f.path) for f in written.files if f.kind is OutputKind.PDF), None),
+                     key_images=next((str(f.path) for f in written.files if f.kind is OutputKind.KOS), None))
     if as_json:
         echo(json.dumps([result_json(r) | ({"no_report": why} if why else {}) for r, why in printed], indent=1))
     else:

@@ -159,7 +159,8 @@ class Releaser:
                        previous.sr_path if previous else None, previous.sc_series_uid if previous else None,
                        AnalysisLimits(limits.max_series_images, limits.max_pixels, limits.localiser_batch),
                        limits.grading_timeout_s, pdf=self.settings.outputs.pdf,
-                       report_when_nothing_assessed=self.settings.study.report_when_nothing_assessed)
+                       report_when_nothing_assessed=self.settings.study.report_when_nothing_assessed,
+                       key_images=self.settings.outputs.key_images)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self.metrics.released.labels(why).inc()
         audit(self.ledger, EventKind.RELEASED, uid, f"run {run}: {why}, {study.instances} instances",

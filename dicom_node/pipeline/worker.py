@@ -54,6 +54,7 @@ class GradeJob:
     timeout_s: float = 600.0
     pdf: bool = True  # outputs.pdf: write the PDF summary too
     report_when_nothing_assessed: bool = False  # study.report_when_nothing_assessed
+    key_images: bool = True  # outputs.key_images: write the Key Object Selection too
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _grade(job: GradeJob) -> GradeOutcome:
         supersedes = None
         if job.previous_sr:
             supersedes = Supersedes(pydicom.dcmread(job.previous_sr), job.sc_series_uid)
-        outputs = write_run(result, mr, Path(job.folder), supersedes, pdf=job.pdf)
+        outputs = write_run(result, mr, Path(job.folder), supersedes, pdf=job.pdf, key_images=job.key_images)
         assessed = len(result.assessed())
         log.info("study graded", study_uid=job.study_uid, run=job.run, assessed=assessed,
                  sc_series_uid=outputs.series_uid(OutputKind.SC),

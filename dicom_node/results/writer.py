@@ -1,10 +1,12 @@
 """The one writer of a grading run's outputs: the SR, the Grad-CAM Secondary Captures, the PDF
-summary and the result as text and JSON, into one folder, returned as a typed record; and the
+summary, the key images (KOS) and the result as text and JSON, into one folder, returned as a typed record; and the
 folder's layout (``RunFolder``), which the writer and every reader of a run go by:
 
     <folder>/SR_<SOPInstanceUID>.dcm
     <folder>/SC/<nn>_<SOPInstanceUID>.dcm
     <folder>/PDF_<SOPInstanceUID>.dcm      (Encapsulated PDF; unless outputs.pdf is false)
+    <folder>/KOS_<SOPInstanceUID>.dcm      (Key Object Selection; unless outputs.key_images is false
+                                            or no finding is graded Moderate or Severe)
     <folder>/results.txt, results.json
     <folder>/.grading                      (while a worker grades into it)
 
@@ -24,6 +26,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.results.kos import build_kos, key_images_json, key_images_of, note
 from dicom_node.results.pdf import build_pdf, key_findings
 from dicom_node.results.sc import build_sc_images
 from dicom_node.results.sources import image_key, location_key, patient_study
@@ -34,6 +37,7 @@ from inference.instances import Instance
 
 _SR_PREFIX = "SR_"
 _PDF_PREFIX = "PDF_"
+_KOS_PREFIX = "KOS_"
 _DICOM_SUFFIX = ".dcm"
 _SC_FOLDER = "SC"
 _TABLE_FILE = "results.txt"
@@ -87,6 +91,13 @@ class RunFolder:
     def pdf_files(self) -> list[Path]:
         return sorted(self.path.glob(f"{_PDF_PREFIX}*{_DICOM_SUFFIX}"))
 
+    def kos_path(self, sop_instance_uid: str) -> Path:
+        return self.path / f"{_KOS_PREFIX}{sop_instance_uid}{_DICOM_SUFFIX}"
+
+    def kos_files(self) -> list[Path]:
+        """The Key Object Selection (none when no finding is graded Moderate or Severe)."""
+        return sorted(self.path.glob(f"{_KOS_PREFIX}*{_DICOM_SUFFIX}"))
+
     @property
     def table_path(self) -> Path:
         return self.path / _TABLE_FILE
@@ -116,9 +127,9 @@ class RunFolder:
 
     def files_to_send(self, sr: Path | None = None) -> list[Path]:
         """What a delivery of this run sends, in the order sent: the SR (``sr``, the report the
-        ledger recorded; by default the folder's newest), the Secondary Captures, the PDF."""
+        ledger recorded; by default the folder's newest), the Secondary Captures, the PDF, the KOS."""
         sr = sr if sr is not None else self.newest_sr()
-        return [*([sr] if sr is not None else []), *self.sc_files(), *self.pdf_files()]
+        return [*([sr] if sr is not None else []), *self.sc_files(), *self.pdf_files(), *self.kos_files()]
 
 
 class OutputKind(StrEnum):
@@ -127,6 +138,7 @@ class OutputKind(StrEnum):
     SR = "SR"
     SC = "SC"
     PDF = "PDF"
+    KOS = "KOS"
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,7 @@ class OutputFile:
 
 @dataclass(frozen=True)
 class RunOutputs:
-    """What a run wrote: its DICOM objects in delivery order (the SR, the SCs, the PDF) and its
+    """What a run wrote: its DICOM objects in delivery order (the SR, the SCs, the PDF, the KOS) and its
     text files."""
 
     folder: Path
@@ -177,14 +189,15 @@ def _save(ds: Dataset, kind: OutputKind, path: Path) -> OutputFile:
 
 
 def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
-              supersedes: Supersedes | None = None, pdf: bool = True) -> RunOutputs:
-    """Write a study's SR, Grad-CAM SCs, PDF summary (with ``pdf``), table and JSON into ``folder``.
+              supersedes: Supersedes | None = None, pdf: bool = True, key_images: bool = True) -> RunOutputs:
+    """Write a study's SR, Grad-CAM SCs, PDF summary (with ``pdf``), Key Object Selection (with
+    ``key_images``, when a finding is graded Moderate or Severe), table and JSON into ``folder``.
 
     ``instances`` are the study's headers with their paths, keyed by (series, SOP instance); the
     images a finding is located on are read in full for the heatmaps. The patient/study
     attributes are read once, defensively (results.sources). With ``supersedes`` the new report lists the old one as its
     predecessor (same series, next instance number), the heatmaps keep their series and so does
-    the PDF (its series follows from the report's).
+    the PDF and the KOS (their series follow from the report's).
     """
     run = RunFolder(folder)
     headers = {image_key(ds): ds for ds, _ in instances}  # (series, SOP instance): the Kaggle files
@@ -206,9 +219,13 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
         source = next(iter(full.values()), None) or next(iter(headers.values()))
         document = build_pdf(result, sr, source, [(r, heatmap[r.label]) for r in key_findings(result)], patient=patient)
         files.append(_save(document, OutputKind.PDF, run.pdf_path(document.SOPInstanceUID)))
+    selected = key_images_of(result)
+    kos = build_kos(result, headers, sr, patient=patient) if key_images else None
+    if kos is not None:
+        files.append(_save(kos, OutputKind.KOS, run.kos_path(kos.SOPInstanceUID)))
     table, data = run.table_path, run.json_path
-    table.write_text(result_table(result) + "\n")
-    data.write_text(json.dumps(result_json(result), indent=1))
+    table.write_text(f"{result_table(result)}\n{note(selected, key_images)}\n")
+    data.write_text(json.dumps(result_json(result) | key_images_json(selected, kos), indent=1))
     return RunOutputs(folder, tuple(files), table, data)
 
 
