@@ -1,5 +1,6 @@
-"""``predict --out``: the SR, the Grad-CAM Secondary Captures and the PDF summary of a phantom study,
-as files a PACS accepts, checked with dciodvfy and dcentvfy against their source images."""
+"""``predict --out``: the SR, the Grad-CAM Secondary Captures, the PDF summary and the key images (KOS)
+of a phantom study, as files a PACS accepts, checked with dciodvfy and dcentvfy against their source
+images."""
 
 from __future__ import annotations
 
@@ -86,16 +87,18 @@ def test_the_model_is_contributing_equipment_of_every_heatmap(outputs: tuple[Pat
             algorithm.ManufacturerModelName, algorithm.SoftwareVersions, algorithm.DeviceUID)
 
 
-def test_sr_sc_and_pdf_pass_dciodvfy(outputs: tuple[Path, Path]) -> None:
+def test_sr_sc_pdf_and_kos_pass_dciodvfy(outputs: tuple[Path, Path]) -> None:
     _, folder = outputs
-    for path in [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm"))[:5], *folder.glob("PDF_*.dcm")]:
+    assert list(folder.glob("KOS_*.dcm"))  # the phantom study has findings graded Moderate or Severe
+    for path in [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm"))[:5], *folder.glob("PDF_*.dcm"),
+                 *folder.glob("KOS_*.dcm")]:
         assert dciodvfy_errors(path) == [], path
 
 
-def test_dcentvfy_finds_sr_sc_pdf_and_sources_consistent(outputs: tuple[Path, Path]) -> None:
+def test_dcentvfy_finds_sr_sc_pdf_kos_and_sources_consistent(outputs: tuple[Path, Path]) -> None:
     study, folder = outputs
     files = [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *folder.glob("PDF_*.dcm"),
-             *sorted(study.rglob("*.dcm"))]
+             *folder.glob("KOS_*.dcm"), *sorted(study.rglob("*.dcm"))]
     assert dcentvfy_errors(files) == []
 
 
@@ -118,7 +121,9 @@ def test_the_run_folder_finds_what_the_writer_wrote(outputs: tuple[Path, Path]) 
     assert numbers == list(range(1, len(scs) + 1))  # in Instance Number order
     [pdf_path] = run.pdf_files()
     assert pdf_path == run.pdf_path(pydicom.dcmread(pdf_path, stop_before_pixels=True).SOPInstanceUID)
-    assert run.files_to_send() == [sr_path, *scs, pdf_path]
+    [kos_path] = run.kos_files()
+    assert kos_path == run.kos_path(pydicom.dcmread(kos_path).SOPInstanceUID)
+    assert run.files_to_send() == [sr_path, *scs, pdf_path, kos_path]
     assert run.table_path.read_text().strip() and run.result() == json.loads(run.json_path.read_text())
     assert run.series_roles() == run.result()["series_roles"] and all(run.series_roles().values())
     assert not run.running_marker.exists()  # the worker's marker (the writer alone never leaves one)
@@ -146,4 +151,7 @@ def test_a_rerun_supersedes_the_previous_report_in_the_same_series(outputs: tupl
     assert pdf.SourceInstanceSequence[0].ReferencedSOPInstanceUID == newest.SOPInstanceUID
     run = RunFolder(folder)
     assert run.newest_sr() == run.sr_path(newest.SOPInstanceUID) and len(run.sr_files()) == 2
-    assert run.files_to_send()[0] == run.newest_sr() and run.files_to_send()[-1] == run.pdf_path(pdf.SOPInstanceUID)
+    [kos] = [pydicom.dcmread(p) for p in folder.glob("KOS_*.dcm")]  # the new one replaced it too
+    assert int(kos.InstanceNumber) == 2
+    assert run.files_to_send()[0] == run.newest_sr()
+    assert run.files_to_send()[-2:] == [run.pdf_path(pdf.SOPInstanceUID), run.kos_path(kos.SOPInstanceUID)]
