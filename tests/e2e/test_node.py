@@ -48,11 +48,12 @@ def _send(files: list[Path], port: int, called: str = NODE_AET, extra: tuple[str
 
 
 def _results(pacs: Orthanc, study_uid: str) -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]:
-    """The SR and SC instances Orthanc holds in the study, newest SR last (the PDF summary, DOC, aside)."""
+    """The SR and SC instances Orthanc holds in the study, newest SR last (the PDF summary, DOC, and the
+    key images, KO, aside)."""
     sr, sc = [], []
     for series in pacs.study_series(study_uid):
         modality = series["MainDicomTags"]["Modality"]
-        if modality in ("MR", "DOC"):
+        if modality in ("MR", "DOC", "KO"):
             continue
         for instance_id in series["Instances"]:
             ds = pydicom.dcmread(__import__("io").BytesIO(pacs.get_bytes(f"/instances/{instance_id}/file")))
@@ -73,6 +74,8 @@ def _check_results(pacs: Orthanc, study_uid: str, sources: set[str], patient_id:
     assert all(sc.SourceImageSequence[0].ReferencedSOPInstanceUID in sources for sc in scs)
     pdfs = [s for s in pacs.study_series(study_uid) if s["MainDicomTags"]["Modality"] == "DOC"]
     assert len(pdfs) == 1 and len(pdfs[0]["Instances"]) == len(srs), "the PDF summary: one series, one per report"
+    kos = [s for s in pacs.study_series(study_uid) if s["MainDicomTags"]["Modality"] == "KO"]
+    assert len(kos) <= 1 and all(len(s["Instances"]) <= len(srs) for s in kos), "the key images: one series"
     return sr
 
 
@@ -162,6 +165,11 @@ def test_orthanc_routes_stable_studies_and_a_late_instance_gets_a_superseding_re
         time.sleep(5)  # the results coming back must not bounce the study back to the node
         srs, _ = _results(pacs, study_uid)
         assert len(srs) == 2
+        # the key images follow their reports into one series (the study has Moderate/Severe findings)
+        [kos_series] = [s for s in pacs.study_series(study_uid) if s["MainDicomTags"]["Modality"] == "KO"]
+        numbers = sorted(int(pacs.get(f"/instances/{i}/simplified-tags")["InstanceNumber"])
+                         for i in kos_series["Instances"])
+        assert numbers == [1, 2]
     assert node.stop() == 0
     _assert_no_phi(node, study)
 

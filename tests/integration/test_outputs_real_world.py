@@ -23,7 +23,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import EnhancedMRImageStorage
 
-from dicom_node.results.writer import write_run
+from dicom_node.results.kos import key_images_of
+from dicom_node.results.writer import OutputKind, write_run
 from inference.analyze import analyze_study
 from inference.runtime import OnnxRunner
 from tests.support.dicom_tools import (
@@ -83,7 +84,8 @@ def _predict(files: list[Path], out: Path) -> tuple[Path, str]:
 
 
 def _outputs(folder: Path) -> list[Path]:
-    return [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *folder.glob("PDF_*.dcm")]
+    return [*folder.glob("SR_*.dcm"), *sorted((folder / "SC").glob("*.dcm")), *folder.glob("PDF_*.dcm"),
+            *folder.glob("KOS_*.dcm")]
 
 
 def _source_uids(files: list[Path]) -> set[str]:
@@ -159,7 +161,13 @@ def test_raw_kaggle_headers_without_sop_class_or_modality_get_valid_outputs(
     assert "SOPClassUID" not in raw[0][0] and "Modality" not in raw[0][0]
     outputs = write_run(result, raw, tmp_path / "out")
     _assert_valid(tmp_path / "out", kaggle_files)
+    kos = [f for f in outputs.files if f.kind is OutputKind.KOS]
+    assert len(kos) == (1 if key_images_of(result) else 0)
     for f in outputs.files:
         ds = pydicom.dcmread(f.path, stop_before_pixels=True)
         if "SourceImageSequence" in ds:
             assert ds.SourceImageSequence[0].ReferencedSOPClassUID == EnhancedMRImageStorage
+        if ds.Modality == "KO":  # the key images, by the same file-meta SOP class
+            images = [i for i in ds.ContentSequence if i.ValueType == "IMAGE"]
+            assert images and {i.ReferencedSOPSequence[0].ReferencedSOPClassUID for i in images} == \
+                {EnhancedMRImageStorage}
