@@ -82,6 +82,8 @@ def run_demo(workdir: Path, seed: int, echo: Callable[[str], None], config_file:
             echo(f"Grad-CAM Secondary Captures: {run.sc_dir} ({len(run.sc_files())} images)")
             for pdf in run.pdf_files():
                 echo(f"PDF summary (Encapsulated PDF): {pdf}")
+            for kos in run.kos_files():
+                echo(f"Key images (Key Object Selection): {kos}")
             echo("node status: lumbar-node status  with  "
                  f"LUMBAR_NODE__STORAGE__LEDGER_PATH={settings.storage.ledger_path}")
             return Path(report.sr_path)

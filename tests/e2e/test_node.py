@@ -351,6 +351,7 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     out = done.stdout
     assert "results back in Orthanc" in out and "AI result - not for diagnosis" in out
     assert " SR    1 instances" in out and "AI Grad-CAM heatmaps" in out
+    assert " KO    1 instances" in out and "Key images (Key Object Selection): " in out  # the demo study has some
     levels = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
     assert len([line for line in out.splitlines() if line.startswith(levels)]) == 25
     sr_path = Path(out.split("Structured Report: ")[1].splitlines()[0])
