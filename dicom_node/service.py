@@ -150,8 +150,7 @@ def run_until_signalled(node: Node, stop: threading.Event) -> None:
                 log.warning("peers accepted from any address: the AE title alone authenticates them; set their "
                             "host, or node.tls with ca_certificates (client certificates)", peers=anywhere)
         log.info("node ready", ae_title=own.ae_title, port=own.port, tls=describe(own.tls),
-                 destinations=[f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
-                               for d in node.destinations.values()])
+                 destinations=[d.where for d in node.destinations.values()])
         while not stop.wait(0.5):
             pass
     finally:
