@@ -211,9 +211,12 @@ def _destination_kind(value: Any) -> str:
     return "dicomweb" if "dicomweb" in has else "dimse"
 
 
+DESTINATION_KINDS = ("dimse", "dicomweb")
+
 #: A destination of the results: a storage SCP (``ae_title``, ``host``, ``port``) or a DICOMweb
 #: origin server (``dicomweb: {url}``), never both.
-AnyDestination = Annotated[Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+AnyDestination = Annotated[Annotated[Destination, Tag(DESTINATION_KINDS[0])]
+                           | Annotated[DicomWebDestination, Tag(DESTINATION_KINDS[1])],
                            Discriminator(_destination_kind)]
 
 
@@ -385,6 +388,13 @@ def _in_file(data: Any, loc: tuple[Any, ...]) -> bool:
     return True
 
 
+def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error's location without the destination kind pydantic puts after the list index
+    (``destinations.0.dimse.port`` is ``destinations.0.port`` in the file)."""
+    return tuple(part for i, part in enumerate(loc)
+                 if not (i > 0 and isinstance(loc[i - 1], int) and part in DESTINATION_KINDS))
+
+
 def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Load defaults, merge ``config_file`` and ``LUMBAR_NODE__*`` variables; raise ConfigError if invalid."""
     environ = os.environ if environ is None else environ
@@ -399,7 +409,7 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
+            loc = _without_tags(tuple(err["loc"]))
             key = ".".join(str(p) for p in loc) or "(top level)"
             plain = err["type"] != "missing" and not isinstance(err["input"], (dict, list))
             got = f" (got {err['input']!r})" if plain else ""

@@ -39,3 +39,18 @@ def streamed(total: int) -> Iterator[bytes]:
         yield zeros[:min(MiB, left)]
         left -= MiB
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def parts_of(body: bytes, content_type: str) -> list[bytes]:
+    """The parts of a multipart/related answer (WADO-RS), their headers left off."""
+    from python_multipart.multipart import parse_options_header
+
+    _, options = parse_options_header(content_type)
+    delimiter = b"--" + options[b"boundary"]
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _, _, data = chunk.partition(b"\r\n\r\n")
+        parts.append(data[:-2] if data.endswith(b"\r\n") else data)
+    return parts
