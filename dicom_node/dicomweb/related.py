@@ -24,6 +24,7 @@ RESPONSE_TYPE = "application/dicom+json"
 CHUNK = 1 << 20  # bytes parsed (and written) per step
 BODY_OVERHEAD = 1 << 20  # boundaries and part headers on top of the parts' bytes
 DISK_CHECK_EVERY = 64 << 20  # bytes staged between two looks at the free disk
+MAX_BOUNDARY = 200  # RFC 2046 says 70 characters at most; Orthanc's STOW-RS client sends 73
 MAX_PREAMBLE = 64 << 10  # bytes before the first boundary (RFC 2046's preamble, ignored)
 
 
@@ -74,7 +75,7 @@ def boundary_of(content_type: str) -> bytes:
         raise StowError(415, f'the node takes type="{MEDIA_TYPE}" parts (PS3.10 instances), not '
                         f"{declared.decode('latin-1')[:64]!r} (metadata and bulk data are not supported)")
     boundary = options.get(b"boundary")
-    if not boundary or len(boundary) > 70:  # RFC 2046: 1 to 70 characters
+    if not boundary or len(boundary) > MAX_BOUNDARY:
         raise StowError(400, "the multipart/related Content-Type has no valid boundary")
     return bytes(boundary)
 

@@ -48,9 +48,10 @@ def _orthanc(pacs: Orthanc, method: str, path: str, body: object | None = None, 
 
 
 def _wado(pacs: Orthanc, study: str, series: str, sop: str) -> bytes:
-    """One instance by WADO-RS, as Orthanc holds it (PS3.10 bytes)."""
+    """One instance by WADO-RS in the transfer syntax it was stored in (``transfer-syntax=*``; without
+    it, Orthanc answers in Explicit VR Little Endian, the WADO-RS default, re-encoding an Implicit VR one)."""
     answer = httpx.get(f"http://127.0.0.1:{pacs.http_port}/dicom-web/studies/{study}/series/{series}/instances/{sop}",
-                       headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60)
+                       headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}, timeout=60)
     assert answer.status_code == 200, answer.text[:300]
     [part] = parts_of(answer.content, answer.headers["content-type"])
     return part
