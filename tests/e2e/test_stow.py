@@ -7,7 +7,6 @@ UIDs) refused with the node's peak RSS bounded and nothing filed."""
 
 from __future__ import annotations
 
-import io
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from demo.orthanc import Orthanc, free_port, running_orthanc, storescu
 from dicom_node.dicomweb import STUDY_MISMATCH
 from dicom_node.ingest import StoreStatus
 from tests.support.procfs import proc_status
-from tests.support.served_node import ServedNode, stop_all, wait_for
+from tests.support.served_node import ServedNode, stop_all
 from tests.support.stow import CONTENT_TYPE, MiB, headers, parts_of, related, streamed
 from tests.support.tools import complete_study
 from tests.support.uploads import deflate_bomb, image, part10

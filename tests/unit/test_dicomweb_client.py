@@ -31,7 +31,7 @@ from tests.unit.test_stow import instance
 class Origin(BaseHTTPRequestHandler):
     """Answers STOW-RS as ``server.mode`` says; records what it was sent."""
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         server = self.server
         length = self.headers.get("Content-Length")
         body = self.rfile.read(int(length)) if length else _dechunk(self.rfile)
