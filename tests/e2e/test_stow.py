@@ -76,6 +76,8 @@ def test_orthanc_pushes_a_study_by_stow_and_gets_the_results_back_by_stow(phanto
         assert study.instances == len(files)
         log = node.log_text()
         assert '"STOW-RS request"' in log and '"user": "orthanc"' in log
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert str(header.PatientName) not in log and str(header.PatientID) not in log  # no patient data logged
         ledger = node.ledger()
         try:
             [delivery] = ledger.deliveries(study_uid)
