@@ -199,8 +199,9 @@ def user_group() -> None:
 
 @user_group.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "viewer"]), required=True,
-              help="admin: also grades and sends again; viewer: looks and uploads.")
+@click.option("--role", type=click.Choice(["admin", "viewer", "sender"]), required=True,
+              help="admin: also grades and sends again; viewer: looks and uploads; sender: stores by STOW-RS "
+                   "only (a PACS or archive), no page.")
 @click.pass_context
 def user_add_command(ctx: click.Context, name: str, role: str) -> None:
     """Add (or replace) the account NAME; its password is read from standard input (one line)."""

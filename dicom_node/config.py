@@ -20,7 +20,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -131,13 +133,91 @@ class NodeSettings(_Section):
 
 
 class Destination(_Section):
-    """A storage SCP that receives our results."""
+    """A storage SCP that receives our results (C-STORE)."""
 
     name: str = Field(min_length=1)
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
     tls: TLSSettings | None = None  # None: plain TCP
+
+    @property
+    def where(self) -> str:
+        """How the log names it."""
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+def _check_http_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("a DICOMweb URL is http:// or https:// with a host (the service root, e.g. "
+                         "https://pacs.example.org/dicom-web)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("put the credentials in username/password (or token), not in the URL")
+    if parts.query or parts.fragment:
+        raise ValueError("a DICOMweb service root has no query or fragment")
+    return value.rstrip("/")
+
+
+class DicomWebService(_Section):
+    """A DICOMweb origin server (the service root, to which STOW-RS appends ``/studies``), its
+    credentials (HTTP Basic, or a bearer token) and its TLS verification (the system's CAs, or
+    ``ca_file``; ``verify: false`` turns it off)."""
+
+    url: Annotated[str, AfterValidator(_check_http_url)]
+    username: str | None = Field(default=None, min_length=1)
+    password: str | None = None
+    token: str | None = Field(default=None, min_length=1)
+    ca_file: PEMFile | None = None
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> DicomWebService:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together: set both or neither")
+        if self.token is not None and self.username is not None:
+            raise ValueError("set username/password or token, not both")
+        if self.ca_file is not None and not self.verify:
+            raise ValueError("ca_file is for verifying the server: it cannot go with verify: false")
+        return self
+
+
+class DicomWebDestination(_Section):
+    """A DICOMweb origin server that receives our results by STOW-RS."""
+
+    name: str = Field(min_length=1)
+    dicomweb: DicomWebService
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_both(cls, data: Any) -> Any:
+        dimse = sorted(set(data) & {"ae_title", "host", "port", "tls"}) if isinstance(data, dict) else []
+        if dimse:
+            raise ValueError(f"a destination is either DIMSE (ae_title, host, port, tls) or DICOMweb (dicomweb), "
+                             f"not both (got {', '.join(dimse)} beside dicomweb)")
+        return data
+
+    @property
+    def where(self) -> str:
+        """How the log names it (its URL, never its credentials)."""
+        return f"{self.dicomweb.url} (STOW-RS)"
+
+
+def _destination_kind(value: Any) -> str:
+    """A destination is DICOMweb when it has a ``dicomweb`` mapping, else DIMSE (C-STORE)."""
+    has = value.keys() if isinstance(value, dict) else vars(value) if isinstance(value, BaseModel) else {}
+    return "dicomweb" if "dicomweb" in has else "dimse"
+
+
+DESTINATION_KINDS = ("dimse", "dicomweb")
+
+#: A destination of the results: a storage SCP (``ae_title``, ``host``, ``port``) or a DICOMweb
+#: origin server (``dicomweb: {url}``), never both.
+AnyDestination = Annotated[Annotated[Destination, Tag(DESTINATION_KINDS[0])]
+                           | Annotated[DicomWebDestination, Tag(DESTINATION_KINDS[1])],
+                           Discriminator(_destination_kind)]
 
 
 class StorageSettings(_Section):
@@ -235,7 +315,7 @@ class Settings(_Section):
     """The whole node configuration."""
 
     node: NodeSettings
-    destinations: list[Destination]
+    destinations: list[AnyDestination]
     storage: StorageSettings
     study: StudySettings
     delivery: DeliverySettings
@@ -311,6 +391,13 @@ def _in_file(data: Any, loc: tuple[Any, ...]) -> bool:
     return True
 
 
+def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error's location without the destination kind pydantic puts after the list index
+    (``destinations.0.dimse.port`` is ``destinations.0.port`` in the file)."""
+    return tuple(part for i, part in enumerate(loc)
+                 if not (i > 0 and isinstance(loc[i - 1], int) and part in DESTINATION_KINDS))
+
+
 def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Load defaults, merge ``config_file`` and ``LUMBAR_NODE__*`` variables; raise ConfigError if invalid."""
     environ = os.environ if environ is None else environ
@@ -325,7 +412,7 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
+            loc = _without_tags(tuple(err["loc"]))
             key = ".".join(str(p) for p in loc) or "(top level)"
             plain = err["type"] != "missing" and not isinstance(err["input"], (dict, list))
             got = f" (got {err['input']!r})" if plain else ""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.config import Settings
+from dicom_node.config import DicomWebDestination, Settings
 from dicom_node.dicom import StorageSCP
 from dicom_node.ingest import Staging
 from dicom_node.observability import NodeMetrics, get_logger
@@ -149,9 +149,14 @@ def run_until_signalled(node: Node, stop: threading.Event) -> None:
             if anywhere:
                 log.warning("peers accepted from any address: the AE title alone authenticates them; set their "
                             "host, or node.tls with ca_certificates (client certificates)", peers=anywhere)
+        for web in (d for d in node.destinations.values() if isinstance(d, DicomWebDestination)):
+            service = web.dicomweb
+            if not service.verify or (service.url.startswith("http://") and
+                                      (service.username is not None or service.token is not None)):
+                log.warning("a DICOMweb destination's credentials or results can be read or changed on the way: "
+                            "use https:// with TLS verification", destination=web.name, url=service.url)
         log.info("node ready", ae_title=own.ae_title, port=own.port, tls=describe(own.tls),
-                 destinations=[f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
-                               for d in node.destinations.values()])
+                 destinations=[d.where for d in node.destinations.values()])
         while not stop.wait(0.5):
             pass
     finally:

@@ -1,9 +1,11 @@
 """What happens to a stored study: its release for grading (``release``), the worker process that
 grades it (``worker``), the policy of what is gradable (``eligibility``), the delivery of its
-results with retries (``delivery``), and retention (``retention``). ``service.Node`` wires them."""
+results with retries (``delivery``) to each destination by its kind (``destinations``: C-STORE or
+STOW-RS), and retention (``retention``). ``service.Node`` wires them."""
 
 from dicom_node.pipeline.audit import audit
 from dicom_node.pipeline.delivery import Deliveries, backoff
+from dicom_node.pipeline.destinations import DicomWebSender, DimseSender, Sender, sender_for
 from dicom_node.pipeline.eligibility import (
     LUMBAR_BODY_PARTS,
     Skip,
@@ -23,6 +25,7 @@ from dicom_node.pipeline.worker import (
     worker_ready,
 )
 
-__all__ = ["LUMBAR_BODY_PARTS", "PURGE_INTERVAL_S", "SWEEP_INTERVAL_S", "Deliveries", "GradeJob",
-           "GradeOutcome", "GradingTimeout", "Releaser", "Skip", "audit", "backoff", "grade", "has_all_roles",
-           "init_worker", "mr_images", "nothing_assessed", "purge", "skip_reason", "worker_ready"]
+__all__ = ["LUMBAR_BODY_PARTS", "PURGE_INTERVAL_S", "SWEEP_INTERVAL_S", "Deliveries", "DicomWebSender",
+           "DimseSender", "GradeJob", "GradeOutcome", "GradingTimeout", "Releaser", "Sender", "Skip", "audit",
+           "backoff", "grade", "has_all_roles", "init_worker", "mr_images", "nothing_assessed", "purge", "sender_for",
+           "skip_reason", "worker_ready"]

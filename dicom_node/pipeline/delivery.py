@@ -1,6 +1,7 @@
 """Delivering a run's results to every destination: one scheduled attempt per delivery (apscheduler),
 retried with doubling backoff until ``delivery.max_attempts``; every attempt recorded in the
-ledger and the audit trail, a result never dropped silently. The C-STORE itself is ``dicom.send_files``."""
+ledger and the audit trail, a result never dropped silently. The sending itself is the destination's
+kind's (``pipeline.destinations``: C-STORE or STOW-RS)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 from apscheduler.schedulers.base import BaseScheduler
 
 from dicom_node.config import DeliverySettings, Settings
-from dicom_node.dicom import DeliveryError, send_files
+from dicom_node.dicom import DeliveryError
+from dicom_node.errors import NodeError
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.pipeline.audit import audit
+from dicom_node.pipeline.destinations import sender_for
 from dicom_node.results import RunFolder
 from dicom_node.states import DeliveryState, EventKind, StudyState
 from dicom_node.store import Delivery, Ledger
@@ -78,10 +81,9 @@ class Deliveries:
             if destination is None:
                 raise DeliveryError(f"destination {delivery.destination!r} is no longer configured")
             started = time.perf_counter()
-            send_files(destination, self.settings.node.ae_title, [Path(p) for p in delivery.paths],
-                       timeout=self.settings.delivery.timeout_s)
+            sender_for(destination, self.settings).send([Path(p) for p in delivery.paths])
         except Exception as exc:  # noqa: BLE001 - every failure is an attempt with its reason
-            error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+            error = str(exc) if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}"
             attempt = delivery.attempts + 1
             self.metrics.delivery_failures.labels(delivery.destination).inc()
             audit(self.ledger, EventKind.DELIVERY_FAILED, delivery.study_uid, f"run {delivery.run} to "

@@ -1,10 +1,10 @@
-"""The web page's accounts: administrators and read-only users, with argon2id password hashes,
+"""The web page's accounts: administrators, read-only users and senders (STOW-RS only), with argon2id password hashes,
 in a YAML file whose path the configuration gives (``web.accounts_file``):
 
     users:
       alice: {role: admin, password_hash: "$argon2id$v=19$..."}
 
-``lumbar-node user add NAME --role admin|viewer`` writes it (the password read from standard input).
+``lumbar-node user add NAME --role admin|viewer|sender`` writes it (the password read from standard input).
 """
 
 from __future__ import annotations
@@ -33,10 +33,22 @@ class AccountError(NodeError, ValueError):
 
 
 class Role(StrEnum):
-    """What a signed-in user may do: an admin also grades and sends again; a viewer looks and uploads."""
+    """What a signed-in user may do: an admin also grades and sends again; a viewer looks and uploads;
+    a sender (a PACS or archive) only stores instances by STOW-RS, and sees no page."""
 
     ADMIN = "admin"
     VIEWER = "viewer"
+    SENDER = "sender"
+
+    @property
+    def sees_pages(self) -> bool:
+        """Whether the role may sign in to the web page (and read ``/metrics``)."""
+        return self is not Role.SENDER
+
+    @property
+    def stores(self) -> bool:
+        """Whether the role may store instances by STOW-RS."""
+        return self in (Role.ADMIN, Role.SENDER)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Sessions and CSRF for the web page: who is signed in (from the signed session cookie) and
-whether an action carries the session's CSRF token."""
+whether an action carries the session's CSRF token; and who an HTTP Basic Authorization header
+signs in (``basic_account``: ``/metrics`` and STOW-RS)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node.web.accounts import Account, Role, load_accounts
+from dicom_node.web.accounts import Account, Role, authenticate, load_accounts
 
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
@@ -44,7 +45,7 @@ def session_user(session: Mapping[str, Any], accounts: Mapping[str, Account], ma
     if not isinstance(name, str) or not isinstance(since, (int, float)) or time.time() - since > max_age_s:
         return None
     account = accounts.get(name)
-    return User(account.name, account.role) if account is not None else None
+    return User(account.name, account.role) if account is not None and account.role.sees_pages else None
 
 
 def csrf_ok(session: Mapping[str, Any], submitted: str | None) -> bool:
@@ -62,6 +63,16 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return name, password
+
+
+def basic_account(header: str | None, accounts: dict[str, Account]) -> Account | None:
+    """The account an HTTP Basic Authorization header signs in (its password checked with argon2id:
+    call it off the event loop), or None: no header, a malformed one, or wrong credentials. The one
+    check of Basic credentials (``/metrics``, STOW-RS); the caller decides what the role may do."""
+    credentials = basic_credentials(header)
+    if credentials is None:
+        return None
+    return authenticate(accounts, *credentials)
 
 
 class AccountsFile:

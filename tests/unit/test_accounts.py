@@ -105,3 +105,20 @@ def test_basic_credentials() -> None:
     assert basic_credentials("Bearer abc") is None
     assert basic_credentials("Basic !!!") is None
     assert basic_credentials(None) is None
+
+
+def test_what_each_role_may_do_and_basic_credentials_of_a_sender(tmp_path: Path) -> None:
+    from dicom_node.web.security import basic_account
+
+    assert [r for r in Role if r.sees_pages] == [Role.ADMIN, Role.VIEWER]
+    assert [r for r in Role if r.stores] == [Role.ADMIN, Role.SENDER]
+    path = tmp_path / "accounts.yaml"
+    add_account(path, "pacs", Role.SENDER, "sender password")
+    accounts = load_accounts(path)
+    header = "Basic " + base64.b64encode(b"pacs:sender password").decode()
+    assert basic_account(header, accounts).role is Role.SENDER
+    assert basic_account("Basic " + base64.b64encode(b"pacs:wrong").decode(), accounts) is None
+    assert basic_account("Bearer abc", accounts) is None and basic_account(None, accounts) is None
+    session: dict = {}
+    sign_in(session, accounts["pacs"])
+    assert session_user(session, accounts, 3600) is None  # a sender has no page, even with a session

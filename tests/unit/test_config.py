@@ -222,3 +222,43 @@ def test_ae_title_edge_values_are_accepted(tmp_path: Path) -> None:
 
 def test_level_is_case_insensitive() -> None:
     assert load_settings(environ={"LUMBAR_NODE__LOGGING__LEVEL": "debug"}).logging.level == "DEBUG"
+
+
+def test_a_destination_is_dimse_or_dicomweb(tmp_path: Path) -> None:
+    from dicom_node.config import DicomWebDestination
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    cfg = write(tmp_path, "destinations:\n  - {name: pacs, ae_title: PACS, host: 10.0.0.1, port: 104}\n"
+                f"  - {{name: vna, dicomweb: {{url: 'https://vna.example/dicom-web/', username: node, password: pw, "
+                f"ca_file: {ca}}}}}\n  - {{name: cloud, dicomweb: {{url: 'http://127.0.0.1:8042/dicom-web', "
+                "token: abc}}\n")
+    s = load_settings(cfg, environ={})
+    dimse, vna, cloud = s.destinations
+    assert isinstance(vna, DicomWebDestination) and isinstance(cloud, DicomWebDestination)
+    assert dimse.where == "PACS@10.0.0.1:104"
+    assert vna.dicomweb.url == "https://vna.example/dicom-web" and vna.dicomweb.ca_file == ca
+    assert vna.where == "https://vna.example/dicom-web (STOW-RS)" and "pw" not in vna.where
+    assert cloud.dicomweb.token == "abc" and cloud.dicomweb.verify is True
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "words"),
+    [
+        ("{name: a, ae_title: X, host: h, port: 104, dicomweb: {url: 'https://h'}}", "destinations.0",
+         "either DIMSE"),
+        ("{name: a, dicomweb: {url: 'ftp://h/dicom-web'}}", "destinations.0.dicomweb.url", "http:// or https://"),
+        ("{name: a, dicomweb: {url: 'https://u:p@h/dicom-web'}}", "destinations.0.dicomweb.url", "credentials"),
+        ("{name: a, dicomweb: {url: 'https://h', username: u}}", "destinations.0.dicomweb", "go together"),
+        ("{name: a, dicomweb: {url: 'https://h', username: u, password: p, token: t}}", "destinations.0.dicomweb",
+         "not both"),
+        ("{name: a, dicomweb: {url: 'https://h', verify: false, ca_file: /etc/hostname}}",
+         "destinations.0.dicomweb.ca_file", "not a PEM file"),
+        ("{name: a, dicomweb: {url: 'https://h', retries: 3}}", "destinations.0.dicomweb.retries", "Extra inputs"),
+        ("{name: a, dicomweb: {}}", "destinations.0.dicomweb.url", "Field required"),
+    ],
+)
+def test_a_wrong_dicomweb_destination_is_named(tmp_path: Path, entry: str, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(write(tmp_path, f"destinations:\n  - {entry}\n"), environ={})
+    assert f"{key}:" in str(excinfo.value) and words in str(excinfo.value), str(excinfo.value)

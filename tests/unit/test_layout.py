@@ -95,9 +95,10 @@ ROOM_ARROWS: dict[str, set[str]] = {
     "store": {"observability"},
     "ingest": {"store", "observability"},
     "dicom": {"ingest", "store", "observability"},
+    "dicomweb": {"ingest", "store", "observability"},
     "results": {"observability"},
-    "pipeline": {"results", "store", "dicom", "observability"},
-    "web": {"ingest", "store", "results", "observability"},
+    "pipeline": {"results", "store", "dicom", "dicomweb", "observability"},
+    "web": {"ingest", "store", "results", "dicomweb", "observability"},
 }
 ROOMS = frozenset(ROOM_ARROWS) - {"shared"}
 

@@ -26,10 +26,13 @@ from dicom_node.config import load_settings
 from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind
 from dicom_node.store.ledger import Ledger
+from dicom_node.web import security
 from dicom_node.web.accounts import Role, add_account, authenticate
 from dicom_node.web.app import WebContext, build_app
-from dicom_node.web.routes import auth, ops
+from dicom_node.web.routes import auth
 from dicom_node.web.security import AccountsFile
+from tests.support.stow import CONTENT_TYPE as STOW_CONTENT_TYPE
+from tests.support.stow import related
 
 
 class FakeNode:
@@ -301,7 +304,7 @@ def test_the_ledger_and_argon2_are_never_called_on_the_event_loop(site: tuple, t
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     client, _, ledger = site
     watch = LoopWatch()
-    for module in (auth, ops):
+    for module in (auth, security):  # the sign-in's check, and HTTP Basic's (/metrics, STOW-RS)
         monkeypatch.setattr(module, "authenticate", watch.wrap("authenticate", authenticate))
     ctx = WebContext(load_settings(environ={"LUMBAR_NODE__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
                                             "LUMBAR_NODE__STORAGE__FSYNC": "false"}),
@@ -317,6 +320,9 @@ def test_the_ledger_and_argon2_are_never_called_on_the_event_loop(site: tuple, t
     assert client.post("/studies/1.2.3/send-again", data={"csrf": token}).status_code == 409  # nothing to send
     study = generate_uid()
     assert client.post("/upload", data={"csrf": token}, files=[("files", ("a.dcm", _dicom(study)))]).status_code == 200
+    stow = client.post("/dicom-web/studies", auth=("ada", "ada-password"), content=related([_dicom(generate_uid())]),
+                       headers={"Content-Type": STOW_CONTENT_TYPE})
+    assert stow.status_code == 200, stow.text
     assert client.post("/signout", data={"csrf": token}).status_code == 303
     viewer = _sign_in(client, "vic", "vic-password")
     assert client.post("/studies/1.2.3/grade-again", data={"csrf": viewer}).status_code == 403  # refused: audited

@@ -40,6 +40,8 @@ def routes(site: Site) -> list[Route]:
         except AccountError as exc:
             log.error("cannot read the accounts file", error=str(exc))
             account = None
+        if account is not None and not account.role.sees_pages:  # a sender stores by STOW-RS, nothing else
+            account = None
         if account is None:
             ctx.ledger.add_event(EventKind.SIGN_IN_REFUSED, name[:64] or "-", None, "wrong name or password",
                                  {"address": address})

@@ -8,8 +8,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dicom_node.observability import CONTENT_TYPE
-from dicom_node.web.accounts import authenticate
-from dicom_node.web.security import basic_credentials
+from dicom_node.web.security import basic_account
 from dicom_node.web.site import Site
 
 
@@ -27,8 +26,8 @@ def routes(site: Site) -> list[Route]:
 
     def metrics(request: Request) -> Response:
         if not web.metrics_anonymous and site.user_of(request) is None:
-            credentials = basic_credentials(request.headers.get("authorization"))
-            if credentials is None or authenticate(ctx.accounts.accounts(), *credentials) is None:
+            account = basic_account(request.headers.get("authorization"), ctx.accounts.accounts())
+            if account is None or not account.role.sees_pages:
                 return PlainTextResponse("sign in, or HTTP Basic authentication with an account\n", 401,
                                          headers={"WWW-Authenticate": 'Basic realm="lumbar-node metrics"'})
         return Response(ctx.node.metrics.exposition(), media_type=CONTENT_TYPE)
