@@ -96,7 +96,7 @@ ROOM_ARROWS: dict[str, set[str]] = {
     "ingest": {"store", "observability"},
     "dicom": {"ingest", "store", "observability"},
     "results": {"observability"},
-    "pipeline": {"results", "store", "dicom", "observability"},
+    "pipeline": {"results", "store", "dicom", "ingest", "observability"},  # ingest: what a fetch files
     "web": {"ingest", "store", "results", "observability"},
 }
 ROOMS = frozenset(ROOM_ARROWS) - {"shared"}
