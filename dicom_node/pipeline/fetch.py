@@ -313,8 +313,8 @@ class FetchJobs:
         try:
             studies = self.fetcher.fetch(query, job.actor, found=found)
             for study in studies:
-                if study.error is None:
-                    self.fetched(study.study_uid)
+                if study.error is None and study.tally.completed:
+                    self.fetched(study.study_uid)  # graded now, without the quiet time
             failed = [s for s in studies if s.error is not None]
             job.state = FetchState.FAILED if len(failed) == len(studies) else FetchState.DONE
             job.detail = "; ".join(s.error or "" for s in failed) or (

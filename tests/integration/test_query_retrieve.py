@@ -70,7 +70,7 @@ def _uids(study: list[Path]) -> tuple[str, str, dict[str, int]]:
 
 def test_c_find_finds_the_study_by_accession_uid_and_date_and_lists_its_series(
         pacs: tuple[Orthanc, int], study: list[Path], tmp_path: Path) -> None:
-    orthanc, node_port = pacs
+    orthanc, _ = pacs
     study_uid, accession, per_series = _uids(study)
     source = DimseSource(QueryRetrieveSource(**_dimse(orthanc)), NODE_AET, 5)
     [match] = source.find_studies(StudyQuery(accession=accession))
