@@ -65,7 +65,7 @@ class Node:
         self.destinations = self.deliveries.destinations
         self.fetcher = Fetcher(settings, self.ledger, self.scp.admission)  # query/retrieve sources
         self.release = Releaser(settings, self.ledger, self.metrics, self.deliveries, self._stopping, self.fetcher)
-        self.fetch_jobs = FetchJobs(self.fetcher, self.release.release_now)
+        self.fetch_jobs = FetchJobs(self.fetcher, lambda study_uid: self.release.release_now(study_uid, "fetched"))
 
     # -- life cycle ------------------------------------------------------------------------------------
 

@@ -105,9 +105,9 @@ class Releaser:
 
     # -- what the web page asks for ------------------------------------------------------------------
 
-    def release_now(self, study_uid: str) -> None:
+    def release_now(self, study_uid: str, why: str = "upload") -> None:
         """Grade a study at the next sweep, without waiting for the quiet time."""
-        self._release_now[study_uid] = "upload"
+        self._release_now[study_uid] = why
 
     def grade_again(self, study_uid: str, actor: str) -> bool:
         """Grade a study again (the new report supersedes the old). False if the ledger does not know it."""
