@@ -20,7 +20,7 @@ from enum import StrEnum
 
 import pydicom
 
-from dicom_node.config import QueryRetrieveSource, Settings
+from dicom_node.config import QueryRetrieveSource, RetrieveMethod, Settings
 from dicom_node.dicom import (
     DicomWebSource,
     DimseSource,
@@ -65,6 +65,8 @@ def missing_note(query: PacsQuery | None) -> str | None:
         return f"{NOT_ON_PACS} (no source could be asked)"
     if query.outcome is PacsAnswer.TIMED_OUT:
         return f"{NOT_ON_PACS} (the retrieve did not finish in time)"
+    if query.outcome is PacsAnswer.FAILED:
+        return f"{NOT_ON_PACS} (the retrieve failed)"
     if query.outcome is PacsAnswer.ASKING:
         return f"{NOT_ON_PACS} (the node stopped while asking)"
     return NOT_ON_PACS
@@ -179,6 +181,13 @@ class Fetcher:
                                          f"lacked {lacking}; {source.name} holds {len(series)} series, none that "
                                          "the node lacks")
                 tally = client.retrieve(study_uid, wanted, deadline)
+                if tally.failed and not tally.completed:
+                    hint = (" (a C-MOVE: does the PACS know the node as a move destination, and is it in "
+                            "node.allowed_peers?)" if source.dicomweb is None and source.method is RetrieveMethod.C_MOVE
+                            else "")
+                    return MissingAnswer(PacsAnswer.FAILED, source.name,
+                                         f"lacked {lacking}; {source.name} listed {len(wanted)} series, and none of "
+                                         f"their {tally.failed} instances could be stored{hint}")
                 return MissingAnswer(PacsAnswer.RETRIEVED, source.name,
                                      f"lacked {lacking}; retrieved {len(wanted)} series ({tally.completed} instances"
                                      f"{f', {tally.failed} failed' if tally.failed else ''}) from {source.name}",
@@ -195,9 +204,14 @@ class Fetcher:
         return MissingAnswer(outcome, None, f"lacked {lacking}; " + "; ".join(errors or ["no source configured"]))
 
     def _wanted(self, study_uid: str, series: list[SeriesMatch]) -> list[SeriesMatch]:
-        """The MR series of a source's study that the node does not hold."""
-        held = self.ledger.study_series(study_uid)
-        return [s for s in series if s.modality.upper() in RETRIEVED_MODALITIES and s.series_uid not in held]
+        """The MR series of a source's study that the node does not hold, or holds fewer instances
+        of than the source says it has."""
+        held = {c.series_uid: c.received for c in self.ledger.series_counts(study_uid)}
+
+        def lacking(s: SeriesMatch) -> bool:
+            return s.series_uid not in held or (s.instances is not None and held[s.series_uid] < s.instances)
+
+        return [s for s in series if s.modality.upper() in RETRIEVED_MODALITIES and lacking(s)]
 
     # -- fetching whole studies --------------------------------------------------------------------
 

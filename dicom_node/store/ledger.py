@@ -214,6 +214,7 @@ class PacsAnswer(StrEnum):
     NOT_FOUND = "not found"  # no source holds the study
     UNREACHABLE = "unreachable"  # no source could be asked (down, refused, failed)
     TIMED_OUT = "timed out"  # the retrieve did not finish within retrieve.wait_s
+    FAILED = "retrieve failed"  # the source listed series the node lacks, and none of their instances came
 
 
 class PacsQuery(NamedTuple):
@@ -475,11 +476,6 @@ class Ledger:
         rows = self._query("SELECT calling_aet FROM instances WHERE study_uid=? GROUP BY calling_aet "
                            "ORDER BY MIN(received_at)", (study_uid,))
         return [str(r[0]) for r in rows]
-
-    def study_series(self, study_uid: str) -> set[str]:
-        """The Series Instance UIDs of a study the node holds."""
-        return {str(r[0]) for r in self._query("SELECT DISTINCT series_uid FROM instances WHERE study_uid=?",
-                                               (study_uid,))}
 
     # -- query/retrieve: each study asked once ------------------------------------------------------
 
