@@ -290,7 +290,7 @@ class DimseSource:
         if get and self.admission is None:
             raise ValueError("a C-GET needs the node's admission to take the instances")
         model = StudyRootQueryRetrieveInformationModelGet if get else StudyRootQueryRetrieveInformationModelMove
-        batch = self.admission.batch(Source.RETRIEVE, self.ae_title) if self.admission is not None else None
+        batch = self.admission.batch(Source.RETRIEVE, self.ae_title) if get and self.admission is not None else None
         handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self._store_handler(batch))] if get else []
         try:
             with self._association([model], retrieve_storage=get, handlers=handlers) as assoc:
