@@ -51,6 +51,7 @@ log = get_logger(__name__)
 NOT_ON_PACS = "not sent and not found on the PACS"
 #: Modalities of the series worth retrieving: MR images (or a source that does not say).
 RETRIEVED_MODALITIES = frozenset({"MR", ""})
+MIN_SERIES_IMAGES = 3  # assign_roles' own minimum: a series of fewer images serves no role
 
 
 class FetchError(NodeError, RuntimeError):
@@ -148,6 +149,8 @@ class Fetcher:
         lacks none, or when it is no candidate (not MR, not a lumbar spine, no needed series at all)."""
         headers: list[tuple[pydicom.Dataset, None]] = []
         for series in self.ledger.series_counts(study_uid):
+            if series.received < MIN_SERIES_IMAGES:  # too few images to serve its role (inference.series)
+                continue
             try:
                 headers.append((pydicom.dcmread(series.a_file, stop_before_pixels=True), None))
             except Exception:  # noqa: BLE001 - an unreadable file: the grading says so, not this check
