@@ -1,8 +1,8 @@
 """Query/retrieve with the node as a process and Orthanc as the PACS: a study routed without its
 sagittal series is completed from the PACS (C-MOVE from the sender, C-GET after a source that is
 down, WADO-RS) and graded 25/25; a study whose missing series no source can give is graded with
-the reason, not held; ``lumbar-node fetch --accession`` and the web page's fetch form retrieve,
-grade and deliver a study end to end."""
+the reason, not held; ``lumbar-node fetch --accession`` (C-MOVE) and the web page's fetch form
+(WADO-RS, in the node's process) retrieve, grade and deliver a study end to end."""
 
 from __future__ import annotations
 
@@ -127,6 +127,21 @@ def test_c_get_after_a_source_that_is_down_and_wado_rs_complete_a_study(study: l
         assert _assessed(node, study_uid) == 25
         outcome, [event] = _asked(node, study_uid)
         assert outcome is PacsAnswer.RETRIEVED and "from archive" in event
+        assert node.stop() == 0
+
+        # the web page's fetch form, in the node's own process: the whole study by WADO-RS, graded at once
+        accession = str(pydicom.dcmread(study[0], stop_before_pixels=True).AccessionNumber)
+        node = ServedNode(tmp_path / "node-form", pacs.dicom_port, quiet_time_s=60, query_retrieve=[web])
+        node.add_user(ADMIN, "admin", ADMIN_PASSWORD)
+        node.start()
+        client, token = sign_in(node.web_url, ADMIN, ADMIN_PASSWORD)
+        started = time.monotonic()
+        assert client.post("/fetch", data={"accession": accession, "csrf": token}).status_code == 303
+        assert node.wait_state(study_uid, FINISHED, 120).state == "done", node.log_text()[-3000:]
+        assert time.monotonic() - started < 60  # released when fetched, not after the quiet time
+        assert _assessed(node, study_uid) == 25
+        page = client.get("/fetch").text
+        assert "st-done" in page and f"3 series, {len(study)}/{len(study)} instances" in page
         assert node.stop() == 0
 
 
