@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -169,7 +169,6 @@ def reprocess_command(ctx: click.Context, study_uid: str) -> None:
 def status_command(ctx: click.Context, as_json: bool) -> None:
     """The studies the node knows, their states and reasons, from the ledger (storage.ledger_path)."""
     import json
-    from datetime import datetime
 
     from dicom_node.store import Ledger
 
@@ -190,6 +189,150 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     for s in studies:
         when = datetime.fromtimestamp(s.last_received, UTC).strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{s.study_uid:64}  {s.state:10} {s.instances:>6}  {when}  {s.reason or ''}")
+
+
+class _LineProgress:
+    """A progress line on stderr: rewritten in place on a terminal, else a line per tenth."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
+        self.last: tuple[str, int] = ("", -1)
+
+    def __call__(self, study_uid: str, done: int, expected: int | None) -> None:
+        total = f"/{expected}" if expected else ""
+        step = (10 * done // expected) if expected else done // 25
+        if self.tty:
+            self.stream.write(f"\r  {study_uid}: {done}{total} instances retrieved")
+        elif (study_uid, step) != self.last:
+            self.stream.write(f"  {study_uid}: {done}{total} instances retrieved\n")
+        self.last = (study_uid, step)
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.tty and self.last[0]:
+            self.stream.write("\n")
+        self.last = ("", -1)
+
+
+def _node_listening(settings: Settings) -> bool:
+    """Whether something listens on the node's DICOM port (a running ``lumbar-node serve``)."""
+    import socket
+
+    host = settings.node.bind_address
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    try:
+        with socket.create_connection((host, settings.node.port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+@main.command("fetch")
+@click.option("--study", "study_uid", help="The Study Instance UID.")
+@click.option("--accession", help="The accession number.")
+@click.option("--patient-id", "patient_id", help="The patient ID (every study of the patient; see --since).")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y%m%d"]),
+              help="Only studies from this date on (YYYY-MM-DD).")
+@click.option("--source", "source_name", help="Ask only this query_retrieve source (default: each in turn until "
+              "one holds a match).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for the node to grade and deliver what was fetched.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900, show_default=True,
+              help="Seconds to wait for the grading and delivery of every study fetched.")
+@click.pass_context
+def fetch_command(ctx: click.Context, study_uid: str | None, accession: str | None, patient_id: str | None,
+                  since: datetime | None, source_name: str | None, wait: bool, timeout_s: float) -> None:
+    """Find a study on the PACS, retrieve it, and have the running node grade and deliver it.
+
+    Asks the configured query_retrieve sources (C-FIND or QIDO-RS) for the study; retrieves its MR
+    series that the node does not hold: by C-MOVE to the node's own AE title (the running node's
+    storage SCP receives them, as when the PACS sends), or by C-GET or WADO-RS (this command files
+    them in the node's spool and ledger through the node's admission). The running node (`lumbar-node
+    serve`, same configuration) then grades the study and sends the results to its destinations;
+    this command shows the progress until each study is done (exit status 0) or failed or skipped (1).
+    """
+    import time
+
+    from dicom_node.config import RetrieveMethod
+    from dicom_node.dicom import StudyQuery
+    from dicom_node.ingest import Admission
+    from dicom_node.observability import NodeMetrics
+    from dicom_node.pipeline import FetchedStudy, Fetcher, FetchError
+    from dicom_node.states import StudyState
+    from dicom_node.store import Ledger
+
+    settings = settings_of(ctx)
+    try:
+        query = StudyQuery(study_uid or None, accession or None, patient_id or None,
+                           since.date() if since is not None else None)
+    except ValueError:
+        raise click.UsageError("give one of --study, --accession or --patient-id") from None
+    if not settings.query_retrieve:
+        raise click.ClickException("no query/retrieve source is configured (query_retrieve in the configuration)")
+    running = _node_listening(settings)
+    with node_errors():
+        ledger = Ledger(settings.storage.ledger_path)
+        try:
+            fetcher = Fetcher(settings, ledger, Admission(settings, ledger, NodeMetrics()))
+            sources = fetcher.named(source_name)
+            if not running and any(s.dicomweb is None and s.method is RetrieveMethod.C_MOVE for s in sources):
+                raise click.ClickException(
+                    f"the node is not running (nothing listens on its DICOM port {settings.node.port}): a C-MOVE "
+                    "sends the study there. Start `lumbar-node serve` with this configuration first.")
+            progress = _LineProgress()
+            before = {s.study_uid: s.generation for s in ledger.studies()}
+
+            def found(studies: list[FetchedStudy]) -> None:
+                click.echo(f"found {len(studies)} {'study' if len(studies) == 1 else 'studies'} "
+                           f"on {studies[0].source}", err=True)
+
+            try:
+                studies = fetcher.fetch(query, "lumbar-node fetch", source_name,
+                                        lambda uid, tally: progress(uid, tally.done, tally.expected), found)
+            except FetchError as exc:
+                raise click.ClickException(str(exc)) from None
+            finally:
+                progress.end()
+            for study in studies:
+                tally = study.tally
+                click.echo(f"{study.study_uid}: {study.series} series, {tally.completed} instances retrieved"
+                           + (f", {tally.failed} failed" if tally.failed else "")
+                           + (f" ({study.error})" if study.error else "")
+                           + ("" if study.new else " (the node already holds every MR series)"))
+            pending = {s.study_uid for s in studies if s.error is None}
+            if not wait or not pending:
+                raise SystemExit(0 if not [s for s in studies if s.error] else 1)
+            if not running:
+                click.echo("the node is not running: the studies are graded when `lumbar-node serve` starts", err=True)
+                raise SystemExit(0)
+            deadline, shown, ok = time.monotonic() + timeout_s, dict[str, str](), True
+            retrieved = {s.study_uid: s.tally.completed for s in studies}
+            while pending and time.monotonic() < deadline:
+                for uid in sorted(pending):
+                    held = ledger.study(uid)
+                    if held is None:  # nothing of it was stored
+                        if not retrieved[uid]:
+                            pending.discard(uid)
+                            ok = False
+                        continue
+                    nothing_new = held.generation == before.get(uid)
+                    state = held.state.value + (" (nothing new)" if nothing_new and held.state.final else "")
+                    if shown.get(uid) != state:
+                        click.echo(f"{uid}: {state}" + (f" ({held.reason})" if held.reason else ""), err=True)
+                        shown[uid] = state
+                    if held.state.final:
+                        pending.discard(uid)
+                        ok = ok and held.state is StudyState.DONE
+                if pending:
+                    time.sleep(0.5)
+            if pending:
+                click.echo(f"still not graded after {timeout_s:g} s: {', '.join(sorted(pending))}", err=True)
+            raise SystemExit(0 if ok and not pending and not [s for s in studies if s.error] else 1)
+        finally:
+            ledger.close()
 
 
 @main.group("user")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -311,6 +312,63 @@ class WebSettings(_Section):
     page_size: int = Field(default=50, ge=1, le=1000)  # studies per dashboard page
 
 
+class RetrieveMethod(StrEnum):
+    """How a query/retrieve source hands over the instances the node asks for."""
+
+    C_MOVE = "c-move"  # the PACS sends them to the node's own AE title (its storage SCP)
+    C_GET = "c-get"  # they come back on the node's own association (C-STORE sub-operations)
+
+
+class DicomWebSourceSettings(_Section):
+    """A DICOMweb service asked with QIDO-RS and WADO-RS: its base URL (the one that ends before
+    ``/studies``), and HTTP Basic credentials or a bearer token (or neither)."""
+
+    url: str = Field(pattern=r"^https?://\S+$")
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    ca_certificates: PEMFile | None = None  # the CAs its HTTPS certificate must chain to (None: the system's)
+
+    @model_validator(mode="after")
+    def _one_way_to_sign_in(self) -> DicomWebSourceSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together: set both or neither")
+        if self.token is not None and self.username is not None:
+            raise ValueError("give a token or a username and password, not both")
+        return self
+
+
+class QueryRetrieveSource(_Section):
+    """A PACS (or archive) the node may ask for studies and series: a DIMSE Q/R SCP (``ae_title``,
+    ``host``, ``port``, ``method``) or a DICOMweb service (``dicomweb``)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: AETitle | None = None
+    host: str | None = Field(default=None, min_length=1)
+    port: Port | None = None
+    method: RetrieveMethod = RetrieveMethod.C_MOVE
+    tls: TLSSettings | None = None  # DIMSE over TLS (None: plain TCP)
+    dicomweb: DicomWebSourceSettings | None = None
+
+    @model_validator(mode="after")
+    def _dimse_or_dicomweb(self) -> QueryRetrieveSource:
+        dimse = [self.ae_title is not None, self.host is not None, self.port is not None]
+        if self.dicomweb is not None:
+            if any(dimse) or self.tls is not None:
+                raise ValueError("a source is DIMSE (ae_title, host, port) or DICOMweb (dicomweb), not both")
+        elif not all(dimse):
+            raise ValueError("a DIMSE source needs ae_title, host and port (or give dicomweb: {url: ...})")
+        return self
+
+
+class RetrieveSettings(_Section):
+    """How the node asks its query/retrieve sources (``query_retrieve``) for what a study lacks."""
+
+    missing_series: bool = True  # before grading a study without a needed series, ask the PACS for it
+    wait_s: float = Field(default=120.0, gt=0)  # at most this long per study (query, retrieve, arrival)
+    timeout_s: float = Field(default=30.0, gt=0)  # connection, association and each response of a source
+
+
 class Settings(_Section):
     """The whole node configuration."""
 
@@ -325,12 +383,21 @@ class Settings(_Section):
     logging: LoggingSettings
     outputs: OutputsSettings = Field(default_factory=OutputsSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    query_retrieve: list[QueryRetrieveSource] = Field(default_factory=list)  # asked in this order
+    retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Settings:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError(f"destination names must be unique (got {names})")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> Settings:
+        names = [s.name for s in self.query_retrieve]
+        if len(names) != len(set(names)):
+            raise ValueError(f"query_retrieve source names must be unique (got {names})")
         return self
 
 

@@ -18,13 +18,16 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import DicomWebDestination, Settings
-from dicom_node.dicom import StorageSCP
+from dicom_node.dicom import StorageSCP, StudyQuery
 from dicom_node.ingest import Staging
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.pipeline import (
     PURGE_INTERVAL_S,
     SWEEP_INTERVAL_S,
     Deliveries,
+    Fetcher,
+    FetchJob,
+    FetchJobs,
     Releaser,
     purge,
     worker_ready,
@@ -60,7 +63,9 @@ class Node:
         self._stopping = threading.Event()
         self.deliveries = Deliveries(settings, self.ledger, self.metrics, self.scheduler, self._stopping)
         self.destinations = self.deliveries.destinations
-        self.release = Releaser(settings, self.ledger, self.metrics, self.deliveries, self._stopping)
+        self.fetcher = Fetcher(settings, self.ledger, self.scp.admission)  # query/retrieve sources
+        self.release = Releaser(settings, self.ledger, self.metrics, self.deliveries, self._stopping, self.fetcher)
+        self.fetch_jobs = FetchJobs(self.fetcher, lambda study_uid: self.release.release_now(study_uid, "fetched"))
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -137,6 +142,19 @@ class Node:
     def queued(self) -> int:
         """How many studies are with the grading workers."""
         return self.release.queued()
+
+    def fetch(self, accession: str, actor: str) -> FetchJob:
+        """Find the study with this accession number on the query/retrieve sources, retrieve it
+        and grade it (in the background); the job, which the page shows as it goes."""
+        return self.fetch_jobs.start(StudyQuery(accession=accession), actor)
+
+    def fetches(self) -> list[FetchJob]:
+        """The fetches requested on the web page, newest first."""
+        return self.fetch_jobs.jobs()
+
+    def can_fetch(self) -> bool:
+        """Whether any query/retrieve source is configured."""
+        return bool(self.fetcher.sources)
 
 
 def run_until_signalled(node: Node, stop: threading.Event) -> None:

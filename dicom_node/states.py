@@ -73,3 +73,5 @@ class EventKind(StrEnum):
     SIGN_IN_REFUSED = "sign-in refused"
     SIGNED_OUT = "signed out"
     REFUSED = "action refused"
+    ASKED_PACS = "asked the PACS"  # for the series a study lacked (query/retrieve), with what came of it
+    FETCHED = "fetched from the PACS"  # `lumbar-node fetch` or the web page's fetch form

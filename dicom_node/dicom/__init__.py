@@ -2,10 +2,22 @@
 admission, ``dicom_node.ingest``, into the spool and the ledger), who may associate (``peers``),
 the process-wide pynetdicom tuning applied and restored together (``tuning``), association reject
 codes by name and the C-STORE statuses (``statuses``: the admission's ``StoreStatus``) and the
-delivery SCU (``scu``). TLS contexts come from the shared ``dicom_node.tls`` (the configuration
+delivery SCU (``scu``), and the query/retrieve SCU (``qr``: C-FIND, C-MOVE, C-GET; ``qr_dicomweb``:
+QIDO-RS and WADO-RS). TLS contexts come from the shared ``dicom_node.tls`` (the configuration
 checks its files with it at load)."""
 
 from dicom_node.dicom.peers import GuardedServer, PeerGate
+from dicom_node.dicom.qr import (
+    DimseSource,
+    QRSource,
+    RetrieveTally,
+    RetrieveTimeout,
+    SeriesMatch,
+    SourceError,
+    StudyMatch,
+    StudyQuery,
+)
+from dicom_node.dicom.qr_dicomweb import DicomWebSource
 from dicom_node.dicom.scp import TRANSFER_SYNTAXES, StorageSCP
 from dicom_node.dicom.scu import DeliveryError, send_files
 from dicom_node.dicom.statuses import (
@@ -17,5 +29,7 @@ from dicom_node.dicom.statuses import (
     StoreStatus,
 )
 
-__all__ = ["STORED", "TRANSFER_SYNTAXES", "DeliveryError", "GuardedServer", "PeerGate", "ProviderRejectReason",
-           "RejectReason", "RejectResult", "RejectSource", "StorageSCP", "StoreStatus", "send_files"]
+__all__ = ["STORED", "TRANSFER_SYNTAXES", "DeliveryError", "DicomWebSource", "DimseSource", "GuardedServer", "PeerGate",
+           "ProviderRejectReason", "QRSource", "RejectReason", "RejectResult", "RejectSource", "RetrieveTally",
+           "RetrieveTimeout", "SeriesMatch", "SourceError", "StorageSCP", "StoreStatus", "StudyMatch", "StudyQuery",
+           "send_files"]

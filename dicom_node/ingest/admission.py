@@ -49,6 +49,7 @@ class Source(StrEnum):
     DICOM = "dicom"  # C-STORE
     UPLOAD = "upload"  # the web page's upload
     STOW = "stow"  # STOW-RS
+    RETRIEVE = "retrieve"  # fetched by the node itself from a query/retrieve source (C-GET, WADO-RS)
 
 
 class Reason(StrEnum):
@@ -108,9 +109,9 @@ class Candidate:
 
     @classmethod
     def received(cls, dataset: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str,
-                 calling_aet: str, file_meta: Callable[[], bytes]) -> Candidate:
-        """A C-STORE's data set as pynetdicom assembled it."""
-        return cls(Source.DICOM, calling_aet, dataset, as_uid(transfer_syntax), sop_class_uid, sop_instance_uid,
+                 calling_aet: str, file_meta: Callable[[], bytes], source: Source = Source.DICOM) -> Candidate:
+        """A C-STORE's data set as pynetdicom assembled it (``Source.RETRIEVE``: a C-GET's sub-operation)."""
+        return cls(source, calling_aet, dataset, as_uid(transfer_syntax), sop_class_uid, sop_instance_uid,
                    file_meta)
 
     @classmethod
@@ -344,7 +345,7 @@ class Admission:
             else:
                 write_durably(item.head + candidate.body, item.target, fsync)
             recorded = self.ledger.record_instance(sop_uid, study_uid, item.series_uid, item.sop_class_uid,
-                                                   item.target, candidate.sender if candidate.source is Source.DICOM
+                                                   item.target, candidate.sender if candidate.source in _AE_SOURCES
                                                    else candidate.source.value.upper(), item.series_size,
                                                    reopens_study(item.sop_class_uid), item.digest)
         except OSError as exc:
@@ -383,8 +384,12 @@ class Admission:
             log.error("could not count an instance", error=f"{type(exc).__name__}: {exc}")
 
 
+#: Sources whose sender is a DICOM peer (its AE title, or a DICOMweb source's name): the ledger's calling AE.
+_AE_SOURCES = frozenset({Source.DICOM, Source.RETRIEVE})
+
+
 def _sender_key(source: Source) -> str:
-    return "calling_aet" if source is Source.DICOM else "sender"
+    return "calling_aet" if source in _AE_SOURCES else "sender"
 
 
 def _digest(body: bytes | Path, head: bytes) -> tuple[int, str]:

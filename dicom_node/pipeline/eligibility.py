@@ -4,17 +4,18 @@ report: the policy the node's release and worker and the ``predict`` command sha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pydicom
 
 from dicom_node.states import SkipReason
-from inference.analyze import NotAssessedLabel, NotAssessedReason, StudyResult
+from inference.analyze import LabelResult, NotAssessedLabel, NotAssessedReason, StudyResult
 from inference.instances import Instance, is_mr
 from inference.labels import SeriesRole
 from inference.series import assign_roles, group_series, role_of
 
-__all__ = ["ALL_ROLES", "LUMBAR_BODY_PARTS", "Skip", "has_all_roles", "mr_images", "nothing_assessed", "skip_reason"]
+__all__ = ["ALL_ROLES", "LUMBAR_BODY_PARTS", "Skip", "has_all_roles", "mr_images", "note_missing", "nothing_assessed",
+           "skip_reason"]
 
 # BodyPartExamined values (PS3.16 CID 4031 defined terms and common variants) that are a lumbar spine.
 LUMBAR_BODY_PARTS = frozenset({"LSPINE", "SPINE", "TLSPINE", "LSSPINE", "LUMBAR", "LUMBARSPINE", "L-SPINE"})
@@ -70,3 +71,18 @@ def has_all_roles(headers: Sequence[pydicom.Dataset]) -> bool:
     """Whether these headers (one or more per series) cover Sagittal T1, Sagittal T2/STIR and Axial T2."""
     roles = {role_of(s) for s in group_series((ds, None) for ds in headers)}
     return roles >= ALL_ROLES
+
+
+def note_missing(result: StudyResult, note: str) -> StudyResult:
+    """The result with ``note`` added to the reason of every label not assessed because its series
+    is missing (or both sagittal series are): the node asked the PACS for them, and what it says
+    came of it (``pipeline.fetch.missing_note``: "not sent and not found on the PACS")."""
+    no_sagittal = not {SeriesRole.SAG_T1, SeriesRole.SAG_T2} & set(result.series_roles)
+
+    def noted(r: LabelResult) -> LabelResult:
+        if not isinstance(r, NotAssessedLabel):
+            return r
+        missing = r.why is NotAssessedReason.MISSING_SERIES or (r.why is NotAssessedReason.NO_SAGITTAL and no_sagittal)
+        return replace(r, reason=f"{r.reason}: {note}") if missing else r
+
+    return replace(result, labels=tuple(noted(r) for r in result.labels))

@@ -1,7 +1,9 @@
 """Releasing received studies for grading, and recording what the worker pool returns.
 
 A receiving study is released when it has been quiet for ``study.quiet_time_s``, when it is
-complete (``study.release_when_complete``), or at once when asked (an upload, "grade again"). The
+complete (``study.release_when_complete``), or at once when asked (an upload, "grade again"). A
+study about to be released without a series it needs is first completed from the PACS, once
+(``fetch``: in a thread of its own, within ``retrieve.wait_s``), then released. The
 release hands a ``GradeJob`` to a pool of worker processes (``worker.py``); the outcome becomes a
 report with its deliveries (``delivery.py``), or a skipped or failed study. A worker that dies is
 counted against the study, and the pool is replaced.
@@ -24,11 +26,13 @@ from dicom_node.observability import NodeMetrics, get_logger, skip_label
 from dicom_node.pipeline.audit import audit
 from dicom_node.pipeline.delivery import Deliveries
 from dicom_node.pipeline.eligibility import has_all_roles
+from dicom_node.pipeline.fetch import Fetcher, missing_note
 from dicom_node.pipeline.worker import GradeJob, GradeOutcome, grade, init_worker
 from dicom_node.results import OutputKind, RunFolder
 from dicom_node.states import EventKind, GradeResult, StudyState
 from dicom_node.store import Ledger, Report, Study, UnsafePath, fsync_files, remove_tree, under
 from inference.analyze import AnalysisLimits
+from inference.labels import SeriesRole
 
 __all__ = ["SWEEP_INTERVAL_S", "Releaser"]
 
@@ -42,7 +46,7 @@ class Releaser:
     each outcome. ``stopping`` (set by the node's ``stop()``) ends releasing and pool replacement."""
 
     def __init__(self, settings: Settings, ledger: Ledger, metrics: NodeMetrics, deliveries: Deliveries,
-                 stopping: threading.Event):
+                 stopping: threading.Event, fetcher: Fetcher | None = None):
         self.settings = settings
         self.ledger = ledger
         self.metrics = metrics
@@ -51,7 +55,9 @@ class Releaser:
         self.results_dir = Path(settings.storage.results_dir)
         self.pool = self._new_pool()
         self.grading: set[str] = set()  # studies handed to the pool and not back yet
-        self._release_now: set[str] = set()  # studies the next sweep releases at once
+        self._release_now: dict[str, str] = {}  # studies the next sweep releases at once, and why
+        self.fetcher = fetcher  # asks the PACS for the series a study lacks (None: never)
+        self.asking: set[str] = set()  # studies whose missing series are being asked for
         self._checked: dict[str, int] = {}  # study -> instance count already found incomplete by roles
         self._pool_lock = threading.Lock()
         self.started_at = time.time()
@@ -99,16 +105,16 @@ class Releaser:
 
     # -- what the web page asks for ------------------------------------------------------------------
 
-    def release_now(self, study_uid: str) -> None:
+    def release_now(self, study_uid: str, why: str = "upload") -> None:
         """Grade a study at the next sweep, without waiting for the quiet time."""
-        self._release_now.add(study_uid)
+        self._release_now[study_uid] = why
 
     def grade_again(self, study_uid: str, actor: str) -> bool:
         """Grade a study again (the new report supersedes the old). False if the ledger does not know it."""
         if not self.ledger.reopen(study_uid):
             return False
         audit(self.ledger, EventKind.GRADE_AGAIN, study_uid, f"requested by {actor}", actor=actor)
-        self._release_now.add(study_uid)
+        self._release_now[study_uid] = "grade again"
         return True
 
     # -- releasing studies ---------------------------------------------------------------------------
@@ -117,11 +123,10 @@ class Releaser:
         """Release every receiving study that is quiet, or complete (when so configured)."""
         now = time.time()
         for study in self.ledger.studies((StudyState.RECEIVING,)):
-            if self.stopping.is_set() or study.study_uid in self.grading:
+            if self.stopping.is_set() or study.study_uid in self.grading or study.study_uid in self.asking:
                 continue
             if study.study_uid in self._release_now:
-                self._release_now.discard(study.study_uid)
-                self._release(study, "upload")
+                self._release(study, self._release_now.pop(study.study_uid))
             elif now - max(study.last_received, self.started_at) >= self.settings.study.quiet_time_s:
                 self._release(study, "quiet time")
             elif self.settings.study.release_when_complete and self._complete(study):
@@ -141,8 +146,43 @@ class Releaser:
             return False
         return has_all_roles(headers)
 
+    def _ask_first(self, study: Study) -> bool:
+        """Before a release: when the study lacks a needed series and the PACS was never asked about
+        it, record that it is asked and ask in a thread of its own (True: not released now; the
+        thread releases it when done)."""
+        uid = study.study_uid
+        if self.fetcher is None or not self.fetcher.sources or not self.settings.retrieve.missing_series:
+            return False
+        if self.ledger.pacs_query(uid) is not None:
+            return False  # asked once already (before a restart, or by `lumbar-node fetch`)
+        missing = self.fetcher.missing_roles(uid)
+        if not missing or not self.ledger.ask_pacs(uid):
+            return False
+        self.asking.add(uid)
+        log.info("study lacks needed series: asking the PACS before grading", study_uid=uid,
+                 missing=sorted(r.value for r in missing))
+        threading.Thread(target=self._ask, args=(self.fetcher, uid, missing), name="ask-pacs", daemon=True).start()
+        return True
+
+    def _ask(self, fetcher: Fetcher, study_uid: str, missing: set[SeriesRole]) -> None:
+        """The thread that asks the sources about one study, records the answer, then releases it."""
+        try:
+            answer = fetcher.complete(study_uid, missing)
+            self.ledger.pacs_answered(study_uid, answer.outcome, answer.source, answer.detail)
+            log.info("asked the PACS for missing series", study_uid=study_uid, outcome=answer.outcome.value,
+                     source=answer.source, instances=answer.retrieved, detail=answer.detail)
+            audit(self.ledger, EventKind.ASKED_PACS, study_uid, f"{answer.outcome.value}: {answer.detail}",
+                  {"outcome": answer.outcome.value, "source": answer.source, "instances": answer.retrieved})
+        except Exception:  # the study is graded with what it has; the ledger says it was asked
+            log.exception("asking the PACS for missing series failed", study_uid=study_uid)
+        finally:
+            self._release_now[study_uid] = "after asking the PACS"
+            self.asking.discard(study_uid)
+
     def _release(self, study: Study, why: str) -> None:
         uid = study.study_uid
+        if self._ask_first(study):
+            return
         if not self.ledger.set_state(uid, StudyState.ANALYSING, generation=study.generation):
             return  # an instance arrived in between: next sweep
         self._checked.pop(uid, None)
@@ -160,7 +200,8 @@ class Releaser:
                        AnalysisLimits(limits.max_series_images, limits.max_pixels, limits.localiser_batch),
                        limits.grading_timeout_s, pdf=self.settings.outputs.pdf,
                        report_when_nothing_assessed=self.settings.study.report_when_nothing_assessed,
-                       key_images=self.settings.outputs.key_images)
+                       key_images=self.settings.outputs.key_images,
+                       missing_note=missing_note(self.ledger.pacs_query(uid)))
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self.metrics.released.labels(why).inc()
         audit(self.ledger, EventKind.RELEASED, uid, f"run {run}: {why}, {study.instances} instances",

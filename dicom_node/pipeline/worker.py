@@ -18,7 +18,7 @@ import pydicom
 
 from dicom_node.errors import NodeError
 from dicom_node.observability import PHI_VALUES, configure_logging, get_logger
-from dicom_node.pipeline.eligibility import mr_images, nothing_assessed, skip_reason
+from dicom_node.pipeline.eligibility import mr_images, note_missing, nothing_assessed, skip_reason
 from dicom_node.results import DISCLAIMER, OutputKind, RunFolder, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult
 from inference.analyze import AnalysisLimits, analyze_study
@@ -55,6 +55,7 @@ class GradeJob:
     pdf: bool = True  # outputs.pdf: write the PDF summary too
     report_when_nothing_assessed: bool = False  # study.report_when_nothing_assessed
     key_images: bool = True  # outputs.key_images: write the Key Object Selection too
+    missing_note: str | None = None  # the PACS was asked for the missing series: added to their labels' reasons
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def _grade(job: GradeJob) -> GradeOutcome:
         if len({str(ds.get("PatientID", "")) for ds, _ in mr}) > 1:  # a mislabelled instance: never mix patients
             return GradeOutcome.failed(MIXED_PATIENTS)
         result = analyze_study(mr, _loaded_runner(), job.limits)
+        if job.missing_note is not None:
+            result = note_missing(result, job.missing_note)
         skip = None if job.report_when_nothing_assessed else nothing_assessed(result)
         if skip is not None:
             log.info("study skipped: nothing could be assessed, nothing sent", study_uid=job.study_uid, run=job.run)

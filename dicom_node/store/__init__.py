@@ -9,6 +9,8 @@ from dicom_node.store.ledger import (
     KnownInstance,
     Ledger,
     LedgerVersionError,
+    PacsAnswer,
+    PacsQuery,
     Purgeable,
     Recorded,
     Report,
@@ -20,6 +22,7 @@ from dicom_node.store.ledger import (
 from dicom_node.store.paths import UnsafePath, remove_tree, uid_problem, under
 from dicom_node.store.spool import spool_path
 
-__all__ = ["Delivery", "Event", "KnownInstance", "Ledger", "LedgerVersionError", "Purgeable", "Recorded", "Report",
+__all__ = ["Delivery", "Event", "KnownInstance", "Ledger", "LedgerVersionError", "PacsAnswer", "PacsQuery",
+           "Purgeable", "Recorded", "Report",
            "SeriesCount", "Study", "StudyRow", "UnsafePath", "Upload", "fsync_dir", "fsync_files", "remove_tree",
            "restrict_access", "spool_path", "uid_problem", "under", "write_durably"]

@@ -119,6 +119,18 @@ CREATE INDEX IF NOT EXISTS studies_by_state ON studies (state, first_received, s
 """
 
 
+_PACS_QUERIES_TABLE = """
+CREATE TABLE IF NOT EXISTS pacs_queries (
+    study_uid TEXT PRIMARY KEY,
+    asked_at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    source TEXT,
+    detail TEXT,
+    finished_at REAL
+)
+"""
+
+
 def _run_script(db: sqlite3.Connection, script: str) -> None:
     """Each statement of ``script`` in the open transaction (``executescript`` would commit it)."""
     for statement in script.split(";"):
@@ -155,6 +167,10 @@ def _web_tables(db: sqlite3.Connection) -> None:
     _run_script(db, _WEB_TABLES)
 
 
+def _pacs_queries(db: sqlite3.Connection) -> None:
+    _run_script(db, _PACS_QUERIES_TABLE)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the ledger's schema: applied to a ledger whose version is ``version`` - 1."""
@@ -171,6 +187,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               _added_columns),
     Migration(3, "instances keyed by (series, SOP Instance UID)", _instance_key),
     Migration(4, "the audit trail, the web page's uploads and the dashboard's indexes", _web_tables),
+    Migration(5, "the studies the node asked a query/retrieve source about (once each)", _pacs_queries),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -186,6 +203,29 @@ class Recorded(StrEnum):
     RESENT = "resent"  # the same bytes again: nothing changes
     REPLACED = "replaced"  # the same (series, SOP Instance UID) with other bytes: the study is graded again
     OTHER_STUDY = "other study"  # the series' SOP Instance UID is already filed under another study: refused
+
+
+class PacsAnswer(StrEnum):
+    """What asking the query/retrieve sources about a study came to."""
+
+    ASKING = "asking"  # asked, no answer recorded (the node stopped meanwhile)
+    RETRIEVED = "retrieved"  # series retrieved (all the source had that the node lacked)
+    NOTHING_MORE = "nothing more"  # the source holds the study but no series the node lacks
+    NOT_FOUND = "not found"  # no source holds the study
+    UNREACHABLE = "unreachable"  # no source could be asked (down, refused, failed)
+    TIMED_OUT = "timed out"  # the retrieve did not finish within retrieve.wait_s
+    FAILED = "retrieve failed"  # the source listed series the node lacks, and none of their instances came
+
+
+class PacsQuery(NamedTuple):
+    """A study the node asked its query/retrieve sources about: when, what came of it, from which
+    source, and in words."""
+
+    study_uid: str
+    asked_at: float
+    outcome: PacsAnswer
+    source: str | None
+    detail: str | None
 
 
 class KnownInstance(NamedTuple):
@@ -430,6 +470,36 @@ class Ledger:
             db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
                        (state, why, time.time(), study_uid))
         return given_up
+
+    def study_senders(self, study_uid: str) -> list[str]:
+        """The calling AE titles (or source names) a study's instances came from, first sender first."""
+        rows = self._query("SELECT calling_aet FROM instances WHERE study_uid=? GROUP BY calling_aet "
+                           "ORDER BY MIN(received_at)", (study_uid,))
+        return [str(r[0]) for r in rows]
+
+    # -- query/retrieve: each study asked once ------------------------------------------------------
+
+    def ask_pacs(self, study_uid: str) -> bool:
+        """Record that the node asks the PACS about a study; False (nothing changed) if it did before."""
+        with self._transaction() as db:
+            return db.execute("INSERT INTO pacs_queries (study_uid, asked_at, outcome) VALUES (?, ?, ?) "
+                              "ON CONFLICT(study_uid) DO NOTHING",
+                              (study_uid, time.time(), PacsAnswer.ASKING)).rowcount == 1
+
+    def pacs_answered(self, study_uid: str, outcome: PacsAnswer, source: str | None, detail: str) -> None:
+        """Record what asking the PACS about a study came to."""
+        with self._transaction() as db:
+            db.execute("UPDATE pacs_queries SET outcome=?, source=?, detail=?, finished_at=? WHERE study_uid=?",
+                       (outcome, source, detail, time.time(), study_uid))
+
+    def pacs_query(self, study_uid: str) -> PacsQuery | None:
+        """Whether (and with what outcome) the node asked the PACS about a study."""
+        rows = self._query("SELECT study_uid, asked_at, outcome, source, detail FROM pacs_queries WHERE study_uid=?",
+                           (study_uid,))
+        if not rows:
+            return None
+        uid, asked_at, outcome, source, detail = rows[0]
+        return PacsQuery(uid, asked_at, PacsAnswer(outcome), source, detail)
 
     # -- retention -----------------------------------------------------------------------------------
 

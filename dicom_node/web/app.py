@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
 from dicom_node.web.context import NodeActions, WebContext
-from dicom_node.web.routes import auth, dicomweb, ops, studies, uploads
+from dicom_node.web.routes import auth, dicomweb, fetch, ops, studies, uploads
 from dicom_node.web.site import Site
 
 __all__ = ["SESSION_COOKIE", "NodeActions", "WebContext", "build_app"]
@@ -30,6 +30,7 @@ def build_app(ctx: WebContext) -> Starlette:
     site = Site(ctx)
     routes: list[BaseRoute] = [*ops.routes(site), *auth.routes(site), *studies.routes(site), *uploads.routes(site),
                                *dicomweb.routes(site),
+                               *fetch.routes(site),
                                Mount("/static", StaticFiles(directory=str(files("dicom_node.web") / "static")),
                                      name="static")]
     middleware = [Middleware(SessionMiddleware, secret_key=secrets.token_urlsafe(32), session_cookie=SESSION_COOKIE,

@@ -4,6 +4,7 @@ small double)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -12,7 +13,43 @@ from dicom_node.observability import NodeMetrics
 from dicom_node.store import Ledger
 from dicom_node.web.security import AccountsFile
 
-__all__ = ["NodeActions", "WebContext"]
+__all__ = ["FetchView", "FetchedStudyView", "NodeActions", "WebContext"]
+
+
+class FetchedStudyView(Protocol):
+    """A study a fetch found, as the page shows it (``pipeline.FetchedStudy``)."""
+
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def series(self) -> int: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def retrieved(self) -> int: ...
+    @property
+    def expected(self) -> int | None: ...
+
+
+class FetchView(Protocol):
+    """A fetch requested on the page, as it goes (``pipeline.FetchJob``)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def query(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def studies(self) -> Sequence[FetchedStudyView]: ...
+    @property
+    def finished_at(self) -> float | None: ...
 
 
 class NodeActions(Protocol):
@@ -28,6 +65,18 @@ class NodeActions(Protocol):
 
     def queued(self) -> int:
         """How many studies are with the grading workers (for ``/metrics``)."""
+        ...
+
+    def fetch(self, accession: str, actor: str) -> FetchView:
+        """Fetch the study with this accession number from the PACS and grade it (in the background)."""
+        ...
+
+    def fetches(self) -> Sequence[FetchView]:
+        """The fetches requested on the page, newest first."""
+        ...
+
+    def can_fetch(self) -> bool:
+        """Whether a query/retrieve source is configured."""
         ...
 
 

@@ -97,7 +97,7 @@ ROOM_ARROWS: dict[str, set[str]] = {
     "dicom": {"ingest", "store", "observability"},
     "dicomweb": {"ingest", "store", "observability"},
     "results": {"observability"},
-    "pipeline": {"results", "store", "dicom", "dicomweb", "observability"},
+    "pipeline": {"results", "store", "dicom", "dicomweb", "ingest", "observability"},  # ingest: what a fetch files
     "web": {"ingest", "store", "results", "dicomweb", "observability"},
 }
 ROOMS = frozenset(ROOM_ARROWS) - {"shared"}
