@@ -2,13 +2,14 @@
 admission, ``dicom_node.ingest``, into the spool and the ledger), who may associate (``peers``),
 the process-wide pynetdicom tuning applied and restored together (``tuning``), association reject
 codes by name and the C-STORE statuses (``statuses``: the admission's ``StoreStatus``) and the
-delivery SCU (``scu``), and the query/retrieve SCU (``qr``: C-FIND, C-MOVE, C-GET; ``qr_dicomweb``:
-QIDO-RS and WADO-RS). TLS contexts come from the shared ``dicom_node.tls`` (the configuration
-checks its files with it at load)."""
+delivery SCU (``scu``), and the query/retrieve SCU (``qr``: C-FIND, C-MOVE, C-GET; its
+DICOMweb twin, QIDO-RS and WADO-RS, is ``dicomweb.retrieve``). TLS contexts come from the shared
+``dicom_node.tls`` (the configuration checks its files with it at load)."""
 
 from dicom_node.dicom.peers import GuardedServer, PeerGate
 from dicom_node.dicom.qr import (
     DimseSource,
+    Progress,
     QRSource,
     RetrieveTally,
     RetrieveTimeout,
@@ -16,8 +17,9 @@ from dicom_node.dicom.qr import (
     SourceError,
     StudyMatch,
     StudyQuery,
+    series_match,
+    study_match,
 )
-from dicom_node.dicom.qr_dicomweb import DicomWebSource
 from dicom_node.dicom.scp import TRANSFER_SYNTAXES, StorageSCP
 from dicom_node.dicom.scu import DeliveryError, send_files
 from dicom_node.dicom.statuses import (
@@ -29,7 +31,7 @@ from dicom_node.dicom.statuses import (
     StoreStatus,
 )
 
-__all__ = ["STORED", "TRANSFER_SYNTAXES", "DeliveryError", "DicomWebSource", "DimseSource", "GuardedServer", "PeerGate",
+__all__ = ["STORED", "TRANSFER_SYNTAXES", "DeliveryError", "DimseSource", "GuardedServer", "PeerGate", "Progress",
            "ProviderRejectReason", "QRSource", "RejectReason", "RejectResult", "RejectSource", "RetrieveTally",
            "RetrieveTimeout", "SeriesMatch", "SourceError", "StorageSCP", "StoreStatus", "StudyMatch", "StudyQuery",
-           "send_files"]
+           "send_files", "series_match", "study_match"]

@@ -5,7 +5,7 @@ through the node's one admission, ``ingest.Admission``, as ``Source.RETRIEVE``).
 
 What a query asks and a match holds is common to every kind of source (``StudyQuery``,
 ``StudyMatch``, ``SeriesMatch``, ``RetrieveTally``, the ``QRSource`` protocol); the DICOMweb kind
-(QIDO-RS and WADO-RS) is ``qr_dicomweb``. No patient data is logged: studies and series by UID.
+(QIDO-RS and WADO-RS) is ``dicomweb.retrieve``. No patient data is logged: studies and series by UID.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ Progress = Callable[[RetrieveTally], None]
 
 
 class QRSource(Protocol):
-    """A query/retrieve source of any kind (DIMSE here, DICOMweb in ``qr_dicomweb``)."""
+    """A query/retrieve source of any kind (DIMSE here, DICOMweb in ``dicomweb.retrieve``)."""
 
     name: str
 

@@ -22,7 +22,6 @@ import pydicom
 
 from dicom_node.config import QueryRetrieveSource, RetrieveMethod, Settings
 from dicom_node.dicom import (
-    DicomWebSource,
     DimseSource,
     QRSource,
     RetrieveTally,
@@ -31,6 +30,7 @@ from dicom_node.dicom import (
     SourceError,
     StudyQuery,
 )
+from dicom_node.dicomweb import DicomWebSource
 from dicom_node.errors import NodeError
 from dicom_node.ingest import Admission
 from dicom_node.observability import get_logger

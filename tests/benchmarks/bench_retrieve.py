@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from demo.orthanc import ORTHANC_AET, free_port, running_orthanc, storescu
 from dicom_node.config import load_settings
-from dicom_node.dicom import DicomWebSource, DimseSource, StorageSCP
+from dicom_node.dicom import DimseSource, StorageSCP
+from dicom_node.dicomweb import DicomWebSource
 from dicom_node.ingest import Admission
 from dicom_node.observability import NodeMetrics, configure_logging
 from dicom_node.store import Ledger

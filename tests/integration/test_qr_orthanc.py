@@ -18,7 +18,8 @@ import yaml
 
 from demo.orthanc import ORTHANC_AET, Orthanc, free_port, running_orthanc, storescu
 from dicom_node.config import QueryRetrieveSource, Settings, load_settings
-from dicom_node.dicom import DicomWebSource, DimseSource, SourceError, StorageSCP, StudyQuery
+from dicom_node.dicom import DimseSource, SourceError, StorageSCP, StudyQuery
+from dicom_node.dicomweb import DicomWebSource
 from dicom_node.ingest import Admission, Candidate, Source
 from dicom_node.observability import NodeMetrics
 from dicom_node.pipeline import Fetcher

@@ -95,7 +95,7 @@ ROOM_ARROWS: dict[str, set[str]] = {
     "store": {"observability"},
     "ingest": {"store", "observability"},
     "dicom": {"ingest", "store", "observability"},
-    "dicomweb": {"ingest", "store", "observability"},
+    "dicomweb": {"dicom", "ingest", "store", "observability"},  # dicom: the Q/R vocabulary (dicom.qr)
     "results": {"observability"},
     "pipeline": {"results", "store", "dicom", "dicomweb", "ingest", "observability"},  # ingest: what a fetch files
     "web": {"ingest", "store", "results", "dicomweb", "observability"},

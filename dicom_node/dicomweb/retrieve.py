@@ -15,7 +15,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from dicom_node.config import DicomWebSourceSettings, QueryRetrieveSource
-from dicom_node.dicom.qr import (
+from dicom_node.dicom import (
     Progress,
     RetrieveTally,
     RetrieveTimeout,
