@@ -165,13 +165,13 @@ def _check_http_url(value: str) -> str:
 class DicomWebService(_Section):
     """A DICOMweb origin server (the service root, to which STOW-RS appends ``/studies``), its
     credentials (HTTP Basic, or a bearer token) and its TLS verification (the system's CAs, or
-    ``ca_file``; ``verify: false`` turns it off)."""
+    ``ca_certificates``; ``verify: false`` turns it off)."""
 
     url: Annotated[str, AfterValidator(_check_http_url)]
     username: str | None = Field(default=None, min_length=1)
     password: str | None = None
     token: str | None = Field(default=None, min_length=1)
-    ca_file: PEMFile | None = None
+    ca_certificates: PEMFile | None = None
     verify: bool = True
 
     @model_validator(mode="after")
@@ -180,8 +180,8 @@ class DicomWebService(_Section):
             raise ValueError("username and password go together: set both or neither")
         if self.token is not None and self.username is not None:
             raise ValueError("set username/password or token, not both")
-        if self.ca_file is not None and not self.verify:
-            raise ValueError("ca_file is for verifying the server: it cannot go with verify: false")
+        if self.ca_certificates is not None and not self.verify:
+            raise ValueError("ca_certificates is for verifying the server: it cannot go with verify: false")
         return self
 
 
@@ -319,25 +319,6 @@ class RetrieveMethod(StrEnum):
     C_GET = "c-get"  # they come back on the node's own association (C-STORE sub-operations)
 
 
-class DicomWebSourceSettings(_Section):
-    """A DICOMweb service asked with QIDO-RS and WADO-RS: its base URL (the one that ends before
-    ``/studies``), and HTTP Basic credentials or a bearer token (or neither)."""
-
-    url: str = Field(pattern=r"^https?://\S+$")
-    username: str | None = None
-    password: str | None = None
-    token: str | None = None
-    ca_certificates: PEMFile | None = None  # the CAs its HTTPS certificate must chain to (None: the system's)
-
-    @model_validator(mode="after")
-    def _one_way_to_sign_in(self) -> DicomWebSourceSettings:
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together: set both or neither")
-        if self.token is not None and self.username is not None:
-            raise ValueError("give a token or a username and password, not both")
-        return self
-
-
 class QueryRetrieveSource(_Section):
     """A PACS (or archive) the node may ask for studies and series: a DIMSE Q/R SCP (``ae_title``,
     ``host``, ``port``, ``method``) or a DICOMweb service (``dicomweb``)."""
@@ -348,7 +329,7 @@ class QueryRetrieveSource(_Section):
     port: Port | None = None
     method: RetrieveMethod = RetrieveMethod.C_MOVE
     tls: TLSSettings | None = None  # DIMSE over TLS (None: plain TCP)
-    dicomweb: DicomWebSourceSettings | None = None
+    dicomweb: DicomWebService | None = None
 
     @model_validator(mode="after")
     def _dimse_or_dicomweb(self) -> QueryRetrieveSource:

@@ -1,6 +1,6 @@
 """Storing result files (SR, SC, PDF, whatever the run folder delivers) on a DICOMweb origin server
 by STOW-RS, with ``dicomweb-client`` (the highdicom authors' client): HTTP Basic or a bearer token,
-TLS verified against the system's CAs or ``ca_file``, one timeout per request. dicomweb-client's own
+TLS verified against the system's CAs or ``ca_certificates``, one timeout per request. dicomweb-client's own
 retries are off: the retry schedule is the pipeline's (``pipeline.delivery``), the same as for C-STORE."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from dicom_node.config import DicomWebDestination
+from dicom_node.config import DicomWebDestination, DicomWebService
 from dicom_node.errors import NodeError
 
 __all__ = ["StowClientError", "store_files"]
@@ -25,15 +25,16 @@ class StowClientError(NodeError, RuntimeError):
     the log; it never holds the credentials)."""
 
 
-def _session(destination: DicomWebDestination) -> requests.Session:
-    service = destination.dicomweb
+def session_for(service: DicomWebService) -> requests.Session:
+    """A requests session for a DICOMweb service as configured: its credentials and TLS checks,
+    nothing from the environment (destinations and query/retrieve sources alike)."""
     session = requests.Session()
     session.trust_env = False  # no proxy or netrc from the environment: what the configuration says, only
     if service.username is not None and service.password is not None:
         session.auth = (service.username, service.password)
     elif service.token is not None:
         session.headers["Authorization"] = f"Bearer {service.token}"
-    session.verify = str(service.ca_file) if service.ca_file is not None else service.verify
+    session.verify = str(service.ca_certificates) if service.ca_certificates is not None else service.verify
     return session
 
 
@@ -42,7 +43,7 @@ def store_files(destination: DicomWebDestination, paths: list[Path], timeout: fl
     stored them all (an HTTP error, a Failed SOP Sequence, or an instance its answer does not list)."""
     where = destination.where
     datasets = [pydicom.dcmread(p) for p in paths]
-    with _session(destination) as session:
+    with session_for(destination.dicomweb) as session:
         client = DICOMwebClient(destination.dicomweb.url, session=session, timeout=timeout)
         client.set_http_retry_params(retry=False)
         try:

@@ -14,7 +14,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from dicom_node.config import DicomWebSourceSettings, QueryRetrieveSource
+from dicom_node.config import QueryRetrieveSource
 from dicom_node.dicom import (
     Progress,
     RetrieveTally,
@@ -26,6 +26,7 @@ from dicom_node.dicom import (
     series_match,
     study_match,
 )
+from dicom_node.dicomweb.client import session_for
 from dicom_node.ingest import Admission, Candidate, Source
 from dicom_node.observability import get_logger
 
@@ -35,17 +36,6 @@ log = get_logger(__name__)
 
 STUDY_FIELDS = ("StudyDate", "AccessionNumber", "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
 SERIES_FIELDS = ("Modality", "SeriesNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances")
-
-
-def _session(settings: DicomWebSourceSettings) -> requests.Session:
-    session = requests.Session()
-    if settings.username is not None and settings.password is not None:
-        session.auth = (settings.username, settings.password)
-    if settings.token is not None:
-        session.headers["Authorization"] = f"Bearer {settings.token}"
-    if settings.ca_certificates is not None:
-        session.verify = str(settings.ca_certificates)
-    return session
 
 
 def _dataset(item: dict[str, Any]) -> Dataset:
@@ -61,7 +51,7 @@ class DicomWebSource:
         self.name = source.name
         self.url = source.dicomweb.url.rstrip("/")
         self.admission = admission
-        self.client = DICOMwebClient(self.url, session=_session(source.dicomweb), timeout=timeout_s)
+        self.client = DICOMwebClient(self.url, session=session_for(source.dicomweb), timeout=timeout_s)
         self.where = f"{source.name} ({self.url})"
 
     def _ask(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:

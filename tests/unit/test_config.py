@@ -231,13 +231,13 @@ def test_a_destination_is_dimse_or_dicomweb(tmp_path: Path) -> None:
     ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     cfg = write(tmp_path, "destinations:\n  - {name: pacs, ae_title: PACS, host: 10.0.0.1, port: 104}\n"
                 f"  - {{name: vna, dicomweb: {{url: 'https://vna.example/dicom-web/', username: node, password: pw, "
-                f"ca_file: {ca}}}}}\n  - {{name: cloud, dicomweb: {{url: 'http://127.0.0.1:8042/dicom-web', "
+                f"ca_certificates: {ca}}}}}\n  - {{name: cloud, dicomweb: {{url: 'http://127.0.0.1:8042/dicom-web', "
                 "token: abc}}\n")
     s = load_settings(cfg, environ={})
     dimse, vna, cloud = s.destinations
     assert isinstance(vna, DicomWebDestination) and isinstance(cloud, DicomWebDestination)
     assert dimse.where == "PACS@10.0.0.1:104"
-    assert vna.dicomweb.url == "https://vna.example/dicom-web" and vna.dicomweb.ca_file == ca
+    assert vna.dicomweb.url == "https://vna.example/dicom-web" and vna.dicomweb.ca_certificates == ca
     assert vna.where == "https://vna.example/dicom-web (STOW-RS)" and "pw" not in vna.where
     assert cloud.dicomweb.token == "abc" and cloud.dicomweb.verify is True
 
@@ -252,8 +252,8 @@ def test_a_destination_is_dimse_or_dicomweb(tmp_path: Path) -> None:
         ("{name: a, dicomweb: {url: 'https://h', username: u}}", "destinations.0.dicomweb", "go together"),
         ("{name: a, dicomweb: {url: 'https://h', username: u, password: p, token: t}}", "destinations.0.dicomweb",
          "not both"),
-        ("{name: a, dicomweb: {url: 'https://h', verify: false, ca_file: /etc/hostname}}",
-         "destinations.0.dicomweb.ca_file", "not a PEM file"),
+        ("{name: a, dicomweb: {url: 'https://h', verify: false, ca_certificates: /etc/hostname}}",
+         "destinations.0.dicomweb.ca_certificates", "not a PEM file"),
         ("{name: a, dicomweb: {url: 'https://h', retries: 3}}", "destinations.0.dicomweb.retries", "Extra inputs"),
         ("{name: a, dicomweb: {}}", "destinations.0.dicomweb.url", "Field required"),
     ],

@@ -1,6 +1,6 @@
 """The STOW-RS user of a DICOMweb destination (``dicomweb.store_files`` through ``pipeline``'s
 destination kinds) against a small origin server on loopback (http.server over TLS, with a CA and
-certificate made by openssl): credentials (Basic or bearer) sent, TLS verified against ``ca_file``
+certificate made by openssl): credentials (Basic or bearer) sent, TLS verified against ``ca_certificates``
 (refused without it), each way a server can fail said in one line without the credentials."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_files_are_stored_with_basic_credentials_over_verified_tls(origin: Threa
                                                                   tmp_path: Path) -> None:
     ca, _ = pki
     files = _files(tmp_path)
-    store_files(_destination(origin, username="node", password="s3cret", ca_file=ca.certificate), files)
+    store_files(_destination(origin, username="node", password="s3cret", ca_certificates=ca.certificate), files)
     [(path, headers, body)] = origin.seen
     assert path == "/dicom-web/studies"
     assert headers["Authorization"].startswith("Basic ") and boundary_of(headers["Content-Type"])
@@ -125,7 +125,7 @@ def test_files_are_stored_with_basic_credentials_over_verified_tls(origin: Threa
 
 def test_a_bearer_token_and_the_servers_refusals(origin: ThreadingHTTPServer, pki: tuple, tmp_path: Path) -> None:
     ca, _ = pki
-    destination = _destination(origin, token="t0ken", ca_file=ca.certificate)
+    destination = _destination(origin, token="t0ken", ca_certificates=ca.certificate)
     files = _files(tmp_path)
     store_files(destination, files)
     assert origin.seen[-1][1]["Authorization"] == "Bearer t0ken"
@@ -149,7 +149,7 @@ def test_tls_is_verified_and_a_hang_ends_at_the_timeout(origin: ThreadingHTTPSer
     origin.mode = "slow"
     started = time.monotonic()
     with pytest.raises(StowClientError, match="no answer within 1 s"):
-        store_files(_destination(origin, ca_file=ca.certificate), files, timeout=1)
+        store_files(_destination(origin, ca_certificates=ca.certificate), files, timeout=1)
     assert time.monotonic() - started < 3
     with pytest.raises(StowClientError, match="unreachable"):
         store_files(DicomWebDestination.model_validate({"name": "x", "dicomweb": {"url": "http://127.0.0.1:9"}}),
