@@ -73,3 +73,5 @@ class EventKind(StrEnum):
     SIGN_IN_REFUSED = "sign-in refused"
     SIGNED_OUT = "signed out"
     REFUSED = "action refused"
+    SIGN_IN_THROTTLED = "sign-in throttled"  # failed sign-ins past the allowance: the next attempt waits
+    SESSIONS_ENDED = "sessions ended"  # an administrator ended sessions of an account

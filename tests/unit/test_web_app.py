@@ -77,8 +77,18 @@ def site(tmp_path: Path) -> tuple[TestClient, FakeNode, Ledger]:
     ledger.close()
 
 
+def _signin_token(client: TestClient) -> str:
+    """The sign-in form's token (its cookie now in the client), as a browser gets it."""
+    return re.search(r'name="csrf" value="([^"]+)"', client.get("/signin").text).group(1)
+
+
+def _post_signin(client: TestClient, name: str, password: str, target: str = "/") -> httpx.Response:
+    return client.post("/signin", data={"name": name, "password": password, "next": target,
+                                        "csrf": _signin_token(client)})
+
+
 def _sign_in(client: TestClient, name: str, password: str) -> str:
-    answer = client.post("/signin", data={"name": name, "password": password, "next": "/"})
+    answer = _post_signin(client, name, password)
     assert answer.status_code == 303, answer.text
     page = client.get("/")
     return re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
@@ -96,9 +106,9 @@ def test_anonymous_goes_to_sign_in_except_healthz(site: tuple) -> None:
 
 def test_sign_in_sets_a_strict_http_only_cookie_and_is_audited(site: tuple) -> None:
     client, _, ledger = site
-    refused = client.post("/signin", data={"name": "ada", "password": "nope"})
+    refused = _post_signin(client, "ada", "nope")
     assert refused.status_code == 401 and "Wrong name or password" in refused.text
-    answer = client.post("/signin", data={"name": "ada", "password": "ada-password", "next": "//evil.example/"})
+    answer = _post_signin(client, "ada", "ada-password", "//evil.example/")
     assert answer.status_code == 303 and answer.headers["location"] == "/"  # never to another site
     cookie = answer.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
@@ -307,7 +317,7 @@ def test_the_ledger_and_argon2_are_never_called_on_the_event_loop(site: tuple, t
                                             "LUMBAR_NODE__STORAGE__FSYNC": "false"}),
                      WatchedLedger(ledger, watch), WatchedNode(watch), AccountsFile(tmp_path / "accounts.yaml"))
     client = TestClient(build_app(ctx), follow_redirects=False)
-    assert client.post("/signin", data={"name": "ada", "password": "nope"}).status_code == 401
+    assert _post_signin(client, "ada", "nope").status_code == 401
     token = _sign_in(client, "ada", "ada-password")
     for path in ("/", "/studies/1.2.3", "/upload/1.2.3", "/studies/1.2.3/status", "/studies/1.2.3/files/sr.dcm",
                  "/studies/1.2.3/heatmaps/0.png", "/healthz"):
@@ -342,7 +352,10 @@ def test_healthz_answers_while_a_sign_in_hashes_its_password(site: tuple, monkey
     async def scenario() -> tuple[float, bool, int]:
         transport = httpx.ASGITransport(app=client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
-            signin = asyncio.create_task(http.post("/signin", data={"name": "ada", "password": "ada-password"}))
+            form = await http.get("/signin")
+            token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+            signin = asyncio.create_task(http.post("/signin", data={"name": "ada", "password": "ada-password",
+                                                                    "csrf": token}))
             while not hashing.is_set():
                 await asyncio.sleep(0.01)
             started = time.perf_counter()
