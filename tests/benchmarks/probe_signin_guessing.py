@@ -5,7 +5,8 @@ each). Run once with the node's throttle as configured by default (``throttle``)
 the throttle out of the way (``unthrottled``: ``web.signin_free_attempts`` huge), so that every
 guess costs an argon2 check: what the hashing threads alone do for /healthz.
 
-    .venv/bin/python tests/benchmarks/probe_signin_guessing.py [--seconds 15] [--clients 4] [--modes throttle,unthrottled]
+    .venv/bin/python tests/benchmarks/probe_signin_guessing.py [--seconds 15] [--clients 4] \
+        [--modes throttle,unthrottled]
 
 Prints per mode: /healthz median, p95 and max ms alone and under guessing, the guesses made and
 their answers (401: checked and wrong; 429: throttled, unchecked).
@@ -95,7 +96,8 @@ def main() -> None:
                 stop_all()
         print(f"{mode}: /healthz ms alone        {_summary(alone)}")
         print(f"{mode}: /healthz ms, {args.clients} guessing  {_summary(busy)}")
-        print(f"{mode}: guesses {sum(answers.values())} in ~{args.seconds + 1:.0f} s, answers {dict(sorted(answers.items()))}")
+        print(f"{mode}: guesses {sum(answers.values())} in ~{args.seconds + 1:.0f} s, "
+              f"answers {dict(sorted(answers.items()))}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_a_password_change_a_role_change_and_a_removal_end_the_sessions_at_once(
 
 
 def test_an_administrator_sees_and_ends_an_accounts_sessions(node: ServedNode) -> None:
-    viewer, viewer_token = sign_in(node.web_url, VIEWER, VIEWER_PASSWORD)
+    viewer, _ = sign_in(node.web_url, VIEWER, VIEWER_PASSWORD)
     saved = httpx.Cookies(viewer.cookies)
     assert viewer.get("/accounts").status_code == 403  # a viewer does not see them
     admin, admin_token = sign_in(node.web_url, ADMIN, ADMIN_PASSWORD)

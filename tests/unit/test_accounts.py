@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import stat
-import time
 from pathlib import Path
 
 import pytest

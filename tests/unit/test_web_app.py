@@ -367,3 +367,70 @@ def test_healthz_answers_while_a_sign_in_hashes_its_password(site: tuple, monkey
 
     took, pending, signed_in = asyncio.run(scenario())
     assert pending and took < 5 and signed_in == 303
+
+
+def test_sign_out_ends_the_session_on_the_server(site: tuple) -> None:
+    client, node, _ = site
+    token = _sign_in(client, "ada", "ada-password")
+    saved = dict(client.cookies)
+    assert client.post("/signout", data={"csrf": token}).status_code == 303
+    client.cookies.clear()
+    client.cookies.update(saved)  # the cookie replayed
+    assert client.get("/").status_code == 303
+    assert client.post("/studies/1.2.3/grade-again", data={"csrf": token}).status_code == 401
+    assert node.graded == []
+
+
+def test_the_sign_in_form_needs_its_own_token(site: tuple) -> None:
+    client, _, ledger = site
+    assert client.post("/signin", data={"name": "ada", "password": "ada-password"}).status_code == 403
+    token = _signin_token(client)
+    assert client.post("/signin", data={"name": "ada", "password": "ada-password", "csrf": "forged"}).status_code == 403
+    other = client.post("/signin", data={"name": "ada", "password": "ada-password", "csrf": token},
+                        headers={"Sec-Fetch-Site": "cross-site"})
+    assert other.status_code == 403 and "another site" in other.text
+    assert [e.kind for e in ledger.events()] == []  # not even checked
+    assert client.post("/signin", data={"name": "ada", "password": "ada-password", "csrf": token}).status_code == 303
+
+
+def test_failed_sign_ins_are_throttled_then_the_right_password_works(tmp_path: Path) -> None:
+    client, _, ledger = _site(tmp_path, LUMBAR_NODE__WEB__SIGNIN_FREE_ATTEMPTS="2",
+                              LUMBAR_NODE__WEB__SIGNIN_WAIT_S="0.3", LUMBAR_NODE__WEB__SIGNIN_WAIT_MAX_S="0.6")
+    try:
+        statuses = [_post_signin(client, "ada", "wrong").status_code for _ in range(5)]
+        assert statuses == [401, 401, 429, 429, 429]
+        answer = _post_signin(client, "ada", "ada-password")
+        assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+        assert client.get("/metrics", auth=("ada", "ada-password")).status_code == 429  # the same throttle
+        time.sleep(0.35)
+        assert _post_signin(client, "ada", "ada-password").status_code == 303
+        kinds = [e.kind for e in ledger.events()]
+        assert kinds.count(EventKind.SIGN_IN_THROTTLED) == 1 and kinds.count(EventKind.SIGN_IN_REFUSED) == 2
+    finally:
+        ledger.close()
+
+
+def test_no_page_is_cached_and_page_numbers_are_range_checked(site: tuple) -> None:
+    client, _, _ = site
+    _sign_in(client, "ada", "ada-password")
+    for path in ("/", "/studies/1.2.3", "/studies/1.2.3/heatmaps/0.png", "/signin", "/healthz", "/accounts"):
+        assert client.get(path).headers["cache-control"] == "no-store", path
+    assert client.get("/static/style.css").headers.get("cache-control") is None
+    for asked in ("99999999999999999999999", "1000000000", "2"):
+        answer = client.get(f"/?page={asked}")
+        assert answer.status_code == 200 and "page 1 of 1" in answer.text, asked
+    for asked in ("-1", "abc", "1e5", "٣"):
+        assert client.get("/", params={"page": asked}).status_code == 400, asked
+
+
+def test_only_an_administrator_sees_and_ends_sessions(site: tuple) -> None:
+    client, _, ledger = site
+    viewer = TestClient(client.app, follow_redirects=False)
+    _sign_in(viewer, "vic", "vic-password")
+    assert viewer.get("/accounts").status_code == 403
+    token = _sign_in(client, "ada", "ada-password")
+    page = client.get("/accounts").text
+    (vic_session,) = re.findall(r'data-account="vic" data-session="([^"]+)"', page)
+    assert client.post(f"/accounts/vic/sessions/{vic_session}/end", data={"csrf": token}).status_code == 303
+    assert viewer.get("/").status_code == 303  # ended at once
+    assert next(e.kind for e in ledger.events()) == EventKind.SESSIONS_ENDED
