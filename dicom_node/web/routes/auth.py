@@ -135,6 +135,6 @@ def audit_throttle(site: Site, name: str, address: str | None, wait: float, wher
 
 def safe_next(target: str | None) -> str:
     """A local path to go to after signing in (never another site)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if not target or len(target) > 2000 or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
