@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -23,18 +24,18 @@ import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from dicom_node.observability import get_logger
 from dicom_node.states import EventKind, StudyState
-from dicom_node.web.accounts import AccountError
+from dicom_node.web.accounts import Account, AccountError, authenticate
 from dicom_node.web.context import WebContext
-from dicom_node.web.security import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, User, tokens_match
+from dicom_node.web.security import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, User, basic_credentials, tokens_match
 from dicom_node.web.sessions import Session
-from dicom_node.web.throttle import SignInThrottle
+from dicom_node.web.throttle import SignInThrottle, retry_after
 
-__all__ = ["HASHING_THREADS", "MAX_UPLOAD_FILES", "AsyncHandler", "Handler", "Site", "SyncHandler"]
+__all__ = ["HASHING_THREADS", "MAX_UPLOAD_FILES", "AsyncHandler", "Handler", "Site", "SyncHandler", "too_many"]
 
 log = get_logger(__name__)
 MAX_UPLOAD_FILES = 20000
@@ -60,6 +61,11 @@ def _on_the_loop(handler: Handler) -> AsyncHandler:
         return await run_in_threadpool(plain, request, user)
 
     return in_threadpool
+
+
+def too_many(wait: float) -> str:
+    """The words of a throttled sign-in."""
+    return f"Too many failed sign-ins: try again in {retry_after(wait)} s."
 
 
 def _when(ts: float | None) -> str:
@@ -94,6 +100,44 @@ class Site:
             self._hashing = anyio.CapacityLimiter(HASHING_THREADS)
         return await anyio.to_thread.run_sync(check, *args, limiter=self._hashing)
 
+    def audit_throttle(self, name: str, address: str | None, wait: float, where: str) -> None:
+        """The audit trail's line (and the log's) when failed sign-ins make the next attempt wait (blocking)."""
+        self.ctx.ledger.add_event(EventKind.SIGN_IN_THROTTLED, name[:64] or "-", None,
+                                  f"failed sign-ins ({where}): the next attempt waits {retry_after(wait)} s",
+                                  {"address": address, "wait_s": round(wait, 1)})
+        log.warning("sign-in throttled", user=name[:64], address=address, wait_s=round(wait, 1), where=where)
+
+    async def basic_account(self, request: Request, where: str) -> Account | Response:
+        """The account of the request's HTTP Basic credentials, checked off the event loop and
+        throttled as the sign-in form is; else the answer to give: 401 with a challenge, or 429
+        with Retry-After (the password unchecked). For ``/metrics``, and any route a machine
+        signs in to (``where`` names it in the audit trail)."""
+        challenge = {"WWW-Authenticate": f'Basic realm="lumbar-node {where}"'}
+        credentials = basic_credentials(request.headers.get("authorization"))
+        if credentials is None:
+            return PlainTextResponse("sign in, or HTTP Basic authentication with an account\n", 401,
+                                     headers=challenge)
+        name, address = credentials[0], request.client.host if request.client else None
+        wait, _ = self.throttle.wait(name, address)
+        if wait > 0:
+            return PlainTextResponse(f"{too_many(wait)}\n", 429, headers={"Retry-After": retry_after(wait)})
+        account = await self.check_password(self._authenticate, *credentials)
+        if account is None:
+            wait = self.throttle.failed(name, address)
+            if wait > 0:
+                await run_in_threadpool(self.audit_throttle, name, address, wait, where)
+                challenge["Retry-After"] = retry_after(wait)
+            return PlainTextResponse("wrong name or password\n", 401, headers=challenge)
+        self.throttle.succeeded(name)
+        return account
+
+    def _authenticate(self, name: str, password: str) -> Account | None:
+        try:
+            return authenticate(self.ctx.accounts.accounts(), name, password)
+        except AccountError as exc:
+            log.error("cannot read the accounts file", error=str(exc))
+            return None
+
     def session_of(self, request: Request) -> Session | None:
         """The request's live session (blocking: the sessions file), remembered on the request."""
         if not hasattr(request.state, "session"):
@@ -101,6 +145,9 @@ class Site:
                 session = self.sessions.lookup(request.cookies.get(SESSION_COOKIE), self.ctx.accounts.accounts())
             except AccountError as exc:
                 log.error("cannot read the accounts file", error=str(exc))
+                session = None
+            except sqlite3.Error as exc:  # the sessions file unreadable: nobody is signed in (fails closed)
+                log.error("cannot read the sessions file", error=f"{type(exc).__name__}: {exc}")
                 session = None
             request.state.session = session
         return cast(Session | None, request.state.session)

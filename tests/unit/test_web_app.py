@@ -26,9 +26,10 @@ from dicom_node.config import load_settings
 from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind
 from dicom_node.store.ledger import Ledger
+from dicom_node.web import site as site_module
 from dicom_node.web.accounts import Role, add_account, authenticate
 from dicom_node.web.app import WebContext, build_app
-from dicom_node.web.routes import auth, ops
+from dicom_node.web.routes import auth
 from dicom_node.web.security import AccountsFile
 
 
@@ -311,7 +312,7 @@ def test_the_ledger_and_argon2_are_never_called_on_the_event_loop(site: tuple, t
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     client, _, ledger = site
     watch = LoopWatch()
-    for module in (auth, ops):
+    for module in (auth, site_module):  # the sign-in form's check, and HTTP Basic's (/metrics)
         monkeypatch.setattr(module, "authenticate", watch.wrap("authenticate", authenticate))
     ctx = WebContext(load_settings(environ={"LUMBAR_NODE__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
                                             "LUMBAR_NODE__STORAGE__FSYNC": "false"}),

@@ -25,7 +25,7 @@ from dicom_node.web.security import (
     new_token,
     tokens_match,
 )
-from dicom_node.web.site import Site
+from dicom_node.web.site import Site, too_many
 from dicom_node.web.throttle import retry_after
 
 log = get_logger(__name__)
@@ -104,7 +104,7 @@ def routes(site: Site) -> list[Route]:
         return account
 
     def _throttled(name: str, address: str | None, wait: float) -> None:
-        audit_throttle(site, name, address, wait, "sign-in form")
+        site.audit_throttle(name, address, wait, "sign-in form")
 
     def signout(request: Request, user: User) -> Response:  # the sessions and the ledger: in the threadpool
         site.sessions.end(request.cookies.get(SESSION_COOKIE))
@@ -118,19 +118,6 @@ def routes(site: Site) -> list[Route]:
         Route("/signin", signin, methods=["POST"]),
         Route("/signout", site.page(signout), methods=["POST"]),
     ]
-
-
-def too_many(wait: float) -> str:
-    """The words of a throttled sign-in."""
-    return f"Too many failed sign-ins: try again in {retry_after(wait)} s."
-
-
-def audit_throttle(site: Site, name: str, address: str | None, wait: float, where: str) -> None:
-    """The audit trail's line (and the log's) when failed sign-ins make the next attempt wait."""
-    site.ctx.ledger.add_event(EventKind.SIGN_IN_THROTTLED, name[:64] or "-", None,
-                              f"failed sign-ins ({where}): the next attempt waits {retry_after(wait)} s",
-                              {"address": address, "wait_s": round(wait, 1)})
-    log.warning("sign-in throttled", user=name[:64], address=address, wait_s=round(wait, 1), where=where)
 
 
 def safe_next(target: str | None) -> str:
