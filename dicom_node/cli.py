@@ -340,6 +340,26 @@ def user_group() -> None:
     """Accounts of the web page (the file named by web.accounts_file)."""
 
 
+def _read_password() -> str:
+    """A new password: prompted twice on a terminal, else one line of standard input."""
+    import sys
+
+    if sys.stdin.isatty():
+        return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _end_sessions(settings: Settings, name: str) -> int:
+    """End the account's web sessions at once (the running node's too: they share the sessions file)."""
+    from dicom_node.web.sessions import SessionStore
+
+    store = SessionStore.of(settings)
+    try:
+        return store.end_all(name)
+    finally:
+        store.close()
+
+
 @user_group.command("add")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["admin", "viewer", "sender"]), required=True,
@@ -347,21 +367,53 @@ def user_group() -> None:
                    "only (a PACS or archive), no page.")
 @click.pass_context
 def user_add_command(ctx: click.Context, name: str, role: str) -> None:
-    """Add (or replace) the account NAME; its password is read from standard input (one line)."""
-    import sys
-
-    from dicom_node.web.accounts import AccountError, Role, add_account
+    """Add (or replace) the account NAME; its password is read from standard input (one line).
+    Replacing an account ends its sessions on the web page."""
+    from dicom_node.web.accounts import AccountError, Role, add_account, load_accounts
 
     settings = settings_of(ctx)
-    if sys.stdin.isatty():
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    password = _read_password()
     try:
+        existed = name in load_accounts(settings.web.accounts_file)
         add_account(settings.web.accounts_file, name, Role(role), password)
     except AccountError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"account {name} ({role}) written to {settings.web.accounts_file}")
+    ended = _end_sessions(settings, name) if existed else 0
+    click.echo(f"account {name} ({role}) written to {settings.web.accounts_file}"
+               + (f"; {ended} session(s) ended" if existed else ""))
+
+
+@user_group.command("passwd")
+@click.argument("name")
+@click.pass_context
+def user_passwd_command(ctx: click.Context, name: str) -> None:
+    """Give the account NAME a new password (read from standard input, one line); its sessions end."""
+    from dicom_node.web.accounts import AccountError, change_password
+
+    settings = settings_of(ctx)
+    password = _read_password()
+    try:
+        change_password(settings.web.accounts_file, name, password)
+    except AccountError as exc:
+        raise click.ClickException(str(exc)) from None
+    ended = _end_sessions(settings, name)
+    click.echo(f"password of {name} changed in {settings.web.accounts_file}; {ended} session(s) ended")
+
+
+@user_group.command("remove")
+@click.argument("name")
+@click.pass_context
+def user_remove_command(ctx: click.Context, name: str) -> None:
+    """Remove the account NAME; its sessions end."""
+    from dicom_node.web.accounts import AccountError, remove_account
+
+    settings = settings_of(ctx)
+    try:
+        remove_account(settings.web.accounts_file, name)
+    except AccountError as exc:
+        raise click.ClickException(str(exc)) from None
+    ended = _end_sessions(settings, name)
+    click.echo(f"account {name} removed from {settings.web.accounts_file}; {ended} session(s) ended")
 
 
 add_registered_commands(main)

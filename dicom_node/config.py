@@ -305,7 +305,12 @@ class WebSettings(_Section):
     bind_address: str = "127.0.0.1"
     port: Port | None = 8080  # None: no web page
     accounts_file: Path = Path("var/accounts.yaml")  # written by `lumbar-node user add`
-    session_max_age_s: int = Field(default=28800, ge=60)  # a sign-in lasts this long
+    session_max_age_s: int = Field(default=28800, ge=60)  # a sign-in lasts at most this long (absolute lifetime)
+    session_idle_s: int = Field(default=1800, ge=1)  # ... and ends after this long without a request
+    sessions_file: Path | None = None  # the server-side sessions (SQLite); None: sessions.sqlite beside the ledger
+    signin_free_attempts: int = Field(default=5, ge=1)  # failed sign-ins per account, and per address, before waits
+    signin_wait_s: float = Field(default=1.0, gt=0)  # the first wait past them; each further failure doubles it...
+    signin_wait_max_s: float = Field(default=300.0, gt=0)  # ... up to this (never a permanent lockout)
     secure_cookies: bool = False  # the session cookie's Secure flag (set it behind HTTPS)
     metrics_anonymous: bool = False  # /metrics without signing in (else HTTP Basic with an account)
     upload_max_mb: float = Field(default=2048, gt=0)  # one upload, all files together

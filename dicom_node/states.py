@@ -75,3 +75,5 @@ class EventKind(StrEnum):
     REFUSED = "action refused"
     ASKED_PACS = "asked the PACS"  # for the series a study lacked (query/retrieve), with what came of it
     FETCHED = "fetched from the PACS"  # `lumbar-node fetch` or the web page's fetch form
+    SIGN_IN_THROTTLED = "sign-in throttled"  # failed sign-ins past the allowance: the next attempt waits
+    SESSIONS_ENDED = "sessions ended"  # an administrator ended sessions of an account

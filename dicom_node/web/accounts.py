@@ -4,7 +4,9 @@ in a YAML file whose path the configuration gives (``web.accounts_file``):
     users:
       alice: {role: admin, password_hash: "$argon2id$v=19$..."}
 
-``lumbar-node user add NAME --role admin|viewer|sender`` writes it (the password read from standard input).
+``lumbar-node user add NAME --role admin|viewer|sender`` writes it (the password read from standard input),
+``user passwd NAME`` changes a password, ``user remove NAME`` removes an account; each ends the
+account's sessions (``web.sessions``).
 """
 
 from __future__ import annotations
@@ -71,18 +73,47 @@ def load_accounts(path: Path) -> dict[str, Account]:
         raise AccountError(f"{path}: cannot read the accounts file: {type(exc).__name__}: {exc}") from None
 
 
+def _write(path: Path, accounts: dict[str, Account]) -> None:
+    data = {"users": {a.name: {"role": str(a.role), "password_hash": a.password_hash} for a in accounts.values()}}
+    write_durably(yaml.safe_dump(data, sort_keys=True).encode("utf-8"), path, mode=0o600)
+
+
+def _checked_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"a password has at least {MIN_PASSWORD} characters")
+    return password
+
+
 def add_account(path: Path, name: str, role: Role, password: str) -> Account:
     """Add or replace an account (argon2id hash) in ``path``, written atomically, readable by its owner only."""
     if not USER_NAME.match(name):
         raise AccountError("a user name is 1-64 letters, digits or . _ @ -")
-    if len(password) < MIN_PASSWORD:
-        raise AccountError(f"a password has at least {MIN_PASSWORD} characters")
     accounts = load_accounts(path)
-    account = Account(name, role, _HASHER.hash(password))
+    account = Account(name, role, _HASHER.hash(_checked_password(password)))
     accounts[name] = account
-    data = {"users": {a.name: {"role": str(a.role), "password_hash": a.password_hash} for a in accounts.values()}}
-    write_durably(yaml.safe_dump(data, sort_keys=True).encode("utf-8"), path, mode=0o600)
+    _write(path, accounts)
     return account
+
+
+def change_password(path: Path, name: str, password: str) -> Account:
+    """Give the existing account ``name`` a new password (its role kept); AccountError if there is none."""
+    accounts = load_accounts(path)
+    if name not in accounts:
+        raise AccountError(f"no account {name!r} in {path}")
+    account = Account(name, accounts[name].role, _HASHER.hash(_checked_password(password)))
+    accounts[name] = account
+    _write(path, accounts)
+    return account
+
+
+def remove_account(path: Path, name: str) -> Account:
+    """Remove the account ``name``; the removed account, or AccountError if there is none."""
+    accounts = load_accounts(path)
+    if name not in accounts:
+        raise AccountError(f"no account {name!r} in {path}")
+    removed = accounts.pop(name)
+    _write(path, accounts)
+    return removed
 
 
 def authenticate(accounts: dict[str, Account], name: str, password: str) -> Account | None:

@@ -1,17 +1,18 @@
-"""What the web page works with: the settings, its own ledger connection, the accounts file, and
-the running node's actions (``NodeActions``: the service's ``Node`` provides them; tests pass a
-small double)."""
+"""What the web page works with: the settings, its own ledger connection, the accounts file, the
+server-side sessions, and the running node's actions (``NodeActions``: the service's ``Node``
+provides them; tests pass a small double)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from dicom_node.config import Settings
 from dicom_node.observability import NodeMetrics
 from dicom_node.store import Ledger
 from dicom_node.web.security import AccountsFile
+from dicom_node.web.sessions import SessionStore
 
 __all__ = ["FetchView", "FetchedStudyView", "NodeActions", "WebContext"]
 
@@ -86,3 +87,10 @@ class WebContext:
     ledger: Ledger  # the web page's own connection to the node's ledger
     node: NodeActions
     accounts: AccountsFile
+    sessions: SessionStore | None = field(default=None)  # None: the store the settings name (``SessionStore.of``)
+
+    def session_store(self) -> SessionStore:
+        """The server-side sessions (opened on first use)."""
+        if self.sessions is None:
+            self.sessions = SessionStore.of(self.settings)
+        return self.sessions

@@ -16,6 +16,7 @@ from dicom_node.store import Ledger
 from dicom_node.web.app import build_app
 from dicom_node.web.context import NodeActions, WebContext
 from dicom_node.web.security import AccountsFile
+from dicom_node.web.sessions import SessionStore
 
 __all__ = ["WebServer"]
 
@@ -29,7 +30,9 @@ class WebServer:
         self.web = settings.web
         self.ledger = Ledger(Path(settings.storage.ledger_path))  # its own connection: never waits on C-STORE's
         node.metrics.watch(self.ledger.state_counts, Path(settings.storage.spool_dir), node.queued)
-        app = build_app(WebContext(settings, self.ledger, node, AccountsFile(Path(self.web.accounts_file))))
+        self.sessions = SessionStore.of(settings)  # the sessions file (opened here: a bad path stops the start)
+        app = build_app(WebContext(settings, self.ledger, node, AccountsFile(Path(self.web.accounts_file)),
+                                   self.sessions))
         config = uvicorn.Config(app, host=self.web.bind_address, port=self.web.port or 0, log_config=None,
                                 access_log=False, lifespan="off", server_header=False, timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
@@ -64,4 +67,5 @@ class WebServer:
             self.server.should_exit = True
             self.thread.join(10)
         self.ledger.close()
+        self.sessions.close()
         log.info("web page stopped")

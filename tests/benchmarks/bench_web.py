@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -106,7 +107,9 @@ def main() -> None:
                                           "LUMBAR_NODE__WEB__ACCOUNTS_FILE": str(accounts)})
         ledger = Ledger(settings.storage.ledger_path)
         client = TestClient(build_app(WebContext(settings, ledger, _Node(), AccountsFile(accounts))))
-        assert client.post("/signin", data={"name": "bench", "password": "bench-password"}).status_code == 200
+        token = re.search(r'name="csrf" value="([^"]+)"', client.get("/signin").text).group(1)  # the form's token
+        assert client.post("/signin", data={"name": "bench", "password": "bench-password",
+                                            "csrf": token}).status_code == 200
         middle = f"1.2.826.0.1.3680043.8.498.{10**9 + args.studies // 2}"
         pages = args.studies // settings.web.page_size
         cases = [("dashboard, first page", "/"),

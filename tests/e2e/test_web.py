@@ -193,6 +193,10 @@ def test_dashboard_and_study_page_as_a_study_flows_through_orthanc(site: Site, b
     assert images, "no Grad-CAM heatmaps"
     page.wait_for_function(HEATMAPS_LOADED)
     site.shots.take(page, "study-page")
+    for path in (images[0].get_attribute("src"), f"/studies/{study_uid}/files/result.json",
+                 f"/studies/{study_uid}/files/sr.dcm", f"/studies/{study_uid}"):  # patient data: never cached
+        answer = page.context.request.get(f"{node.web_url}{path}")
+        assert answer.ok and answer.headers.get("cache-control") == "no-store", (path, answer.headers)
 
     after = _metrics(node)
     assert _value(after, "lumbar_node_instances_received_total", source="dicom") >= \

@@ -24,11 +24,19 @@ MiB = 2**20
 def sign_in(web_url: str, name: str, password: str) -> tuple[httpx.Client, str]:
     """A client signed in to the node's web page, and the session's CSRF token."""
     client = httpx.Client(base_url=web_url, timeout=300)
-    answer = client.post("/signin", data={"name": name, "password": password, "next": "/"})
+    answer = client.post("/signin", data={"name": name, "password": password, "next": "/",
+                                          "csrf": signin_token(client)})
     assert answer.status_code == 303, answer.text
     token = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/").text)
     assert token is not None
     return client, token.group(1)
+
+
+def signin_token(client: httpx.Client) -> str:
+    """The sign-in form's token (its cookie now in ``client``), as a browser gets it with the form."""
+    found = re.search(r'name="csrf" value="([^"]+)"', client.get("/signin").text)
+    assert found is not None
+    return found.group(1)
 
 
 def image(rows: int, bits: int = 16, pixels: bytes | None = None, study: str | None = None) -> Dataset:

@@ -1,17 +1,27 @@
-"""Accounts of the web page: argon2id hashes in the accounts file, authentication, sessions, CSRF."""
+"""Accounts of the web page: argon2id hashes in the accounts file, authentication, the server-side
+sessions, the sign-in throttle, CSRF tokens."""
 
 from __future__ import annotations
 
 import base64
 import os
 import stat
-import time
 from pathlib import Path
 
 import pytest
 
-from dicom_node.web.accounts import AccountError, Role, add_account, authenticate, load_accounts
-from dicom_node.web.security import AccountsFile, basic_credentials, csrf_ok, session_user, sign_in
+from dicom_node.web.accounts import (
+    AccountError,
+    Role,
+    add_account,
+    authenticate,
+    change_password,
+    load_accounts,
+    remove_account,
+)
+from dicom_node.web.security import AccountsFile, basic_credentials, tokens_match
+from dicom_node.web.sessions import SessionStore
+from dicom_node.web.throttle import Over, SignInThrottle
 
 
 def test_an_account_is_written_hashed_and_private(tmp_path: Path) -> None:
@@ -75,28 +85,98 @@ def test_the_accounts_file_is_read_again_when_it_changes(tmp_path: Path) -> None
     assert set(watched.accounts()) == {"ada", "vic"}
 
 
-def test_a_session_names_its_user_until_it_expires_or_the_account_goes(tmp_path: Path) -> None:
+def _store(tmp_path: Path, idle_s: float = 60, max_age_s: float = 3600) -> SessionStore:
+    return SessionStore(tmp_path / "sessions.sqlite", idle_s, max_age_s)
+
+
+def test_a_session_lives_on_the_server_until_it_is_ended_or_its_account_changes(tmp_path: Path) -> None:
     path = tmp_path / "accounts.yaml"
-    account = add_account(path, "ada", Role.ADMIN, "password one")
-    session: dict = {"user": "mallory", "csrf": "old"}
-    sign_in(session, account)
-    assert set(session) == {"user", "role", "csrf", "since"} and session["csrf"] != "old"
+    ada = add_account(path, "ada", Role.ADMIN, "password one")
+    add_account(path, "vic", Role.VIEWER, "password two")
+    store = _store(tmp_path)
+    token, session = store.create(ada, "127.0.0.1", "a browser")
+    assert session.name == "ada" and session.role is Role.ADMIN and len(session.csrf) >= 32
+    assert token not in (tmp_path / "sessions.sqlite").read_bytes().decode("latin-1")  # only its digest is kept
+    assert stat.S_IMODE((tmp_path / "sessions.sqlite").stat().st_mode) == 0o600
+    looked = store.lookup(token, load_accounts(path))
+    assert looked is not None and (looked.public_id, looked.csrf, looked.address) == (session.public_id, session.csrf,
+                                                                                      "127.0.0.1")
+    assert store.lookup("forged", load_accounts(path)) is None and store.lookup(None, load_accounts(path)) is None
+    assert store.end(token) and store.lookup(token, load_accounts(path)) is None  # sign-out: gone at once
+    for change in (lambda: change_password(path, "ada", "password three"),
+                   lambda: add_account(path, "ada", Role.VIEWER, "password one"),
+                   lambda: remove_account(path, "ada")):
+        token, _ = store.create(load_accounts(path)["ada"], None, None)
+        assert store.lookup(token, load_accounts(path)) is not None
+        change()  # a new password, another role, no account: the session no longer opens anything
+        assert store.lookup(token, load_accounts(path)) is None
+        assert store.live("ada") == []  # ... and its row is gone
+    vic = load_accounts(path)["vic"]
+    first, _ = store.create(vic, None, None)
+    second, other = store.create(vic, None, None)
+    assert len(store.live("vic")) == 2 and other.public_id in {s.public_id for s in store.live()}
+    assert store.end_one("vic", other.public_id) and store.lookup(second, load_accounts(path)) is None
+    assert store.lookup(first, load_accounts(path)) is not None
+    assert store.end_all("vic") == 1 and store.lookup(first, load_accounts(path)) is None
+    store.close()
+
+
+def test_a_session_ends_when_idle_and_after_its_lifetime(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.yaml"
+    ada = add_account(path, "ada", Role.ADMIN, "password one")
     accounts = load_accounts(path)
-    user = session_user(session, accounts, 60)
-    assert user is not None and user.name == "ada" and user.admin
-    assert session_user(session, {}, 60) is None  # the account was removed
-    session["since"] = time.time() - 61
-    assert session_user(session, accounts, 60) is None  # too old
-    assert session_user({}, accounts, 60) is None
+    now = [1000.0]
+    store = SessionStore(tmp_path / "sessions.sqlite", 30, 80, clock=lambda: now[0])
+    token, _ = store.create(ada, None, None)
+    for _ in range(4):  # used every 20 s: never idle for 30 s...
+        now[0] += 20
+        assert store.lookup(token, accounts) is not None
+    now[0] += 1  # ... but 81 s after its sign-in: past its lifetime
+    assert store.lookup(token, accounts) is None
+    token, _ = store.create(ada, None, None)
+    now[0] += 31
+    assert store.lookup(token, accounts) is None  # idle too long
+    assert store.live() == []
+    store.close()
 
 
-def test_csrf_token_must_match_the_session() -> None:
-    session = {"csrf": "token-1"}
-    assert csrf_ok(session, "token-1")
-    assert not csrf_ok(session, "token-2")
-    assert not csrf_ok(session, None)
-    assert not csrf_ok({}, "token-1")
-    assert not csrf_ok({}, None)
+def test_the_throttle_waits_longer_after_each_failure_up_to_a_bound_and_never_for_ever() -> None:
+    now = [1000.0]
+    throttle = SignInThrottle(3, 1.0, 8.0, clock=lambda: now[0])
+    assert [throttle.failed("ada", "10.0.0.1") for _ in range(3)] == [0, 0, 1.0]  # 2 free, the 3rd: wait 1 s
+    assert throttle.wait("ada", "10.0.0.2") == (1.0, Over.ACCOUNT)  # the account, from any address
+    assert throttle.wait("bob", "10.0.0.1") == (1.0, Over.ADDRESS)  # the address, for any account
+    assert throttle.wait("bob", "10.0.0.2") == (0, None)
+    now[0] += 1.0
+    assert throttle.wait("ada", "10.0.0.1")[0] == 0  # the wait is over
+    waits = []
+    for _ in range(6):
+        waits.append(throttle.failed("ada", "10.0.0.1"))
+        now[0] += waits[-1]
+    assert waits == [2.0, 4.0, 8.0, 8.0, 8.0, 8.0]  # doubling, bounded
+    assert throttle.wait("ada", "10.0.0.1")[0] == 0  # after the wait: the right password may be tried
+    throttle.succeeded("ada")
+    assert throttle.wait("ada", "10.0.0.9") == (0, None)  # a success clears the account...
+    assert throttle.failed("carl", "10.0.0.1") == 8.0  # ... not the address that guessed
+    now[0] += 8.0 + throttle.forget_after + 1
+    assert throttle.failed("carl", "10.0.0.1") == 0  # a quiet spell: forgotten
+
+
+def test_passwd_and_remove_need_an_existing_account(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.yaml"
+    old = add_account(path, "ada", Role.ADMIN, "password one")
+    with pytest.raises(AccountError, match="no account 'bob'"):
+        change_password(path, "bob", "password two")
+    with pytest.raises(AccountError, match="at least 8"):
+        change_password(path, "ada", "short")
+    new = change_password(path, "ada", "password two")
+    assert new.role is Role.ADMIN and new.password_hash != old.password_hash
+    assert authenticate(load_accounts(path), "ada", "password two") is not None
+    assert authenticate(load_accounts(path), "ada", "password one") is None
+    with pytest.raises(AccountError, match="no account 'bob'"):
+        remove_account(path, "bob")
+    remove_account(path, "ada")
+    assert load_accounts(path) == {}
 
 
 def test_basic_credentials() -> None:
@@ -107,18 +187,19 @@ def test_basic_credentials() -> None:
     assert basic_credentials(None) is None
 
 
-def test_what_each_role_may_do_and_basic_credentials_of_a_sender(tmp_path: Path) -> None:
-    from dicom_node.web.security import basic_account
-
+def test_what_each_role_may_do_and_a_sender_account(tmp_path: Path) -> None:
     assert [r for r in Role if r.sees_pages] == [Role.ADMIN, Role.VIEWER]
     assert [r for r in Role if r.stores] == [Role.ADMIN, Role.SENDER]
     path = tmp_path / "accounts.yaml"
     add_account(path, "pacs", Role.SENDER, "sender password")
     accounts = load_accounts(path)
-    header = "Basic " + base64.b64encode(b"pacs:sender password").decode()
-    assert basic_account(header, accounts).role is Role.SENDER
-    assert basic_account("Basic " + base64.b64encode(b"pacs:wrong").decode(), accounts) is None
-    assert basic_account("Bearer abc", accounts) is None and basic_account(None, accounts) is None
-    session: dict = {}
-    sign_in(session, accounts["pacs"])
-    assert session_user(session, accounts, 3600) is None  # a sender has no page, even with a session
+    assert authenticate(accounts, "pacs", "sender password").role is Role.SENDER
+    assert authenticate(accounts, "pacs", "wrong") is None
+
+
+def test_tokens_must_match() -> None:
+    assert tokens_match("token-1", "token-1")
+    assert not tokens_match("token-1", "token-2")
+    assert not tokens_match("token-1", None)
+    assert not tokens_match("", "")
+    assert not tokens_match(None, None)

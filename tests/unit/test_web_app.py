@@ -26,7 +26,7 @@ from dicom_node.config import load_settings
 from dicom_node.observability.metrics import NodeMetrics
 from dicom_node.states import EventKind
 from dicom_node.store.ledger import Ledger
-from dicom_node.web import security
+from dicom_node.web import site as site_module
 from dicom_node.web.accounts import Role, add_account, authenticate
 from dicom_node.web.app import WebContext, build_app
 from dicom_node.web.routes import auth
@@ -80,8 +80,18 @@ def site(tmp_path: Path) -> tuple[TestClient, FakeNode, Ledger]:
     ledger.close()
 
 
+def _signin_token(client: TestClient) -> str:
+    """The sign-in form's token (its cookie now in the client), as a browser gets it."""
+    return re.search(r'name="csrf" value="([^"]+)"', client.get("/signin").text).group(1)
+
+
+def _post_signin(client: TestClient, name: str, password: str, target: str = "/") -> httpx.Response:
+    return client.post("/signin", data={"name": name, "password": password, "next": target,
+                                        "csrf": _signin_token(client)})
+
+
 def _sign_in(client: TestClient, name: str, password: str) -> str:
-    answer = client.post("/signin", data={"name": name, "password": password, "next": "/"})
+    answer = _post_signin(client, name, password)
     assert answer.status_code == 303, answer.text
     page = client.get("/")
     return re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
@@ -99,9 +109,9 @@ def test_anonymous_goes_to_sign_in_except_healthz(site: tuple) -> None:
 
 def test_sign_in_sets_a_strict_http_only_cookie_and_is_audited(site: tuple) -> None:
     client, _, ledger = site
-    refused = client.post("/signin", data={"name": "ada", "password": "nope"})
+    refused = _post_signin(client, "ada", "nope")
     assert refused.status_code == 401 and "Wrong name or password" in refused.text
-    answer = client.post("/signin", data={"name": "ada", "password": "ada-password", "next": "//evil.example/"})
+    answer = _post_signin(client, "ada", "ada-password", "//evil.example/")
     assert answer.status_code == 303 and answer.headers["location"] == "/"  # never to another site
     cookie = answer.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
@@ -304,13 +314,13 @@ def test_the_ledger_and_argon2_are_never_called_on_the_event_loop(site: tuple, t
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     client, _, ledger = site
     watch = LoopWatch()
-    for module in (auth, security):  # the sign-in's check, and HTTP Basic's (/metrics, STOW-RS)
+    for module in (auth, site_module):  # the sign-in form's check, and HTTP Basic's (/metrics, STOW-RS)
         monkeypatch.setattr(module, "authenticate", watch.wrap("authenticate", authenticate))
     ctx = WebContext(load_settings(environ={"LUMBAR_NODE__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
                                             "LUMBAR_NODE__STORAGE__FSYNC": "false"}),
                      WatchedLedger(ledger, watch), WatchedNode(watch), AccountsFile(tmp_path / "accounts.yaml"))
     client = TestClient(build_app(ctx), follow_redirects=False)
-    assert client.post("/signin", data={"name": "ada", "password": "nope"}).status_code == 401
+    assert _post_signin(client, "ada", "nope").status_code == 401
     token = _sign_in(client, "ada", "ada-password")
     for path in ("/", "/studies/1.2.3", "/upload/1.2.3", "/studies/1.2.3/status", "/studies/1.2.3/files/sr.dcm",
                  "/studies/1.2.3/heatmaps/0.png", "/healthz"):
@@ -348,7 +358,10 @@ def test_healthz_answers_while_a_sign_in_hashes_its_password(site: tuple, monkey
     async def scenario() -> tuple[float, bool, int]:
         transport = httpx.ASGITransport(app=client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
-            signin = asyncio.create_task(http.post("/signin", data={"name": "ada", "password": "ada-password"}))
+            form = await http.get("/signin")
+            token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+            signin = asyncio.create_task(http.post("/signin", data={"name": "ada", "password": "ada-password",
+                                                                    "csrf": token}))
             while not hashing.is_set():
                 await asyncio.sleep(0.01)
             started = time.perf_counter()
@@ -360,3 +373,70 @@ def test_healthz_answers_while_a_sign_in_hashes_its_password(site: tuple, monkey
 
     took, pending, signed_in = asyncio.run(scenario())
     assert pending and took < 5 and signed_in == 303
+
+
+def test_sign_out_ends_the_session_on_the_server(site: tuple) -> None:
+    client, node, _ = site
+    token = _sign_in(client, "ada", "ada-password")
+    saved = dict(client.cookies)
+    assert client.post("/signout", data={"csrf": token}).status_code == 303
+    client.cookies.clear()
+    client.cookies.update(saved)  # the cookie replayed
+    assert client.get("/").status_code == 303
+    assert client.post("/studies/1.2.3/grade-again", data={"csrf": token}).status_code == 401
+    assert node.graded == []
+
+
+def test_the_sign_in_form_needs_its_own_token(site: tuple) -> None:
+    client, _, ledger = site
+    assert client.post("/signin", data={"name": "ada", "password": "ada-password"}).status_code == 403
+    token = _signin_token(client)
+    assert client.post("/signin", data={"name": "ada", "password": "ada-password", "csrf": "forged"}).status_code == 403
+    other = client.post("/signin", data={"name": "ada", "password": "ada-password", "csrf": token},
+                        headers={"Sec-Fetch-Site": "cross-site"})
+    assert other.status_code == 403 and "another site" in other.text
+    assert [e.kind for e in ledger.events()] == []  # not even checked
+    assert client.post("/signin", data={"name": "ada", "password": "ada-password", "csrf": token}).status_code == 303
+
+
+def test_failed_sign_ins_are_throttled_then_the_right_password_works(tmp_path: Path) -> None:
+    client, _, ledger = _site(tmp_path, LUMBAR_NODE__WEB__SIGNIN_FREE_ATTEMPTS="2",
+                              LUMBAR_NODE__WEB__SIGNIN_WAIT_S="0.3", LUMBAR_NODE__WEB__SIGNIN_WAIT_MAX_S="0.6")
+    try:
+        statuses = [_post_signin(client, "ada", "wrong").status_code for _ in range(5)]
+        assert statuses == [401, 401, 429, 429, 429]
+        answer = _post_signin(client, "ada", "ada-password")
+        assert answer.status_code == 429 and answer.headers["retry-after"] == "1"
+        assert client.get("/metrics", auth=("ada", "ada-password")).status_code == 429  # the same throttle
+        time.sleep(0.35)
+        assert _post_signin(client, "ada", "ada-password").status_code == 303
+        kinds = [e.kind for e in ledger.events()]
+        assert kinds.count(EventKind.SIGN_IN_THROTTLED) == 1 and kinds.count(EventKind.SIGN_IN_REFUSED) == 2
+    finally:
+        ledger.close()
+
+
+def test_no_page_is_cached_and_page_numbers_are_range_checked(site: tuple) -> None:
+    client, _, _ = site
+    _sign_in(client, "ada", "ada-password")
+    for path in ("/", "/studies/1.2.3", "/studies/1.2.3/heatmaps/0.png", "/signin", "/healthz", "/accounts"):
+        assert client.get(path).headers["cache-control"] == "no-store", path
+    assert client.get("/static/style.css").headers.get("cache-control") is None
+    for asked in ("99999999999999999999999", "1000000000", "2"):
+        answer = client.get(f"/?page={asked}")
+        assert answer.status_code == 200 and "page 1 of 1" in answer.text, asked
+    for asked in ("-1", "abc", "1e5", "٣"):
+        assert client.get("/", params={"page": asked}).status_code == 400, asked
+
+
+def test_only_an_administrator_sees_and_ends_sessions(site: tuple) -> None:
+    client, _, ledger = site
+    viewer = TestClient(client.app, follow_redirects=False)
+    _sign_in(viewer, "vic", "vic-password")
+    assert viewer.get("/accounts").status_code == 403
+    token = _sign_in(client, "ada", "ada-password")
+    page = client.get("/accounts").text
+    (vic_session,) = re.findall(r'data-account="vic" data-session="([^"]+)"', page)
+    assert client.post(f"/accounts/vic/sessions/{vic_session}/end", data={"csrf": token}).status_code == 303
+    assert viewer.get("/").status_code == 303  # ended at once
+    assert next(e.kind for e in ledger.events()) == EventKind.SESSIONS_ENDED

@@ -18,13 +18,12 @@ from dicom_node.ingest import Admission
 from dicom_node.observability import get_logger
 from dicom_node.states import EventKind
 from dicom_node.store import uid_problem
-from dicom_node.web.accounts import Account, AccountError
-from dicom_node.web.security import basic_account, basic_credentials
+from dicom_node.web.accounts import Account
+from dicom_node.web.security import basic_credentials
 from dicom_node.web.site import Site
 
 log = get_logger(__name__)
 MiB = 2**20
-REALM = 'Basic realm="lumbar-node STOW-RS", charset="UTF-8"'
 
 
 def routes(site: Site) -> list[Route]:
@@ -33,19 +32,10 @@ def routes(site: Site) -> list[Route]:
     limits = RelatedLimits(max_bytes=int(web.upload_max_mb * MiB),
                            min_free_bytes=ctx.settings.storage.min_free_disk_mb * MiB)
 
-    def signed_in(header: str | None, address: str | None) -> Account | None:
-        """The account of the request's Basic credentials; a wrong one audited."""
-        try:
-            account = basic_account(header, ctx.accounts.accounts())
-        except AccountError as exc:
-            log.error("cannot read the accounts file", error=str(exc))
-            return None
-        if account is None and (credentials := basic_credentials(header)) is not None:
-            name = credentials[0][:64] or "-"
-            ctx.ledger.add_event(EventKind.SIGN_IN_REFUSED, name, None, "STOW-RS: wrong name or password",
-                                 {"address": address})
-            log.warning("STOW-RS: sign-in refused", user=name)
-        return account
+    def refuse_sign_in(name: str, address: str | None) -> None:
+        ctx.ledger.add_event(EventKind.SIGN_IN_REFUSED, name[:64] or "-", None, "STOW-RS: wrong name or password",
+                             {"address": address})
+        log.warning("STOW-RS: sign-in refused", user=name[:64] or "-")
 
     def refuse_role(account: Account, study_uid: str | None) -> None:
         ctx.ledger.add_event(EventKind.REFUSED, account.name, None,
@@ -56,10 +46,12 @@ def routes(site: Site) -> list[Route]:
     async def stow(request: Request) -> Response:
         study_uid: str | None = request.path_params.get("study")
         address = request.client.host if request.client else None
-        account = await run_in_threadpool(signed_in, request.headers.get("authorization"), address)
-        if account is None:
-            return JSONResponse({"error": "HTTP Basic authentication with a sender's account is needed"}, 401,
-                                headers={"WWW-Authenticate": REALM})
+        account = await site.basic_account(request, "STOW-RS")  # throttled as the sign-in form is
+        if isinstance(account, Response):
+            credentials = basic_credentials(request.headers.get("authorization"))
+            if account.status_code == 401 and credentials is not None:
+                await run_in_threadpool(refuse_sign_in, credentials[0], address)
+            return account
         if not account.role.stores:
             await run_in_threadpool(refuse_role, account, study_uid)
             return JSONResponse({"error": f"{account.name} is {account.role}: only a sender or an administrator "

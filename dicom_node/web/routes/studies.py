@@ -1,4 +1,5 @@
-"""The studies: the dashboard, a study's page (and the upload's result page, the same study seen
+"""The studies: the dashboard (its page number range-checked: past the end, the last page; not a
+number, 400), a study's page (and the upload's result page, the same study seen
 from the upload), its status for polling, the administrator's actions (grade again, send again)
 and the downloads of its newest run (result JSON, SR, PDF, Grad-CAM images)."""
 
@@ -22,6 +23,7 @@ from dicom_node.web.site import Site
 from dicom_node.web.views import RunView, levels, patient_of, run_view, sc_png
 
 log = get_logger(__name__)
+MAX_PAGE = 10**9  # a page number beyond any ledger (SQLite takes its offset as a 64-bit integer)
 
 
 def routes(site: Site) -> list[Route]:
@@ -35,14 +37,19 @@ def routes(site: Site) -> list[Route]:
         state = params.get("state") or None
         state_value = StudyState(state) if state in {s.value for s in StudyState} else None
         search = (params.get("q") or "").strip()[:64] or None
-        try:
-            page_no = max(1, int(params.get("page", "1")))
-        except ValueError:
-            page_no = 1
+        asked = (params.get("page") or "1").strip()
+        if not asked.isascii() or not asked.isdigit():
+            return render(request, "message.html", user, 400, title="No such page",
+                          message="A page number is a whole number, 1 or more.")
+        page_no = max(1, min(int(asked[:12]) if len(asked) <= 12 else MAX_PAGE, MAX_PAGE))  # past the end: the last
         started = time.perf_counter()
         rows, total = ctx.ledger.dashboard(state_value, search, (page_no - 1) * web.page_size, web.page_size)
-        counts = ctx.ledger.state_counts()
         pages = max(1, math.ceil(total / web.page_size))
+        if page_no > pages:  # a page past the end: the last page
+            page_no = pages
+            rows, total = ctx.ledger.dashboard(state_value, search, (page_no - 1) * web.page_size, web.page_size)
+            pages = max(1, math.ceil(total / web.page_size))
+        counts = ctx.ledger.state_counts()
         query = {k: v for k, v in (("state", state_value and str(state_value)), ("q", search)) if v}
         return render(request, "dashboard.html", user, rows=rows, total=total, page=page_no, pages=pages,
                       state=state_value, q=search or "", counts=counts, query=urlencode(query),
@@ -145,8 +152,7 @@ def routes(site: Site) -> list[Route]:
             if request.path_params["ext"] == "dcm":
                 return Response(scs[index].read_bytes(), media_type="application/dicom",
                                 headers=_attachment(scs[index].name))
-            return Response(sc_png(scs[index]), media_type="image/png",
-                            headers={"Cache-Control": "private, max-age=300"})
+            return Response(sc_png(scs[index]), media_type="image/png")  # no-store, as every page (web.app)
         except (OSError, ValueError) as exc:  # purged meanwhile, or not a readable image
             log.warning("a heatmap could not be read", study_uid=study_uid, error=type(exc).__name__)
             return PlainTextResponse("no such image\n", 404)

@@ -28,7 +28,7 @@ from dicom_node.ingest import (
     read_upload,
 )
 from dicom_node.observability import get_logger
-from dicom_node.web.security import CSRF_FIELD, CSRF_HEADER, User, csrf_ok
+from dicom_node.web.security import CSRF_FIELD, CSRF_HEADER, User, tokens_match
 from dicom_node.web.site import MAX_UPLOAD_FILES, Site
 
 log = get_logger(__name__)
@@ -52,7 +52,7 @@ def routes(site: Site) -> list[Route]:
         header_token = request.headers.get(CSRF_HEADER)  # checked by page() when present
 
         def token_checked(fields: dict[str, str]) -> None:
-            if header_token is None and not csrf_ok(request.session, fields.get(CSRF_FIELD)):
+            if header_token is None and not tokens_match(site.csrf_of(request), fields.get(CSRF_FIELD)):
                 raise UploadError(UploadProblem.FORBIDDEN, FORM_OUT_OF_DATE, 403)
 
         with admission.staging.area() as area:
