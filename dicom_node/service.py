@@ -3,8 +3,8 @@ its worker pool, the deliveries, the scheduler and the web page, and runs their 
 resumable from the ledger after a restart.
 
 Threads: pynetdicom runs one thread per association (they only write to the spool and the
-ledger); the scheduler's threads run the release sweep, the purge and the deliveries; grading runs
-in worker processes, so the model's CPU time never holds up an association.
+ledger); a thread of its own runs the release sweep, the scheduler's threads the purge and the
+deliveries; grading runs in worker processes, so the model's CPU time never holds up an association.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Node:
         self.fetcher = Fetcher(settings, self.ledger, self.scp.admission)  # query/retrieve sources
         self.release = Releaser(settings, self.ledger, self.metrics, self.deliveries, self._stopping, self.fetcher)
         self.fetch_jobs = FetchJobs(self.fetcher, lambda study_uid: self.release.release_now(study_uid, "fetched"))
+        self._sweeper = threading.Thread(target=self._sweep_until_stopped, name="release-sweep", daemon=True)
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -86,7 +87,7 @@ class Node:
         pending = self.deliveries.resume()
         receiving = len(self.ledger.studies((StudyState.RECEIVING,)))
         log.info("resumed from the ledger", studies_to_grade=regrade + receiving, deliveries_pending=pending)
-        self.scheduler.add_job(self.sweep, "interval", seconds=SWEEP_INTERVAL_S, id="sweep", max_instances=1)
+        self._sweeper.start()
         storage = self.settings.storage
         if storage.retention_days is not None or storage.purge_below_free_mb:
             self.scheduler.add_job(self.purge, "interval", seconds=PURGE_INTERVAL_S, id="purge", max_instances=1,
@@ -106,9 +107,10 @@ class Node:
         if self.web is not None:
             self.web.stop()
         self.scp.stop()  # restores the pynetdicom tuning it applied
-        for job in ("sweep", "purge"):
-            if self.scheduler.get_job(job) is not None:
-                self.scheduler.remove_job(job)
+        if self._sweeper.is_alive():
+            self._sweeper.join()  # ends at once (``_stopping``), or when the sweep in progress ends
+        if self.scheduler.get_job("purge") is not None:
+            self.scheduler.remove_job("purge")
         self.release.shutdown(grace_s)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
@@ -120,6 +122,16 @@ class Node:
     def sweep(self) -> None:
         """Release every receiving study that is quiet, or complete (when so configured)."""
         self.release.sweep()
+
+    def _sweep_until_stopped(self) -> None:
+        """The release sweep every SWEEP_INTERVAL_S (a study complete by completeness waits at most
+        that long) until ``stop()``: its own thread, so that a slow sweep delays the next one
+        instead of overlapping it or being skipped with a warning."""
+        while not self._stopping.wait(SWEEP_INTERVAL_S):
+            try:
+                self.sweep()
+            except Exception:  # a failed sweep (the ledger busy, a disk error) is tried again next time
+                log.exception("release sweep failed")
 
     def purge(self) -> int:
         """Retention (``pipeline.purge``): how many studies were purged."""

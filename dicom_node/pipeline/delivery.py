@@ -1,7 +1,8 @@
 """Delivering a run's results to every destination: one scheduled attempt per delivery (apscheduler),
 retried with doubling backoff until ``delivery.max_attempts``; every attempt recorded in the
 ledger and the audit trail, a result never dropped silently. The sending itself is the destination's
-kind's (``pipeline.destinations``: C-STORE or STOW-RS)."""
+kind's (``pipeline.destinations``: C-STORE or STOW-RS). Destinations are served in parallel, each by
+threads of its own: one that hangs until the timeouts delays no other."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.base import BaseScheduler
 
 from dicom_node.config import DeliverySettings, Settings
@@ -25,6 +27,15 @@ from dicom_node.store import Delivery, Ledger
 __all__ = ["Deliveries", "backoff"]
 
 log = get_logger(__name__)
+
+
+#: Deliveries to one destination that run at once (a run's files go over one association each).
+THREADS_PER_DESTINATION = 2
+
+
+def _executor(destination: str) -> str:
+    """The scheduler's executor (thread pool) of a destination's deliveries."""
+    return f"destination:{destination}"
 
 
 def backoff(attempt: int, settings: DeliverySettings) -> float:
@@ -44,6 +55,8 @@ class Deliveries:
         self.scheduler = scheduler
         self.stopping = stopping
         self.destinations = {d.name: d for d in settings.destinations}
+        for name in self.destinations:  # each destination its own threads: a hung one holds up no other
+            scheduler.add_executor(ThreadPoolExecutor(THREADS_PER_DESTINATION), alias=_executor(name))
 
     def resume(self) -> int:
         """Schedule every pending delivery of the ledger (at start); how many."""
@@ -56,9 +69,10 @@ class Deliveries:
         """Run ``delivery``'s next attempt at its ``next_attempt_at``."""
         if self.stopping.is_set():
             return
+        executor = _executor(delivery.destination) if delivery.destination in self.destinations else "default"
         self.scheduler.add_job(self.deliver, "date", args=[delivery.id], id=f"delivery-{delivery.id}",
                                run_date=datetime.fromtimestamp(delivery.next_attempt_at, UTC),
-                               replace_existing=True)
+                               replace_existing=True, executor=executor)
 
     def schedule_ids(self, delivery_ids: list[int]) -> None:
         """Schedule the deliveries the ledger just recorded."""

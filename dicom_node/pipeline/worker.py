@@ -21,6 +21,7 @@ from dicom_node.observability import PHI_VALUES, configure_logging, get_logger
 from dicom_node.pipeline.eligibility import mr_images, note_missing, nothing_assessed, skip_reason
 from dicom_node.results import DISCLAIMER, OutputKind, RunFolder, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult
+from dicom_node.store import Syncer
 from inference.analyze import AnalysisLimits, analyze_study
 from inference.instances import read_headers
 from inference.runtime import OnnxRunner
@@ -56,6 +57,7 @@ class GradeJob:
     report_when_nothing_assessed: bool = False  # study.report_when_nothing_assessed
     key_images: bool = True  # outputs.key_images: write the Key Object Selection too
     missing_note: str | None = None  # the PACS was asked for the missing series: added to their labels' reasons
+    fsync: bool = False  # storage.fsync: the files are on disk when the worker returns (store.Syncer)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ def _grade(job: GradeJob) -> GradeOutcome:
         mr = mr_images(headers)
         if len({str(ds.get("PatientID", "")) for ds, _ in mr}) > 1:  # a mislabelled instance: never mix patients
             return GradeOutcome.failed(MIXED_PATIENTS)
+        read = time.perf_counter()
         result = analyze_study(mr, _loaded_runner(), job.limits)
         if job.missing_note is not None:
             result = note_missing(result, job.missing_note)
@@ -168,11 +171,19 @@ def _grade(job: GradeJob) -> GradeOutcome:
         supersedes = None
         if job.previous_sr:
             supersedes = Supersedes(pydicom.dcmread(job.previous_sr), job.sc_series_uid)
-        outputs = write_run(result, mr, Path(job.folder), supersedes, pdf=job.pdf, key_images=job.key_images)
+        analysed = time.perf_counter()
+        with Syncer() as syncer:  # each file fsynced while the next is drawn and written
+            outputs = write_run(result, mr, Path(job.folder), supersedes, pdf=job.pdf, key_images=job.key_images,
+                                sink=syncer.add if job.fsync else None)
+            written = time.perf_counter()
+            syncer.finish()
         assessed = len(result.assessed())
+        steps = {f"{step}_s": s for step, s in outputs.seconds.items()}  # the writer's steps
         log.info("study graded", study_uid=job.study_uid, run=job.run, assessed=assessed,
                  sc_series_uid=outputs.series_uid(OutputKind.SC),
-                 seconds=round(time.perf_counter() - started, 3), note=DISCLAIMER)
+                 seconds=round(time.perf_counter() - started, 3), headers_s=round(read - started, 4),
+                 analysis_s=round(analysed - read, 4), **steps, fsync_s=round(time.perf_counter() - written, 4),
+                 note=DISCLAIMER)
         return GradeOutcome.reported(outputs, assessed, time.perf_counter() - started)
     except GradingTimeout:
         log.error("grading timed out", study_uid=job.study_uid, timeout_s=job.timeout_s)

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
-from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
@@ -135,12 +135,17 @@ def _wrap(text: str, c: Canvas, font: str, size: float, width: float) -> list[st
 
 
 def _jpeg(rgb: NDArray[np.uint8], side: int = 420) -> ImageReader:
-    image = Image.fromarray(rgb)
-    image.thumbnail((side, side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    buffer.seek(0)
-    return ImageReader(buffer)
+    """The picture shrunk to fit ``side`` x ``side`` (never enlarged) and JPEG-encoded, both in
+    OpenCV (bilinear: a shrink to four fifths; libjpeg-turbo): a few ms, where Pillow took ten."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, side / w, side / h)
+    if scale < 1.0:
+        rgb = np.asarray(cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                    interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    if not ok:
+        raise ValueError("a heatmap could not be JPEG-encoded for the PDF")
+    return ImageReader(io.BytesIO(encoded.tobytes()))
 
 
 def _heatmaps(c: Canvas, shown: Sequence[tuple[AssessedLabel, NDArray[np.uint8]]], x: float, top: float,

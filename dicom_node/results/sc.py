@@ -6,6 +6,8 @@ Contributing Equipment Sequence, as in the SR."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -30,7 +32,7 @@ from dicom_node.results.sources import (
 )
 from inference.analyze import AssessedLabel, StudyResult
 from inference.geometry import ImagePlane, direction_letters
-from inference.labels import SEVERITIES
+from inference.labels import SEVERITIES, Label
 from inference.volume import decode
 
 log = get_logger(__name__)
@@ -63,17 +65,33 @@ def _window(ds: Dataset, pixels: NDArray[np.float32]) -> NDArray[np.uint8]:
     return windowed
 
 
-def cam_on_image(r: AssessedLabel, plane: ImagePlane) -> NDArray[np.float32]:
-    """The label's Grad-CAM (on its crop grid) resampled onto the source image's pixel grid, 0..1."""
+def _cam_affine(r: AssessedLabel, plane: ImagePlane, scale: tuple[float, float] = (1.0, 1.0)) -> NDArray[np.float64]:
+    """The 2 x 3 matrix from a pixel (x, y) of the picture to a pixel (column, row) of the label's
+    crop grid. The picture is the source image scaled by ``scale`` (columns, rows) the way
+    cv2.resize scales it (pixel centres kept); the map is affine, as both grids are planar."""
     frame = r.location.crop
-    n = frame.spec.pixels
+    step, half = frame.spec.mm_per_pixel, (frame.spec.pixels - 1) / 2
+    sx, sy = 1.0 / scale[0], 1.0 / scale[1]
+    out = np.empty((2, 3))
+    for i, axis in enumerate((frame.u, frame.v)):
+        a0 = float((plane.position - frame.center) @ axis) / step + half  # crop pixel of source pixel (0, 0)
+        ax = plane.col_spacing * float(plane.row_dir @ axis) / step  # per source column
+        ay = plane.row_spacing * float(plane.col_dir @ axis) / step  # per source row
+        # source pixel x = (X + 0.5) * sx - 0.5 for picture pixel X (cv2.resize's pixel centres)
+        out[i] = (ax * sx, ay * sy, a0 + ax * (0.5 * sx - 0.5) + ay * (0.5 * sy - 0.5))
+    return out
+
+
+def cam_on_image(r: AssessedLabel, plane: ImagePlane, size: tuple[int, int] | None = None) -> NDArray[np.float32]:
+    """The label's Grad-CAM (on its crop grid) resampled onto the source image's pixel grid, 0..1;
+    with ``size`` (width, height), onto that grid over the same field of view (the picture's).
+    One affine warp (bilinear), in OpenCV: no per-pixel coordinates in Python."""
+    n = r.location.crop.spec.pixels
     cam = cv2.resize(r.cam.astype(np.float32), (n, n), interpolation=cv2.INTER_LINEAR)
-    grid = plane.pixel_grid()  # (rows, cols, 3) patient coordinates
-    d = grid - frame.center
-    half = (n - 1) / 2
-    col = (d @ frame.u / frame.spec.mm_per_pixel + half).astype(np.float32)
-    row = (d @ frame.v / frame.spec.mm_per_pixel + half).astype(np.float32)
-    on_image = cv2.remap(cam, col, row, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    width, height = size if size is not None else (plane.columns, plane.rows)
+    matrix = _cam_affine(r, plane, (width / plane.columns, height / plane.rows))
+    on_image = cv2.warpAffine(cam, matrix, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
     return np.asarray(on_image, dtype=np.float32)  # float32 already (cam's type): typed, not copied
 
 
@@ -106,24 +124,43 @@ def finding_lines(r: AssessedLabel) -> list[str]:
     return [f"{r.label.level.value} {r.label.condition.display}", f"AI grade: {r.grade.display}", probs]
 
 
-def render_overlay(r: AssessedLabel, source: Dataset) -> NDArray[np.uint8]:
+@dataclass(frozen=True)
+class SourcePicture:
+    """A source image made ready once for every finding drawn on it: its plane, its column
+    spacing, and the windowed slice scaled to at least MIN_SIDE pixels (``zoom``), as RGB."""
+
+    plane: ImagePlane
+    column_spacing: float
+    zoom: float
+    rgb: NDArray[np.uint8]
+
+    @classmethod
+    def of(cls, source: Dataset) -> SourcePicture:
+        gray = _window(source, decode(source))
+        zoom = max(1.0, MIN_SIDE / max(gray.shape))
+        size = (round(gray.shape[1] * zoom), round(gray.shape[0] * zoom))
+        gray = np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC), dtype=np.uint8)
+        rgb = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), dtype=np.uint8)
+        return cls(ImagePlane.from_dataset(source), column_spacing(source), zoom, rgb)
+
+
+def render_overlay(r: AssessedLabel, source: Dataset, picture: SourcePicture | None = None) -> NDArray[np.uint8]:
     """RGB picture: the windowed source slice scaled to at least MIN_SIDE pixels, the heatmap blended
     over it, a circle at the finding, the patient orientation at the edges, the finding and the
-    disclaimer on dark bands at the top and bottom."""
-    plane = ImagePlane.from_dataset(source)
-    gray = _window(source, decode(source))
-    heat = cam_on_image(r, plane)
-    zoom = max(1.0, MIN_SIDE / max(gray.shape))
-    size = (round(gray.shape[1] * zoom), round(gray.shape[0] * zoom))
-    gray = np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_CUBIC), dtype=np.uint8)
-    heat = np.clip(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR), 0, 1)
-    colour = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    alpha = (0.5 * np.clip((heat - 0.15) / 0.85, 0, 1))[..., None]
-    out: NDArray[np.uint8] = (cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB) * (1 - alpha) + colour * alpha).astype(np.uint8)
+    disclaimer on dark bands at the top and bottom. ``picture`` is the source made ready
+    (``SourcePicture.of(source)``), shared by the findings on one image."""
+    picture = picture or SourcePicture.of(source)
+    plane, zoom, base = picture.plane, picture.zoom, picture.rgb
+    heat = cam_on_image(r, plane, (base.shape[1], base.shape[0]))
+    np.clip(heat, 0, 1, out=heat)
+    colour = cv2.cvtColor(cv2.applyColorMap(cv2.convertScaleAbs(heat, alpha=255.0), cv2.COLORMAP_JET),
+                          cv2.COLOR_BGR2RGB)
+    alpha = np.clip((heat - 0.15) * (0.5 / 0.85), 0, 0.5)  # float32, at most half the heatmap's colour
+    out = np.asarray(cv2.blendLinear(colour, base, alpha, 1.0 - alpha), dtype=np.uint8)
     h, w = out.shape[:2]
     u = max(h, w) / MIN_SIDE  # 1 at MIN_SIDE
     x, y = (round(v * zoom) for v in r.location.pixel)
-    radius = max(int(REGION_RADIUS_MM / column_spacing(source) * zoom), 4)
+    radius = max(int(REGION_RADIUS_MM / picture.column_spacing * zoom), 4)
     cv2.circle(out, (x, y), radius, (255, 255, 255), max(1, round(1.5 * u)), cv2.LINE_AA)
 
     lines = finding_lines(r)
@@ -155,11 +192,35 @@ def _orientation(plane: ImagePlane, opposite: bool = False) -> tuple[str, str]:
     return direction_letters(sign * plane.row_dir)[0], direction_letters(sign * plane.col_dir)[0]
 
 
+def render_pictures(result: StudyResult, sources: Mapping[ImageKey, Dataset],
+                    executor: Executor) -> dict[Label, Future[NDArray[np.uint8]]]:
+    """Start drawing every graded label's picture on ``executor`` (a thread pool: decoding,
+    resampling, blending and text are OpenCV and NumPy work that releases the interpreter lock),
+    each source image made ready once for all the findings on it. The label -> its picture (RGB)."""
+    by_source: dict[ImageKey, list[AssessedLabel]] = {}
+    for r in result.assessed():
+        by_source.setdefault(location_key(r.location), []).append(r)
+    pictures: dict[Label, Future[NDArray[np.uint8]]] = {}
+    for key, labels in by_source.items():
+        source = sources[key]
+        ready: Future[SourcePicture] = executor.submit(SourcePicture.of, source)
+        for r in labels:  # queued after their source's picture: a thread waits only on one being made
+            pictures[r.label] = executor.submit(_draw, r, source, ready)
+    return pictures
+
+
+def _draw(r: AssessedLabel, source: Dataset, ready: Future[SourcePicture]) -> NDArray[np.uint8]:
+    return render_overlay(r, source, ready.result())
+
+
 def build_sc_images(result: StudyResult, sources: Mapping[ImageKey, Dataset], series_uid: str | None = None,
-                    patient: PatientStudy | None = None) -> list[SCImage]:
+                    patient: PatientStudy | None = None,
+                    pictures: Mapping[Label, Future[NDArray[np.uint8]]] | None = None) -> list[SCImage]:
     """One Secondary Capture per graded label, drawn on the image the label was graded on.
     ``sources`` maps (SeriesInstanceUID, SOPInstanceUID) -> the source image (with its pixels);
-    ``patient`` holds the patient/study attributes to write (made from the sources when not given)."""
+    ``patient`` holds the patient/study attributes to write (made from the sources when not given);
+    ``pictures`` are the labels' pictures started by ``render_pictures`` (drawn here, one after
+    the other, when not given)."""
     series_uid = series_uid or generate_uid()
     patient = patient or patient_study(sources.values(), result.study_uid)
     images: list[SCImage] = []
@@ -171,7 +232,7 @@ def build_sc_images(result: StudyResult, sources: Mapping[ImageKey, Dataset], se
         source = sources[key]
         if "WindowCenter" in source and not has_window(source):
             unwindowed.add(key)
-        rgb = render_overlay(r, source)
+        rgb = pictures[r.label].result() if pictures is not None else render_overlay(r, source)
         reference = patient.reference(source)
         sc = SCImage.from_ref_dataset(
             ref_dataset=reference, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,

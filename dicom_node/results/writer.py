@@ -17,8 +17,11 @@ per study and supersedes what it finds there.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.results.kos import build_kos, key_images_json, key_images_of, note
 from dicom_node.results.pdf import build_pdf, key_findings
-from dicom_node.results.sc import build_sc_images
+from dicom_node.results.sc import build_sc_images, render_pictures
 from dicom_node.results.sources import image_key, location_key, patient_study
 from dicom_node.results.sr import build_sr
 from dicom_node.results.text import result_json, result_table
@@ -160,6 +163,7 @@ class RunOutputs:
     files: tuple[OutputFile, ...]
     table: Path
     json: Path
+    seconds: dict[str, float] = field(default_factory=dict)  # each step's wall time: read, sr, sc, pdf, text
 
     @property
     def sr(self) -> OutputFile:
@@ -183,13 +187,21 @@ class Supersedes:
     sc_series_uid: str | None
 
 
-def _save(ds: Dataset, kind: OutputKind, path: Path) -> OutputFile:
+def _save(ds: Dataset, kind: OutputKind, path: Path, sink: Callable[[Path], object] | None) -> OutputFile:
     ds.save_as(path, enforce_file_format=True)  # preamble and complete file meta (PS3.10)
+    if sink is not None:
+        sink(path)
     return OutputFile(kind, path, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
 
 
+def _threads() -> int:
+    """Threads that draw the heatmaps: the CPUs this process may use, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
-              supersedes: Supersedes | None = None, pdf: bool = True, key_images: bool = True) -> RunOutputs:
+              supersedes: Supersedes | None = None, pdf: bool = True, key_images: bool = True,
+              sink: Callable[[Path], object] | None = None) -> RunOutputs:
     """Write a study's SR, Grad-CAM SCs, PDF summary (with ``pdf``), Key Object Selection (with
     ``key_images``, when a finding is graded Moderate or Severe), table and JSON into ``folder``.
 
@@ -197,9 +209,15 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
     images a finding is located on are read in full for the heatmaps. The patient/study
     attributes are read once, defensively (results.sources). With ``supersedes`` the new report lists the old one as its
     predecessor (same series, next instance number), the heatmaps keep their series and so does
-    the PDF and the KOS (their series follow from the report's).
+    the PDF and the KOS (their series follow from the report's). ``sink`` is called with each
+    file's path once it is written and closed (the node fsyncs it meanwhile, ``store.Syncer``).
+
+    The heatmaps are drawn on a few threads (OpenCV and NumPy release the interpreter lock) while
+    this thread builds and writes the SR, which is pure Python.
     """
     run = RunFolder(folder)
+    seconds: dict[str, float] = {}
+    lap = _Lap(seconds)
     headers = {image_key(ds): ds for ds, _ in instances}  # (series, SOP instance): the Kaggle files
     paths = {image_key(ds): path for ds, path in instances}  # repeat SOP Instance UIDs across series
     located = {location_key(r.location) for r in result.labels if isinstance(r, AssessedLabel)}
@@ -207,26 +225,50 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
     patient = patient_study([*full.values(), *headers.values()], result.study_uid)  # logged once per run
     run.sc_dir.mkdir(parents=True, exist_ok=True)
     previous = supersedes.sr if supersedes else None
-    sr = build_sr(result, headers, series_uid=None if previous is None else str(previous.SeriesInstanceUID),
-                  instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
-                  predecessors=[] if previous is None else [previous], patient=patient)
-    files = [_save(sr, OutputKind.SR, run.sr_path(sr.SOPInstanceUID))]
-    scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None, patient=patient)
+    lap("read")
+    with ThreadPoolExecutor(_threads(), thread_name_prefix="heatmap") as pool:
+        pictures = render_pictures(result, full, pool)
+        sr = build_sr(result, headers, series_uid=None if previous is None else str(previous.SeriesInstanceUID),
+                      instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
+                      predecessors=[] if previous is None else [previous], patient=patient)
+        files = [_save(sr, OutputKind.SR, run.sr_path(sr.SOPInstanceUID), sink)]
+        lap("sr")
+        scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None,
+                              patient=patient, pictures=pictures)
     for sc in scs:
-        files.append(_save(sc, OutputKind.SC, run.sc_path(int(sc.InstanceNumber), sc.SOPInstanceUID)))
+        files.append(_save(sc, OutputKind.SC, run.sc_path(int(sc.InstanceNumber), sc.SOPInstanceUID), sink))
+    lap("sc")
     if pdf:
         heatmap = dict(zip((r.label for r in result.assessed()), scs, strict=True))
         source = next(iter(full.values()), None) or next(iter(headers.values()))
         document = build_pdf(result, sr, source, [(r, heatmap[r.label]) for r in key_findings(result)], patient=patient)
-        files.append(_save(document, OutputKind.PDF, run.pdf_path(document.SOPInstanceUID)))
+        files.append(_save(document, OutputKind.PDF, run.pdf_path(document.SOPInstanceUID), sink))
+        lap("pdf")
     selected = key_images_of(result)
     kos = build_kos(result, headers, sr, patient=patient) if key_images else None
     if kos is not None:
-        files.append(_save(kos, OutputKind.KOS, run.kos_path(kos.SOPInstanceUID)))
+        files.append(_save(kos, OutputKind.KOS, run.kos_path(kos.SOPInstanceUID), sink))
+        lap("kos")
     table, data = run.table_path, run.json_path
     table.write_text(f"{result_table(result)}\n{note(selected, key_images)}\n")
     data.write_text(json.dumps(result_json(result) | key_images_json(selected, kos), indent=1))
-    return RunOutputs(folder, tuple(files), table, data)
+    if sink is not None:
+        sink(table)
+        sink(data)
+    lap("text")
+    return RunOutputs(folder, tuple(files), table, data, seconds)
+
+
+class _Lap:
+    """Records the wall time since the previous lap under a step's name."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into, self.last = into, time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.into[step] = round(now - self.last, 4)
+        self.last = now
 
 
 def previous_outputs(folder: Path) -> Supersedes | None:

@@ -2,7 +2,7 @@
 deliveries, uploads, the audit trail, in SQLite), the spool's layout (``spool``), durable writes
 (``durable``: fsync, access rights) and paths checked to lie under the node's own folders (``paths``)."""
 
-from dicom_node.store.durable import fsync_dir, fsync_files, restrict_access, write_durably
+from dicom_node.store.durable import Syncer, fsync_dir, fsync_files, restrict_access, write_durably
 from dicom_node.store.ledger import (
     Delivery,
     Event,
@@ -23,6 +23,6 @@ from dicom_node.store.paths import UnsafePath, remove_tree, uid_problem, under
 from dicom_node.store.spool import spool_path
 
 __all__ = ["Delivery", "Event", "KnownInstance", "Ledger", "LedgerVersionError", "PacsAnswer", "PacsQuery",
-           "Purgeable", "Recorded", "Report",
-           "SeriesCount", "Study", "StudyRow", "UnsafePath", "Upload", "fsync_dir", "fsync_files", "remove_tree",
-           "restrict_access", "spool_path", "uid_problem", "under", "write_durably"]
+           "Purgeable", "Recorded", "Report", "SeriesCount", "Study", "StudyRow", "Syncer", "UnsafePath", "Upload",
+           "fsync_dir", "fsync_files", "remove_tree", "restrict_access", "spool_path", "uid_problem", "under",
+           "write_durably"]

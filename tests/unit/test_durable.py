@@ -1,17 +1,22 @@
 """store.durable: spooled files get the access rights the node was configured for (0600, or 0640
-with ``storage.group``), an explicit mode is exact, and a failed write leaves nothing behind."""
+with ``storage.group``), an explicit mode is exact, and a failed write leaves nothing behind; a
+run's files are each fsynced (at once, on threads) and then their folders, once each."""
 
 from __future__ import annotations
 
 import grp
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dicom_node.store import restrict_access, spool_path, write_durably
+from dicom_node.store import Syncer, restrict_access, spool_path, write_durably
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +69,44 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path:
     with pytest.raises(TypeError):
         write_durably("not bytes", target)  # type: ignore[arg-type]  # the wrong type, on purpose
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.dcm"]
+
+
+_SYNC_A_RUN = """
+import sys
+from pathlib import Path
+from dicom_node.store import Syncer
+paths = [Path(p) for p in sys.argv[1:]]
+with Syncer() as syncer:
+    for path in paths:
+        syncer.add(path)
+    syncer.finish()
+"""
+
+
+def test_the_syncer_fsyncs_every_file_then_each_folder_and_its_parent_once(tmp_path: Path) -> None:
+    """Seen by strace: an fsync of each file, then one of each folder that holds some (the SC
+    folder, the run folder) and of the run folder's parent (the study's folder)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    run = tmp_path / "study" / "run-1"
+    (run / "SC").mkdir(parents=True)
+    files = [run / "SR.dcm", *(run / "SC" / f"{i:02d}.dcm" for i in range(5)), run / "results.json"]
+    for f in files:
+        f.write_bytes(b"x" * 1000)
+    traced = subprocess.run([strace, "-f", "-y", "-e", "trace=fsync", sys.executable, "-c", _SYNC_A_RUN,
+                             *map(str, files)], capture_output=True, text=True, timeout=120, check=True)
+    synced = re.findall(r"fsync\(\d+<([^>]*)>", traced.stderr)  # a call, or its start when strace splits it
+    assert "= -1" not in traced.stderr
+    assert sorted(synced) == sorted([*map(str, files), str(run / "SC"), str(run), str(run.parent)])
+    assert all(synced.index(str(f)) < synced.index(str(run / "SC")) for f in files)  # the files first
+
+
+def test_a_file_gone_before_its_fsync_is_an_error_not_a_published_run(tmp_path: Path) -> None:
+    kept, gone = tmp_path / "kept.dcm", tmp_path / "gone.dcm"
+    kept.write_bytes(b"x")
+    with Syncer() as syncer:
+        syncer.add(kept)
+        syncer.add(gone)  # never written
+        with pytest.raises(FileNotFoundError):
+            syncer.finish()
