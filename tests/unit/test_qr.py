@@ -26,6 +26,7 @@ from dicom_node.web.routes.fetch import accession_problem
 from dicom_node.web.security import AccountsFile
 from inference.analyze import NotAssessedLabel, NotAssessedReason, StudyResult
 from inference.labels import LABELS, SeriesRole
+from tests.support.uploads import signin_token
 
 PACS = {"name": "pacs", "ae_title": "ORTHANC", "host": "10.0.0.5", "port": 4242}
 
@@ -251,7 +252,8 @@ def _client(tmp_path: Path, node: _FetchingNode) -> tuple[TestClient, Ledger]:
 
 
 def _sign_in(client: TestClient, name: str) -> str:
-    assert client.post("/signin", data={"name": name, "password": f"{name}-password", "next": "/"}).status_code == 303
+    assert client.post("/signin", data={"name": name, "password": f"{name}-password", "next": "/",
+                                        "csrf": signin_token(client)}).status_code == 303
     return re.search(r'name="csrf-token" content="([^"]+)"', client.get("/fetch").text).group(1)
 
 
