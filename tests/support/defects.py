@@ -1,0 +1,70 @@
+"""The defects an independent fuzz run found reaching grading (issue 23), made on valid phantom images:
+impossible geometry, a codestream whose header lies about its size, a Secondary Capture holding an MR
+image, an unknown character set. Used by the tests and by tests/benchmarks/fuzz_node.py."""
+
+from __future__ import annotations
+
+import struct
+from enum import StrEnum
+
+import jpeg_ls  # pyjpegls (CharLS), installed with highdicom
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLSLossless, SecondaryCaptureImageStorage
+
+
+class Defect(StrEnum):
+    """One way a study is made malformed (applied to the images of one role)."""
+
+    HUGE_SPACING = "PixelSpacing 1e6 mm"  # on every image of the series
+    SAME_POSITION = "one ImagePositionPatient"  # every slice of the series at the first one's position
+    LYING_JPEG_LS = "JPEG-LS codestream declaring 20000 x 20000 x 16"  # inside an image declaring its own size
+    SECONDARY_CAPTURE = "Secondary Capture holding MR"  # every image of the study
+    BAD_CHARSET = "SpecificCharacterSet ISO_IR 999"  # every image of the study
+
+
+BOMB_SIZE = 20000  # rows and columns the lying codestream declares
+
+
+def jpeg_ls_declaring(pixels: np.ndarray, rows: int, columns: int) -> bytes:
+    """A JPEG-LS codestream of ``pixels`` whose frame header (SOF55) declares ``rows`` x ``columns``
+    and 16-bit samples: only the header lies, as in the fuzz run's 3.7 kB bomb."""
+    data = bytearray(jpeg_ls.encode(np.ascontiguousarray(pixels.astype(np.uint16))).tobytes())
+    at = data.find(b"\xff\xf7")
+    if at < 0:
+        raise ValueError("CharLS wrote no SOF55 marker")
+    struct.pack_into(">BHH", data, at + 4, 16, rows, columns)
+    return bytes(data)
+
+
+def lie_about_size(ds: Dataset, rows: int = BOMB_SIZE, columns: int = BOMB_SIZE) -> Dataset:
+    """``ds`` (native pixels) re-encoded as JPEG-LS Lossless whose codestream declares ``rows`` x
+    ``columns`` while the data set keeps its own Rows and Columns."""
+    pixels = np.frombuffer(ds.PixelData, dtype=np.uint16 if int(ds.BitsAllocated) == 16 else np.uint8)
+    codestream = jpeg_ls_declaring(pixels.reshape(int(ds.Rows), int(ds.Columns)), rows, columns)
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    return ds
+
+
+def apply(defect: Defect, ds: Dataset, first_position: list[float] | None = None) -> Dataset:
+    """``ds`` with ``defect`` (``first_position``: where SAME_POSITION puts every slice)."""
+    if defect is Defect.HUGE_SPACING:
+        ds.PixelSpacing = [1e6, 1e6]
+    elif defect is Defect.SAME_POSITION:
+        ds.ImagePositionPatient = list(first_position if first_position is not None else ds.ImagePositionPatient)
+    elif defect is Defect.LYING_JPEG_LS:
+        lie_about_size(ds)
+    elif defect is Defect.SECONDARY_CAPTURE:
+        ds.SOPClassUID = SecondaryCaptureImageStorage
+        ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        ds.ConversionType = "WSD"
+    elif defect is Defect.BAD_CHARSET:
+        ds.SpecificCharacterSet = "ISO_IR 999"
+    return ds
+
+
+#: Whether a defect applies to one role's series (else to every image of the study).
+PER_SERIES = frozenset({Defect.HUGE_SPACING, Defect.SAME_POSITION, Defect.LYING_JPEG_LS})
