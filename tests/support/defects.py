@@ -45,6 +45,7 @@ def lie_about_size(ds: Dataset, rows: int = BOMB_SIZE, columns: int = BOMB_SIZE)
     codestream = jpeg_ls_declaring(pixels.reshape(int(ds.Rows), int(ds.Columns)), rows, columns)
     ds.PixelData = encapsulate([codestream])
     ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True  # encapsulated: written with undefined length
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     return ds
 

@@ -210,3 +210,60 @@ def test_bad_format_or_level_is_rejected() -> None:
         configure_logging("xml", stream=io.StringIO())
     with pytest.raises(ValueError):
         configure_logging("json", "LOUD", stream=io.StringIO())
+
+
+def _decode_with_unknown_charset(times: int) -> None:
+    """What reading a study whose SpecificCharacterSet is "ISO_IR 999" does: pydicom warns for
+    every text element it decodes (its logger, and Python's warnings)."""
+    from pydicom.charset import decode_element
+    from pydicom.dataelem import DataElement
+
+    for _ in range(times):
+        decode_element(DataElement(0x00081030, "LO", b"LUMBAR SPINE"), ["ISO_IR 999"])
+
+
+def test_pydicoms_repeated_warnings_are_one_line_per_study_with_a_count() -> None:
+    from dicom_node.observability import study_scope
+
+    stream = io.StringIO()
+    configure_logging(fmt="json", stream=stream)
+    with study_scope("1.2.3.1"):
+        _decode_with_unknown_charset(1646)
+    with study_scope("1.2.3.2"):
+        _decode_with_unknown_charset(5)
+    lines = json_lines(stream)
+    charset = [line for line in lines if "ISO_IR 999" in json.dumps(line)]
+    assert len(charset) <= 9, "\n".join(map(json.dumps, lines))  # of 1,651 times 2 lines unbounded
+    first_study = [line for line in lines if line.get("study_uid") == "1.2.3.1"]
+    assert [(line["times"], line["source"]) for line in first_study] == [(1646, "pydicom")]
+    assert "Unknown encoding 'ISO_IR 999'" in first_study[0]["warning"]
+    assert any(line["event"].endswith("(repeated: 1000 times in this study)") for line in lines)
+    second = [line for line in lines if line.get("study_uid") == "1.2.3.2"]
+    assert [line["times"] for line in second] == [5]  # its own first line and count, not hidden by the first study's
+    assert sum(line.get("logger") == "pydicom" and "repeated" not in line["event"] for line in lines) == 2
+
+
+def test_other_warnings_are_not_bounded() -> None:
+    from dicom_node.observability import study_scope
+
+    stream = io.StringIO()
+    configure_logging(fmt="json", stream=stream)
+    with study_scope("1.2.3.3"):
+        for _ in range(30):
+            get_logger("dicom_node.test").warning("our own warning", n=1)
+    assert sum(line["event"] == "our own warning" for line in json_lines(stream)) == 30
+
+
+def test_short_identifying_values_are_scrubbed_as_words_only() -> None:
+    """A name part "x47" must not turn pynetdicom's "Unknown PDU type received '0x47'" into
+    "'0[redacted]'"; the same value standing as a word, and every long value anywhere, still go."""
+    from dicom_node.observability import PhiValues
+
+    values = PhiValues()
+    for value in ("Doe^Jane^x47", PID, BIRTH):
+        values.add(value)
+    assert values.scrub("Unknown PDU type received '0x47'") == "Unknown PDU type received '0x47'"
+    assert values.scrub("Janet Doering of Does") == "Janet Doering of Does"
+    assert values.scrub("patient Doe^Jane^x47 (Jane Doe, x47)") == f"patient {REDACTED} ({REDACTED} {REDACTED}, {REDACTED})"
+    assert values.scrub(f"file Doe_Jane.dcm, id X{PID}Y, born {BIRTH}1200 or 1970-01-01") == \
+        f"file {REDACTED}_{REDACTED}.dcm, id X{REDACTED}Y, born {REDACTED}1200 or {REDACTED}"
