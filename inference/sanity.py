@@ -62,13 +62,13 @@ def stack_problem(planes: Sequence[ImagePlane]) -> str | None:
     return None
 
 
-def geometry_problem(planes: Sequence[ImagePlane]) -> str | None:
-    """Why a series with these image planes cannot be graded (the first problem found), or None.
-
-    Every image's spacing and field of view must be possible; the slices must lie at distinct
-    positions along the normal and span no more than a spine."""
-    for plane in planes:
-        problem = spacing_problem(plane)
-        if problem is not None:
-            return problem
-    return stack_problem(planes)
+def screen_series(planes: Sequence[ImagePlane]) -> tuple[list[int], dict[int, str], str | None]:
+    """The images of one series to keep, those left out with why, and why the whole series cannot be
+    graded (or None). An image of impossible spacing or field of view is left out when it is one of
+    a few (a corrupt header); when half the series or more is, the series is refused. The slices
+    kept must then form a stack (``stack_problem``)."""
+    left_out = {i: p for i, plane in enumerate(planes) if (p := spacing_problem(plane)) is not None}
+    if left_out and 2 * len(left_out) >= len(planes):
+        return [], left_out, next(iter(left_out.values()))
+    kept = [i for i in range(len(planes)) if i not in left_out]
+    return kept, left_out, stack_problem([planes[i] for i in kept])

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from inference.geometry import ImagePlane, classify_orientation
 from inference.instances import MR_SOP_CLASSES, sop_class_uid
 from inference.labels import SeriesRole
-from inference.sanity import geometry_problem
+from inference.sanity import screen_series
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -101,8 +101,8 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
     An image whose geometry cannot be used is left out (a log line per series says how many and
     why), so that one broken header does not decide a series' orientation or fail the study; so is
     an image of a SOP class other than the MR image storage classes. Each series' geometry is then
-    checked (``inference.sanity``): an impossible one is kept with its ``problem`` named, and not
-    graded."""
+    checked (``inference.sanity.screen_series``): a few images of impossible spacing are left out;
+    a series that is impossible as a whole is kept with its ``problem`` named, and not graded."""
     groups: dict[str, list[tuple[Dataset, Path | None]]] = defaultdict(list)
     left_out: dict[str, list[str]] = defaultdict(list)
     multiframe = not_mr = 0
@@ -130,6 +130,11 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
         log.warning("images left out: unusable geometry", series_uid=uid, images=len(problems), example=problems[0])
     out = []
     for uid, items in groups.items():
+        kept, implausible, problem = screen_series([ImagePlane.from_dataset(ds) for ds, _ in items])
+        if implausible and problem is None:
+            log.warning("images left out: implausible geometry", series_uid=uid, images=len(implausible),
+                        example=next(iter(implausible.values())))
+            items = [items[i] for i in kept]
         votes: dict[str, int] = defaultdict(int)
         for ds, _ in items:
             try:
@@ -143,7 +148,7 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
             orientation=max(votes, key=lambda k: votes[k]),
             contrast=contrast_of(first),
             instances=items,
-            problem=geometry_problem([ImagePlane.from_dataset(ds) for ds, _ in items]),
+            problem=problem,
         ))
     return sorted(out, key=lambda s: s.series_uid)
 

@@ -4,14 +4,16 @@ image, an unknown character set. Used by the tests and by tests/benchmarks/fuzz_
 
 from __future__ import annotations
 
+import copy
 import struct
+from collections.abc import Collection, Sequence
 from enum import StrEnum
 
 import jpeg_ls  # pyjpegls (CharLS), installed with highdicom
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLSLossless, SecondaryCaptureImageStorage
+from pydicom.uid import JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
 
 
 class Defect(StrEnum):
@@ -69,3 +71,25 @@ def apply(defect: Defect, ds: Dataset, first_position: list[float] | None = None
 
 #: Whether a defect applies to one role's series (else to every image of the study).
 PER_SERIES = frozenset({Defect.HUGE_SPACING, Defect.SAME_POSITION, Defect.LYING_JPEG_LS})
+
+
+def defective_study(datasets: Sequence[Dataset], defect: Defect, series: str = "Axial",
+                    chosen: Collection[int] | None = None) -> list[Dataset]:
+    """Copies of one study's data sets under fresh Study, Series and SOP Instance UIDs, with ``defect``
+    applied: a per-series defect to the images of the series whose SeriesDescription contains
+    ``series`` (``chosen``: only those at these indices, in InstanceNumber order), the others to
+    every image."""
+    study_uid = generate_uid()
+    series_uids: dict[str, str] = {}
+    out = [copy.deepcopy(ds) for ds in sorted(datasets, key=lambda d: (str(d.SeriesInstanceUID), int(d.InstanceNumber)))]
+    targets = [ds for ds in out if defect not in PER_SERIES or series in str(ds.get("SeriesDescription", ""))]
+    first = list(targets[0].ImagePositionPatient) if targets else None
+    for index, ds in enumerate(targets):
+        if chosen is None or index in chosen:
+            apply(defect, ds, first)
+    for ds in out:
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uids.setdefault(str(ds.SeriesInstanceUID), generate_uid())
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return out

@@ -19,7 +19,7 @@ from dicom_node.pipeline.eligibility import skip_reason
 from dicom_node.states import SkipReason
 from inference.geometry import ImagePlane
 from inference.labels import SeriesRole
-from inference.sanity import geometry_problem, spacing_problem, stack_problem
+from inference.sanity import screen_series, spacing_problem, stack_problem
 from inference.series import assign_roles, geometry_refusals, group_series
 from tests.support.defects import Defect, apply
 
@@ -65,11 +65,17 @@ def test_a_stack_longer_than_a_spine_is_refused() -> None:
         "the slices span 700 mm along the slice normal (at most 600 mm)")
 
 
-def test_the_first_problem_is_named_and_a_good_series_has_none() -> None:
+def test_a_few_impossible_images_are_left_out_and_half_of_them_refuse_the_series() -> None:
     good = [_plane(float(z)) for z in range(0, 40, 4)]
-    assert geometry_problem(good) is None
-    assert geometry_problem([*good[:-1], _plane(36.0, spacing=1e6)]) is not None  # one impossible image is enough
-    assert geometry_problem([]) is None and geometry_problem(good[:1]) is None
+    assert screen_series(good) == (list(range(10)), {}, None)
+    assert screen_series([]) == ([], {}, None)
+    kept, left_out, problem = screen_series([*good[:-1], _plane(36.0, spacing=1e6)])  # one corrupt header
+    assert kept == list(range(9)) and list(left_out) == [9] and problem is None
+    assert "PixelSpacing 1e+06" in left_out[9]
+    kept, left_out, problem = screen_series([_plane(float(z), spacing=1e6) for z in range(0, 20, 4)] + good[5:])
+    assert kept == [] and len(left_out) == 5 and problem is not None and problem.startswith("PixelSpacing 1e+06")
+    kept, left_out, problem = screen_series([_plane(0.0)] * 9 + [_plane(4.0, spacing=1e6)])
+    assert left_out and problem is not None and "9 slices lie at 1 distinct position" in problem
 
 
 @pytest.fixture(scope="module")
