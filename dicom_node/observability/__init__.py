@@ -15,6 +15,6 @@ from dicom_node.observability.scrub import (
     summarize_dataset,
 )
 
-__all__ = ["CONTENT_TYPE", "PHI_KEYWORDS", "PHI_VALUES", "REDACTED", "REPEATED_WARNINGS", "NodeMetrics", "PhiValues", "configure_logging",
-           "get_logger", "scrub_phi", "skip_label", "study_scope",
+__all__ = ["CONTENT_TYPE", "PHI_KEYWORDS", "PHI_VALUES", "REDACTED", "REPEATED_WARNINGS", "NodeMetrics", "PhiValues",
+           "configure_logging", "get_logger", "scrub_phi", "skip_label", "study_scope",
            "summarize_dataset"]

@@ -53,9 +53,9 @@ def skip_reason(headers: list[Instance]) -> Skip | None:
     parts = sorted({str(ds.get("BodyPartExamined", "")).upper() for ds, _ in mr} - {""})
     if parts and not LUMBAR_BODY_PARTS.intersection(parts):
         return Skip(SkipReason.NOT_LUMBAR, f"BodyPartExamined {', '.join(parts)}")
-    found = group_series(mr)
-    if not assign_roles(found):
-        refused = sorted({s.problem for s in found if s.problem is not None and role_of(s) is not None})
+    series = group_series(mr)
+    if not assign_roles(series):
+        refused = sorted({s.problem for s in series if s.problem is not None and role_of(s) is not None})
         return Skip(SkipReason.NO_SERIES, f"implausible geometry: {'; '.join(refused)}" if refused else "")
     return None
 

@@ -314,9 +314,8 @@ def _guard_failure(node: ServedNode, ledger: Ledger, study_uid: str, defect: Def
             return f"graded from the {series} series whose geometry is impossible"
         if not any("implausible geometry" in item.get("reason", "") for item in labels):
             return "no label says why it is not assessed"
-    if defect is Defect.LYING_JPEG_LS:
-        if "codestream declares 20000 x 20000" not in node.log_text():
-            return "the lying codestreams were not refused by their header"
+    if defect is Defect.LYING_JPEG_LS and "codestream declares 20000 x 20000" not in node.log_text():
+        return "the lying codestreams were not refused by their header"
     if defect is Defect.BAD_CHARSET and f'"study_uid": "{study_uid}"' not in node.log_text():
         return "no line of this study at all"
     return None

@@ -81,7 +81,8 @@ def defective_study(datasets: Sequence[Dataset], defect: Defect, series: str = "
     every image."""
     study_uid = generate_uid()
     series_uids: dict[str, str] = {}
-    out = [copy.deepcopy(ds) for ds in sorted(datasets, key=lambda d: (str(d.SeriesInstanceUID), int(d.InstanceNumber)))]
+    ordered = sorted(datasets, key=lambda d: (str(d.SeriesInstanceUID), int(d.InstanceNumber)))
+    out = [copy.deepcopy(ds) for ds in ordered]
     targets = [ds for ds in out if defect not in PER_SERIES or series in str(ds.get("SeriesDescription", ""))]
     first = list(targets[0].ImagePositionPatient) if targets else None
     for index, ds in enumerate(targets):

@@ -67,7 +67,7 @@ def test_a_jpeg_ls_codestream_declaring_20000_squared_is_refused_undecoded(monke
         raise AssertionError("a decoder ran on a codestream that lies about its size")
 
     monkeypatch.setattr("inference.decoders.pixel_array", never)
-    with pytest.raises(CodestreamMismatch, match="JPEG-LS codestream declares 20000 x 20000 .* the data set 64 x 64") \
+    with pytest.raises(CodestreamMismatch, match=r"JPEG-LS codestream declares 20000 x 20000 .* the data set 64 x 64") \
             as refused:
         decode(ds)
     assert isinstance(refused.value, UNUSABLE_IMAGE_ERRORS)  # load_volume leaves the image out, with the reason
@@ -92,7 +92,7 @@ def test_a_jpeg_frame_header_that_disagrees_is_refused() -> None:
     frame = _frame(ds)
     at = frame.find(b"\xff\xc1")
     struct.pack_into(">H", frame, at + 5, 4096)  # the height
-    with pytest.raises(CodestreamMismatch, match="declares 256 x 4096 .* the data set 256 x 1024"):
+    with pytest.raises(CodestreamMismatch, match=r"declares 256 x 4096 .* the data set 256 x 1024"):
         check_codestreams(_with_frame(ds, frame), UID(ds.file_meta.TransferSyntaxUID))
     ds = _local("JPGExtended.dcm")
     frame = _frame(ds)
@@ -131,11 +131,11 @@ def test_rle_segment_counts_must_match_samples_and_bytes_per_sample() -> None:
     ds = _local("MR_small_RLE.dcm")  # 16 bit, one sample: 2 segments
     frame = _frame(ds)
     struct.pack_into("<I", frame, 0, 15)
-    with pytest.raises(CodestreamMismatch, match="RLE header declares 15 segments, .* = 2"):
+    with pytest.raises(CodestreamMismatch, match=r"RLE header declares 15 segments, .* = 2"):
         decode(_with_frame(ds, frame))
     ds = _local("MR_small_RLE.dcm")
     ds.BitsAllocated = 32
-    with pytest.raises(CodestreamMismatch, match="declares 2 segments, .* = 4"):
+    with pytest.raises(CodestreamMismatch, match=r"declares 2 segments, .* = 4"):
         check_codestreams(ds, UID(ds.file_meta.TransferSyntaxUID))
 
 

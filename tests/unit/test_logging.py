@@ -264,6 +264,7 @@ def test_short_identifying_values_are_scrubbed_as_words_only() -> None:
         values.add(value)
     assert values.scrub("Unknown PDU type received '0x47'") == "Unknown PDU type received '0x47'"
     assert values.scrub("Janet Doering of Does") == "Janet Doering of Does"
-    assert values.scrub("patient Doe^Jane^x47 (Jane Doe, x47)") == f"patient {REDACTED} ({REDACTED} {REDACTED}, {REDACTED})"
+    assert values.scrub("patient Doe^Jane^x47 (Jane Doe, x47)") == \
+        f"patient {REDACTED} ({REDACTED} {REDACTED}, {REDACTED})"
     assert values.scrub(f"file Doe_Jane.dcm, id X{PID}Y, born {BIRTH}1200 or 1970-01-01") == \
         f"file {REDACTED}_{REDACTED}.dcm, id X{REDACTED}Y, born {REDACTED}1200 or {REDACTED}"
