@@ -79,15 +79,22 @@ def defective_study(datasets: Sequence[Dataset], defect: Defect, series: str = "
     applied: a per-series defect to the images of the series whose SeriesDescription contains
     ``series`` (``chosen``: only those at these indices, in InstanceNumber order), the others to
     every image."""
-    study_uid = generate_uid()
-    series_uids: dict[str, str] = {}
-    ordered = sorted(datasets, key=lambda d: (str(d.SeriesInstanceUID), int(d.InstanceNumber)))
-    out = [copy.deepcopy(ds) for ds in ordered]
+    out = with_fresh_uids(datasets)
     targets = [ds for ds in out if defect not in PER_SERIES or series in str(ds.get("SeriesDescription", ""))]
     first = list(targets[0].ImagePositionPatient) if targets else None
     for index, ds in enumerate(targets):
         if chosen is None or index in chosen:
             apply(defect, ds, first)
+    return out
+
+
+def with_fresh_uids(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Copies of one study's data sets (by series, in InstanceNumber order) under fresh Study, Series
+    and SOP Instance UIDs."""
+    study_uid = generate_uid()
+    series_uids: dict[str, str] = {}
+    ordered = sorted(datasets, key=lambda d: (str(d.SeriesInstanceUID), int(d.InstanceNumber)))
+    out = [copy.deepcopy(ds) for ds in ordered]
     for ds in out:
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uids.setdefault(str(ds.SeriesInstanceUID), generate_uid())
