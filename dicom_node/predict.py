@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dicom_node.observability import PHI_VALUES, get_logger
+from dicom_node.observability import PHI_VALUES, get_logger, study_scope
 from dicom_node.pipeline import nothing_assessed
 from dicom_node.results import (
     OutputKind,
@@ -58,7 +58,8 @@ def predict_folder(folder: Path, model_dir: Path | None, providers: tuple[str, .
     results = []
     printed: list[tuple[StudyResult, str | None]] = []
     for study_uid, instances in studies.items():
-        result = analyze_study(instances, runner)
+        with study_scope(study_uid):  # pydicom's repeated warnings: one line per study and warning, counted
+            result = analyze_study(instances, runner)
         log.info("study graded", study_uid=study_uid, seconds=round(sum(result.seconds.values()), 3),
                  assessed=len(result.assessed()))
         results.append(result)

@@ -49,6 +49,7 @@ from inference.series import (
     MAX_SERIES_IMAGES,
     SeriesHeader,
     assign_roles,
+    geometry_refusals,
     group_series,
     log_untidy_uids,
 )
@@ -178,13 +179,20 @@ class _Crop:
     location: Location
 
 
-def _load_volumes(roles: dict[SeriesRole, list[SeriesHeader]], limits: AnalysisLimits) -> _Volumes:
-    """Step 2: each role's series as a volume sorted along its normal; an unusable one is noted."""
+def _load_volumes(roles: dict[SeriesRole, list[SeriesHeader]], found: list[SeriesHeader],
+                  limits: AnalysisLimits) -> _Volumes:
+    """Step 2: each role's series as a volume sorted along its normal; an unusable one is noted
+    (a role whose every series has impossible geometry says why, not that it is missing)."""
     volumes: dict[SeriesRole, Volume] = {}
     problems: dict[SeriesRole, tuple[NotAssessedReason, str]] = {}
     for role in SeriesRole:
         if role not in roles:
-            problems[role] = (NotAssessedReason.MISSING_SERIES, f"no {role.value} series in the study")
+            refused = geometry_refusals(found, role)
+            if refused:
+                problems[role] = (NotAssessedReason.UNUSABLE_SERIES,
+                                  f"{role.value} series unusable: implausible geometry: {refused[0]}")
+            else:
+                problems[role] = (NotAssessedReason.MISSING_SERIES, f"no {role.value} series in the study")
             continue
         try:
             volumes[role] = load_volume(role, roles[role], limits.max_pixels)
@@ -280,12 +288,16 @@ def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runn
     log_untidy_uids(found)
     roles = assign_roles(found, max_images=limits.max_series_images)  # step 1
     series_roles = {role: tuple(s.series_uid for s in series) for role, series in roles.items()}
-    vols = _load_volumes(roles, limits)
+    vols = _load_volumes(roles, found, limits)
     t1 = time.perf_counter()
     located = _localise_levels(vols, runner, limits.localiser_batch)
     t2 = time.perf_counter()
     if located is None:
         why = "no usable sagittal series to localise the disc levels"
+        unusable = [vols.problems[r][1] for r in (SeriesRole.SAG_T2, SeriesRole.SAG_T1)
+                    if vols.problems.get(r, (None, ""))[0] is NotAssessedReason.UNUSABLE_SERIES]
+        if unusable:
+            why += f" ({'; '.join(unusable)})"
         labels: tuple[LabelResult, ...] = tuple(NotAssessedLabel(label, NotAssessedReason.NO_SAGITTAL, why)
                                                 for label in LABELS)
         return StudyResult(study_uid, labels, runner.info, {}, series_roles, {"load": t1 - t0})

@@ -42,6 +42,7 @@ from pydicom.uid import (
 )
 
 from inference import gdcm_jpeg12
+from inference.codestream import check_codestreams
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -142,11 +143,14 @@ def decoding_plugins(transfer_syntax: UID, choice: DecoderChoice = DecoderChoice
 def decoded_pixels(ds: Dataset) -> NDArray[Any]:
     """The data set's pixels as pydicom decodes them, through the plugins of ``decoding_plugins``
     (for LUMBAR_NODE_DECODER), one after another until one succeeds. RuntimeError naming every
-    plugin's failure when none does."""
+    plugin's failure when none does. A compressed frame whose codestream header disagrees with
+    Rows, Columns, SamplesPerPixel or BitsAllocated is refused first (``CodestreamMismatch``, a
+    ValueError), never decoded."""
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if not syntax:
         raise ValueError("the file meta names no Transfer Syntax UID")
+    check_codestreams(ds, UID(syntax))  # what the codestream declares, before a decoder allocates it
     plugins = decoding_plugins(UID(syntax), decoder_choice())
     if not plugins:
         return np.asarray(pixel_array(ds))

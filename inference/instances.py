@@ -27,8 +27,8 @@ log = structlog.stdlib.get_logger(__name__)
 #: An instance as the analysis takes it: its header (pixels read from the path when needed).
 Instance = tuple[Dataset, Path]
 
-#: The SOP classes of MR images (what ``is_mr`` goes by when a file has no Modality; the Modality
-#: highdicom needs for an Image Library entry, see dicom_node.results.sources).
+#: The SOP classes of MR images: the only ones graded (``is_mr``); the Modality highdicom needs for
+#: an Image Library entry (see dicom_node.results.sources).
 MR_SOP_CLASSES: frozenset[UID] = frozenset(
     {MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage}
 )
@@ -44,11 +44,14 @@ def sop_class_uid(ds: Dataset) -> str:
 
 
 def is_mr(ds: Dataset) -> bool:
-    """An MR image: Modality MR, or (files without Modality, such as the Kaggle ones) an MR SOP class."""
+    """An MR image the node may grade: of an MR image storage class (MR, Enhanced MR, Legacy
+    Converted Enhanced MR; the data set's SOPClassUID, else the file meta's), with Modality MR
+    where a Modality is given (the Kaggle files have none). A Secondary Capture holding an MR image
+    (Modality MR) is not one, nor is a file that names no SOP class."""
+    if sop_class_uid(ds) not in MR_SOP_CLASSES:
+        return False
     modality = ds.get("Modality")
-    if modality:
-        return str(modality) == "MR"
-    return sop_class_uid(ds) in MR_SOP_CLASSES
+    return not modality or str(modality) == "MR"
 
 
 def is_single_frame_image(ds: Dataset) -> bool:

@@ -17,7 +17,9 @@ import structlog
 from pydicom.dataset import Dataset
 
 from inference.geometry import ImagePlane, classify_orientation
+from inference.instances import MR_SOP_CLASSES, sop_class_uid
 from inference.labels import SeriesRole
+from inference.sanity import screen_series
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -33,6 +35,7 @@ class SeriesHeader:
     orientation: str  # sagittal | axial | coronal | oblique | unknown
     contrast: str | None  # T1 | T2 | STIR | None (unknown)
     instances: list[tuple[Dataset, Path | None]] = field(default_factory=list)
+    problem: str | None = None  # why its geometry is impossible for a lumbar spine (inference.sanity): not graded
 
     @property
     def n_images(self) -> int:
@@ -84,16 +87,30 @@ def usable_geometry(ds: Dataset) -> str | None:
     return None
 
 
+def not_an_mr_image(ds: Dataset) -> bool:
+    """Whether the header names a SOP class that is not an MR image storage class (a Secondary
+    Capture holding an MR image, say): such an image is never taken for an MR series. A header
+    naming no class at all is judged by the node's eligibility, not here."""
+    uid = sop_class_uid(ds)
+    return bool(uid) and uid not in MR_SOP_CLASSES
+
+
 def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[SeriesHeader]:
     """Group image headers by SeriesInstanceUID; orientation by majority of the instances.
 
     An image whose geometry cannot be used is left out (a log line per series says how many and
-    why), so that one broken header does not decide a series' orientation or fail the study."""
+    why), so that one broken header does not decide a series' orientation or fail the study; so is
+    an image of a SOP class other than the MR image storage classes. Each series' geometry is then
+    checked (``inference.sanity.screen_series``): a few images of impossible spacing are left out;
+    a series that is impossible as a whole is kept with its ``problem`` named, and not graded."""
     groups: dict[str, list[tuple[Dataset, Path | None]]] = defaultdict(list)
     left_out: dict[str, list[str]] = defaultdict(list)
-    multiframe = 0
+    multiframe = not_mr = 0
     for ds, path in instances:
         if "SeriesInstanceUID" not in ds:
+            continue
+        if not_an_mr_image(ds):
+            not_mr += 1
             continue
         if "PerFrameFunctionalGroupsSequence" in ds:  # enhanced multi-frame: geometry per frame, not read
             multiframe += 1
@@ -107,10 +124,17 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
         groups[str(ds.SeriesInstanceUID)].append((ds, path))
     if multiframe:
         log.warning("images left out: enhanced multi-frame images are not supported", images=multiframe)
+    if not_mr:
+        log.warning("images left out: not of an MR image storage class", images=not_mr)
     for uid, problems in left_out.items():
         log.warning("images left out: unusable geometry", series_uid=uid, images=len(problems), example=problems[0])
     out = []
     for uid, items in groups.items():
+        kept, implausible, problem = screen_series([ImagePlane.from_dataset(ds) for ds, _ in items])
+        if implausible and problem is None:
+            log.warning("images left out: implausible geometry", series_uid=uid, images=len(implausible),
+                        example=next(iter(implausible.values())))
+            items = [items[i] for i in kept]
         votes: dict[str, int] = defaultdict(int)
         for ds, _ in items:
             try:
@@ -124,6 +148,7 @@ def group_series(instances: Iterable[tuple[Dataset, Path | None]]) -> list[Serie
             orientation=max(votes, key=lambda k: votes[k]),
             contrast=contrast_of(first),
             instances=items,
+            problem=problem,
         ))
     return sorted(out, key=lambda s: s.series_uid)
 
@@ -164,11 +189,16 @@ def assign_roles(series: list[SeriesHeader], min_images: int = 3,
                  max_images: int = MAX_SERIES_IMAGES) -> dict[SeriesRole, list[SeriesHeader]]:
     """The series that serve each role. A sagittal role takes the one series with most images
     (T2 preferred over STIR); the axial role takes every axial T2 series (they are merged). A
-    series of more than ``max_images`` images is not used (it would not fit a worker's memory)."""
+    series of more than ``max_images`` images is not used (it would not fit a worker's memory), nor
+    is one whose geometry is impossible (``SeriesHeader.problem``)."""
     roles: dict[SeriesRole, list[SeriesHeader]] = {}
     candidates: dict[SeriesRole, list[SeriesHeader]] = defaultdict(list)
     for s in series:
         role = role_of(s)
+        if role is not None and s.problem is not None:
+            log.warning("series not used: implausible geometry", series_uid=s.series_uid, role=role.value,
+                        images=s.n_images, why=s.problem)
+            continue
         if role is not None and s.n_images > max_images:
             log.warning("series not used: too many images", series_uid=s.series_uid, images=s.n_images,
                         limit=max_images)
@@ -182,3 +212,8 @@ def assign_roles(series: list[SeriesHeader], min_images: int = 3,
             found.sort(key=lambda s: (s.contrast == "T2", s.n_images), reverse=True)
             roles[role] = found[:1]
     return roles
+
+
+def geometry_refusals(series: list[SeriesHeader], role: SeriesRole) -> list[str]:
+    """Why the series of ``role`` that ``assign_roles`` refused for their geometry were refused."""
+    return [s.problem for s in series if s.problem is not None and role_of(s) is role]

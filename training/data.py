@@ -97,7 +97,7 @@ def read_volumes(record: StudyRecord) -> tuple[dict[SeriesRole, Volume], int]:
         if not instances:
             continue
         try:
-            out[role] = load_volume(role, group_series(instances))
+            out[role] = load_volume(role, [s for s in group_series(instances) if s.problem is None])  # as served
         except ValueError as exc:  # no image of the role decodes
             log.warning("series role left out: no usable image", study=record.study_id, role=role.value,
                         error=str(exc))

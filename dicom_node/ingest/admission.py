@@ -36,7 +36,7 @@ from dicom_node.ingest.checks import image_size_problem, reopens_study, series_s
 from dicom_node.ingest.header import CHUNK, InflateProblem, as_uid, inflate, read_file_meta, read_header
 from dicom_node.ingest.staging import Staging
 from dicom_node.ingest.statuses import StoreStatus
-from dicom_node.observability import PHI_VALUES, NodeMetrics, get_logger
+from dicom_node.observability import PHI_VALUES, NodeMetrics, get_logger, study_scope
 from dicom_node.states import EventKind
 from dicom_node.store import Ledger, Recorded, UnsafePath, fsync_dir, spool_path, uid_problem, write_durably
 
@@ -230,7 +230,8 @@ class Admission:
             meta, transfer_syntax = self._file_meta(candidate, fp)
             ds, header_end = self._read(fp, end, transfer_syntax, candidate.body)
         try:
-            PHI_VALUES.add_from(ds)  # whatever is logged about it from now on is scrubbed of these
+            with study_scope(_text(ds, "StudyInstanceUID"), summarize=False):  # pydicom's warnings: once per study
+                PHI_VALUES.add_from(ds)  # whatever is logged about it from now on is scrubbed of these
             sop_uid = (candidate.sop_instance_uid or _text(ds, "SOPInstanceUID")
                        or _text(meta, "MediaStorageSOPInstanceUID"))
             sop_class = candidate.sop_class_uid or _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")

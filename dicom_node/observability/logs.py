@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from dicom_node.observability.repeats import REPEATED_WARNINGS
 from dicom_node.observability.scrub import scrub_phi, scrub_record, scrub_rendered
 
 _handler: logging.Handler | None = None
@@ -64,6 +65,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(REPEATED_WARNINGS)  # pydicom's per-element warnings: once per study, then counted
     handler.addFilter(scrub_record)
 
     logging.captureWarnings(True)  # pydicom's and numpy's warnings: through the same chain, not raw stderr

@@ -49,10 +49,26 @@ PHI_VALUE_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBir
                       "IssuerOfPatientID", "AccessionNumber", "ReferringPhysicianName", "PatientBirthName",
                       "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers")
 MIN_PHI_VALUE_LENGTH = 3  # shorter values ("M", "1") would redact half of every line
+#: Values shorter than this are scrubbed only as a whole word, not inside a longer run of letters and
+#: digits: a name part "x47" leaves "Unknown PDU type received '0x47'" alone; longer values (IDs,
+#: dates) are scrubbed wherever they appear.
+WHOLE_WORD_BELOW = 8
+_WORD = r"[^\W_]"  # a letter or digit (any script), not the underscore
+
+
+def _value_pattern(value: str) -> str:
+    """The regular expression of one value: anywhere, or (short values) as a whole word."""
+    text = re.escape(value)
+    if len(value) >= WHOLE_WORD_BELOW:
+        return text
+    before = f"(?<!{_WORD})" if re.match(_WORD, value[0]) else ""
+    after = f"(?!{_WORD})" if re.match(_WORD, value[-1]) else ""
+    return before + text + after
 
 
 class PhiValues:
-    """The identifying values of the studies a process handled lately, to scrub by value."""
+    """The identifying values of the studies a process handled lately, to scrub by value (a value
+    shorter than ``WHOLE_WORD_BELOW`` only where it stands as a word of its own)."""
 
     def __init__(self, size: int = 512):
         self._values: dict[str, None] = {}  # insertion order: the oldest are forgotten first
@@ -100,7 +116,7 @@ class PhiValues:
                 return text
             if self._pattern is None:
                 ordered = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+                self._pattern = re.compile("|".join(_value_pattern(v) for v in ordered))
             pattern = self._pattern
         return pattern.sub(REDACTED, text)
 

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import pydicom
+from pydicom.uid import UID
 
 from dicom_node.states import SkipReason
 from inference.analyze import LabelResult, NotAssessedLabel, NotAssessedReason, StudyResult
-from inference.instances import Instance, is_mr
+from inference.instances import Instance, is_mr, sop_class_uid
 from inference.labels import SeriesRole
 from inference.series import assign_roles, group_series, role_of
 
@@ -45,12 +46,18 @@ def skip_reason(headers: list[Instance]) -> Skip | None:
     modalities = sorted({str(ds.get("Modality", "")) or "none" for ds, _ in headers})
     mr = mr_images(headers)
     if not mr:
-        return Skip(SkipReason.NOT_MR, f"modality {', '.join(modalities)}")
+        found = f"modality {', '.join(modalities)}"
+        if "MR" in modalities:  # e.g. Secondary Captures of MR images: never taken for an MR series
+            classes = sorted({UID(sop_class_uid(ds)).name if sop_class_uid(ds) else "none" for ds, _ in headers})
+            found += f", SOP class {', '.join(classes)}: no MR image storage class"
+        return Skip(SkipReason.NOT_MR, found)
     parts = sorted({str(ds.get("BodyPartExamined", "")).upper() for ds, _ in mr} - {""})
     if parts and not LUMBAR_BODY_PARTS.intersection(parts):
         return Skip(SkipReason.NOT_LUMBAR, f"BodyPartExamined {', '.join(parts)}")
-    if not assign_roles(group_series(mr)):
-        return Skip(SkipReason.NO_SERIES)
+    series = group_series(mr)
+    if not assign_roles(series):
+        refused = sorted({s.problem for s in series if s.problem is not None and role_of(s) is not None})
+        return Skip(SkipReason.NO_SERIES, f"implausible geometry: {'; '.join(refused)}" if refused else "")
     return None
 
 

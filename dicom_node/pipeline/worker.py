@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_node.errors import NodeError
-from dicom_node.observability import PHI_VALUES, configure_logging, get_logger
+from dicom_node.observability import PHI_VALUES, configure_logging, get_logger, study_scope
 from dicom_node.pipeline.eligibility import mr_images, note_missing, nothing_assessed, skip_reason
 from dicom_node.results import DISCLAIMER, OutputKind, RunFolder, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult
@@ -149,6 +149,11 @@ def grade(job: GradeJob) -> GradeOutcome:
 
 
 def _grade(job: GradeJob) -> GradeOutcome:
+    with study_scope(job.study_uid):  # pydicom's repeated warnings: one line per study and warning, counted
+        return _grade_study(job)
+
+
+def _grade_study(job: GradeJob) -> GradeOutcome:
     started = time.perf_counter()
     try:
         headers = read_headers(job.paths)

@@ -15,6 +15,11 @@ fresh folder and sends ``--cases`` cases, drawn from a seeded generator:
              bad character set, a Deflate bomb, a study whose instances repeat another study's UIDs
   protocol   random bytes, HTTP, an A-ASSOCIATE-RQ followed by garbage, huge PDU lengths, half a
              data set then a closed socket, silent sockets, bursts of connect-and-close
+  guards     (after the cases, --guard-studies of them, default one per defect) whole studies that
+             must be graded without their bad part or skipped with the reason: PixelSpacing 1e6 or
+             one ImagePositionPatient on every slice of a series, JPEG-LS codestreams declaring
+             20000 x 20000 in images declaring their own size, Secondary Captures holding MR images,
+             SpecificCharacterSet "ISO_IR 999" (tests/support/defects.py); each outcome is checked
 Every 50 cases it sends a C-ECHO. At the end it waits for every study to reach a final state and
 reports: node alive, C-ECHO answered every time, no file outside the node's folder, every study
 final with a reason, tracebacks that escaped a handler (raw lines in the node's log), log lines
@@ -54,6 +59,7 @@ from pydicom.uid import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
 
 from dicom_node.store.ledger import Ledger
+from tests.support.defects import Defect, defective_study
 from tests.support.procfs import children, cpu_seconds, proc_status
 from tests.support.raw_dicom import echo, encode, raw_bytes, raw_store
 from tests.support.served_node import SENDER_AET, ServedNode, wait_for
@@ -255,7 +261,77 @@ class Fuzzer:
         return [kinds[i] for i in self.rng.choice(len(kinds), size=n, p=list(weights.values()))]
 
 
-def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
+# -- guards: studies that reached grading in an earlier run, each with its outcome checked -----------
+
+#: The series a geometry defect may be put on (a whole series: every one of its images).
+GUARD_SERIES = ("Axial", "Sagittal T2", "Sagittal T1")
+CHARSET_LINE_BOUND = 60  # lines naming the bad character set in the whole log (1,646 for one study unbounded)
+
+
+def guard_studies(node: ServedNode, study_dir: Path, rng: np.random.Generator, n: int) -> dict[str, tuple[Defect, str]]:
+    """Send ``n`` defective studies (the defects in turn, their series and images drawn from ``rng``);
+    study UID -> (defect, the series description it was put on)."""
+    study = [pydicom.dcmread(p) for p in sorted(study_dir.rglob("*.dcm"))]
+    sent: dict[str, tuple[Defect, str]] = {}
+    defects = list(Defect)
+    for i in range(n):
+        defect = defects[i % len(defects)]
+        series = str(rng.choice(GUARD_SERIES)) if defect in (Defect.HUGE_SPACING, Defect.SAME_POSITION) else "Axial"
+        chosen = None
+        if defect is Defect.LYING_JPEG_LS:
+            axial = sum("Axial" in str(ds.SeriesDescription) for ds in study)
+            chosen = {int(k) for k in rng.choice(axial, size=min(3, axial), replace=False)}
+        datasets = defective_study(study, defect, series, chosen)
+        for ds in datasets:
+            raw_store(node.port, encode(ds), str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                      str(ds.file_meta.TransferSyntaxUID), SENDER_AET)
+        sent[str(datasets[0].StudyInstanceUID)] = (defect, series)
+    return sent
+
+
+def _guard_failure(node: ServedNode, ledger: Ledger, study_uid: str, defect: Defect, series: str) -> str | None:
+    """Why this guard study's outcome is wrong, or None."""
+    state = ledger.study(study_uid)
+    if state is None:
+        return "never filed"
+    if defect is Defect.SECONDARY_CAPTURE:
+        ok = state.state == "skipped" and "no MR image storage class" in (state.reason or "")
+        return None if ok else f"{state.state} ({state.reason}): Secondary Captures taken for MR"
+    if state.state == "skipped" and defect in (Defect.HUGE_SPACING, Defect.SAME_POSITION):
+        return None if "implausible geometry" in (state.reason or "") else f"skipped ({state.reason})"
+    if state.state != "done":
+        return f"{state.state} ({state.reason})"
+    found = sorted((node.root / "results" / study_uid).rglob("results.json"))
+    if not found:
+        return "done without results.json"
+    labels = json.loads(found[-1].read_text())["labels"]
+    graded = [item for item in labels if item["assessed"]]
+    if defect in (Defect.HUGE_SPACING, Defect.SAME_POSITION):
+        spool = node.root / "spool" / study_uid
+        bad = {p.parent.name for p in spool.rglob("*.dcm")
+               if series in str(pydicom.dcmread(p, stop_before_pixels=True).get("SeriesDescription", ""))}
+        if any(item["series_uid"] in bad for item in graded):
+            return f"graded from the {series} series whose geometry is impossible"
+        if not any("implausible geometry" in item.get("reason", "") for item in labels):
+            return "no label says why it is not assessed"
+    if defect is Defect.LYING_JPEG_LS and "codestream declares 20000 x 20000" not in node.log_text():
+        return "the lying codestreams were not refused by their header"
+    if defect is Defect.BAD_CHARSET and f'"study_uid": "{study_uid}"' not in node.log_text():
+        return "no line of this study at all"
+    return None
+
+
+def guard_failures(node: ServedNode, ledger: Ledger, sent: dict[str, tuple[Defect, str]]) -> list[str]:
+    """The guard studies whose outcome is wrong, and the character-set lines beyond their bound."""
+    failures = [f"{defect.value} on {series}: {why}" for uid, (defect, series) in sent.items()
+                if (why := _guard_failure(node, ledger, uid, defect, series)) is not None]
+    lines = sum("ISO_IR 999" in line for line in node.log_text().splitlines())
+    if lines > CHARSET_LINE_BOUND:
+        failures.append(f"{lines} log lines name the bad character set (at most {CHARSET_LINE_BOUND})")
+    return failures
+
+
+def run(cases: int, seed: int, workdir: Path, guards: int = len(Defect)) -> dict[str, object]:
     """Send the cases and check the node; the report."""
     rng = np.random.default_rng(seed)
     data, outside = workdir / "data", workdir / "outside"
@@ -288,6 +364,7 @@ def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
         worker_peak = max([worker_peak, *(proc_status(c)["VmHWM"] for c in children(pid))])
         if (i + 1) % 50 == 0 and not echo(node.port, SENDER_AET):
             echo_failures += 1
+    guards_sent = guard_studies(node, data / "train_images", np.random.default_rng([seed, 23]), guards)
     if not echo(node.port, SENDER_AET):
         echo_failures += 1
     sent_s = time.monotonic() - started
@@ -296,6 +373,7 @@ def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
         wait_for("every study to reach a final state",
                  lambda: all(s.state in FINAL for s in ledger.studies()), timeout=600, every=1.0)
         studies = ledger.studies()
+        guards_failed = guard_failures(node, ledger, guards_sent)
     finally:
         ledger.close()
     alive = node.process.poll() is None
@@ -308,6 +386,8 @@ def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
     strays += sorted(str(p) for p in outside.iterdir())
     report: dict[str, object] = {
         "cases": cases, "seed": seed, "kinds": dict(kinds), "seconds_sending": round(sent_s, 1),
+        "guard_studies": {uid: f"{defect.value} on {series}" for uid, (defect, series) in guards_sent.items()},
+        "charset_log_lines": sum("ISO_IR 999" in line for line in log.splitlines()),
         "statuses": dict(fuzzer.statuses),
         "checks": {
             "node_alive": alive,
@@ -316,6 +396,7 @@ def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
             "studies_not_final": [s.study_uid for s in studies if s.state not in FINAL],
             "final_without_reason": [s.study_uid for s in studies if s.state in ("failed", "skipped") and not s.reason],
             "tracebacks_escaped": sum("Traceback" in line for line in raw_lines),
+            "guard_failures": guards_failed,
         },
         "studies": dict(Counter(str(s.state) for s in studies)),
         "reasons": dict(Counter((s.reason or "")[:100] for s in studies if s.state != "done")),
@@ -345,9 +426,11 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--guard-studies", type=int, default=len(Defect),
+                        help="defective whole studies sent after the cases, the defects in turn (0: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lumbar-fuzz-") as tmp:
-        report = run(args.cases, args.seed, Path(tmp))
+        report = run(args.cases, args.seed, Path(tmp), args.guard_studies)
     failed = failed_checks(report)
     report["failed_checks"] = failed
     print(json.dumps(report, indent=None if args.json else 1))

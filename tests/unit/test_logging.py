@@ -210,3 +210,70 @@ def test_bad_format_or_level_is_rejected() -> None:
         configure_logging("xml", stream=io.StringIO())
     with pytest.raises(ValueError):
         configure_logging("json", "LOUD", stream=io.StringIO())
+
+
+def _decode_with_unknown_charset(times: int) -> None:
+    """What reading a study whose SpecificCharacterSet is "ISO_IR 999" does: pydicom warns for
+    every text element it decodes (its logger, and Python's warnings)."""
+    from pydicom.charset import decode_element
+    from pydicom.dataelem import DataElement
+
+    for _ in range(times):
+        decode_element(DataElement(0x00081030, "LO", b"LUMBAR SPINE"), ["ISO_IR 999"])
+
+
+def test_pydicoms_repeated_warnings_are_one_line_per_study_with_a_count() -> None:
+    from dicom_node.observability import study_scope
+
+    stream = io.StringIO()
+    configure_logging(fmt="json", stream=stream)
+    with study_scope("1.2.3.1"):
+        _decode_with_unknown_charset(1646)
+        assert "ISO_IR 999" not in stream.getvalue()  # held back until the study's grading ends
+    with study_scope("1.2.3.2"):
+        _decode_with_unknown_charset(5)
+    lines = json_lines(stream)
+    assert len(lines) == 2 and all("ISO_IR 999" in line["warning"] for line in lines), lines  # 3,302 unbounded
+    assert [(line["study_uid"], line["times"], line["source"]) for line in lines] == \
+        [("1.2.3.1", 1646, "pydicom"), ("1.2.3.2", 5, "pydicom")]  # Python's copy of each is not counted
+    assert lines[0]["event"] == "third-party warning, counted for the study"
+
+
+def test_where_a_study_has_no_end_the_first_warning_passes_then_every_tenfold_count() -> None:
+    from dicom_node.observability import study_scope
+
+    stream = io.StringIO()
+    configure_logging(fmt="json", stream=stream)
+    with study_scope("1.2.3.4", summarize=False):  # the receiver: instance by instance
+        _decode_with_unknown_charset(150)
+    events = [line["event"] for line in json_lines(stream) if line["logger"] == "pydicom"]
+    warning = "Unknown encoding 'ISO_IR 999' - using default encoding instead"
+    assert events == [warning, f"{warning} (repeated: 10 times in this study)",
+                      f"{warning} (repeated: 100 times in this study)"]
+
+
+def test_other_warnings_are_not_bounded() -> None:
+    from dicom_node.observability import study_scope
+
+    stream = io.StringIO()
+    configure_logging(fmt="json", stream=stream)
+    with study_scope("1.2.3.3"):
+        for _ in range(30):
+            get_logger("dicom_node.test").warning("our own warning", n=1)
+    assert sum(line["event"] == "our own warning" for line in json_lines(stream)) == 30
+
+
+def test_short_identifying_values_are_scrubbed_as_words_only() -> None:
+    """A name part "x47" must not turn pynetdicom's "Unknown PDU type received '0x47'" into
+    "'0[redacted]'"; the same value standing as a word, and every long value anywhere, still go."""
+    from dicom_node.observability import PhiValues
+
+    values = PhiValues()
+    for value in ("Doe^Jane^x47", PID, BIRTH):
+        values.add(value)
+    assert values.scrub("Unknown PDU type received '0x47'") == "Unknown PDU type received '0x47'"
+    assert values.scrub("Janet Doering of Does") == "Janet Doering of Does"
+    assert values.scrub("patient Doe^Jane^x47 (Jane Doe, x47)") == \
+        f"patient {REDACTED} ({REDACTED} {REDACTED}, {REDACTED})"
+    assert values.scrub(f"file Doe_Jane.dcm, id X{PID}Y, born {BIRTH}1200 or 1970-01-01") == \
+        f"file {REDACTED}_{REDACTED}.dcm, id X{REDACTED}Y, born {REDACTED}1200 or {REDACTED}"
