@@ -12,17 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import anyio.to_thread
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from dicom_node.errors import NodeError
-from dicom_node.ingest import StagingArea
+from dicom_node.ingest import BODY_OVERHEAD, StagingArea, pump_body
 
 MEDIA_TYPE = "application/dicom"  # of every part (PS3.10 files): the only one the node takes
 RESPONSE_TYPE = "application/dicom+json"
-CHUNK = 1 << 20  # bytes parsed (and written) per step
-BODY_OVERHEAD = 1 << 20  # boundaries and part headers on top of the parts' bytes
 DISK_CHECK_EVERY = 64 << 20  # bytes staged between two looks at the free disk
 MAX_BOUNDARY = 200  # RFC 2046 says 70 characters at most; Orthanc's STOW-RS client sends 73
 MAX_PREAMBLE = 64 << 10  # bytes before the first boundary (RFC 2046's preamble, ignored)
@@ -220,19 +217,8 @@ async def read_related(body: AsyncIterator[bytes], content_type: str, area: Stag
     if limits.min_free_bytes and area.free_bytes() < limits.min_free_bytes:
         raise disk_full()
     reader = RelatedReader(boundary, area, limits)
-    pending, arrived = bytearray(), 0
     try:
-        async for chunk in body:
-            arrived += len(chunk)
-            if arrived > limits.max_bytes + BODY_OVERHEAD:
-                raise too_large(limits.max_bytes)
-            pending += chunk
-            if len(pending) >= CHUNK:
-                data = bytes(pending)
-                pending.clear()
-                await anyio.to_thread.run_sync(reader.feed, data)
-        if pending:
-            await anyio.to_thread.run_sync(reader.feed, bytes(pending))
+        await pump_body(body, reader.feed, limits.max_bytes, lambda: too_large(limits.max_bytes))
         return reader.finish()
     finally:
         reader.close()

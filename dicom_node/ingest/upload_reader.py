@@ -16,16 +16,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-import anyio.to_thread
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from dicom_node.errors import NodeError
+from dicom_node.ingest.body import BODY_OVERHEAD, CHUNK, pump_body
 from dicom_node.ingest.staging import StagingArea
 
 EXPECTED = "DICOM files (Part 10, with the 'DICM' marker), a folder of them, or a .zip of them"
-CHUNK = 1 << 20  # bytes parsed (and written) per step, read from a zip member per step
-BODY_OVERHEAD = 1 << 20  # multipart boundaries and part headers on top of the files' bytes
 DISK_CHECK_EVERY = 64 << 20  # bytes staged between two looks at the free disk
 _EOCD_SEARCH = 22 + 65535  # a zip's end of central directory record and its comment lie in this tail
 
@@ -232,19 +230,8 @@ async def read_upload(body: AsyncIterator[bytes], content_type: str, area: Stagi
     if limits.min_free_bytes and area.free_bytes() < limits.min_free_bytes:
         raise disk_full()
     reader = MultipartReader(content_type, area, limits, before_files)
-    pending, arrived = bytearray(), 0
     try:
-        async for chunk in body:
-            arrived += len(chunk)
-            if arrived > limits.max_bytes + BODY_OVERHEAD:
-                raise too_large(limits.max_bytes)
-            pending += chunk
-            if len(pending) >= CHUNK:
-                data = bytes(pending)
-                pending.clear()
-                await anyio.to_thread.run_sync(reader.feed, data)
-        if pending:
-            await anyio.to_thread.run_sync(reader.feed, bytes(pending))
+        await pump_body(body, reader.feed, limits.max_bytes, lambda: too_large(limits.max_bytes))
         return reader.finish()
     finally:
         reader.close()
