@@ -6,12 +6,16 @@ however it ended)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -21,7 +25,7 @@ from dicom_node.config import Settings
 from dicom_node.dicom.statuses import ProviderRejectReason, RejectReason, RejectResult, RejectSource
 from dicom_node.observability import NodeMetrics, get_logger
 
-__all__ = ["AssociationSlots", "GuardedServer", "PeerGate", "SlotGrant"]
+__all__ = ["AssociationSlots", "GuardedServer", "PeerGate", "SharedSlots", "SlotGrant", "Slots"]
 
 log = get_logger(__name__)
 
@@ -68,6 +72,14 @@ class GuardedServer(ThreadedAssociationServer):
         log.warning("closed a connection: too many open connections", limit=self.max_connections)
         return False
 
+    #: bind with SO_REUSEPORT: several receiver processes listen on the one port (``dicom.receivers``)
+    reuse_port: bool = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
         client.settimeout(self.socket_timeout_s)
@@ -87,6 +99,17 @@ class SlotGrant:
     granted: bool
     total: int  # associations open before this one
     from_address: int  # of them, from this one's address
+
+
+class Slots(Protocol):
+    """The owner of the association counts (``AssociationSlots`` in one process, ``SharedSlots``
+    across the receiver processes)."""
+
+    def acquire(self, key: int, address: str) -> SlotGrant: ...
+
+    def release(self, key: int) -> bool: ...
+
+    def counts(self) -> Counter[str]: ...
 
 
 class AssociationSlots:
@@ -120,14 +143,99 @@ class AssociationSlots:
             return Counter(self._held.values())
 
 
+class SharedSlots:
+    """``AssociationSlots`` for several receiver processes: the slots are rows of a small SQLite
+    table (process id, association key, address) that every receiver reads and writes in short
+    ``BEGIN IMMEDIATE`` transactions, so the limits hold across processes. A row whose process is
+    gone (killed, even with SIGKILL) counts for nothing: ``acquire`` and ``counts`` drop such rows
+    first, and the supervisor drops a dead receiver's rows at once (``forget_process``)."""
+
+    def __init__(self, path: Path, max_total: int, max_per_address: int):
+        self.path, self.max_total, self.max_per_address = Path(path), max_total, max_per_address
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")  # the table means nothing after a restart: reset() clears it
+        self._db.execute("CREATE TABLE IF NOT EXISTS slots (pid INTEGER NOT NULL, key INTEGER NOT NULL, "
+                         "address TEXT NOT NULL, PRIMARY KEY (pid, key))")
+        self._lock = threading.Lock()
+        self.forget_process(os.getpid())  # rows of an earlier process that had this id
+
+    def reset(self) -> None:
+        """Forget every slot (the node starts: no association is open)."""
+        with self._lock:
+            self._db.execute("DELETE FROM slots")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def acquire(self, key: int, address: str) -> SlotGrant:
+        """Take a slot for association ``key`` (of this process) from ``address`` if both limits allow it."""
+        pid = os.getpid()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._drop_dead()
+                total, mine = self._db.execute("SELECT COUNT(*), COALESCE(SUM(address = ?), 0) FROM slots",
+                                               (address,)).fetchone()
+                held = self._db.execute("SELECT 1 FROM slots WHERE pid = ? AND key = ?", (pid, key)).fetchone()
+                granted = held is not None or (total < self.max_total and mine < self.max_per_address)
+                if granted and held is None:
+                    self._db.execute("INSERT INTO slots VALUES (?, ?, ?)", (pid, key, address))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return SlotGrant(granted, int(total), int(mine))
+
+    def release(self, key: int) -> bool:
+        """Hand association ``key``'s slot back; whether it held one (a second call is a no-op)."""
+        with self._lock:
+            return self._db.execute("DELETE FROM slots WHERE pid = ? AND key = ?", (os.getpid(), key)).rowcount > 0
+
+    def forget_process(self, pid: int) -> int:
+        """Drop every slot of a receiver process that ended; how many it held."""
+        with self._lock:
+            return self._db.execute("DELETE FROM slots WHERE pid = ?", (pid,)).rowcount
+
+    def counts(self) -> Counter[str]:
+        """Slots held now, per peer address, by every live receiver process."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._drop_dead()
+                rows = self._db.execute("SELECT address, COUNT(*) FROM slots GROUP BY address").fetchall()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return Counter(dict(rows))
+
+    def _drop_dead(self) -> None:
+        for (pid,) in self._db.execute("SELECT DISTINCT pid FROM slots").fetchall():
+            if not _alive(pid):
+                self._db.execute("DELETE FROM slots WHERE pid = ?", (pid,))
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie too: its parent reaps it and forgets its slots)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class PeerGate:
     """The EVT_REQUESTED check: a configured peer, within the association limits, or rejected."""
 
-    def __init__(self, settings: Settings, metrics: NodeMetrics, slots: AssociationSlots | None = None):
+    def __init__(self, settings: Settings, metrics: NodeMetrics, slots: Slots | None = None):
         self.settings = settings
         self.metrics = metrics
         limits = settings.limits
-        self.slots = slots or AssociationSlots(limits.max_associations, limits.max_associations_per_address)
+        self.slots: Slots = slots or AssociationSlots(limits.max_associations, limits.max_associations_per_address)
 
     def allowed(self, ae_title: str, address: str) -> bool:
         """Whether a calling AE title (from this address) may associate."""

@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import tls
 from dicom_node.config import Settings
 from dicom_node.dicom import tuning
-from dicom_node.dicom.peers import GuardedServer, PeerGate
+from dicom_node.dicom.peers import GuardedServer, PeerGate, Slots
 from dicom_node.ingest import Admission, Batch, Candidate, Source, StoreStatus
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.store import Ledger, uid_problem
@@ -65,8 +65,12 @@ REQUIRED_C_STORE_ELEMENTS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPIns
 class StorageSCP:
     """Receives studies into the spool and the ledger."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, metrics: NodeMetrics | None = None):
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: NodeMetrics | None = None,
+                 slots: Slots | None = None, reuse_port: bool = False):
+        """``slots``: the association counts (``SharedSlots`` when several receiver processes share
+        the port, bound with SO_REUSEPORT: ``reuse_port``); one of this process's own by default."""
         self.settings = settings
+        self.reuse_port = reuse_port
         self.ledger = ledger
         self.metrics = metrics or NodeMetrics()
         self.admission = Admission(settings, ledger, self.metrics)
@@ -84,7 +88,7 @@ class StorageSCP:
         # the node's limits (PeerGate) count associations only, so silent sockets held open by
         # someone cannot lock the PACS out: pynetdicom's own count is only the connection cap.
         self.ae.maximum_associations = limits.max_connections
-        self.peers = PeerGate(settings, self.metrics)
+        self.peers = PeerGate(settings, self.metrics, slots)
         self.max_instance_bytes = int(limits.max_instance_mb * 2**20)
         self._received: dict[int, int] = {}  # association id -> bytes received since its last C-STORE
         for context in StoragePresentationContexts:
@@ -103,6 +107,7 @@ class StorageSCP:
                     (evt.EVT_DIMSE_RECV, self._answer_malformed), (evt.EVT_CONN_CLOSE, self._closed)]
         GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
         GuardedServer.max_connections = self.settings.limits.max_connections
+        GuardedServer.reuse_port = self.reuse_port
         # With node.tls, every connection must speak TLS (plain TCP fails the handshake and is closed).
         ssl_context = tls.server_context(node.tls) if node.tls is not None else None
         # process-wide, and before the server binds its event handlers; stop() restores it
