@@ -8,7 +8,7 @@ its counters sent to the node's process about once a second (``NodeMetrics.add_s
 
 A receiver that dies (even by SIGKILL) loses its slots at once and is started again; SIGTERM to
 the node stops every receiver the way it stops its own (new associations refused, the writes in
-flight finished).
+flight finished); a receiver whose node died (SIGKILL) stops by itself within a second.
 """
 
 from __future__ import annotations
@@ -62,9 +62,13 @@ def _receive(settings: Settings, index: int, metrics_out: multiprocessing.Queue)
     scp = StorageSCP(settings, ledger, metrics, slots=slots, reuse_port=True)
     scp.start()
     log.info("receiver process started", receiver=index, pid=os.getpid())
+    parent = os.getppid()
     try:
         while not stop.wait(METRICS_EVERY_S):
             metrics_out.put((os.getpid(), metrics.snapshot()))
+            if os.getppid() != parent:  # the node died (SIGKILL): a receiver never outlives it
+                log.warning("the node's process is gone: the receiver process stops", receiver=index)
+                break
     finally:
         scp.stop()
         metrics_out.put((os.getpid(), metrics.snapshot()))

@@ -5,6 +5,7 @@ admission's status. The audit trail gets one line per association and study when
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from pathlib import Path
@@ -24,10 +25,15 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    StoragePresentationContexts,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # a name made at import
 from pynetdicom.status import Status
@@ -267,4 +273,33 @@ def _abort_quietly(assoc: Association) -> None:
 def _file_meta(event: evt.Event) -> bytes:
     """The preamble, 'DICM' and pynetdicom's file meta, as ``event.encoded_dataset()`` writes them
     before the data set (the spooled file is that, byte for byte)."""
-    return b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    request = cast(C_STORE, event.request)
+    return file_meta_bytes(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+                           str(event.context.transfer_syntax))
+
+
+def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", tag[0], tag[1], vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag[0], tag[1], vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+_FIXED_META = _element((0x0002, 0x0001), b"OB", b"\0\x01")
+_IMPLEMENTATION = (_element((0x0002, 0x0012), b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID))
+                   + _element((0x0002, 0x0013), b"SH", _VERSION + b" " * (len(_VERSION) % 2)))
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The preamble, 'DICM' and the File Meta Information that pynetdicom's ``create_file_meta`` and
+    ``encode_file_meta`` make for a C-STORE (the same bytes), encoded directly: those build and
+    validate a pydicom data set per instance, a sixth of the receiving thread's time."""
+    body = (_FIXED_META + _element((0x0002, 0x0002), b"UI", _uid(sop_class_uid))
+            + _element((0x0002, 0x0003), b"UI", _uid(sop_instance_uid))
+            + _element((0x0002, 0x0010), b"UI", _uid(transfer_syntax)) + _IMPLEMENTATION)
+    return b"\0" * 128 + b"DICM" + _element((0x0002, 0x0000), b"UL", struct.pack("<I", len(body))) + body
