@@ -25,8 +25,7 @@ from pathlib import Path
 from dicom_node.config import Settings
 from dicom_node.dicom.peers import SharedSlots
 from dicom_node.dicom.scp import StorageSCP
-from dicom_node.observability import NodeMetrics, configure_logging, get_logger
-from dicom_node.observability.metrics import Snapshot
+from dicom_node.observability import NodeMetrics, Snapshot, configure_logging, get_logger
 from dicom_node.store import Ledger
 
 __all__ = ["METRICS_EVERY_S", "Receivers", "receiver_count", "slots_path"]
@@ -49,7 +48,7 @@ def slots_path(settings: Settings) -> Path:
     return ledger.with_name(ledger.stem + "-associations.sqlite")
 
 
-def _receive(settings: Settings, index: int, metrics_out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _receive(settings: Settings, index: int, metrics_out: multiprocessing.Queue[tuple[int, Snapshot]]) -> None:
     """A receiver process: one storage SCP on the shared port until SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -3,7 +3,7 @@
 the shared vocabulary (``states``)."""
 
 from dicom_node.observability.logs import configure_logging, get_logger
-from dicom_node.observability.metrics import CONTENT_TYPE, NodeMetrics, skip_label
+from dicom_node.observability.metrics import CONTENT_TYPE, NodeMetrics, Snapshot, skip_label
 from dicom_node.observability.scrub import (
     PHI_KEYWORDS,
     PHI_VALUES,
@@ -13,5 +13,5 @@ from dicom_node.observability.scrub import (
     summarize_dataset,
 )
 
-__all__ = ["CONTENT_TYPE", "PHI_KEYWORDS", "PHI_VALUES", "REDACTED", "NodeMetrics", "PhiValues", "configure_logging",
-           "get_logger", "scrub_phi", "skip_label", "summarize_dataset"]
+__all__ = ["CONTENT_TYPE", "PHI_KEYWORDS", "PHI_VALUES", "REDACTED", "NodeMetrics", "PhiValues", "Snapshot",
+           "configure_logging", "get_logger", "scrub_phi", "skip_label", "summarize_dataset"]
