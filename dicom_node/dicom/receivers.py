@@ -35,6 +35,7 @@ log = get_logger(__name__)
 METRICS_EVERY_S = 1.0  # how often a receiver sends its counters
 WATCH_EVERY_S = 0.5  # how often the node looks for receivers that died
 STOP_GRACE_S = 20.0  # SIGTERM, then this long to finish the writes in flight, then SIGKILL
+READY_TIMEOUT_S = 120.0  # how long the node waits for its receivers to listen when it starts
 
 
 def receiver_count(settings: Settings) -> int:
@@ -48,7 +49,8 @@ def slots_path(settings: Settings) -> Path:
     return ledger.with_name(ledger.stem + "-associations.sqlite")
 
 
-def _receive(settings: Settings, index: int, metrics_out: multiprocessing.Queue[tuple[int, Snapshot]]) -> None:
+def _receive(settings: Settings, index: int,
+             metrics_out: multiprocessing.Queue[tuple[int, Snapshot | None]]) -> None:
     """A receiver process: one storage SCP on the shared port until SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -60,17 +62,22 @@ def _receive(settings: Settings, index: int, metrics_out: multiprocessing.Queue[
     metrics = NodeMetrics()
     scp = StorageSCP(settings, ledger, metrics, slots=slots, reuse_port=True)
     scp.start()
+    metrics_out.put((os.getpid(), None))  # listening: the node waits for this before it says it is ready
     log.info("receiver process started", receiver=index, pid=os.getpid())
     parent = os.getppid()
+    metrics_out.cancel_join_thread()  # exiting never waits for a node that no longer reads the counters
+    orphaned = False
     try:
         while not stop.wait(METRICS_EVERY_S):
-            metrics_out.put((os.getpid(), metrics.snapshot()))
             if os.getppid() != parent:  # the node died (SIGKILL): a receiver never outlives it
                 log.warning("the node's process is gone: the receiver process stops", receiver=index)
+                orphaned = True
                 break
+            metrics_out.put((os.getpid(), metrics.snapshot()))
     finally:
-        scp.stop()
-        metrics_out.put((os.getpid(), metrics.snapshot()))
+        scp.stop(timeout=5.0 if orphaned else 30.0)
+        if not orphaned:
+            metrics_out.put((os.getpid(), metrics.snapshot()))
         ledger.close()
         slots.close()
 
@@ -82,20 +89,28 @@ class Receivers:
     def __init__(self, settings: Settings, count: int, slots: SharedSlots, metrics: NodeMetrics):
         self.settings, self.count, self.slots = settings, count, slots
         self._context = multiprocessing.get_context("spawn")
-        self._metrics_in = self._context.Queue()
+        self._metrics_in: multiprocessing.Queue[tuple[int, Snapshot | None]] = self._context.Queue()
         self._processes: dict[int, SpawnProcess] = {}
         self._latest: dict[int, Snapshot] = {}  # process id -> its last snapshot
         self._retired: list[Snapshot] = []  # the last snapshots of receivers that ended (their counts stay)
         self._ended: set[int] = set()  # process ids of receivers that ended: a late snapshot is ignored
+        self._ready: set[int] = set()  # process ids of receivers that listen
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         metrics.add_source(self.snapshots)
 
-    def start(self) -> None:
-        """Start the receivers and the watcher."""
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Start the receivers, wait until each listens (at most ``timeout_s``), start the watcher."""
         for index in range(1, self.count + 1):
             self._spawn(index)
+        deadline = time.monotonic() + timeout_s
+        while len(self._ready) < self.count and time.monotonic() < deadline:
+            if not any(p.is_alive() for p in self._processes.values()):
+                break
+            self._drain(wait_s=0.2)
+        if len(self._ready) < self.count:
+            log.warning("receiver processes not listening in time", listening=len(self._ready), started=self.count)
         self._watcher = threading.Thread(target=self._watch, name="receivers-watch", daemon=True)
         self._watcher.start()
         log.info("receiver processes started", receivers=self.count + 1)
@@ -157,13 +172,16 @@ class Receivers:
                             exit_code=process.exitcode, slots_freed=freed)
                 self._spawn(index)
 
-    def _drain(self) -> None:
+    def _drain(self, wait_s: float = 0.0) -> None:
         while True:
             try:
-                pid, snapshot = self._metrics_in.get_nowait()
+                pid, snapshot = self._metrics_in.get(timeout=wait_s) if wait_s else self._metrics_in.get_nowait()
             except (queue.Empty, OSError, ValueError, EOFError):
                 return
+            wait_s = 0.0
             with self._lock:
-                if pid not in self._ended:
+                if snapshot is None:
+                    self._ready.add(pid)
+                elif pid not in self._ended:
                     self._latest[pid] = snapshot
 
