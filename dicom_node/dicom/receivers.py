@@ -8,15 +8,19 @@ its counters sent to the node's process about once a second (``NodeMetrics.add_s
 
 A receiver that dies (even by SIGKILL) loses its slots at once and is started again; SIGTERM to
 the node stops every receiver the way it stops its own (new associations refused, the writes in
-flight finished); a receiver whose node died (SIGKILL) stops by itself within a second.
+flight finished); a receiver whose node died (SIGKILL) gets SIGTERM from the kernel and stops
+the same way at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from multiprocessing.context import SpawnProcess
@@ -35,6 +39,7 @@ log = get_logger(__name__)
 METRICS_EVERY_S = 1.0  # how often a receiver sends its counters
 WATCH_EVERY_S = 0.5  # how often the node looks for receivers that died
 STOP_GRACE_S = 20.0  # SIGTERM, then this long to finish the writes in flight, then SIGKILL
+PR_SET_PDEATHSIG = 1  # prctl(2)
 READY_TIMEOUT_S = 120.0  # how long the node waits for its receivers to listen when it starts
 
 
@@ -54,6 +59,7 @@ def _receive(settings: Settings, index: int,
     """A receiver process: one storage SCP on the shared port until SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _term_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the node stops us
     configure_logging(settings.logging.format, settings.logging.level)
     limits = settings.limits
@@ -80,6 +86,15 @@ def _receive(settings: Settings, index: int,
             metrics_out.put((os.getpid(), metrics.snapshot()))
         ledger.close()
         slots.close()
+
+
+def _term_with_parent() -> None:
+    """Linux: SIGTERM when the process (thread) that started this receiver ends, even by SIGKILL,
+    so a receiver stops with its node at once (the polling of ``os.getppid`` is the fallback)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Receivers:
