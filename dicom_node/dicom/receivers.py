@@ -8,8 +8,7 @@ its counters sent to the node's process about once a second (``NodeMetrics.add_s
 
 A receiver that dies (even by SIGKILL) loses its slots at once and is started again; SIGTERM to
 the node stops every receiver the way it stops its own (new associations refused, the writes in
-flight finished); a receiver whose node died (SIGKILL) gets SIGTERM from the kernel and stops
-the same way at once.
+flight finished); a receiver whose node died (SIGKILL) is killed by the kernel with it.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ def _receive(settings: Settings, index: int,
     """A receiver process: one storage SCP on the shared port until SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _term_with_parent()
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the node stops us
     configure_logging(settings.logging.format, settings.logging.level)
     limits = settings.limits
@@ -88,13 +87,15 @@ def _receive(settings: Settings, index: int,
         slots.close()
 
 
-def _term_with_parent() -> None:
-    """Linux: SIGTERM when the process (thread) that started this receiver ends, even by SIGKILL,
-    so a receiver stops with its node at once (the polling of ``os.getppid`` is the fallback)."""
+def _die_with_parent() -> None:
+    """Linux: SIGKILL when the node's thread that started this receiver ends (the watcher, which
+    lives until the receivers have stopped), so a receiver dies with its node, even by SIGKILL, as
+    a node in one process would: every instance it acknowledged is already on disk and in the
+    ledger. The polling of ``os.getppid`` is the fallback elsewhere."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Receivers:
@@ -112,22 +113,24 @@ class Receivers:
         self._ready: set[int] = set()  # process ids of receivers that listen
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._done = threading.Event()  # every receiver has stopped: the watcher (their parent thread) may end
         self._watcher: threading.Thread | None = None
         metrics.add_source(self.snapshots)
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Start the receivers, wait until each listens (at most ``timeout_s``), start the watcher."""
-        for index in range(1, self.count + 1):
-            self._spawn(index)
+        """Start the watcher, which starts the receivers (the thread that starts a receiver lives
+        until it has stopped: see ``_die_with_parent``); wait until each listens (at most ``timeout_s``)."""
+        self._watcher = threading.Thread(target=self._watch, name="receivers-watch", daemon=True)
+        self._watcher.start()
         deadline = time.monotonic() + timeout_s
+        while len(self._processes) < self.count and time.monotonic() < deadline:
+            time.sleep(0.05)
         while len(self._ready) < self.count and time.monotonic() < deadline:
             if not any(p.is_alive() for p in self._processes.values()):
                 break
             self._drain(wait_s=0.2)
         if len(self._ready) < self.count:
             log.warning("receiver processes not listening in time", listening=len(self._ready), started=self.count)
-        self._watcher = threading.Thread(target=self._watch, name="receivers-watch", daemon=True)
-        self._watcher.start()
         log.info("receiver processes started", receivers=self.count + 1)
 
     def pids(self) -> list[int]:
@@ -143,9 +146,7 @@ class Receivers:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM every receiver, wait for them (SIGKILL after ``grace_s``), forget their slots."""
-        self._stopping.set()
-        if self._watcher is not None:
-            self._watcher.join(5)
+        self._stopping.set()  # the watcher starts no receiver any more; it ends once they have stopped
         with self._lock:
             processes = list(self._processes.values())
         for process in processes:
@@ -161,6 +162,9 @@ class Receivers:
             if process.pid is not None:
                 self.slots.forget_process(process.pid)
         self._drain()
+        self._done.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
         log.info("receiver processes stopped", receivers=len(processes))
 
     def _spawn(self, index: int) -> None:
@@ -171,7 +175,11 @@ class Receivers:
             self._processes[index] = process
 
     def _watch(self) -> None:
-        while not self._stopping.wait(WATCH_EVERY_S):
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        while not self._done.wait(WATCH_EVERY_S):
+            if self._stopping.is_set():
+                continue
             with self._lock:
                 ended = [(i, p) for i, p in self._processes.items() if not p.is_alive()]
             for index, process in ended:
