@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import DicomWebDestination, Settings
-from dicom_node.dicom import StorageSCP, StudyQuery
+from dicom_node.dicom import Receivers, SharedSlots, StorageSCP, StudyQuery, receiver_count, slots_path
 from dicom_node.ingest import Staging
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.pipeline import (
@@ -56,7 +56,12 @@ class Node:
         self.results_dir = Path(settings.storage.results_dir)
         self.ledger = Ledger(Path(settings.storage.ledger_path))
         self.metrics = NodeMetrics()
-        self.scp = StorageSCP(settings, self.ledger, self.metrics)
+        # receiving in several processes (dicom.receivers): this one and `receivers - 1` others on the port
+        count = receiver_count(settings)
+        self.slots = None if count == 1 else SharedSlots(slots_path(settings), settings.limits.max_associations,
+                                                         settings.limits.max_associations_per_address)
+        self.scp = StorageSCP(settings, self.ledger, self.metrics, slots=self.slots, reuse_port=count > 1)
+        self.receivers = None if self.slots is None else Receivers(settings, count - 1, self.slots, self.metrics)
         self.web: WebServer | None = None  # the web page (dicom_node.web), started by start() when web.port is set
         self.scheduler = BackgroundScheduler(timezone=UTC,
                                              job_defaults={"misfire_grace_time": None, "coalesce": True})
@@ -92,7 +97,11 @@ class Node:
         if storage.retention_days is not None or storage.purge_below_free_mb:
             self.scheduler.add_job(self.purge, "interval", seconds=PURGE_INTERVAL_S, id="purge", max_instances=1,
                                    next_run_time=datetime.now(UTC))
+        if self.slots is not None:
+            self.slots.reset()  # no association is open yet: rows of an earlier run count for nothing
         self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
         if self.settings.web.port is not None:
             from dicom_node.web import WebServer
 
@@ -106,6 +115,8 @@ class Node:
         self._stopping.set()
         if self.web is not None:
             self.web.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.scp.stop()  # restores the pynetdicom tuning it applied
         if self._sweeper.is_alive():
             self._sweeper.join()  # ends at once (``_stopping``), or when the sweep in progress ends

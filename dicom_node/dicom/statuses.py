@@ -12,7 +12,8 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.ingest import StoreStatus
 
-__all__ = ["STORED", "ProviderRejectReason", "RejectReason", "RejectResult", "RejectSource", "StoreStatus"]
+__all__ = ["STORED", "AbortReason", "ProviderRejectReason", "RejectReason", "RejectResult", "RejectSource",
+           "StoreStatus"]
 
 
 def is_stored(status: int) -> bool:
@@ -61,3 +62,14 @@ class ProviderRejectReason(IntEnum):
 
     TEMPORARY_CONGESTION = 0x01
     LOCAL_LIMIT_EXCEEDED = 0x02
+
+
+class AbortReason(IntEnum):
+    """A-ABORT Reason/Diag. when the source is the service provider (PS3.8 9.3.8)."""
+
+    NOT_SPECIFIED = 0x00
+    UNRECOGNIZED_PDU = 0x01
+    UNEXPECTED_PDU = 0x02
+    UNRECOGNIZED_PDU_PARAMETER = 0x04
+    UNEXPECTED_PDU_PARAMETER = 0x05
+    INVALID_PDU_PARAMETER_VALUE = 0x06

@@ -5,8 +5,21 @@ SCP starts and undone together by ``restore()`` when it stops:
   instead of every 1 ms, and slow down once idle (``_PollClock``);
 - a filter on the root log handlers that lets one pynetdicom error per association thread through
   and counts the rest (``ERRORS``);
-- ``threading.excepthook``: a pynetdicom reactor thread that meets an exception aborts its
-  association instead of leaving the peer waiting.
+- a guard on pynetdicom's state machine (``StateMachine.do_action``): an exception in a protocol
+  action, or an event its table does not allow (a second A-RELEASE-RQ, an A-ASSOCIATE-RQ that
+  cannot be read, ...), ends the connection with an A-ABORT (``abort_connection``) instead of
+  killing the DUL reactor thread and leaving the association half alive;
+- the DUL reactor (``DULServiceProvider.run_reactor``) wakes the association acceptor when it ends
+  before an A-ASSOCIATE-RQ was read, so that connection ends at once;
+- a check on every received P-DATA (``DIMSEServiceProvider.receive_primitive``): a PDV on a
+  presentation context that was not accepted, or a command set that cannot be decoded, is answered
+  with an A-ABORT and one warning line;
+- ``threading.excepthook``: a pynetdicom reactor thread that meets an exception anyway ends its
+  connection (A-ABORT, socket closed) without ever blocking in that thread;
+- pynetdicom's own "standard" event handlers (``_config.LOG_HANDLER_LEVEL``) are not bound to new
+  associations: they only write debug dumps of every PDU and DIMSE message (a cost per message),
+  and one that raises (a C-STORE without a Message ID) keeps the node's own EVT_DIMSE_RECV handler
+  from running, so the request would go unanswered.
 
 They change pynetdicom for the whole process (every AE in it, the delivery SCU included). Calls
 nest: each ``apply()`` needs its ``restore()``; the last one puts everything back as it was.
@@ -20,14 +33,21 @@ import threading
 import time
 from collections.abc import Callable
 
+import pynetdicom._config
 import pynetdicom.association
 import pynetdicom.dul
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node.dicom.statuses import AbortReason
 from dicom_node.observability import get_logger
 
-__all__ = ["ERRORS", "IDLE_AFTER_S", "IDLE_POLL_S", "OncePerConnection", "applied", "apply", "restore",
-           "restore_poll_interval", "set_poll_interval"]
+__all__ = ["ERRORS", "IDLE_AFTER_S", "IDLE_POLL_S", "OncePerConnection", "abort_connection", "applied", "apply",
+           "restore", "restore_poll_interval", "set_poll_interval"]
 
 log = get_logger(__name__)
 
@@ -111,28 +131,121 @@ class OncePerConnection(logging.Filter):
 ERRORS = OncePerConnection()
 
 
+def abort_connection(assoc: Association, reason: AbortReason = AbortReason.NOT_SPECIFIED) -> bool:
+    """End an association's connection now, from any thread (its own DUL reactor included): an
+    A-ABORT PDU (source: service provider) written straight to the socket, the socket closed, the
+    association and DUL reactors told to stop. It never waits on those reactors (``Association.abort``
+    does, which deadlocks when called from the DUL thread). Whether the connection was still open."""
+    dul = assoc.dul
+    transport = dul.socket
+    raw = getattr(transport, "socket", None)
+    if raw is not None:
+        pdu = A_ABORT_RQ()
+        pdu.source, pdu.reason_diagnostic = 0x02, int(reason)
+        with contextlib.suppress(Exception):  # the peer may be gone already: closing is what matters
+            raw.sendall(pdu.encode())
+        with contextlib.suppress(Exception):
+            transport.close()  # type: ignore[union-attr]  # raw is not None: so is the transport
+    assoc.is_aborted, assoc.is_established = True, False
+    assoc._kill = True  # the association reactor returns at its next poll
+    dul._kill_thread = True  # and the DUL reactor
+    assoc._reactor_checkpoint.set()
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        _wake_acceptor(dul)
+    return raw is not None
+
+
+def _wake_acceptor(dul: DULServiceProvider) -> None:
+    """An acceptor waiting for its A-ASSOCIATE-RQ gets None, "none came", and ends now (not after
+    its ACSE timeout)."""
+    dul.to_user_queue.put(None)  # type: ignore[arg-type]  # None is what its timed-out wait returns too
+
+
+class ProtocolViolation(Exception):
+    """A PDU the node answers with an A-ABORT; its message says what was wrong (no patient data)."""
+
+    def __init__(self, why: str, reason: AbortReason):
+        super().__init__(why)
+        self.reason = reason
+
+
+def _peer(dul: DULServiceProvider) -> str:
+    info = dul.assoc.requestor.address_info if dul.assoc.is_acceptor else dul.assoc.acceptor.address_info
+    return str(getattr(info, "address", "?"))
+
+
+def _checked_receive(original: Callable[[DIMSEServiceProvider, P_DATA], None]) -> Callable[..., None]:
+    def receive_primitive(self: DIMSEServiceProvider, primitive: P_DATA) -> None:
+        accepted = self.assoc._accepted_cx
+        for context_id, _ in primitive.presentation_data_value_list:
+            if context_id not in accepted:
+                raise ProtocolViolation(f"a P-DATA on presentation context {context_id}, which was not accepted",
+                                        AbortReason.INVALID_PDU_PARAMETER_VALUE)
+        try:
+            original(self, primitive)
+        except Exception as exc:
+            self.message = None  # the half-decoded message goes with the association
+            raise ProtocolViolation(f"a DIMSE message that cannot be decoded ({type(exc).__name__}: "
+                                    f"{str(exc)[:120]})", AbortReason.INVALID_PDU_PARAMETER_VALUE) from exc
+
+    return receive_primitive
+
+
+def _guarded_action(original: Callable[[StateMachine, str], None]) -> Callable[[StateMachine, str], None]:
+    def do_action(self: StateMachine, event: str) -> None:
+        try:
+            original(self, event)
+        except Exception as exc:  # noqa: BLE001 - the reactor would die with it: the connection ends instead
+            dul = self.dul
+            if isinstance(exc, ProtocolViolation):
+                why, reason = str(exc), exc.reason
+            else:
+                why, reason = f"{type(exc).__name__}: {str(exc)[:160]}", AbortReason.UNEXPECTED_PDU
+            log.warning("aborted an association: a protocol error", address=_peer(dul), state=self.current_state,
+                        fsm_event=event, why=why)
+            abort_connection(dul.assoc, reason)
+
+    return do_action
+
+
+def _waking_acceptor(original: Callable[[DULServiceProvider], None]) -> Callable[[DULServiceProvider], None]:
+    def run_reactor(self: DULServiceProvider) -> None:
+        try:
+            original(self)
+        finally:  # ended before an A-ASSOCIATE-RQ was read (pynetdicom aborted a PDU it could not decode):
+            assoc = self.assoc  # the acceptor waiting for that request ends now, not after its ACSE timeout
+            if assoc.is_acceptor and assoc.requestor.primitive is None:
+                _wake_acceptor(self)
+
+    return run_reactor
+
+
 def _thread_died(args: threading.ExceptHookArgs) -> None:
     """threading.excepthook: a pynetdicom reactor thread (an association or its DUL) that meets an
-    exception ends its association (A-ABORT) instead of leaving the peer waiting; logged once."""
+    exception ends its connection (``abort_connection``: A-ABORT, socket closed, reactors stopped)
+    instead of leaving the peer waiting or the thread stuck; logged once."""
     thread = args.thread
     assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
     log.error("a thread ended with an exception", thread=getattr(thread, "name", "?"),
               error=f"{args.exc_type.__name__}: {args.exc_value}", association=assoc is not None)
-    if isinstance(assoc, Association) and assoc.is_alive():
-        with contextlib.suppress(Exception):  # the association is already broken: any error of abort() is moot
-            assoc.abort()
+    if isinstance(assoc, Association):
+        with contextlib.suppress(Exception):  # the association is already broken: any error here is moot
+            abort_connection(assoc)
 
 
 _lock = threading.Lock()
 _depth = 0
 _saved_excepthook: Callable[[threading.ExceptHookArgs], object] | None = None
 _filtered: list[logging.Handler] = []
+_saved_methods: list[tuple[type, str, object]] = []
+_saved_log_handler_level = "standard"
 
 
 def apply(poll_s: float) -> None:
-    """Apply the poll clock (``poll_s`` seconds), the error filter on the root log handlers and the
-    excepthook; nested calls only update the poll interval."""
-    global _depth, _saved_excepthook
+    """Apply the poll clock (``poll_s`` seconds), the error filter on the root log handlers, the
+    state machine's guard, the P-DATA check and the excepthook; nested calls only update the poll
+    interval."""
+    global _depth, _saved_excepthook, _saved_log_handler_level
     with _lock:
         set_poll_interval(poll_s)
         _depth += 1
@@ -143,11 +256,19 @@ def apply(poll_s: float) -> None:
             _filtered.append(handler)
         _saved_excepthook = threading.excepthook
         threading.excepthook = _thread_died
+        for owner, name, wrap in ((StateMachine, "do_action", _guarded_action),
+                                  (DIMSEServiceProvider, "receive_primitive", _checked_receive),
+                                  (DULServiceProvider, "run_reactor", _waking_acceptor)):
+            original = owner.__dict__[name]
+            _saved_methods.append((owner, name, original))
+            setattr(owner, name, wrap(original))
+        _saved_log_handler_level = pynetdicom._config.LOG_HANDLER_LEVEL
+        pynetdicom._config.LOG_HANDLER_LEVEL = "none"
 
 
 def restore() -> None:
-    """Undo ``apply()``: the last call puts pynetdicom's polling, the log handlers and
-    ``threading.excepthook`` back as they were (a call without an ``apply()`` does nothing)."""
+    """Undo ``apply()``: the last call puts pynetdicom's polling, the log handlers, its state machine,
+    its P-DATA intake and ``threading.excepthook`` back as they were (a call without an ``apply()`` does nothing)."""
     global _depth, _saved_excepthook
     with _lock:
         if _depth == 0:
@@ -162,6 +283,10 @@ def restore() -> None:
         if threading.excepthook is _thread_died and _saved_excepthook is not None:
             threading.excepthook = _saved_excepthook
         _saved_excepthook = None
+        for owner, name, original in reversed(_saved_methods):
+            setattr(owner, name, original)
+        _saved_methods.clear()
+        pynetdicom._config.LOG_HANDLER_LEVEL = _saved_log_handler_level
 
 
 def applied() -> bool:

@@ -4,7 +4,7 @@
 the shared vocabulary (``states``)."""
 
 from dicom_node.observability.logs import configure_logging, get_logger
-from dicom_node.observability.metrics import CONTENT_TYPE, NodeMetrics, skip_label
+from dicom_node.observability.metrics import CONTENT_TYPE, NodeMetrics, Snapshot, skip_label
 from dicom_node.observability.repeats import REPEATED_WARNINGS, study_scope
 from dicom_node.observability.scrub import (
     PHI_KEYWORDS,
@@ -16,5 +16,5 @@ from dicom_node.observability.scrub import (
 )
 
 __all__ = ["CONTENT_TYPE", "PHI_KEYWORDS", "PHI_VALUES", "REDACTED", "REPEATED_WARNINGS", "NodeMetrics", "PhiValues",
-           "configure_logging", "get_logger", "scrub_phi", "skip_label", "study_scope",
+           "Snapshot", "configure_logging", "get_logger", "scrub_phi", "skip_label", "study_scope",
            "summarize_dataset"]

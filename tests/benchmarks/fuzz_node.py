@@ -14,12 +14,18 @@ fresh folder and sends ``--cases`` cases, drawn from a seeded generator:
              ImagePositionPatient 1e300, NaN orientation, mixed matrix sizes, WindowCenter "abc", a
              bad character set, a Deflate bomb, a study whose instances repeat another study's UIDs
   protocol   random bytes, HTTP, an A-ASSOCIATE-RQ followed by garbage, huge PDU lengths, half a
-             data set then a closed socket, silent sockets, bursts of connect-and-close
+             data set then a closed socket, silent sockets, bursts of connect-and-close; P-DATA on a
+             presentation context never negotiated, a command set that cannot be decoded, two
+             A-RELEASE-RQ in a row, an A-ASSOCIATE-RQ with odd presentation contexts (ID 0, even IDs,
+             no transfer syntax), a C-STORE with a command element missing
   guards     (after the cases, --guard-studies of them, default one per defect) whole studies that
              must be graded without their bad part or skipped with the reason: PixelSpacing 1e6 or
              one ImagePositionPatient on every slice of a series, JPEG-LS codestreams declaring
              20000 x 20000 in images declaring their own size, Secondary Captures holding MR images,
              SpecificCharacterSet "ISO_IR 999" (tests/support/defects.py); each outcome is checked
+Before the cases, the regressions of earlier fuzz runs, each checked: eight P-DATA on an
+unnegotiated context from one address then a C-ECHO (the slot leak that locked an address out),
+an A-ASSOCIATE-RQ with context ID 0 answered, a C-STORE without a Message ID answered 0xC000.
 Every 50 cases it sends a C-ECHO. At the end it waits for every study to reach a final state and
 reports: node alive, C-ECHO answered every time, no file outside the node's folder, every study
 final with a reason, tracebacks that escaped a handler (raw lines in the node's log), log lines
@@ -61,7 +67,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from dicom_node.store.ledger import Ledger
 from tests.support.defects import Defect, defective_study
 from tests.support.procfs import children, cpu_seconds, proc_status
-from tests.support.raw_dicom import echo, encode, raw_bytes, raw_store
+from tests.support.raw_dicom import (
+    A_ABORT,
+    A_RELEASE_RQ_PDU,
+    EXPLICIT_LE,
+    VERIFICATION,
+    RawAssociation,
+    associate_rq,
+    c_store_command,
+    echo,
+    encode,
+    p_data,
+    raw_bytes,
+    raw_store,
+)
 from tests.support.served_node import SENDER_AET, ServedNode, wait_for
 
 settings.writing_validation_mode = IGNORE  # the fuzzer writes what a careless peer would
@@ -213,7 +232,7 @@ class Fuzzer:
 
     def protocol_case(self) -> None:
         self.garbage_cases += 1
-        port, kind = self.node.port, int(self.rng.integers(7))
+        port, kind = self.node.port, int(self.rng.integers(12))
         if kind == 0:
             raw_bytes(port, [self.rng.bytes(int(self.rng.integers(1, 100_000)))])
         elif kind == 1:
@@ -235,9 +254,47 @@ class Fuzzer:
             finally:
                 for s in socks:
                     s.close()
-        else:  # a burst of connect-and-close
+        elif kind == 6:  # a burst of connect-and-close
             for _ in range(int(self.rng.integers(5, 30))):
                 socket.create_connection(("127.0.0.1", port)).close()
+        elif kind == 7:  # a P-DATA on a presentation context that was never negotiated
+            context = int(self.rng.choice([5, 77, 255, 0]))
+            self._raw_session([p_data(context, 0x03, self.rng.bytes(int(self.rng.integers(1, 40))))])
+        elif kind == 8:  # a command set that cannot be decoded
+            self._raw_session([p_data(1, 0x03, self.rng.bytes(int(self.rng.integers(1, 200))))])
+        elif kind == 9:  # two A-RELEASE-RQ in a row
+            self._raw_session([A_RELEASE_RQ_PDU, A_RELEASE_RQ_PDU])
+        elif kind == 10:  # an A-ASSOCIATE-RQ with odd presentation contexts
+            contexts = [[(0, VERIFICATION, [EXPLICIT_LE])], [(2, VERIFICATION, [EXPLICIT_LE])],
+                        [(1, VERIFICATION, [])], [], [(1, VERIFICATION, [EXPLICIT_LE])] * 2][int(self.rng.integers(5))]
+            with RawAssociation(port, timeout=15) as a:
+                a.send(associate_rq(contexts, SENDER_AET))
+                if a.read_pdu() is None:
+                    self.statuses["association request not answered"] += 1
+        else:  # a C-STORE with one command element missing
+            ds = self._fresh(self._pick())
+            missing = ["MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "CommandDataSetType",
+                       "Priority", "CommandField"][int(self.rng.integers(6))]
+            command = c_store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID), omit=(missing,))
+            with RawAssociation(port, timeout=15) as a:
+                if a.associate(calling_aet=SENDER_AET) != 0x02:
+                    self.statuses["association refused"] += 1
+                    return
+                a.send(p_data(3, 0x03, command))
+                a.send(p_data(3, 0x02, encode(ds)))
+                status, _ = a.response()
+                self.statuses[f"missing {missing}: " + ("A-ABORT" if status is None else f"0x{status:04X}")] += 1
+
+    def _raw_session(self, pdus: list[bytes]) -> None:
+        """Associate (raw PDUs), send these, read the answer: an A-ABORT is what each must get."""
+        with RawAssociation(self.node.port, timeout=15) as a:
+            if a.associate(calling_aet=SENDER_AET) != 0x02:
+                self.statuses["association refused"] += 1
+                return
+            for pdu in pdus:
+                a.send(pdu)
+            answer = a.read_pdu()
+            self.statuses[f"raw session: {'none' if answer is None else f'PDU {answer[0]}'}"] += 1
 
     def _half_store(self, data: bytes) -> None:
         """Associate, send the first P-DATA fragments of a C-STORE, then drop the connection."""
@@ -332,6 +389,35 @@ def guard_failures(node: ServedNode, ledger: Ledger, sent: dict[str, tuple[Defec
 
 
 def run(cases: int, seed: int, workdir: Path, guards: int = len(Defect)) -> dict[str, object]:
+
+def regressions(port: int) -> list[str]:
+    """The cases earlier fuzz runs found, each checked; the names of those that failed."""
+    failed = []
+    aborted = 0
+    for _ in range(8):  # 8 = the per-address limit: a slot leaked per connection locked the address out
+        with RawAssociation(port, timeout=15) as a:
+            a.associate(calling_aet=SENDER_AET)
+            a.send(p_data(77, 0x03, b"\x00\x00\x00\x00\x04\x00\x00\x00\x30\x00"))
+            answer = a.read_pdu()
+            aborted += answer is not None and answer[0] == A_ABORT
+    if aborted < 8 or not echo(port, SENDER_AET):
+        failed.append("lockout: 8 P-DATA on an unnegotiated context, then a C-ECHO")
+    with RawAssociation(port, timeout=15) as a:
+        a.send(associate_rq([(0, VERIFICATION, [EXPLICIT_LE])], SENDER_AET))
+        if a.read_pdu() is None:
+            failed.append("an A-ASSOCIATE-RQ with context ID 0 not answered")
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    with RawAssociation(port, timeout=15) as a:
+        a.associate(calling_aet=SENDER_AET)
+        a.send(p_data(3, 0x03, c_store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID), omit=("MessageID",))))
+        a.send(p_data(3, 0x02, encode(ds)))
+        if a.response()[0] != 0xC000:
+            failed.append("a C-STORE without a Message ID not answered 0xC000")
+    return failed
+
+
+def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
     """Send the cases and check the node; the report."""
     rng = np.random.default_rng(seed)
     data, outside = workdir / "data", workdir / "outside"
@@ -346,6 +432,7 @@ def run(cases: int, seed: int, workdir: Path, guards: int = len(Defect)) -> dict
     pid = node.process.pid
     rss_before = proc_status(pid)["VmRSS"]
     cpu_before = cpu_seconds(pid)
+    regressions_failed = regressions(node.port)
     fuzzer = Fuzzer(node, data / "train_images", rng, outside)
     plan = fuzzer.cases(cases)
     echo_failures, kinds = 0, Counter()
@@ -397,6 +484,8 @@ def run(cases: int, seed: int, workdir: Path, guards: int = len(Defect)) -> dict
             "final_without_reason": [s.study_uid for s in studies if s.state in ("failed", "skipped") and not s.reason],
             "tracebacks_escaped": sum("Traceback" in line for line in raw_lines),
             "guard_failures": guards_failed,
+            "regressions_failed": regressions_failed,
+            "association_requests_unanswered": fuzzer.statuses["association request not answered"],
         },
         "studies": dict(Counter(str(s.state) for s in studies)),
         "reasons": dict(Counter((s.reason or "")[:100] for s in studies if s.state != "done")),

@@ -29,7 +29,19 @@ from pydicom.uid import (
 from demo.orthanc import storescu
 from dicom_node.dicom.statuses import StoreStatus
 from tests.support.procfs import children, proc_status
-from tests.support.raw_dicom import encode, raw_bytes, raw_store
+from tests.support.raw_dicom import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    EXPLICIT_LE,
+    VERIFICATION,
+    RawAssociation,
+    associate_rq,
+    c_store_command,
+    encode,
+    p_data,
+    raw_bytes,
+    raw_store,
+)
 from tests.support.served_node import (
     NODE_AET,
     SENDER_AET,
@@ -130,6 +142,48 @@ def test_memory_bombs_are_refused_before_they_inflate_or_decode(node: ServedNode
     assert proc_status(node.process.pid)["VmHWM"] < GIB_KB
     assert not list((node.root / "spool").rglob("*.dcm"))
     assert "inflates beyond" in node.log_text() and "pixels" in node.log_text()
+
+
+def test_eight_p_data_on_an_unnegotiated_context_do_not_lock_the_address_out(node: ServedNode) -> None:
+    for _ in range(8):  # the per-address limit: each leaked slot used to stay taken for good
+        with RawAssociation(node.port) as a:
+            assert a.associate(calling_aet=SENDER_AET, called_aet=NODE_AET) == A_ASSOCIATE_AC
+            a.send(p_data(77, 0x03, b"\x00\x00\x00\x00\x04\x00\x00\x00\x30\x00"))  # 10 bytes of a C-ECHO
+            pdu = a.read_pdu()
+            assert pdu is not None and pdu[0] == A_ABORT
+    assert _echoscu(node.port)
+    assert node.log_text().count("presentation context 77, which was not accepted") == 8
+
+
+def test_a_c_store_without_a_message_id_is_answered_and_logged(node: ServedNode) -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    with RawAssociation(node.port) as a:
+        assert a.associate(calling_aet=SENDER_AET, called_aet=NODE_AET) == A_ASSOCIATE_AC
+        a.send(p_data(3, 0x03, c_store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID), omit=("MessageID",))))
+        a.send(p_data(3, 0x02, encode(ds)))
+        assert a.response() == (StoreStatus.CANNOT_UNDERSTAND, "missing MessageID")
+    assert "refused a C-STORE request with a malformed command set" in node.log_text()
+    assert _echoscu(node.port)
+
+
+def test_sigterm_stops_the_node_after_a_request_with_context_id_zero(node: ServedNode) -> None:
+    with RawAssociation(node.port) as a:
+        a.send(associate_rq([(0, VERIFICATION, [EXPLICIT_LE])], SENDER_AET, NODE_AET))
+        answer = a.read_pdu()
+        assert answer is not None and answer[0] in (0x03, A_ABORT), answer  # answered: rejected or aborted
+        started = time.monotonic()
+        assert node.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - started < 15, "SIGTERM took longer than its grace period"
+
+
+def test_sigterm_stops_the_node_while_a_peer_holds_an_association_open(node: ServedNode) -> None:
+    with RawAssociation(node.port) as a:
+        assert a.associate(calling_aet=SENDER_AET, called_aet=NODE_AET) == A_ASSOCIATE_AC
+        a.send(p_data(3, 0x03, c_store_command("1.2.840.10008.5.1.4.1.1.4", generate_uid())))  # then nothing
+        started = time.monotonic()
+        assert node.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - started < 15, "SIGTERM took longer than its grace period"
 
 
 def test_garbage_on_the_port_costs_a_bounded_number_of_log_lines(node: ServedNode) -> None:
