@@ -388,8 +388,6 @@ def guard_failures(node: ServedNode, ledger: Ledger, sent: dict[str, tuple[Defec
     return failures
 
 
-def run(cases: int, seed: int, workdir: Path, guards: int = len(Defect)) -> dict[str, object]:
-
 def regressions(port: int) -> list[str]:
     """The cases earlier fuzz runs found, each checked; the names of those that failed."""
     failed = []
@@ -417,7 +415,7 @@ def regressions(port: int) -> list[str]:
     return failed
 
 
-def run(cases: int, seed: int, workdir: Path) -> dict[str, object]:
+def run(cases: int, seed: int, workdir: Path, guards: int = len(Defect)) -> dict[str, object]:
     """Send the cases and check the node; the report."""
     rng = np.random.default_rng(seed)
     data, outside = workdir / "data", workdir / "outside"
