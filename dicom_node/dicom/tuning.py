@@ -158,7 +158,7 @@ def abort_connection(assoc: Association, reason: AbortReason = AbortReason.NOT_S
 def _wake_acceptor(dul: DULServiceProvider) -> None:
     """An acceptor waiting for its A-ASSOCIATE-RQ gets None, "none came", and ends now (not after
     its ACSE timeout)."""
-    dul.to_user_queue.put(None)  # type: ignore[arg-type]  # None is what its timed-out wait returns too
+    dul.to_user_queue.put(None)  # None is what its timed-out wait returns too
 
 
 class ProtocolViolation(Exception):
