@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,10 @@ def test_every_room_says_what_it_is_for_and_exports_what_it_lists() -> None:
         assert (package.__doc__ or "").strip(), f"dicom_node/{room}/__init__.py says what the room is for"
         assert exported(room), f"dicom_node/{room}/__init__.py lists its exports (__all__)"
         assert [n for n in exported(room) if not hasattr(package, n)] == []
+
+
+def test_test_files_have_unique_names() -> None:
+    """pytest imports test modules by their basename (tests/ folders are not packages): two files of
+    one name in two folders stop the whole run at collection."""
+    names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py") if "node_modules" not in p.parts)
+    assert [name for name, n in names.items() if n > 1] == []
