@@ -16,11 +16,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from dicom_node.errors import NodeError
-from dicom_node.ingest import BODY_OVERHEAD, StagingArea, pump_body
+from dicom_node.ingest import BODY_OVERHEAD, StagedBytes, StagingArea, pump_body
 
 MEDIA_TYPE = "application/dicom"  # of every part (PS3.10 files): the only one the node takes
 RESPONSE_TYPE = "application/dicom+json"
-DISK_CHECK_EVERY = 64 << 20  # bytes staged between two looks at the free disk
 MAX_BOUNDARY = 200  # RFC 2046 says 70 characters at most; Orthanc's STOW-RS client sends 73
 MAX_PREAMBLE = 64 << 10  # bytes before the first boundary (RFC 2046's preamble, ignored)
 
@@ -95,7 +94,8 @@ class RelatedReader:
         self._part_type = b""
         self._file: BinaryIO | None = None
         self._ended = False
-        self._next_disk_check = DISK_CHECK_EVERY
+        self._staged = StagedBytes(area, limits.max_bytes, limits.min_free_bytes,
+                                   lambda: too_large(limits.max_bytes), disk_full)
         self._delimiter = b"--" + boundary
         self._preamble: bytearray | None = bytearray()  # None once the first delimiter is found
 
@@ -183,14 +183,8 @@ class RelatedReader:
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._file is None:
             return
-        self.body.part_bytes += end - start
-        if self.body.part_bytes > self.limits.max_bytes:
-            raise too_large(self.limits.max_bytes)
-        if self.body.part_bytes >= self._next_disk_check:
-            self._next_disk_check += DISK_CHECK_EVERY
-            if self.limits.min_free_bytes and self.area.free_bytes() < self.limits.min_free_bytes:
-                raise disk_full()
-        self._file.write(data[start:end])
+        self._staged.write(self._file, data[start:end])
+        self.body.part_bytes = self._staged.total
 
     def _on_part_end(self) -> None:
         self._close_file()

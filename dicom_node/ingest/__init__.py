@@ -17,7 +17,7 @@ from dicom_node.ingest.admission import (
     Source,
     Verdict,
 )
-from dicom_node.ingest.body import BODY_OVERHEAD, CHUNK, pump_body
+from dicom_node.ingest.body import BODY_OVERHEAD, CHUNK, DISK_CHECK_EVERY, StagedBytes, pump_body
 from dicom_node.ingest.checks import (
     PIXEL_DATA,
     UNDEFINED_LENGTH,
@@ -40,8 +40,9 @@ from dicom_node.ingest.upload_reader import (
     read_upload,
 )
 
-__all__ = ["BODY_OVERHEAD", "CHUNK", "EXPECTED", "PIXEL_DATA", "UNDEFINED_LENGTH", "Admissible", "Admission", "Batch",
-           "Candidate", "InflateProblem", "Outcome", "Reason", "Refused", "Source", "StagedFile", "Staging",
-           "StagingArea", "StoreStatus", "UploadError", "UploadLimits", "UploadProblem", "UploadResult", "Verdict",
-           "admit_upload", "expand_zips", "image_size_problem", "inflate", "inspect_upload", "pump_body",
-           "read_file_meta", "read_header", "read_upload", "reopens_study", "series_size_of", "truncation"]
+__all__ = ["BODY_OVERHEAD", "CHUNK", "DISK_CHECK_EVERY", "EXPECTED", "PIXEL_DATA", "UNDEFINED_LENGTH", "Admissible",
+           "Admission", "Batch", "Candidate", "InflateProblem", "Outcome", "Reason", "Refused", "Source",
+           "StagedBytes", "StagedFile", "Staging", "StagingArea", "StoreStatus", "UploadError", "UploadLimits",
+           "UploadProblem", "UploadResult", "Verdict", "admit_upload", "expand_zips", "image_size_problem", "inflate",
+           "inspect_upload", "pump_body", "read_file_meta", "read_header", "read_upload", "reopens_study",
+           "series_size_of", "truncation"]

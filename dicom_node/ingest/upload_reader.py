@@ -20,11 +20,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from dicom_node.errors import NodeError
-from dicom_node.ingest.body import BODY_OVERHEAD, CHUNK, pump_body
+from dicom_node.ingest.body import BODY_OVERHEAD, CHUNK, StagedBytes, pump_body
 from dicom_node.ingest.staging import StagingArea
 
 EXPECTED = "DICOM files (Part 10, with the 'DICM' marker), a folder of them, or a .zip of them"
-DISK_CHECK_EVERY = 64 << 20  # bytes staged between two looks at the free disk
 _EOCD_SEARCH = 22 + 65535  # a zip's end of central directory record and its comment lie in this tail
 
 
@@ -116,7 +115,8 @@ class MultipartReader:
         self._file: BinaryIO | None = None
         self._checked_fields = False
         self._ended = False
-        self._next_disk_check = DISK_CHECK_EVERY
+        self._staged = StagedBytes(area, limits.max_bytes, limits.min_free_bytes,
+                                   lambda: too_large(limits.max_bytes), disk_full)
 
     def feed(self, chunk: bytes) -> None:
         """Parse the next bytes of the body; UploadError as soon as it breaks a limit or the format."""
@@ -187,14 +187,8 @@ class MultipartReader:
             return
         if self._file is None:
             return
-        self.upload.file_bytes += end - start
-        if self.upload.file_bytes > self.limits.max_bytes:
-            raise too_large(self.limits.max_bytes)
-        if self.upload.file_bytes >= self._next_disk_check:
-            self._next_disk_check += DISK_CHECK_EVERY
-            if self.limits.min_free_bytes and self.area.free_bytes() < self.limits.min_free_bytes:
-                raise disk_full()
-        self._file.write(data[start:end])
+        self._staged.write(self._file, data[start:end])
+        self.upload.file_bytes = self._staged.total
 
     def _on_part_end(self) -> None:
         if self._field is not None:
