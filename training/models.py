@@ -92,13 +92,25 @@ class Grader(nn.Module):
         maps = self.features(crops)
         return self.head(self.dropout(maps.mean(dim=(2, 3)))).view(-1, N_GROUPS, N_CLASSES)
 
-    def forward(self, crops: Tensor, conditions: Tensor) -> tuple[Tensor, Tensor]:
+    def class_maps(self, crops: Tensor, conditions: Tensor) -> tuple[Tensor, Tensor]:
+        """Uncalibrated logits of each crop's own condition (B, 3) and the class activation map of
+        each of its three classes (B, 3, h, w): the interface every grader network offers (the
+        export's ensemble averages members through it)."""
         maps = self.features(crops)  # (B, K, h, w)
         logits = self.head(maps.mean(dim=(2, 3))).view(-1, N_GROUPS, N_CLASSES)
         group = self.condition_group[conditions]  # (B,)
         own = logits[torch.arange(logits.shape[0]), group]  # (B, 3)
-        probs = torch.softmax(own / self.temperature[conditions].unsqueeze(1), dim=1)
-        predicted = own.argmax(dim=1)
-        weights = self.head.weight.view(N_GROUPS, N_CLASSES, -1)[group, predicted]  # (B, K)
-        cam = F.relu(torch.einsum("bk,bkhw->bhw", weights, maps))
-        return probs, cam
+        weights = self.head.weight.view(N_GROUPS, N_CLASSES, -1)[group]  # (B, 3, K)
+        return own, F.relu(torch.einsum("bck,bkhw->bchw", weights, maps))
+
+    def forward(self, crops: Tensor, conditions: Tensor) -> tuple[Tensor, Tensor]:
+        own, cams = self.class_maps(crops, conditions)
+        return calibrated(own, cams, self.temperature[conditions])
+
+
+def calibrated(own: Tensor, cams: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+    """What a grader serves from ``class_maps``: probabilities at each crop's temperature (B, 3) and
+    the map of the predicted class (B, h, w)."""
+    probs = torch.softmax(own / temperature.unsqueeze(1), dim=1)
+    predicted = own.argmax(dim=1)
+    return probs, cams[torch.arange(own.shape[0]), predicted]
