@@ -177,7 +177,7 @@ class Fuzzer:
             names = ["PatientName", "SeriesDescription", "InstitutionName", "StudyDescription"]
             name = names[int(self.rng.integers(4))]
             codes = self.rng.integers(32, 0x2FFF, int(self.rng.integers(1, 3000)))
-            ds[name].value = "".join(chr(int(c)) for c in codes)
+            setattr(ds, name, "".join(chr(int(c)) for c in codes))  # the phantom lacks InstitutionName
         elif kind == 9:
             ds.SpecificCharacterSet = ["FOO_BAR", "ISO_IR 999", "", "ISO 2022 IR 87\\BAD"][int(self.rng.integers(4))]
         elif kind == 10:  # hostile UIDs in the data set
