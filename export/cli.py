@@ -17,7 +17,11 @@ from training.cli import require_torch
 @click.option("--fp16", is_flag=True, help="Also write fp16 models for GPUs (verified where CUDA is present).")
 @click.option("--ensemble", is_flag=True,
               help="Export the RUNs given (trained apart; each may be a folds run) as one ensemble model.")
-def export_command(runs: tuple[Path, ...], out: Path, fp16: bool, ensemble: bool) -> None:
+@click.option("--tta", is_flag=True,
+              help="Flip test-time augmentation in the graph: spinal canal crops averaged with their left-right "
+                   "mirror (sided crops are not mirrored: their mirror is the other side). Exports as an ensemble "
+                   "(of one member for a plain run).")
+def export_command(runs: tuple[Path, ...], out: Path, fp16: bool, ensemble: bool, tta: bool) -> None:
     """Export a trained run to ONNX (opset 17, dynamic batch) with in-graph Grad-CAM, and verify it.
 
     Fails unless ONNX Runtime matches PyTorch (probabilities within 1e-4) and the in-graph
@@ -37,12 +41,12 @@ def export_command(runs: tuple[Path, ...], out: Path, fp16: bool, ensemble: bool
     if len(runs) > 1 and not ensemble:
         raise click.UsageError("several RUNs are exported together only with --ensemble")
     try:
-        if ensemble or folds_run:
+        if ensemble or folds_run or tta:
             if fp16:
                 raise click.UsageError("--fp16 is not offered for ensembles yet (export the fp32 ensemble)")
             from export.ensemble import export_ensemble
 
-            meta = export_ensemble(list(runs), out)
+            meta = export_ensemble(list(runs), out, tta)
             click.echo(f"exported {out}: an ensemble of {len(meta.members or ())} members "
                        f"(temperatures fitted on {meta.validation.get('studies')} out-of-fold studies)")
             return

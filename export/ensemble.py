@@ -118,22 +118,39 @@ class EnsembleLocaliser(nn.Module):
 
 class EnsembleGrader(nn.Module):
     """Mean of the members' uncalibrated probabilities, calibrated after averaging; Grad-CAM the mean
-    of the members' maps of the predicted class. Members offer ``class_maps(crops, conditions)``."""
+    of the members' maps of the predicted class. Members offer ``class_maps(crops, conditions)``.
+
+    ``tta``: flip test-time augmentation of the spinal canal crops only (see ``views``)."""
 
     temperature: Tensor
+    condition_group: Tensor
 
-    def __init__(self, graders: list[nn.Module], temperatures: list[float]):
+    def __init__(self, graders: list[nn.Module], temperatures: list[float], tta: bool = False):
         super().__init__()
         self.members = nn.ModuleList(graders)
+        self.tta = tta
         self.register_buffer("temperature", torch.tensor(temperatures, dtype=torch.float32))
+        self.register_buffer("condition_group", torch.tensor(CONDITION_GROUP, dtype=torch.long))
+
+    def views(self, crops: Tensor, conditions: Tensor) -> list[Tensor]:
+        """The crops, and with ``tta`` their left-right mirror where that is the same finding: a spinal
+        canal crop is sagittal with its 2.5D slices running left to right (``inference.levels.crop_axes``),
+        so its mirror is the slices in reverse order, in the same in-plane frame (the maps average as they
+        are). Sided crops are left as they are: mirrored, a left crop is the right side's frame (right crops
+        are served mirrored), another finding."""
+        if not self.tta:
+            return [crops]
+        spinal = (self.condition_group[conditions] == 0).view(-1, 1, 1, 1)
+        return [crops, torch.where(spinal, crops.flip(1), crops)]
 
     def averaged(self, crops: Tensor, conditions: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean uncalibrated probabilities (B, 3), mean class maps (B, 3, h, w))."""
+        """(mean uncalibrated probabilities (B, 3), mean class maps (B, 3, h, w)) over members and views."""
         probs, cams = [], []
-        for member in self.members:
-            own, maps = cast(ClassMaps, member).class_maps(crops, conditions)
-            probs.append(torch.softmax(own, dim=1))
-            cams.append(maps)
+        for view in self.views(crops, conditions):
+            for member in self.members:
+                own, maps = cast(ClassMaps, member).class_maps(view, conditions)
+                probs.append(torch.softmax(own, dim=1))
+                cams.append(maps)
         size = max(tuple(int(s) for s in c.shape[-2:]) for c in cams)
         cams = [c if tuple(int(s) for s in c.shape[-2:]) == size else
                 F.interpolate(c, size=size, mode="bilinear", align_corners=False) for c in cams]
@@ -292,9 +309,10 @@ def member_gradcam(grader: Grader, crops: Tensor, conditions: Tensor, classes: T
     return torch.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1)).detach()
 
 
-def reference_gradcam(graders: list[nn.Module], crops: Tensor, conditions: Tensor, classes: Tensor) -> Tensor:
-    """The members' autograd Grad-CAM of the ensemble's classes, resized to the largest, averaged."""
-    cams = [member_gradcam(cast(Grader, g), crops, conditions, classes) for g in graders]
+def reference_gradcam(graders: list[nn.Module], views: list[Tensor], conditions: Tensor, classes: Tensor) -> Tensor:
+    """The members' autograd Grad-CAM of the ensemble's classes on each view of the crops, resized to
+    the largest, averaged."""
+    cams = [member_gradcam(cast(Grader, g), crops, conditions, classes) for crops in views for g in graders]
     size = max(tuple(c.shape[-2:]) for c in cams)
     cams = [c if tuple(c.shape[-2:]) == size else
             F.interpolate(c[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for c in cams]
@@ -310,7 +328,8 @@ def verify_ensemble(model_dir: Path, runner: EnsembleRunner) -> dict[str, float]
     heatmaps = ort.InferenceSession(str(model_dir / "localiser.onnx"), providers=providers).run(
         None, {"images": images})[0]
     ref_probs, ref_cam = runner.grade(crops, conditions)
-    auto = reference_gradcam(list(runner.grader.members), torch.from_numpy(crops), torch.from_numpy(conditions),
+    x, c = torch.from_numpy(crops), torch.from_numpy(conditions)
+    auto = reference_gradcam(list(runner.grader.members), runner.grader.views(x, c), c,
                              torch.from_numpy(ref_probs.argmax(axis=1))).numpy()
     result = {
         "max_abs_diff_probabilities": float(np.abs(probs - ref_probs).max()),
@@ -330,21 +349,22 @@ def verify_ensemble(model_dir: Path, runner: EnsembleRunner) -> dict[str, float]
 # ---- the export -------------------------------------------------------------------------------------
 
 
-def load_ensemble(runs: list[Path]) -> tuple[EnsembleRunner, list[Member]]:
-    """The PyTorch ensemble of the runs (folds runs expanded into their folds), calibrated."""
+def load_ensemble(runs: list[Path], tta: bool = False) -> tuple[EnsembleRunner, list[Member]]:
+    """The PyTorch ensemble of the runs (folds runs expanded into their folds), calibrated; ``tta``:
+    spinal crops averaged with their mirror (``EnsembleGrader.views``)."""
     members = members_of(runs)
     check_preprocessing(members)
     temperatures, calibration = fit_calibration(runs, members)
     meta = ensemble_metadata(runs, members, temperatures, calibration)
     localiser = EnsembleLocaliser([m.runner.localiser.cpu() for m in members])
-    grader = EnsembleGrader([m.runner.grader.cpu() for m in members], temperatures)
+    grader = EnsembleGrader([m.runner.grader.cpu() for m in members], temperatures, tta)
     digest = hashlib.sha256("".join(m.runner.info.sha256 for m in members).encode()).hexdigest()
     return EnsembleRunner(localiser, grader, ModelInfo(meta, digest)), members
 
 
-def export_ensemble(runs: list[Path], out: Path) -> ModelMetadata:
+def export_ensemble(runs: list[Path], out: Path, tta: bool = False) -> ModelMetadata:
     """Write the ensemble of ``runs`` to ``out`` (localiser.onnx, grader.onnx, model.json, MODEL_CARD.md)."""
-    runner, members = load_ensemble(runs)
+    runner, members = load_ensemble(runs, tta)
     out.mkdir(parents=True, exist_ok=True)
     crops, conditions, images = sample_inputs(4)
     _export(runner.localiser, (torch.from_numpy(images),), out / "localiser.onnx", ["images"], ["heatmaps"])
@@ -367,7 +387,9 @@ def export_ensemble(runs: list[Path], out: Path) -> ModelMetadata:
                           "grader": ["probabilities (B, 3): the members' mean, calibrated after averaging",
                                      f"cam (B, {cam.shape[-2]}, {cam.shape[-1]}): the members' mean map of the "
                                      "predicted class"]},
-              "ensemble": {"members": len(members), "checkpoint_sha256": "sha256 of the members' sha256s in order"}},
+              "ensemble": {"members": len(members), "checkpoint_sha256": "sha256 of the members' sha256s in order",
+                           "tta": ("spinal canal crops averaged with their left-right mirror (slices reversed); "
+                                   "temperatures fitted without it") if tta else None}},
         verification=checks,
     )
     meta.write(out / "model.json")

@@ -109,8 +109,9 @@ def test_export_ensemble_of_runs_trained_apart_and_its_refusals(folds_run: tuple
                                                                  tmp_path: Path) -> None:
     run, _ = folds_run
     apart = tmp_path / "apart"
-    lumbar_node("export", "--ensemble", str(run / "fold-0"), str(run / "fold-1"), "--out", str(apart))
+    lumbar_node("export", "--ensemble", str(run / "fold-0"), str(run / "fold-1"), "--tta", "--out", str(apart))
     meta = json.loads((apart / "model.json").read_text())
+    assert meta["onnx"]["ensemble"]["tta"].startswith("spinal canal crops averaged with their left-right mirror")
     assert [m["fold"] for m in meta["members"]] == [None, None]
     assert meta["validation"]["fitted_on"].startswith("not fitted: the runs hold out 0 common studies")
 

@@ -24,6 +24,7 @@ def _members(n: int) -> list[Grader]:
         grader = Grader(width=8).eval()
         with torch.no_grad():
             grader.head.bias.normal_(0, 1)  # members that disagree
+            grader.head.weight.mul_(30)  # and that respond to their input
         out.append(grader)
     return out
 
@@ -44,7 +45,7 @@ def test_the_grader_averages_uncalibrated_probabilities_then_calibrates() -> Non
     rows = torch.arange(len(c))
     mean_cam = torch.stack([maps[rows, predicted] for _, maps in own]).mean(dim=0)
     assert torch.allclose(cam, mean_cam, atol=1e-6)
-    ref = reference_gradcam(list(graders), x, c, predicted)  # autograd, up to a positive scale
+    ref = reference_gradcam(list(graders), [x], c, predicted)  # autograd, up to a positive scale
     assert np.corrcoef(ref.flatten().numpy(), cam.flatten().numpy())[0, 1] > 0.999
 
 
@@ -90,3 +91,23 @@ def test_members_with_other_preprocessing_are_refused(tmp_path: Path) -> None:
     other = {**same, "grader": {**same["grader"], "pixels": 96}}
     with pytest.raises(ExportError, match=r"differ in preprocessing \(grader\)"):
         check_preprocessing([member(same), member(other)])
+
+
+def test_flip_tta_mirrors_only_the_spinal_crops() -> None:
+    graders = _members(2)
+    crops, conditions, _ = sample_inputs(10)
+    c = torch.from_numpy(conditions)
+    x = torch.from_numpy(crops) * torch.tensor([4.0, 1.0, -2.0]).view(1, 3, 1, 1)  # slices unlike their mirror
+    with torch.no_grad():
+        plain, _ = EnsembleGrader(graders, [1.0] * 5)(x, c)
+        tta, cam = EnsembleGrader(graders, [1.0] * 5, tta=True)(x, c)
+        mirrored, _ = EnsembleGrader(graders, [1.0] * 5)(x.flip(1), c)
+    spinal = c == 0  # CONDITIONS[0] is the spinal canal
+    assert spinal.any() and (~spinal).any()
+    assert torch.allclose(tta[~spinal], plain[~spinal], atol=1e-6)  # sided crops: unchanged
+    both = torch.softmax(torch.log((plain + mirrored) / 2), dim=1)  # at T = 1: the mean of the two views
+    assert torch.allclose(tta[spinal], both[spinal], atol=1e-6)
+    assert (tta[spinal] - plain[spinal]).abs().max() > 1e-3
+    grader = EnsembleGrader(graders, [1.0] * 5, tta=True)
+    ref = reference_gradcam(list(graders), grader.views(x, c), c, tta.argmax(dim=1))
+    assert np.corrcoef(ref.flatten().numpy(), cam.flatten().numpy())[0, 1] > 0.999
