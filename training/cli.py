@@ -217,6 +217,9 @@ def evaluate_command(run: Path | None, model_dir: Path | None, data: Path, out: 
 
         checkpoint = run / "model.pt" if run.is_dir() else run
         if not checkpoint.is_file():
+            if (run / "fold-0").is_dir():
+                raise click.ClickException(f"{run} is a folds run: evaluate one fold (RUN/fold-<i>), or export the "
+                                           "ensemble (`lumbar-node export RUN --out MODEL`) and evaluate --model MODEL")
             raise click.ClickException(f"no trained model at {checkpoint} (train one with `lumbar-node train`)")
         folder = checkpoint.parent
         try:

@@ -99,10 +99,12 @@ def test_the_ensemble_lists_its_members_and_onnx_grades_like_pytorch(folds_run: 
 
 
 def test_evaluate_serves_the_ensemble_folder(folds_run: tuple[Path, Path], phantom_dir: Path, tmp_path: Path) -> None:
-    _, exported = folds_run
+    run, exported = folds_run
     lumbar_node("evaluate", "--model", str(exported), "--data", str(phantom_dir), "--out", str(tmp_path))
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["studies"] == 8 and report["score"]["total"] > 0
+    whole = lumbar_node("evaluate", str(run), "--data", str(phantom_dir), check=False)
+    assert whole.returncode != 0 and "is a folds run" in whole.stderr
 
 
 def test_export_ensemble_of_runs_trained_apart_and_its_refusals(folds_run: tuple[Path, Path],

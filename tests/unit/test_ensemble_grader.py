@@ -111,3 +111,14 @@ def test_flip_tta_mirrors_only_the_spinal_crops() -> None:
     grader = EnsembleGrader(graders, [1.0] * 5, tta=True)
     ref = reference_gradcam(list(graders), grader.views(x, c), c, tta.argmax(dim=1))
     assert np.corrcoef(ref.flatten().numpy(), cam.flatten().numpy())[0, 1] > 0.999
+
+
+def test_model_json_carries_the_members_and_reads_without_them() -> None:
+    meta = ModelMetadata(name="m", version="0", training_data="phantom", offsets_mm={},
+                         members=({"run": "runs/cv", "fold": 0, "checkpoint_sha256": "ab", "cv_score": 0.5,
+                                   "preset": "small"},))
+    data = meta.to_json()
+    assert data["members"][0]["fold"] == 0
+    assert ModelMetadata.from_json(data) == meta
+    del data["members"]
+    assert ModelMetadata.from_json(data).members is None  # a model.json of one model
