@@ -26,8 +26,8 @@ import numpy as np
 import structlog
 from numpy.typing import NDArray
 
-from inference.labels import CONDITIONS, LABELS, LEVELS
-from training.metrics import competition_score, fill_not_assessed
+from inference.labels import CONDITIONS, LABELS, LEVELS, SEVERITY_WEIGHTS, ConditionGroup, Severity
+from training.metrics import EPS, UNLABELLED, competition_score, fill_not_assessed
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -37,6 +37,7 @@ BOOTSTRAP_SEED = 0
 DEFAULT_PRESET = "small"
 _FOLD = re.compile(r"fold-(\d+)$")
 _PARTS = ("total", "spinal", "foraminal", "subarticular", "any_severe_spinal")
+_GROUP_ROWS = {g: np.array([i for i, lab in enumerate(LABELS) if lab.condition.group is g]) for g in ConditionGroup}
 
 
 def _label_temperatures(temperatures: list[float] | tuple[float, ...]) -> NDArray[np.float64]:
@@ -132,32 +133,56 @@ def level_targets(targets: NDArray[np.int64], level_index: int) -> NDArray[np.in
     return np.where(keep[None, :], targets, -1)
 
 
-def _scores(probs: NDArray[np.float64], targets: NDArray[np.int64]) -> dict[str, float]:
-    """The metric's total and parts, and the total on each level alone."""
-    out = competition_score(probs, targets).as_dict()
-    for k, level in enumerate(LEVELS):
-        out[level.key] = competition_score(probs, level_targets(targets, k)).total
-    return out
+def study_terms(probs: NDArray[np.floating],
+                targets: NDArray[np.int64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Each study's share of the metric's four parts (spinal, foraminal, subarticular, any severe spinal):
+    numerators and denominators (n, 4), so that a part over any studies, repeats included, is
+    sum(numerators) / sum(denominators), as ``training.metrics.competition_score`` computes it."""
+    p = np.asarray(probs, np.float64)
+    p = p / p.sum(axis=-1, keepdims=True)
+    t = np.asarray(targets, np.int64)
+    scored, tt = t != UNLABELLED, np.maximum(t, 0)
+    w = np.where(scored, np.asarray(SEVERITY_WEIGHTS, np.float64)[tt], 0.0)
+    loss = -np.log(np.clip(np.take_along_axis(p, tt[..., None], axis=-1)[..., 0], EPS, 1 - EPS))
+    num, den = np.zeros((len(t), 4)), np.zeros((len(t), 4))
+    for j, group in enumerate(ConditionGroup):
+        rows = _GROUP_ROWS[group]
+        num[:, j], den[:, j] = (w[:, rows] * loss[:, rows]).sum(axis=1), w[:, rows].sum(axis=1)
+    spinal = _GROUP_ROWS[ConditionGroup.SPINAL]
+    labelled = scored[:, spinal].any(axis=1)
+    severe = (t[:, spinal] == Severity.SEVERE).any(axis=1)
+    prob = np.clip(p[:, spinal, Severity.SEVERE].max(axis=1), EPS, 1 - EPS)  # all 5 rows, labelled or not
+    weight = np.where(labelled, w[:, spinal].max(axis=1), 0.0)
+    num[:, 3], den[:, 3] = weight * -np.where(severe, np.log(prob), np.log1p(-prob)), weight
+    return num, den
+
+
+def _parts(num: NDArray[np.float64], den: NDArray[np.float64]) -> NDArray[np.float64]:
+    """(..., 4) summed terms -> (..., 5): total (the mean of the scored parts, NaN if none), then the parts."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        parts = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    scored = ~np.isnan(parts)
+    total = np.where(scored.any(axis=-1), np.nansum(parts, axis=-1) / np.maximum(scored.sum(axis=-1), 1), np.nan)
+    return np.concatenate([total[..., None], parts], axis=-1)
 
 
 def bootstrap_scores(probs: NDArray[np.float64], targets: NDArray[np.int64], draws: int = BOOTSTRAP_DRAWS,
                      seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, float]]:
-    """Each score (total, groups, levels) with its bootstrap 95% interval: ``draws`` resamples of the
-    studies with replacement (numpy seed ``seed``), 2.5th and 97.5th percentiles of the scores."""
-    point = _scores(probs, targets)
+    """Each score (total, groups, levels: the metric on one level's labels) with its bootstrap 95%
+    interval: ``draws`` resamples of the studies with replacement (numpy seed ``seed``), the 2.5th and
+    97.5th percentiles of the resampled scores (computed from per-study terms, ``study_terms``)."""
     rng = np.random.default_rng(seed)
     n = len(targets)
-    samples: dict[str, list[float]] = {k: [] for k in point}
-    for _ in range(draws):
-        idx = rng.integers(0, n, n)
-        for k, v in _scores(probs[idx], targets[idx]).items():
-            samples[k].append(v)
-    out = {}
-    for k, v in point.items():
-        arr = np.array(samples[k])
-        arr = arr[~np.isnan(arr)]
-        lo, hi = (np.percentile(arr, [2.5, 97.5]) if len(arr) else (math.nan, math.nan))
-        out[k] = {"score": v, "low": float(lo), "high": float(hi)}
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(draws)]).astype(np.float64)
+    out: dict[str, dict[str, float]] = {}
+    sets = [(_PARTS, targets), *(((lv.key,), level_targets(targets, k)) for k, lv in enumerate(LEVELS))]
+    for keys, t in sets:
+        num, den = study_terms(probs, t)
+        point, resampled = _parts(num.sum(axis=0), den.sum(axis=0)), _parts(counts @ num, counts @ den)
+        for j, key in enumerate(keys):
+            column = resampled[:, j][~np.isnan(resampled[:, j])]
+            lo, hi = np.percentile(column, [2.5, 97.5]) if len(column) else (math.nan, math.nan)
+            out[key] = {"score": float(point[j]), "low": float(lo), "high": float(hi)}
     return out
 
 
@@ -251,7 +276,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- Validation: {what}",
         f"- CV score (competition metric, lower is better): **{_ci(report['cv_score'])}**; class-prior baseline "
         f"{_ci(report['class_prior_baseline']['total'])}",
-        f"- Training time: {t['total_seconds'] / 60:.1f} min in total ({'all folds' if folds else 'the run'}); "
+        f"- Training time (epochs: training + validation): {t['total_seconds'] / 60:.1f} min in total "
+        f"({'all folds' if folds else 'the run'}); "
         f"{epochs}",
         f"- Device: {report['device']}",
         "",

@@ -52,6 +52,14 @@ def test_bootstrap_intervals_hold_the_score_and_narrow_with_more_studies() -> No
 
     small = bootstrap_scores(*data(20), draws=200)
     large = bootstrap_scores(*data(400), draws=200)
+    probs, targets = data(30)
+    probs[3, :5] = [0.1, 0.1, 0.8]  # a confident severe spinal study among them
+    targets[5:, ::7] = -1  # unlabelled rows
+    targets[0, :5] = -1  # a study without any spinal label
+    scores = bootstrap_scores(probs, targets, draws=10)
+    assert scores["total"]["score"] == pytest.approx(competition_score(probs, targets).total, rel=1e-12)
+    assert scores["any_severe_spinal"]["score"] == pytest.approx(competition_score(probs, targets).any_severe_spinal)
+    assert scores["l2_l3"]["score"] == pytest.approx(competition_score(probs, level_targets(targets, 1)).total)
     for scores in (small, large):
         for key in ("total", "spinal", "any_severe_spinal", LEVELS[2].key):
             assert scores[key]["low"] <= scores[key]["score"] <= scores[key]["high"], key
