@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 from dataclasses import dataclass
@@ -195,8 +196,6 @@ def describe_device(device: Any) -> str:
         import torch
 
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    import os
-
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 

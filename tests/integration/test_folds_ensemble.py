@@ -5,6 +5,7 @@ out-of-fold report; its ensemble exported, graded alike by ONNX Runtime and PyTo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,19 @@ def test_export_ensemble_of_runs_trained_apart_and_its_refusals(folds_run: tuple
     several = lumbar_node("export", str(run / "fold-0"), str(run / "fold-1"), "--out", str(tmp_path / "y"),
                           check=False)
     assert several.returncode != 0 and "--ensemble" in several.stderr
+
+
+def test_an_interrupted_fold_resumes_and_finished_ones_are_skipped(folds_run: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    run, _ = folds_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("cache"))
+    history = (copy / "fold-1" / "history.json").read_text()
+    for name in ("model.pt", "oof.npz"):  # fold 1 stopped after its last epoch, before its model was written
+        (copy / "fold-1" / name).unlink()
+    again = lumbar_node("train", "--cache", str(run / "cache"), "--out", str(copy), "--folds", str(FOLDS),
+                        "--localiser-epochs", "1", "--grader-epochs", "1", "--workers", "0")
+    assert again.stderr.count("fold finished: skipped") == FOLDS - 1
+    assert again.stderr.count("resuming from checkpoint") == 1
+    assert (copy / "fold-1" / "history.json").read_text() == history  # no epoch repeated
+    assert (copy / "fold-1" / "model.pt").is_file() and (copy / "report.md").is_file()
