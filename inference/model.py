@@ -68,6 +68,8 @@ class ModelMetadata:
     checkpoint_sha256: str | None = None
     onnx: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
+    # an ensemble's members (export.ensemble): run, fold, checkpoint_sha256, cv_score, preset; None: one model
+    members: tuple[dict[str, Any], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON, in model.json's key order; the export-only keys only when set."""
@@ -99,6 +101,8 @@ class ModelMetadata:
             for key in ("label_columns", "classes", "conditions", "temperatures"):
                 if key in values:
                     values[key] = tuple(values[key])
+            if values.get("members") is not None:
+                values["members"] = tuple(dict(m) for m in values["members"])
             if "class_prior" in values:
                 values["class_prior"] = tuple(tuple(row) for row in values["class_prior"])
             if values.get("level_check") is not None:

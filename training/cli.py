@@ -74,14 +74,20 @@ def prepare_command(data: Path, cache: Path, workers: int | None) -> None:
                    "'{\"mirror_p\": 0, \"rotate_deg\": 5}'. Recorded in RUN/config.json.")
 @click.option("--training-data", default=None,
               help="How to describe the training data in the model's metadata and outputs.")
+@click.option("--folds", type=click.IntRange(min=2), default=None,
+              help="K-fold cross-validation: K models on disjoint validation folds (by study, from --seed) in "
+                   "RUN/fold-0 ... RUN/fold-<K-1>, scored together out of fold in RUN/report.md. A rerun skips "
+                   "finished folds and resumes the interrupted one.")
 def train_command(data: Path | None, cache: Path | None, run: Path, localiser_epochs: int, grader_epochs: int,
                   patience: int, seed: int, device: str, workers: int | None, augment: str,
-                  training_data: str | None) -> None:
+                  training_data: str | None, folds: int | None) -> None:
     """Train the level localiser and the grader (PyTorch) on a prepared cache or an RSNA 2024 folder.
 
     Splits by study, trains the localiser, measures its real error on validation, trains the
     grader on crops jittered by that error with the competition loss, calibrates a temperature
     per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume.
+    With --folds K: K such runs in RUN/fold-<i>. Ends with RUN/report.md (what the model is, its
+    out-of-fold score with bootstrap intervals).
     """
     if data is None and cache is None:
         raise click.UsageError("give --data RSNA_DIR (prepared first) or --cache CACHE (from `lumbar-node prepare`)")
@@ -89,7 +95,9 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
     if data is not None:
         _rsna_folder(data)
     from training.cache import CacheError
+    from training.folds import FoldsError, train_folds
     from training.prepare import prepare
+    from training.report import write_report
     from training.rsna import LayoutError
     from training.train import TrainConfig, train
 
@@ -104,9 +112,15 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
             cache = cache or run / "cache"
             click.echo(prepare(data, cache, cfg.workers).line(), err=True)
         assert cache is not None
-        train(cache, run, cfg)
-    except (LayoutError, CacheError) as exc:
+        if folds:
+            train_folds(cache, run, cfg, folds)
+        else:
+            train(cache, run, cfg)
+    except (LayoutError, CacheError, FoldsError) as exc:
         raise click.ClickException(str(exc)) from None
+    report = write_report(run)
+    click.echo(f"CV score {report['cv_score']['score']:.3f} (95% interval {report['cv_score']['low']:.3f} to "
+               f"{report['cv_score']['high']:.3f}, {report['studies']} studies): {run / 'report.md'}", err=True)
 
 
 def _augment_config(text: str):  # noqa: ANN202 - training.augment.AugmentConfig, imported lazily
@@ -203,6 +217,9 @@ def evaluate_command(run: Path | None, model_dir: Path | None, data: Path, out: 
 
         checkpoint = run / "model.pt" if run.is_dir() else run
         if not checkpoint.is_file():
+            if (run / "fold-0").is_dir():
+                raise click.ClickException(f"{run} is a folds run: evaluate one fold (RUN/fold-<i>), or export the "
+                                           "ensemble (`lumbar-node export RUN --out MODEL`) and evaluate --model MODEL")
             raise click.ClickException(f"no trained model at {checkpoint} (train one with `lumbar-node train`)")
         folder = checkpoint.parent
         try:

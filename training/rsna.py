@@ -299,6 +299,20 @@ def split_study_ids(study_ids: list[int], val_fraction: float = 0.2, seed: int =
     return ([s for i, s in enumerate(ordered) if i not in val_idx], [s for i, s in enumerate(ordered) if i in val_idx])
 
 
+def fold_study_ids(study_ids: list[int], folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split study ids into (train, val) for K-fold cross-validation: the studies, sorted and permuted
+    by ``seed``, are dealt round-robin into ``folds`` folds, so every study is in exactly one
+    validation fold; ``fold`` picks the validation one. Deterministic, independent of input order."""
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: need at least 2 folds and 0 <= fold < folds")
+    ordered = sorted(study_ids)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError("records hold a study_id twice")
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    val_idx = set(perm[fold::folds].tolist())
+    return ([s for i, s in enumerate(ordered) if i not in val_idx], [s for i, s in enumerate(ordered) if i in val_idx])
+
+
 def split_studies(records: list[StudyRecord], val_fraction: float = 0.2,
                   seed: int = 0) -> tuple[list[StudyRecord], list[StudyRecord]]:
     """Split by study into (train, val) as ``split_study_ids`` splits their ids (what training

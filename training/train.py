@@ -51,7 +51,8 @@ from training.loader import (
 from training.memory import bound_heap_growth
 from training.metrics import competition_score, fill_not_assessed, prior_baseline
 from training.models import CONDITION_GROUP, Grader, Localiser
-from training.rsna import LayoutError, split_study_ids
+from training.report import OOF_FILE, describe_device, write_oof
+from training.rsna import LayoutError, fold_study_ids, split_study_ids
 from training.runner import MODEL_NAME, TorchRunner, device_of, save_model
 from training.validation import ValidationSet, crop_errors, evaluate_pipeline, result_errors
 
@@ -85,6 +86,8 @@ class TrainConfig:
     lr: float = 2e-3
     val_fraction: float = 0.2
     seed: int = 0
+    folds: int = 0  # K-fold cross-validation (training.folds): K >= 2 validates on fold ``fold``; 0: val_fraction
+    fold: int = 0
     device: str = "auto"
     training_data: str = "synthetic lumbar MRI phantom (lumbar-node phantom); not clinical data"
     workers: int = field(default_factory=default_workers)  # DataLoader worker processes (0: none)
@@ -172,7 +175,9 @@ class _Split:
 def _load_split(cache: Path, cfg: TrainConfig, device: torch.device) -> _Split:
     """The prepared cache at ``cache``, split by study."""
     manifest = open_cache(cache)
-    train_ids, val_ids = split_study_ids(list(manifest.studies), cfg.val_fraction, cfg.seed)
+    ids = list(manifest.studies)
+    train_ids, val_ids = (fold_study_ids(ids, cfg.folds, cfg.fold, cfg.seed) if cfg.folds else
+                          split_study_ids(ids, cfg.val_fraction, cfg.seed))
     ok = set(manifest.ok())
     train_ids, val_ids = [i for i in train_ids if i in ok], [i for i in val_ids if i in ok]
     log.info("training data", device=str(device), train_studies=len(train_ids), validation_studies=len(val_ids),
@@ -481,9 +486,13 @@ def _calibrate(runner: TorchRunner, split: _Split) -> tuple[list[float], LevelFi
     return temperatures, fit_on_results(results, [split.val.canal(sid) for sid in split.val.study_ids])
 
 
-def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperatures: list[float]) -> ModelMetadata:
-    """``meta`` completed: temperatures, class prior and the calibrated model's validation results."""
+def _validated(meta: ModelMetadata, runner: TorchRunner, split: _Split, temperatures: list[float],
+               oof: Path | None = None) -> ModelMetadata:
+    """``meta`` completed: temperatures, class prior and the calibrated model's validation results;
+    the validation studies' predictions written to ``oof`` (``training.report.write_oof``)."""
     probs, results = evaluate_pipeline(runner, split.val)
+    if oof is not None:
+        write_oof(oof, split.val.study_ids, split.val.targets, probs, split.prior[0], temperatures)
     score = competition_score(fill_not_assessed(probs, split.prior), split.val.targets)
     baseline = competition_score(split.prior, split.val.targets)
     loc_err = [e for r, sid in zip(results, split.val.study_ids, strict=True)
@@ -510,7 +519,8 @@ def train(cache: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
     training = _open_run(run, device)
     split = _load_split(cache, cfg, device)
     (run / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": str(Path(cache).resolve()),
-                                                 "spec_hash": Manifest.load(cache).spec.hash}, indent=1))
+                                                 "spec_hash": Manifest.load(cache).spec.hash,
+                                                 "device_used": describe_device(device)}, indent=1))
     meta = _metadata(split, cfg)
     if training.stage is Stage.LOCALISER:
         _train_localiser(training, split, cfg, device)
@@ -520,7 +530,7 @@ def train(cache: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
     temperatures, level_fit = _calibrate(runner, split)
     meta = with_level_check(meta, level_fit)
     runner.info = ModelInfo(meta, "")  # validation below grades with the fitted level check, as serving will
-    meta = _validated(meta, runner, split, temperatures)
+    meta = _validated(meta, runner, split, temperatures, run / OOF_FILE)
     path = run / "model.pt"
     sha = save_model(path, training.localiser.cpu(), training.grader.cpu(), meta)
     log.info("model written", path=str(path), sha256=sha[:12], temperatures=[round(t, 2) for t in temperatures],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tests.support.tools import lumbar_node
 from training.augment import AugmentConfig, replace_fields
 from training.cache import MANIFEST, Manifest, PrepareSpec
@@ -29,6 +31,10 @@ def test_train_from_a_prepared_cache_with_loader_workers_and_resume(phantom_dir:
     assert config["spec_hash"] == Manifest.load(cache).spec.hash
     assert AugmentConfig.from_dict(config["augment"]) == replace_fields(AugmentConfig(), mirror_p=0.25)
     assert not (run / "cache").exists()  # --cache given: nothing prepared beside the run
+    report = (run / "report.md").read_text()  # a single run's report: what the model is, its validation score
+    assert "Preset: small" in report and "one run" in report and "Device: cpu" in report
+    with np.load(run / "oof.npz") as oof:
+        assert len(oof["study_ids"]) == meta.validation["studies"]
 
     again = lumbar_node(*args)
     assert "resuming" in again.stderr
