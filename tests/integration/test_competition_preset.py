@@ -13,19 +13,19 @@ import pydicom
 import torch
 
 from export.onnx_export import export_run
-from inference.analyze import AssessedLabel, analyze_study
+from inference.analyze import analyze_study
 from inference.labels import ConditionGroup
 from inference.model import ModelMetadata
 from inference.runtime import OnnxRunner
+from tests.support.tools import lumbar_node
 from training.presets import PRESETS, Preset
 from training.runner import MODEL_NAME, load_model, save_model
-from tests.support.tools import lumbar_node
 
 OFFSETS = {ConditionGroup.SPINAL: (0.0, 0.0, 0.0), ConditionGroup.FORAMINAL: (22.0, 5.0, 6.0),
            ConditionGroup.SUBARTICULAR: (0.0, 0.0, 0.0)}
+SCORE_KEYS = ("total", "spinal", "foraminal", "subarticular", "any_severe_spinal")
 NO_VALIDATION = {"studies": 0, "median_level_error_mm": None,
-                 **{k: dict.fromkeys(("total", "spinal", "foraminal", "subarticular", "any_severe_spinal"), float("nan"))
-                    for k in ("score", "class_prior_score")}}
+                 **{k: dict.fromkeys(SCORE_KEYS, float("nan")) for k in ("score", "class_prior_score")}}
 
 
 def _instances(study: Path) -> list[tuple[pydicom.Dataset, Path]]:
@@ -43,7 +43,7 @@ def test_the_competition_preset_exports_and_grades_a_real_size_study_as_pytorch_
                          networks=config.networks.to_json(), validation=NO_VALIDATION)
     save_model(run / "model.pt", localiser, grader, meta)
     exported = export_run(run, model)
-    check = exported.verification["fp32"]  # type: ignore[index]
+    check = exported.verification["fp32"]  # type: ignore[index]  # the export always sets verification
     assert check["crop_shapes"] == 3 and check["max_abs_diff_probabilities"] < 1e-4
     written = json.loads((model / "model.json").read_text())
     assert written["preset"] == "competition" and set(written["preprocessing"]["graders"]) == {g.value for g in

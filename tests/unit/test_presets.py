@@ -17,8 +17,16 @@ from inference.model import ModelError, ModelMetadata
 from inference.preprocess import CropSpec
 from inference.runtime import DEFAULT_MODEL_DIR
 from inference.specs import GRADER_SPEC, SMALL_SPEC, ModelSpec
-from training.cache import CacheError, Manifest, PrepareSpec, StudyEntry, StudyStatus, open_cache, sample_arrays, \
-    write_entry
+from training.cache import (
+    CacheError,
+    Manifest,
+    PrepareSpec,
+    StudyEntry,
+    StudyStatus,
+    open_cache,
+    sample_arrays,
+    write_entry,
+)
 from training.data import CACHE_SPEC, StudySamples, window_spec
 from training.init_weights import InitWeightsError, init_grader
 from training.loader import GraderDataset, GraderIndex, collate_grader
@@ -52,7 +60,7 @@ def test_the_small_spec_keeps_todays_keys_and_a_spec_of_differing_groups_adds_gr
 
 
 def test_model_json_round_trips_a_competition_model_and_check_refuses_insane_crops(tmp_path: Path) -> None:
-    meta = ModelMetadata("m", "1", "phantom", {g: (1.0, 2.0, 3.0) for g in ConditionGroup},
+    meta = ModelMetadata("m", "1", "phantom", dict.fromkeys(ConditionGroup, (1.0, 2.0, 3.0)),
                          preprocessing=COMPETITION_SPEC.to_preprocessing(), preset="competition",
                          networks=PRESETS[Preset.COMPETITION].networks.to_json())
     meta.write(tmp_path / "model.json")
@@ -76,7 +84,8 @@ def test_grader_crop_overrides_are_parsed_and_checked() -> None:
         resolve("competition", ("spinal=64,128,8",))
     with pytest.raises(ValueError, match="one slice count"):  # the residual grader takes slices as channels
         resolve("small", ("spinal=44,48,5",))
-    assert resolve("small", ("spinal=44,48,5", "foraminal=44,48,5", "subarticular=44,48,5")).networks.grader.in_channels == 5
+    five = resolve("small", ("spinal=44,48,5", "foraminal=44,48,5", "subarticular=44,48,5"))
+    assert five.networks.grader.in_channels == 5
 
 
 # ---- the networks ------------------------------------------------------------------------------------
@@ -115,6 +124,7 @@ def test_a_batch_of_several_crop_shapes_is_graded_per_shape_and_concatenated() -
     items = [(np.random.default_rng(i).random((3 if i % 2 else 5, 24, 24), np.float32), i % 3, i % 5, i // 2)
              for i in range(6)]
     crops, targets, conditions, studies = collate_grader(items)
+    assert studies.tolist() == [0, 1, 2, 0, 1, 2]
     assert [tuple(c.shape) for c in crops] == [(3, 5, 24, 24), (3, 3, 24, 24)]
     assert targets.tolist() == [0, 2, 1, 1, 0, 2] and conditions.tolist() == [0, 2, 4, 1, 3, 0]  # grouped, stable
     logits = grader_logits(grader, crops)
@@ -138,10 +148,10 @@ class _Recorder:
 
 def test_serving_calls_the_grader_once_per_crop_shape_and_keeps_the_labels_order() -> None:
     shapes = [(3, 24, 24), (5, 24, 24), (3, 24, 24), (3, 32, 32)]
-    crops = [_Crop(LABELS[i], np.full(s, i / 10, np.float32), CONDITIONS.index(LABELS[i].condition), None)  # type: ignore[arg-type]
+    crops = [_Crop(LABELS[i], np.full(s, i / 10, np.float32), CONDITIONS.index(LABELS[i].condition), None)  # type: ignore[arg-type]  # no location: not read
              for i, s in enumerate(shapes)]
     runner = _Recorder()
-    graded = _grade_crops(crops, runner)  # type: ignore[arg-type]
+    graded = _grade_crops(crops, runner)  # type: ignore[arg-type]  # a recorder, not a full Runner
     assert runner.calls == [(2, 3, 24, 24), (1, 5, 24, 24), (1, 3, 32, 32)]
     assert [g.label for g in graded] == list(LABELS[:4])
     assert [round(g.probabilities[0], 3) for g in graded] == [0.0, 0.1, 0.2, 0.3]
@@ -180,7 +190,7 @@ def test_the_cache_spec_follows_the_model_spec_and_stores_one_array_per_window_s
         assert np.array_equal(crop, windows[i][1:-1, m:m + crop.shape[1], m:m + crop.shape[2]].astype(np.float32))
         assert target == targets[i] and CONDITIONS[condition] == LABELS[i].condition
     assert open_cache(cache, three).ok() == [3]
-    with pytest.raises(CacheError, match="for other crops .*--preset"):
+    with pytest.raises(CacheError, match=r"for other crops .*--preset"):
         open_cache(cache, PrepareSpec())
 
 
