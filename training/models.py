@@ -89,9 +89,10 @@ class Networks:
     def build(self) -> tuple[Localiser, GraderNetwork]:
         """New networks of this configuration (random weights)."""
         g = self.grader
+        localiser = Localiser(self.localiser.width, self.localiser.in_channels)  # first: the seeded draws as before
         grader: GraderNetwork = (Grader(g.width, g.dropout, g.in_channels) if g.kind is GraderKind.RESIDUAL
                                  else SequenceGrader(g))
-        return Localiser(self.localiser.width, self.localiser.in_channels), grader
+        return localiser, grader
 
 
 class Localiser(nn.Module):
