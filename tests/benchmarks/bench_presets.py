@@ -9,6 +9,8 @@ study (random weights: the time, not the skill). Prints numbers; asserts nothing
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +23,6 @@ from inference.analyze import analyze_study
 from inference.labels import CONDITIONS, ConditionGroup
 from inference.model import ModelMetadata
 from inference.runtime import OnnxRunner
-from tests.support.tools import lumbar_node
 from training.models import grader_logits
 from training.presets import PRESETS, Preset
 from training.runner import MODEL_NAME, save_model
@@ -80,7 +81,8 @@ def onnx_study_seconds(preset: Preset, matrix: str, work: Path) -> tuple[float, 
     save_model(work / "run" / "model.pt", localiser, grader, meta)
     export_run(work / "run", work / "model")
     data = work / "data"
-    lumbar_node("phantom", "--studies", "1", "--seed", "5", "--matrix", matrix, "--out", str(data))
+    subprocess.run([str(Path(sys.executable).parent / "lumbar-node"), "phantom", "--studies", "1", "--seed", "5",
+                    "--matrix", matrix, "--out", str(data)], check=True, capture_output=True)
     study = next((data / "train_images").iterdir())
     instances = [(pydicom.dcmread(p, stop_before_pixels=True), p) for p in sorted(study.rglob("*.dcm"))]
     runner = OnnxRunner(work / "model")

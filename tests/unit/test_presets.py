@@ -226,3 +226,23 @@ def test_init_weights_refuses_a_file_that_matches_nothing(tmp_path: Path) -> Non
         init_grader(SequenceGrader(TINY), tmp_path / "other.pth")
     with pytest.raises(InitWeightsError, match="ResNet backbone"):
         init_grader(Networks().build()[1], tmp_path / "other.pth")
+
+
+def test_a_competition_cam_of_8_x_8_is_drawn_onto_the_source_image() -> None:
+    """The results' heatmap drawing resamples any CAM size onto its crop's grid and then the image."""
+    from dicom_node.results.sc import cam_on_image
+    from inference.analyze import AssessedLabel, Location
+    from inference.geometry import ImagePlane
+    from inference.preprocess import CropFrame
+
+    plane = ImagePlane.from_attributes((0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (0.5, 0.5), 256, 256)
+    spec = COMPETITION_SPEC.spinal  # 64 mm, 128 px: the crop covers the image's 128 mm field from (32, 32) mm
+    frame = CropFrame(np.array([64.0, 64.0, 0.0]), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), spec)
+    cam = np.zeros((8, 8), np.float32)
+    cam[3:5, 3:5] = 1.0  # the centre of the crop
+    location = Location("1.2", "1.2.1", "1.2.840.10008.5.1.4.1.1.4", 1, (128.0, 128.0), (64.0, 64.0, 0.0), frame)
+    on_image = cam_on_image(AssessedLabel(LABELS[0], (0.2, 0.3, 0.5), location, cam), plane)
+    assert on_image.shape == (256, 256)
+    row, col = np.unravel_index(int(np.argmax(on_image)), on_image.shape)
+    assert abs(row - 127.5) <= 8 and abs(col - 127.5) <= 8  # the crop's centre, mm 64 at 0.5 mm per pixel
+    assert on_image[:60].max() == 0 and on_image[200:].max() == 0  # nothing outside the crop
