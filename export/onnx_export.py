@@ -81,12 +81,18 @@ def samples_per_shape(shape: Shape, cap: int = 25) -> int:
     return int(np.clip(SAMPLE_VOXELS // int(np.prod(shape)), 4, cap))
 
 
-def sample_inputs(n: int = 25, seed: int = 0, spec: ModelSpec | None = None) \
+def sample_inputs(n: int = 25, seed: int = 0) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32]]:
+    """The small preset's sample inputs: ``n`` crops (3, 48, 48), their conditions, two localiser
+    images (``shape_samples`` of the small spec)."""
+    [(crops, conditions)], images = shape_samples(ModelSpec(), n, seed)
+    return crops, conditions, images
+
+
+def shape_samples(spec: ModelSpec, n: int = 25, seed: int = 0) \
         -> tuple[list[tuple[NDArray[np.float32], NDArray[np.int64]]], NDArray[np.float32]]:
     """Deterministic sample inputs: smooth random images in the normalised intensity range. Per
-    crop shape of ``spec`` (default: the small preset's), (crops, conditions of the groups that
-    take that shape), at most ``n`` crops (``samples_per_shape``); and two localiser images."""
-    spec = spec or ModelSpec()
+    crop shape of ``spec``, (crops, conditions of the groups that take that shape), at most ``n``
+    crops (``samples_per_shape``); and two localiser images on the spec's grid."""
     rng = np.random.default_rng(seed)
 
     def smooth(shape: tuple[int, ...]) -> NDArray[np.float32]:
@@ -106,7 +112,7 @@ def verify(model_dir: Path, runner: TorchRunner, precision: str = "fp32") -> dic
     """Compare the ONNX models in ``model_dir`` with the PyTorch runner; raise ExportError on failure."""
     suffix = "" if precision == "fp32" else f".{precision}"
     providers = ["CPUExecutionProvider"] if precision == "fp32" else ["CUDAExecutionProvider"]
-    per_shape, images = sample_inputs(spec=runner.metadata.spec)
+    per_shape, images = shape_samples(runner.metadata.spec)
     grader = ort.InferenceSession(str(model_dir / f"grader{suffix}.onnx"), providers=providers)
     localiser = ort.InferenceSession(str(model_dir / f"localiser{suffix}.onnx"), providers=providers)
     heatmaps = localiser.run(None, {"images": images})[0]
@@ -146,7 +152,7 @@ def export_run(run: Path, out: Path, fp16: bool = False) -> ModelMetadata:
     runner = load_model(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     spec = runner.metadata.spec
-    per_shape, images = sample_inputs(4, spec=spec)
+    per_shape, images = shape_samples(spec, 4)
     crops, conditions = per_shape[0]
     _export(runner.localiser, (torch.from_numpy(images),), out / "localiser.onnx", ["images"], ["heatmaps"])
     _export(runner.grader, (torch.from_numpy(crops), torch.from_numpy(conditions)), out / "grader.onnx",

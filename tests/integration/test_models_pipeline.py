@@ -74,7 +74,7 @@ def test_export_fails_loudly_when_the_graph_differs(trained: tuple[Path, Path], 
 def test_in_graph_gradcam_equals_autograd_gradcam() -> None:
     torch.manual_seed(0)
     grader = Grader().eval()
-    [(crops, conditions)], _ = sample_inputs(10)
+    crops, conditions, _ = sample_inputs(10)
     _, cam = grader(torch.from_numpy(crops), torch.from_numpy(conditions))
     auto = autograd_gradcam(grader, torch.from_numpy(crops), torch.from_numpy(conditions))
     for a, b in zip(cam.detach().numpy(), auto.numpy(), strict=True):
@@ -135,7 +135,7 @@ def test_runner_grades_in_evaluation_mode_even_after_training_mode(trained: tupl
     or batch statistics."""
     run, _ = trained
     runner = load_model(run / "model.pt")
-    [(crops, conditions)], _ = sample_inputs(25)
+    crops, conditions, _ = sample_inputs(25)
     runner.grader.train()
     first, _ = runner.grade(crops, conditions)
     runner.grader.train()
