@@ -40,14 +40,16 @@ from export.onnx_export import (
     ExportError,
     _correlation,
     _export,
+    _grader_axes,
+    _io_text,
     model_card,
-    sample_inputs,
+    shape_samples,
 )
 from inference.labels import CONDITIONS, LABELS
 from inference.level_check import LevelCheck
 from inference.model import ModelInfo, ModelMetadata, file_sha256
 from training.metrics import competition_score
-from training.models import CONDITION_GROUP, N_CLASSES, N_GROUPS, Grader, calibrated
+from training.models import CONDITION_GROUP, GraderNetwork, calibrated
 from training.report import DEFAULT_PRESET, Oof, fold_folders, fold_of, read_oof
 from training.report import calibrated as at_temperatures
 from training.runner import TorchRunner, load_model
@@ -299,20 +301,10 @@ def ensemble_metadata(runs: list[Path], members: list[Member], temperatures: lis
 # ---- verification ------------------------------------------------------------------------------------
 
 
-def member_gradcam(grader: Grader, crops: Tensor, conditions: Tensor, classes: Tensor) -> Tensor:
-    """Autograd Grad-CAM of ``classes`` for one member with a features/head layout (training.models.Grader):
-    ReLU(sum_k mean(d logit_c / d A_k) * A_k). Adapt where members get other layouts."""
-    maps = grader.features(crops).detach().requires_grad_(True)
-    logits = grader.head(maps.mean(dim=(2, 3))).view(-1, N_GROUPS, N_CLASSES)
-    own = logits[torch.arange(len(crops)), torch.tensor(CONDITION_GROUP)[conditions]]
-    (grads,) = torch.autograd.grad(own.gather(1, classes.view(-1, 1)).sum(), maps)
-    return torch.relu((grads.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1)).detach()
-
-
 def reference_gradcam(graders: list[nn.Module], views: list[Tensor], conditions: Tensor, classes: Tensor) -> Tensor:
     """The members' autograd Grad-CAM of the ensemble's classes on each view of the crops, resized to
     the largest, averaged."""
-    cams = [member_gradcam(cast(Grader, g), crops, conditions, classes) for crops in views for g in graders]
+    cams = [cast(GraderNetwork, g).reference_cam(crops, conditions, classes) for crops in views for g in graders]
     size = max(tuple(c.shape[-2:]) for c in cams)
     cams = [c if tuple(c.shape[-2:]) == size else
             F.interpolate(c[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for c in cams]
@@ -320,22 +312,28 @@ def reference_gradcam(graders: list[nn.Module], views: list[Tensor], conditions:
 
 
 def verify_ensemble(model_dir: Path, runner: EnsembleRunner) -> dict[str, float]:
-    """ONNX Runtime against the PyTorch ensemble on sample inputs; ExportError unless within tolerance."""
-    crops, conditions, images = sample_inputs()
+    """ONNX Runtime against the PyTorch ensemble on sample inputs of every crop shape; ExportError
+    unless within tolerance."""
+    per_shape, images = shape_samples(runner.metadata.spec)
     providers = ["CPUExecutionProvider"]
-    probs, cam = ort.InferenceSession(str(model_dir / "grader.onnx"), providers=providers).run(
-        None, {"crops": crops, "conditions": conditions})
+    grader = ort.InferenceSession(str(model_dir / "grader.onnx"), providers=providers)
     heatmaps = ort.InferenceSession(str(model_dir / "localiser.onnx"), providers=providers).run(
         None, {"images": images})[0]
-    ref_probs, ref_cam = runner.grade(crops, conditions)
-    x, c = torch.from_numpy(crops), torch.from_numpy(conditions)
-    auto = reference_gradcam(list(runner.grader.members), runner.grader.views(x, c), c,
-                             torch.from_numpy(ref_probs.argmax(axis=1))).numpy()
+    diffs, vs_auto, vs_torch = [], [], []
+    for crops, conditions in per_shape:
+        probs, cam = grader.run(None, {"crops": crops, "conditions": conditions})
+        ref_probs, ref_cam = runner.grade(crops, conditions)
+        x, c = torch.from_numpy(crops), torch.from_numpy(conditions)
+        auto = reference_gradcam(list(runner.grader.members), runner.grader.views(x, c), c,
+                                 torch.from_numpy(ref_probs.argmax(axis=1))).numpy()
+        diffs.append(float(np.abs(probs - ref_probs).max()))
+        vs_auto += [_correlation(a, b) for a, b in zip(cam, auto, strict=True)]
+        vs_torch += [_correlation(a, b) for a, b in zip(cam, ref_cam, strict=True)]
     result = {
-        "max_abs_diff_probabilities": float(np.abs(probs - ref_probs).max()),
+        "max_abs_diff_probabilities": max(diffs),
         "max_abs_diff_heatmaps": float(np.abs(heatmaps - runner.localise(images)).max()),
-        "min_gradcam_correlation_vs_autograd": min(_correlation(c, a) for c, a in zip(cam, auto, strict=True)),
-        "min_gradcam_correlation_vs_torch": min(_correlation(c, a) for c, a in zip(cam, ref_cam, strict=True)),
+        "min_gradcam_correlation_vs_autograd": min(vs_auto),
+        "min_gradcam_correlation_vs_torch": min(vs_torch),
     }
     failures = [f"{k} {v:.2e} > {PROB_TOLERANCE:g}" for k, v in result.items()
                 if k.startswith("max_abs") and v > PROB_TOLERANCE]
@@ -366,27 +364,22 @@ def export_ensemble(runs: list[Path], out: Path, tta: bool = False) -> ModelMeta
     """Write the ensemble of ``runs`` to ``out`` (localiser.onnx, grader.onnx, model.json, MODEL_CARD.md)."""
     runner, members = load_ensemble(runs, tta)
     out.mkdir(parents=True, exist_ok=True)
-    crops, conditions, images = sample_inputs(4)
+    per_shape, images = shape_samples(runner.metadata.spec, 4)
+    crops, conditions = per_shape[0]
     _export(runner.localiser, (torch.from_numpy(images),), out / "localiser.onnx", ["images"], ["heatmaps"])
     _export(runner.grader, (torch.from_numpy(crops), torch.from_numpy(conditions)), out / "grader.onnx",
-            ["crops", "conditions"], ["probabilities", "cam"])
+            ["crops", "conditions"], ["probabilities", "cam"],
+            _grader_axes(cast(GraderNetwork, members[0].runner.grader)))
     checks = {"fp32": verify_ensemble(out, runner)}
     log.info("ensemble export verified", model_dir=str(out), members=len(members), **checks["fp32"])
-    pre = runner.metadata.preprocessing
-    cam = runner.grader.averaged(torch.from_numpy(crops), torch.from_numpy(conditions))[1]
+    io = _io_text(cast(TorchRunner, runner), runner.metadata.spec)
+    io["outputs"]["localiser"].append("the members' mean")
+    io["outputs"]["grader"] = ["probabilities (B, 3): the members' mean, calibrated after averaging",
+                               io["outputs"]["grader"][1].split(")")[0] + "): the members' mean map of the predicted class"]
     meta = replace(
         runner.metadata,
         checkpoint_sha256=runner.info.sha256,
-        onnx={"opset": OPSET, "files": {p.name: file_sha256(p) for p in sorted(out.glob("*.onnx"))},
-              "inputs": {"localiser": [f"images (B, {pre['localiser']['n_slices']}, {pre['localiser']['pixels']}, "
-                                       f"{pre['localiser']['pixels']}) float32"],
-                         "grader": [f"crops (B, {pre['grader']['n_slices']}, {pre['grader']['pixels']}, "
-                                    f"{pre['grader']['pixels']}) float32",
-                                    "conditions (B,) int64, index in conditions"]},
-              "outputs": {"localiser": ["heatmaps: the members' mean"],
-                          "grader": ["probabilities (B, 3): the members' mean, calibrated after averaging",
-                                     f"cam (B, {cam.shape[-2]}, {cam.shape[-1]}): the members' mean map of the "
-                                     "predicted class"]},
+        onnx={"opset": OPSET, "files": {p.name: file_sha256(p) for p in sorted(out.glob("*.onnx"))}, **io,
               "ensemble": {"members": len(members), "checkpoint_sha256": "sha256 of the members' sha256s in order",
                            "tta": ("spinal canal crops averaged with their left-right mirror (slices reversed); "
                                    "temperatures fitted without it") if tta else None}},

@@ -30,7 +30,6 @@ from inference.labels import (
 )
 from inference.level_check import DEFAULT_LEVEL_CHECK, LevelCheck, LevelFeatures, implausible, level_features
 from inference.levels import (
-    GRADER_SPEC,
     crop_axes,
     decode_heatmaps,
     local_offset,
@@ -77,12 +76,14 @@ class Runner(Protocol):
     info: ModelInfo
 
     def localise(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
-        """(B, 3, 128, 128) -> heatmaps (B, 5, 128, 128)."""
+        """(B, slices, n, n) on the model's localiser grid (``info.metadata.spec.localiser``) ->
+        heatmaps (B, 5, n, n); the small preset: (B, 3, 128, 128)."""
         ...
 
     def grade(self, crops: NDArray[np.float32],
               conditions: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """(B, 3, 48, 48) crops and their condition indices -> (probabilities (B, 3), Grad-CAM (B, h, w))."""
+        """(B, slices, n, n) crops of one shape (the model's grader crops: one shape per call) and
+        their condition indices -> (probabilities (B, 3), Grad-CAM (B, h, w))."""
         ...
 
 
@@ -220,7 +221,7 @@ def _localise_levels(vols: _Volumes, runner: Runner, batch: int) -> _Levels | No
         return None
     sag = vols.volumes[sagittal]
     mid = len(sag.slices) // 2
-    inputs = localiser_inputs(sag, vols.intensity[sagittal])
+    inputs = localiser_inputs(sag, vols.intensity[sagittal], runner.info.metadata.spec.localiser)
     images = [li.image for li in inputs]
     heatmaps = np.concatenate([runner.localise(np.stack(images[i:i + batch])) for i in range(0, len(images), batch)])
     points, peaks = decode_heatmaps(heatmaps[mid], inputs[mid].frame)
@@ -251,10 +252,11 @@ def _place_crop(label: Label, vols: _Volumes, canal: NDArray[np.float64], info: 
         return NotAssessedLabel(label, NotAssessedReason.NOT_COVERED,
                                 f"{label.level.value} is not covered by the {role.value} images")
     u, v, across = crop_axes(label.condition)
-    pixels = crop_25d(vol, center, u, v, across, GRADER_SPEC, vols.intensity[role], index=index)
+    spec = info.metadata.spec.grader(label.condition.group)
+    pixels = crop_25d(vol, center, u, v, across, spec, vols.intensity[role], index=index)
     sl = vol.slices[index]
     x, y, _ = sl.plane.to_pixel(center)
-    frame = crop_frame(sl, center, u, v, GRADER_SPEC)
+    frame = crop_frame(sl, center, u, v, spec)
     cx, cy, cz = (float(c) for c in frame.center)
     location = Location(sl.series_uid, sl.sop_instance_uid, sl.sop_class_uid, sl.instance_number,
                         (float(x), float(y)), (cx, cy, cz), frame)
@@ -262,16 +264,20 @@ def _place_crop(label: Label, vols: _Volumes, canal: NDArray[np.float64], info: 
 
 
 def _grade_crops(crops: list[_Crop], runner: Runner) -> list[AssessedLabel]:
-    """Step 5: every crop of the study through the grader in one batch."""
-    if not crops:
-        return []
-    probs, cams = runner.grade(np.stack([c.pixels for c in crops]), np.array([c.condition for c in crops], np.int64))
-    graded = []
-    for crop, p, cam in zip(crops, probs, cams, strict=True):
-        peak = float(cam.max())
-        graded.append(AssessedLabel(crop.label, (float(p[0]), float(p[1]), float(p[2])), crop.location,
-                                    (cam / peak if peak > 0 else cam).astype(np.float32)))
-    return graded
+    """Step 5: the study's crops through the grader, one batch per crop shape (the groups of a
+    model may have crops of different sizes and slice counts); in the order of ``crops``."""
+    by_shape: dict[tuple[int, ...], list[_Crop]] = {}
+    for c in crops:
+        by_shape.setdefault(c.pixels.shape, []).append(c)
+    graded = {}
+    for batch in by_shape.values():
+        conditions = np.array([c.condition for c in batch], np.int64)
+        probs, cams = runner.grade(np.stack([c.pixels for c in batch]), conditions)
+        for crop, p, cam in zip(batch, probs, cams, strict=True):
+            peak = float(cam.max())
+            graded[crop.label] = AssessedLabel(crop.label, (float(p[0]), float(p[1]), float(p[2])), crop.location,
+                                               (cam / peak if peak > 0 else cam).astype(np.float32))
+    return [graded[c.label] for c in crops]
 
 
 def analyze_study(instances: Iterable[tuple[Dataset, Path | None]], runner: Runner,

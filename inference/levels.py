@@ -28,10 +28,9 @@ from inference.preprocess import (
     crop_frame,
     sample_slice,
 )
+from inference.specs import GRADER_SPEC as GRADER_SPEC  # the small preset's crops, importable from here too
+from inference.specs import LOCALISER_SPEC as LOCALISER_SPEC
 from inference.volume import Volume
-
-LOCALISER_SPEC = CropSpec(size_mm=320.0, pixels=128, n_slices=3)  # the whole sagittal field of view
-GRADER_SPEC = CropSpec(size_mm=44.0, pixels=48, n_slices=3)
 
 SAGITTAL_AXES = (POSTERIOR, -HEAD)  # crop columns run posterior, rows run towards the feet
 
@@ -76,30 +75,30 @@ class LocaliserInput:
 
 
 def localiser_input(volume: Volume, intensity: Intensity, center: FloatArray | None = None,
-                    index: int | None = None) -> LocaliserInput:
-    """Three adjacent sagittal slices around the central one (or ``index``) on the localiser's
-    fixed physical grid, centred on the middle of the central slice (or on ``center``)."""
+                    index: int | None = None, spec: CropSpec = LOCALISER_SPEC) -> LocaliserInput:
+    """Adjacent sagittal slices around the central one (or ``index``) on the localiser's fixed
+    physical grid (``spec``), centred on the middle of the central slice (or on ``center``)."""
     mid = len(volume.slices) // 2
     index = mid if index is None else index
     center = volume.slices[mid].plane.center if center is None else center
     u, v = SAGITTAL_AXES
-    image = crop_25d(volume, center, u, v, LEFT, LOCALISER_SPEC, intensity, index=index)
-    return LocaliserInput(image, crop_frame(volume.slices[index], center, u, v, LOCALISER_SPEC))
+    image = crop_25d(volume, center, u, v, LEFT, spec, intensity, index=index)
+    return LocaliserInput(image, crop_frame(volume.slices[index], center, u, v, spec))
 
 
-def localiser_inputs(volume: Volume, intensity: Intensity) -> list[LocaliserInput]:
+def localiser_inputs(volume: Volume, intensity: Intensity, spec: CropSpec = LOCALISER_SPEC) -> list[LocaliserInput]:
     """``localiser_input`` for every slice of a sagittal volume, sampling each slice only once:
     the same images as calling it per index, for the per-slice midline estimate."""
     mid = len(volume.slices) // 2
     center = volume.slices[mid].plane.center
     u, v = SAGITTAL_AXES
-    samples = [sample_slice(sl, center, u, v, LOCALISER_SPEC, intensity) for sl in volume.slices]
+    samples = [sample_slice(sl, center, u, v, spec, intensity) for sl in volume.slices]
     step = 1 if float(volume.slices[mid].plane.normal @ LEFT) >= 0 else -1
-    half, last = LOCALISER_SPEC.n_slices // 2, len(samples) - 1
+    half, last = spec.n_slices // 2, len(samples) - 1
     out = []
     for i, sl in enumerate(volume.slices):
         picks = [min(max(i + step * k, 0), last) for k in range(-half, half + 1)]
-        out.append(LocaliserInput(np.stack([samples[j] for j in picks]), crop_frame(sl, center, u, v, LOCALISER_SPEC)))
+        out.append(LocaliserInput(np.stack([samples[j] for j in picks]), crop_frame(sl, center, u, v, spec)))
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import structlog
 
 from inference.labels import CONDITIONS, LABEL_COLUMNS, SEVERITY_NAMES, ConditionGroup
 from inference.level_check import DEFAULT_LEVEL_CHECK, LevelCheck
-from inference.levels import GRADER_SPEC, LOCALISER_SPEC
+from inference.specs import SMALL_SPEC, ModelSpec
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -38,11 +38,8 @@ def file_sha256(path: Path) -> str:
 
 
 def default_preprocessing() -> dict[str, Any]:
-    """The preprocessing this code applies, as model.json records it."""
-    return {"localiser": asdict(LOCALISER_SPEC), "grader": asdict(GRADER_SPEC),
-            "intensity": "per volume (value - p1) / (p99.5 - p1)",
-            "localiser_input": "3 central sagittal slices, columns posterior, rows to the feet",
-            "crops": "inference.levels.crop_axes; right side mirrored"}
+    """The small preset's preprocessing, as model.json records it (``ModelSpec.to_preprocessing``)."""
+    return SMALL_SPEC.to_preprocessing()
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,8 @@ class ModelMetadata:
     train_studies: int = 0
     seed: int = 0
     created: str = ""
+    preset: str | None = None  # training.presets.Preset; None (older models): small
+    networks: dict[str, Any] | None = None  # training.models.Networks; None (older models): small
     # written by the export only
     checkpoint_sha256: str | None = None
     onnx: dict[str, Any] | None = None
@@ -127,15 +126,23 @@ class ModelMetadata:
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=1))
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The crops the model's networks take (its ``preprocessing``)."""
+        try:
+            return ModelSpec.from_preprocessing(self.preprocessing)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model.json preprocessing has no usable crop geometry: {type(exc).__name__}: {exc}") \
+                from None
+
     def check(self) -> None:
-        """Raise ModelError unless the label order and crop geometry are this code's."""
+        """Raise ModelError unless the label order is this code's and the crop geometry is sane."""
         if tuple(self.label_columns) != LABEL_COLUMNS:
             raise ModelError("model.json label order differs from inference.labels")
-        for name, spec in (("localiser", LOCALISER_SPEC), ("grader", GRADER_SPEC)):
-            got = self.preprocessing.get(name, {})
-            wanted = (spec.size_mm, spec.pixels, spec.n_slices)
-            if (got.get("size_mm"), got.get("pixels"), got.get("n_slices")) != wanted:
-                raise ModelError(f"model.json {name} crop {got} differs from this code's {spec}")
+        try:
+            self.spec.check()
+        except ValueError as exc:
+            raise ModelError(f"model.json preprocessing: {exc}") from None
 
 
 @dataclass(frozen=True)

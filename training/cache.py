@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from inference.labels import LABELS, Label
-from inference.levels import GRADER_SPEC, LOCALISER_SPEC
+from inference.labels import LABELS, ConditionGroup, Label
 from inference.preprocess import CropSpec
-from training.data import CACHE_SPEC, HEATMAP_SIGMA_PX, JITTER_PX, StudySamples
+from inference.specs import SMALL_SPEC, ModelSpec, Shape, crop_shape
+from training.data import HEATMAP_SIGMA_PX, JITTER_PX, StudySamples, window_spec
 
-CACHE_FORMAT = 1  # bump when the arrays or their meaning change: every entry is rebuilt
+CACHE_FORMAT = 2  # bump when the arrays or their meaning change: every entry is rebuilt
 MANIFEST = "manifest.json"
 STUDIES = "studies"
 ENTRY = "entry.json"
@@ -43,9 +43,12 @@ _TEMP_PREFIXES = (".tmp-", ".old-")
 ARRAYS: dict[str, tuple[str, str]] = {
     "targets": ("int8", "(25,): class index per label (LABELS order), -1 unlabelled"),
     "points": ("float64", "(25, 3): marked patient point (LPS mm) per label, NaN where none"),
-    "windows": ("float16", "(n, slices+2, H+2*JITTER_PX, W+2*JITTER_PX): grader windows (CACHE_SPEC)"),
-    "window_labels": ("int8", "(n,): the label index of each window"),
-    "localiser_images": ("float16", "(m, 3, 128, 128): localiser inputs (LOCALISER_SPEC)"),
+    "windows": ("float16", "(n0, slices+2, H+2m, W+2m): grader windows of the spec's first window shape "
+                "(PrepareSpec.windows; the small preset: every window, 5 x 64 x 64)"),
+    "windows_<k>": ("float16", "(nk, ...): the windows of the spec's window shape k >= 1 (a spec whose groups differ)"),
+    "window_labels": ("int8", "(n,): the label index of each window, ascending; a window's row in its shape's "
+                      "array is its rank among the windows of that shape"),
+    "localiser_images": ("float16", "(m, 3, n, n): localiser inputs (the spec's localiser grid)"),
     "localiser_peaks": ("float32", "(m, 5, 2): (col, row) of each level's canal point, NaN where unknown"),
     "localiser_jittered": ("bool", "(m,): centred off the served centre (training only)"),
 }
@@ -72,24 +75,47 @@ class LeftOutReason(StrEnum):
 @dataclass(frozen=True)
 class PrepareSpec:
     """Everything that decides a cache entry's arrays besides the study's own files: its hash
-    decides whether an entry is up to date."""
+    decides whether an entry is up to date. ``model``: the crops of the model the cache is for
+    (a preset's ``ModelSpec``); each group's window is ``training.data.window_spec`` of its crop."""
 
     format: int = CACHE_FORMAT
-    window: CropSpec = CACHE_SPEC
-    grader: CropSpec = GRADER_SPEC
-    localiser: CropSpec = LOCALISER_SPEC
+    model: ModelSpec = SMALL_SPEC
     jitter_px: int = JITTER_PX
     localiser_jitter_mm: float = 25.0
     heatmap_sigma_px: float = HEATMAP_SIGMA_PX
     seed: int = 0  # of the localiser's jittered centre (one draw per study and series)
 
+    @property
+    def windows(self) -> dict[ConditionGroup, CropSpec]:
+        """Each group's cached window."""
+        return {g: window_spec(s) for g, s in self.model.graders.items()}
+
+    def window_shapes(self) -> list[Shape]:
+        """The distinct window shapes, in group order: shape k is stored in ``window_array(k)``."""
+        return list(dict.fromkeys(crop_shape(w) for w in self.windows.values()))
+
+    def window_index(self, group: ConditionGroup) -> int:
+        """The index of a group's window shape (``window_shapes``)."""
+        return self.window_shapes().index(crop_shape(self.windows[group]))
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**{k: v for k, v in asdict(self).items() if k != "model"}, "model": self.model.to_json(),
+                "windows": {g.value: asdict(w) for g, w in self.windows.items()}}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PrepareSpec:
-        specs = {k: CropSpec(**raw[k]) for k in ("window", "grader", "localiser")}
-        return cls(**{**raw, **specs})
+        """From ``to_json``'s output; a manifest of format 1 (one grader crop) reads as its model spec."""
+        raw = dict(raw)
+        raw.pop("windows", None)
+        if "model" in raw:
+            model = ModelSpec.from_json(raw.pop("model"))
+        else:  # format 1: window, grader, localiser
+            raw.pop("window", None)
+            model = ModelSpec.from_preprocessing({"grader": raw.pop("grader"), "localiser": raw.pop("localiser")})
+        return cls(**raw, model=model)
+
+    def describe(self) -> str:
+        return self.model.describe()
 
     @property
     def hash(self) -> str:
@@ -145,23 +171,32 @@ def fingerprint(sources: list[Source], rows: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def sample_arrays(samples: StudySamples) -> dict[str, NDArray]:
-    """A study's samples as the cache's arrays (``ARRAYS``)."""
+def window_array(k: int) -> str:
+    """The array name of window shape k (``PrepareSpec.window_shapes``)."""
+    return "windows" if k == 0 else f"windows_{k}"
+
+
+def sample_arrays(samples: StudySamples, spec: PrepareSpec | None = None) -> dict[str, NDArray]:
+    """A study's samples as the cache's arrays (``ARRAYS``), windows in one array per window shape."""
+    spec = spec or PrepareSpec()
     points = np.full((len(LABELS), 3), np.nan)
     for label, p in samples.points.items():
         points[LABELS.index(label)] = p
     order = sorted(samples.windows)
-    w = CACHE_SPEC
     loc = samples.localiser
+    shapes = spec.window_shapes()
+    windows = {}
+    for k, shape in enumerate(shapes):
+        mine = [samples.windows[i] for i in order if spec.window_index(LABELS[i].condition.group) == k]
+        windows[window_array(k)] = np.stack(mine) if mine else np.zeros((0, *shape), np.float16)
+    lspec = spec.model.localiser
     return {
         "targets": samples.targets.astype(np.int8),
         "points": points,
-        "windows": (np.stack([samples.windows[i] for i in order]) if order
-                    else np.zeros((0, w.n_slices, w.pixels, w.pixels), np.float16)),
+        **windows,
         "window_labels": np.array(order, np.int8),
         "localiser_images": (np.stack([s.image for s in loc]) if loc else
-                             np.zeros((0, LOCALISER_SPEC.n_slices, LOCALISER_SPEC.pixels, LOCALISER_SPEC.pixels),
-                                      np.float16)),
+                             np.zeros((0, lspec.n_slices, lspec.pixels, lspec.pixels), np.float16)),
         "localiser_peaks": np.stack([s.peaks for s in loc]) if loc else np.zeros((0, 5, 2), np.float32),
         "localiser_jittered": np.array([s.jittered for s in loc], bool),
     }
@@ -299,8 +334,11 @@ def open_cache(cache: Path, spec: PrepareSpec | None = None) -> Manifest:
     if not manifest.complete:
         raise CacheError(f"{cache}: prepare did not finish (run `lumbar-node prepare` again: it resumes)")
     if manifest.spec.hash != spec.hash:
-        raise CacheError(f"{cache} was prepared with another preprocessing spec ({manifest.spec.hash}, this code's "
-                         f"is {spec.hash}): run `lumbar-node prepare` again, it rebuilds what changed")
+        other = (f" for other crops ({manifest.spec.describe()}; the model's: {spec.describe()})"
+                 if manifest.spec.model != spec.model else "")
+        raise CacheError(f"{cache} was prepared with another preprocessing spec{other} ({manifest.spec.hash}, this "
+                         f"run's is {spec.hash}): run `lumbar-node prepare` again with the same --preset and "
+                         "--grader-crop, it rebuilds what changed")
     if not manifest.ok():
         raise CacheError(f"{cache}: no study with training data ({manifest.left_out() or 'no studies'})")
     return manifest

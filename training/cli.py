@@ -20,6 +20,31 @@ def require_torch() -> None:
                                    "(run scripts/setup.sh without LUMBAR_NODE_NO_TORCH=1)") from None
 
 
+PRESET_CHOICE = click.Choice(["small", "competition"])
+
+
+def _preset_options(f):  # noqa: ANN001, ANN202 - a click decorator
+    """``--preset`` and ``--grader-crop``, shared by prepare and train."""
+    f = click.option("--grader-crop", "grader_crop", multiple=True, metavar="GROUP=SIZE_MM,PIXELS,SLICES",
+                     help="Override one group's grader crop (GROUP: spinal, foraminal, subarticular), e.g. "
+                          "spinal=64,128,7; repeat for several. Recorded in RUN/config.json.")(f)
+    return click.option("--preset", type=PRESET_CHOICE, default="small", show_default=True,
+                        help="Model size (training/presets.py): small (the bundled model's networks and crops) or "
+                             "competition (128 px crops, 5-9 slices per group, per-slice ResNet-34 with an "
+                             "attention head across slices, 256 px localiser grid).")(f)
+
+
+def _prepare_spec(preset: str, grader_crop: tuple[str, ...]):  # noqa: ANN202 - training.cache.PrepareSpec
+    """The cache spec of a preset with its overrides, or a one-line usage error."""
+    from training.cache import PrepareSpec
+    from training.presets import resolve
+
+    try:
+        return PrepareSpec(model=resolve(preset, grader_crop).spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--grader-crop") from None
+
+
 @click.command("prepare")
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Folder in the RSNA 2024 layout (the Kaggle download, or `lumbar-node phantom` output).")
@@ -28,21 +53,23 @@ def require_torch() -> None:
                    "brought up to date (unchanged studies are skipped; an interrupted run resumes).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes reading the studies (0: in this process)  [default: min(4, CPU count)]")
-def prepare_command(data: Path, cache: Path, workers: int | None) -> None:
+@_preset_options
+def prepare_command(data: Path, cache: Path, workers: int | None, preset: str, grader_crop: tuple[str, ...]) -> None:
     """Read every study once into a training cache (what `lumbar-node train --cache` reads).
 
     Per study: the localiser images and the canal points on them, the crop window of every
     labelled finding (with room for the jitter), the labels and the marked points, as
-    memory-mappable .npy arrays. A study that cannot be used is left out with its reason (no
-    coordinates, no readable images, ...). Prints a one-line summary.
+    memory-mappable .npy arrays, for the crops of --preset. A study that cannot be used is left out
+    with its reason (no coordinates, no readable images, ...). Prints a one-line summary.
     """
     _rsna_folder(data)
+    spec = _prepare_spec(preset, grader_crop)
     from training.cache import CacheError
     from training.prepare import prepare
     from training.rsna import LayoutError
 
     try:
-        summary = prepare(data, cache, workers)
+        summary = prepare(data, cache, workers, spec=spec)
     except (LayoutError, CacheError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -78,9 +105,14 @@ def prepare_command(data: Path, cache: Path, workers: int | None) -> None:
               help="K-fold cross-validation: K models on disjoint validation folds (by study, from --seed) in "
                    "RUN/fold-0 ... RUN/fold-<K-1>, scored together out of fold in RUN/report.md. A rerun skips "
                    "finished folds and resumes the interrupted one.")
+@_preset_options
+@click.option("--init-weights", "init_weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start the grader's backbone (competition preset) from this state dict: torchvision's ResNet-34 "
+                   "layout, a .pth/.pt file or .safetensors, matched by name and shape. Nothing is downloaded.")
 def train_command(data: Path | None, cache: Path | None, run: Path, localiser_epochs: int, grader_epochs: int,
                   patience: int, seed: int, device: str, workers: int | None, augment: str,
-                  training_data: str | None, folds: int | None) -> None:
+                  training_data: str | None, folds: int | None, preset: str, grader_crop: tuple[str, ...],
+                  init_weights: Path | None) -> None:
     """Train the level localiser and the grader (PyTorch) on a prepared cache or an RSNA 2024 folder.
 
     Splits by study, trains the localiser, measures its real error on validation, trains the
@@ -96,13 +128,19 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
         _rsna_folder(data)
     from training.cache import CacheError
     from training.folds import FoldsError, train_folds
+    from training.init_weights import InitWeightsError
     from training.prepare import prepare
     from training.report import write_report
     from training.rsna import LayoutError
     from training.train import TrainConfig, train
 
+    spec = _prepare_spec(preset, grader_crop)
+    if init_weights is not None and not init_weights.is_file():
+        raise click.BadParameter(f"{init_weights} is not a file", param_hint="--init-weights")
     cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
-                      seed=seed, device=device, augment=_augment_config(augment))
+                      seed=seed, device=device, augment=_augment_config(augment), preset=preset,
+                      grader_crop=tuple(grader_crop),
+                      init_weights=str(init_weights.resolve()) if init_weights else None)
     if workers is not None:
         cfg.workers = workers
     if training_data:
@@ -110,13 +148,13 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
     try:
         if data is not None:
             cache = cache or run / "cache"
-            click.echo(prepare(data, cache, cfg.workers).line(), err=True)
+            click.echo(prepare(data, cache, cfg.workers, spec=spec).line(), err=True)
         assert cache is not None
         if folds:
             train_folds(cache, run, cfg, folds)
         else:
             train(cache, run, cfg)
-    except (LayoutError, CacheError, FoldsError) as exc:
+    except (LayoutError, CacheError, FoldsError, InitWeightsError) as exc:
         raise click.ClickException(str(exc)) from None
     report = write_report(run)
     click.echo(f"CV score {report['cv_score']['score']:.3f} (95% interval {report['cv_score']['low']:.3f} to "

@@ -7,6 +7,7 @@ training sees exactly what serving sees. Per study we keep only small arrays (fl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +32,23 @@ from training.rsna import StudyRecord, read_image
 
 log = structlog.stdlib.get_logger(__name__)
 
-JITTER_PX = 8  # cached crop windows are this much larger on each side, for translation jitter
-CACHE_SPEC = CropSpec(GRADER_SPEC.mm_per_pixel * (GRADER_SPEC.pixels + 2 * JITTER_PX),
-                      GRADER_SPEC.pixels + 2 * JITTER_PX, GRADER_SPEC.n_slices + 2)
+JITTER_PX = 8  # cached crop windows are this much larger on each side (at GRADER_SPEC's pitch), for jitter
+
+
+def jitter_margin(grader: CropSpec) -> int:
+    """The window's margin in pixels around a grader crop: ``JITTER_PX`` at the small preset's
+    pitch, the same millimetres (at least ``JITTER_PX`` pixels) at a finer one."""
+    return max(JITTER_PX, round(JITTER_PX * GRADER_SPEC.mm_per_pixel / grader.mm_per_pixel))
+
+
+def window_spec(grader: CropSpec) -> CropSpec:
+    """The cached window of a grader crop: ``jitter_margin`` pixels more on each side, one slice
+    more on each side (for the slice-shift augmentation), at the crop's pitch."""
+    m = jitter_margin(grader)
+    return CropSpec(grader.mm_per_pixel * (grader.pixels + 2 * m), grader.pixels + 2 * m, grader.n_slices + 2)
+
+
+CACHE_SPEC = window_spec(GRADER_SPEC)  # the small preset's window: 64 px, 5 slices
 HEATMAP_SIGMA_PX = 2.0  # the localiser's target: a gaussian of this width at each disc's canal point
 
 
@@ -41,13 +56,13 @@ HEATMAP_SIGMA_PX = 2.0  # the localiser's target: a gaussian of this width at ea
 class LocaliserSample:
     """One localiser image and where its disc levels' canal points lie on it."""
 
-    image: NDArray[np.float16]  # (3, 128, 128) on LOCALISER_SPEC's grid
+    image: NDArray[np.float16]  # (3, n, n) on the localiser's grid (LOCALISER_SPEC: 128 px)
     peaks: NDArray[np.float32]  # (5, 2) (col, row) of each level's canal point, NaN where not marked
     jittered: bool  # centred off the middle of the sagittal series (training only), else the served centre
 
     def target(self, sigma_px: float = HEATMAP_SIGMA_PX) -> NDArray[np.float32]:
-        """The heatmap target (5, 128, 128): ``inference.levels.heatmap_target`` of the same points."""
-        return render_heatmaps(self.peaks, LOCALISER_SPEC.pixels, sigma_px)
+        """The heatmap target (5, n, n): ``inference.levels.heatmap_target`` of the same points."""
+        return render_heatmaps(self.peaks, self.image.shape[-1], sigma_px)
 
 
 @dataclass
@@ -58,7 +73,7 @@ class StudySamples:
     targets: NDArray[np.int64]  # (25,), -1 unlabelled
     points: dict[Label, NDArray]  # ground-truth patient points of the labelled findings
     localiser: list[LocaliserSample] = field(default_factory=list)
-    windows: dict[int, NDArray[np.float16]] = field(default_factory=dict)  # label index -> (5, 64, 64)
+    windows: dict[int, NDArray[np.float16]] = field(default_factory=dict)  # label index -> its group's window
     images_left_out: int = 0  # image files of the study that could not be used
 
     def canal_points(self) -> dict[Level, NDArray]:
@@ -140,9 +155,11 @@ def local_components(label: Label, delta: NDArray) -> tuple[float, float, float]
 
 
 def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitter_mm: float = 25.0,
-                  window: CropSpec = CACHE_SPEC) -> StudySamples:
-    """Load a study once and cut its localiser images and grader windows: per sagittal series, a
-    localiser image at the served centre and one shifted by up to ``localiser_jitter_mm``."""
+                  windows: Mapping[ConditionGroup, CropSpec] | None = None,
+                  localiser: CropSpec = LOCALISER_SPEC) -> StudySamples:
+    """Load a study once and cut its localiser images (on ``localiser``'s grid) and grader windows
+    (``windows`` per group, default ``CACHE_SPEC``): per sagittal series, a localiser image at the
+    served centre and one shifted by up to ``localiser_jitter_mm``."""
     volumes, left_out = read_volumes(record)
     points = ground_truth_points(record)
     samples = StudySamples(record.study_id, np.array(record.targets(), np.int64), points, images_left_out=left_out)
@@ -155,7 +172,8 @@ def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitte
         plane = vol.slices[len(vol.slices) // 2].plane
         for jitter in (0.0, localiser_jitter_mm):
             shift = rng.uniform(-jitter, jitter, 2)
-            loc = localiser_input(vol, intensity, plane.center + shift[0] * plane.row_dir + shift[1] * plane.col_dir)
+            loc = localiser_input(vol, intensity, plane.center + shift[0] * plane.row_dir + shift[1] * plane.col_dir,
+                                  spec=localiser)
             peaks = np.full((len(LEVELS), 2), np.nan, np.float32)
             for level, point in canal.items():
                 peaks[level.position] = patient_to_crop(loc.frame, point)
@@ -167,17 +185,18 @@ def study_samples(record: StudyRecord, rng: np.random.Generator, localiser_jitte
         if center is None or role not in volumes or samples.targets[i] < 0:
             continue
         u, v, across = crop_axes(label.condition)
+        window = windows[label.condition.group] if windows is not None else CACHE_SPEC
         samples.windows[i] = crop_25d(volumes[role], center, u, v, across, window, intensities[role]).astype(np.float16)
     return samples
 
 
-def window_crop(window: NDArray, dx: int, dy: int, dz: int) -> NDArray:
-    """A grader crop out of a cached window, shifted by (dx, dy) pixels and dz slices."""
-    n = GRADER_SPEC.pixels
-    c = CACHE_SPEC.n_slices // 2
-    half = GRADER_SPEC.n_slices // 2
-    z0 = c + dz - half
-    return window[z0: z0 + GRADER_SPEC.n_slices, JITTER_PX + dy: JITTER_PX + dy + n, JITTER_PX + dx: JITTER_PX + dx + n]
+def window_crop(window: NDArray, dx: int, dy: int, dz: int, spec: CropSpec = GRADER_SPEC) -> NDArray:
+    """A grader crop (``spec``) out of a cached window (margins read from its shape), shifted by
+    (dx, dy) pixels and dz slices."""
+    n = spec.pixels
+    m = (window.shape[-1] - n) // 2
+    z0 = window.shape[0] // 2 + dz - spec.n_slices // 2
+    return window[z0: z0 + spec.n_slices, m + dy: m + dy + n, m + dx: m + dx + n]
 
 
 def level_error_mm(predicted: dict[Level, NDArray], truth: dict[Level, NDArray], normal: NDArray) -> list[float]:

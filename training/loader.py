@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +22,8 @@ from numpy.typing import NDArray
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from inference.labels import CONDITIONS, LABELS, ConditionGroup
-from inference.levels import LOCALISER_SPEC
 from training.augment import AugmentConfig, augment_grader_crop, augment_localiser
-from training.cache import load_array
+from training.cache import PrepareSpec, load_array, window_array
 from training.data import HEATMAP_SIGMA_PX, render_heatmaps, window_crop
 
 OPEN_STUDIES = 8  # studies kept memory-mapped per dataset copy (a batch visits a study's samples together)
@@ -58,12 +58,14 @@ class GraderIndex:
 
     study_ids: NDArray[np.int64]  # (S,) studies with at least one window
     starts: NDArray[np.int64]  # (S + 1,) the samples of study s are starts[s]:starts[s + 1]
-    rows: NDArray[np.int32]  # (N,) the window's row in its study's windows.npy
+    rows: NDArray[np.int32]  # (N,) the window's row in its study's array of its window shape
     labels: NDArray[np.int8]  # (N,) label index (LABELS order)
     targets: NDArray[np.int8]  # (N,) class index
 
     @classmethod
-    def build(cls, cache: Path, study_ids: list[int]) -> GraderIndex:
+    def build(cls, cache: Path, study_ids: list[int], spec: PrepareSpec | None = None) -> GraderIndex:
+        """The samples of ``study_ids`` in a cache prepared with ``spec`` (default: the small preset's)."""
+        shape_of_label = _shape_of_label(spec or PrepareSpec())
         ids, starts, rows, labels, targets = [], [0], [], [], []
         for sid in study_ids:
             window_labels = load_array(cache, sid, "window_labels", mmap=False)
@@ -71,7 +73,11 @@ class GraderIndex:
             if not len(window_labels):
                 continue
             ids.append(sid)
-            rows.append(np.arange(len(window_labels), dtype=np.int32))
+            shapes = shape_of_label[window_labels.astype(np.int64)]
+            rank = np.zeros(len(shapes), np.int32)  # each window's row in its shape's array
+            for k in np.unique(shapes):
+                rank[shapes == k] = np.arange(int((shapes == k).sum()), dtype=np.int32)
+            rows.append(rank)
             labels.append(window_labels.astype(np.int8))
             targets.append(study_targets[window_labels].astype(np.int8))
             starts.append(starts[-1] + len(window_labels))
@@ -86,6 +92,11 @@ class GraderIndex:
         return int(np.searchsorted(self.starts, i, side="right") - 1)
 
 
+def _shape_of_label(spec: PrepareSpec) -> NDArray[np.int64]:
+    """Per label (LABELS order), the index of its window shape (``PrepareSpec.window_shapes``)."""
+    return np.array([spec.window_index(lb.condition.group) for lb in LABELS], np.int64)
+
+
 def _concat(parts: list[NDArray], dtype: type) -> NDArray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
@@ -97,13 +108,15 @@ _GROUPS = list(ConditionGroup)
 
 
 class GraderDataset(Dataset):
-    """(crop (3, 48, 48) float32, target, condition index, study position) per key; training crops
-    (``sigma_px`` given) are augmented, validation crops are the centred window."""
+    """(crop (slices, n, n) float32 of its group's grader crop, target, condition index, study
+    position) per key; training crops (``sigma_px`` given) are augmented, validation crops are the
+    centred window. Batch them with ``collate_grader`` (crops of several shapes)."""
 
     def __init__(self, cache: Path, index: GraderIndex, sigma_px: dict[int, float] | None = None,
-                 augment: AugmentConfig | None = None, seed: int = 0):
+                 augment: AugmentConfig | None = None, seed: int = 0, spec: PrepareSpec | None = None):
         self.arrays, self.index, self.sigma_px = _Arrays(cache), index, sigma_px
-        self.augment, self.seed = augment or AugmentConfig(), seed
+        self.augment, self.seed, self.spec = augment or AugmentConfig(), seed, spec or PrepareSpec()
+        self.shape_of_label = _shape_of_label(self.spec)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -111,16 +124,35 @@ class GraderDataset(Dataset):
     def __getitem__(self, key: Key) -> tuple[NDArray[np.float32], int, int, int]:
         epoch, i = key
         s = self.index.study_of(i)
-        window = np.asarray(self.arrays.get(int(self.index.study_ids[s]), "windows")[self.index.rows[i]])
-        cond = int(_CONDITION_OF_LABEL[self.index.labels[i]])
+        label = int(self.index.labels[i])
+        array = window_array(int(self.shape_of_label[label]))
+        window = np.asarray(self.arrays.get(int(self.index.study_ids[s]), array)[self.index.rows[i]])
+        cond = int(_CONDITION_OF_LABEL[label])
+        group = LABELS[label].condition.group
+        spec = self.spec.model.grader(group)
         if self.sigma_px is None:
-            crop = window_crop(window, 0, 0, 0).astype(np.float32)
+            crop = window_crop(window, 0, 0, 0, spec).astype(np.float32)
         else:
-            group = LABELS[int(self.index.labels[i])].condition.group
             rng = np.random.default_rng([self.seed, _GRADER, epoch, i])
             crop = augment_grader_crop(window, group=group, sigma_px=self.sigma_px[_GROUPS.index(group)], rng=rng,
-                                       cfg=self.augment)
+                                       cfg=self.augment, spec=spec)
         return np.ascontiguousarray(crop, np.float32), int(self.index.targets[i]), cond, s
+
+
+GraderBatch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def collate_grader(items: list[tuple[NDArray[np.float32], int, int, int]]) -> GraderBatch:
+    """A grader batch: the crops as one tensor per crop shape (in order of first appearance), and
+    targets, conditions and study positions in the same order (samples grouped by shape, stable;
+    with one shape the batch's order is the samplers')."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for j, item in enumerate(items):
+        by_shape.setdefault(item[0].shape, []).append(j)
+    order = [j for js in by_shape.values() for j in js]
+    crops = [torch.from_numpy(np.stack([items[j][0] for j in js])) for js in by_shape.values()]
+    columns = [torch.tensor([items[j][k] for j in order], dtype=torch.int64) for k in (1, 2, 3)]
+    return crops, columns[0], columns[1], columns[2]
 
 
 class StudyBatchSampler(Sampler[list[Key]]):
@@ -167,7 +199,7 @@ class LocaliserIndex:
 
 
 class LocaliserDataset(Dataset):
-    """(image (3, 128, 128), heatmap target (5, 128, 128)) float32 per key; augmented when training."""
+    """(image (3, n, n), heatmap target (5, n, n)) float32 per key; augmented when training."""
 
     def __init__(self, cache: Path, index: LocaliserIndex, train: bool, augment: AugmentConfig | None = None,
                  seed: int = 0, sigma_px: float = HEATMAP_SIGMA_PX):
@@ -181,7 +213,7 @@ class LocaliserDataset(Dataset):
         epoch, i = key
         sid, row = int(self.index.study_ids[i]), int(self.index.rows[i])
         image = np.asarray(self.arrays.get(sid, "localiser_images")[row])
-        target = render_heatmaps(self.arrays.get(sid, "localiser_peaks")[row], LOCALISER_SPEC.pixels, self.sigma_px)
+        target = render_heatmaps(self.arrays.get(sid, "localiser_peaks")[row], image.shape[-1], self.sigma_px)
         if self.train:
             rng = np.random.default_rng([self.seed, _LOCALISER, epoch, i])
             image, target = augment_localiser(image, target, rng=rng, cfg=self.augment)
@@ -214,15 +246,16 @@ def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)  # the worker processes are the parallelism
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, device: torch.device) -> DataLoader:
+def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, device: torch.device,
+                collate_fn: Any = None) -> DataLoader:
     """A DataLoader: ``workers`` processes (0: in this one), prefetching, persistent across epochs,
     batches in pinned memory on CUDA. The workers are spawned, not forked: a fork of this process
     after OpenCV's or OpenMP's thread pools ran (the pipeline's validation) can inherit a held lock
     and hang."""
     pin = device.type == "cuda"
     if workers <= 0:
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=0, pin_memory=pin)
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=0, pin_memory=pin, collate_fn=collate_fn)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin, collate_fn=collate_fn,
                       persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init,
                       multiprocessing_context="spawn")
 

@@ -146,14 +146,14 @@ def prepare_study(task: StudyTask) -> tuple[StudyEntry, list[dict[str, Any]]]:
     else:
         rng = np.random.default_rng([spec.seed, record.study_id])
         try:
-            samples = study_samples(record, rng, spec.localiser_jitter_mm, spec.window)
+            samples = study_samples(record, rng, spec.localiser_jitter_mm, spec.windows, spec.model.localiser)
         except Exception as exc:  # noqa: BLE001 - whatever one study's files raise leaves that study out
             entry.reason, entry.detail = LeftOutReason.UNREADABLE, f"{type(exc).__name__}: {exc}"[:500]
         else:
             entry.images_left_out = samples.images_left_out
             entry.reason = _left_out_reason(samples, entry.files)
             if entry.reason is None:
-                arrays = sample_arrays(samples)
+                arrays = sample_arrays(samples, spec)
                 entry.status = StudyStatus.OK
                 entry.windows, entry.localiser = len(samples.windows), len(samples.localiser)
     entry.seconds = round(time.perf_counter() - t0, 3)

@@ -9,7 +9,7 @@ import torch
 from numpy.typing import NDArray
 
 from inference.model import ModelInfo, ModelMetadata, file_sha256
-from training.models import Grader, Localiser
+from training.models import GraderNetwork, Localiser, Networks
 
 MODEL_NAME = "lumbar-node-grader"
 
@@ -24,7 +24,8 @@ def device_of(name: str = "auto") -> torch.device:
 class TorchRunner:
     """Localiser and grader in PyTorch eager mode, evaluation mode, no gradients."""
 
-    def __init__(self, localiser: Localiser, grader: Grader, info: ModelInfo, device: torch.device | None = None):
+    def __init__(self, localiser: Localiser, grader: GraderNetwork, info: ModelInfo,
+                 device: torch.device | None = None):
         self.device = device or torch.device("cpu")
         self.localiser = localiser.to(self.device).eval()
         self.grader = grader.to(self.device).eval()
@@ -47,7 +48,7 @@ class TorchRunner:
         return probs.cpu().numpy(), cam.cpu().numpy()
 
 
-def save_model(path: Path, localiser: Localiser, grader: Grader, meta: ModelMetadata) -> str:
+def save_model(path: Path, localiser: Localiser, grader: GraderNetwork, meta: ModelMetadata) -> str:
     """Write the final checkpoint (both networks and their metadata); returns its sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"localiser": localiser.state_dict(), "grader": grader.state_dict(), "meta": meta.to_json()}, path)
@@ -55,9 +56,12 @@ def save_model(path: Path, localiser: Localiser, grader: Grader, meta: ModelMeta
 
 
 def load_model(path: Path, device: torch.device | None = None) -> TorchRunner:
-    """A TorchRunner from a final checkpoint (``RUN/model.pt``); its metadata is ``runner.metadata``."""
+    """A TorchRunner from a final checkpoint (``RUN/model.pt``); its metadata is ``runner.metadata``.
+    The networks are rebuilt from the metadata's ``networks`` (none: a checkpoint from before the
+    presets, the small networks)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    localiser, grader = Localiser(), Grader()
+    meta = ModelMetadata.from_json(state["meta"])
+    localiser, grader = Networks.from_json(meta.networks).build()
     localiser.load_state_dict(state["localiser"])
     grader.load_state_dict(state["grader"])
-    return TorchRunner(localiser, grader, ModelInfo(ModelMetadata.from_json(state["meta"]), file_sha256(path)), device)
+    return TorchRunner(localiser, grader, ModelInfo(meta, file_sha256(path)), device)

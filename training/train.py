@@ -32,10 +32,9 @@ from tqdm import tqdm
 
 from inference import __version__
 from inference.labels import CONDITIONS, LABELS, LEVELS, SEVERITY_WEIGHTS, ConditionGroup
-from inference.levels import GRADER_SPEC, LOCALISER_SPEC
 from inference.model import ModelInfo, ModelMetadata, Offset
 from training.augment import AugmentConfig
-from training.cache import Manifest, load_array, open_cache, study_points
+from training.cache import Manifest, PrepareSpec, load_array, open_cache, study_points
 from training.data import canal_points, local_components
 from training.level_calibration import LevelFit, fit_on_results, with_level_check
 from training.loader import (
@@ -44,13 +43,15 @@ from training.loader import (
     LocaliserDataset,
     LocaliserIndex,
     StudyBatchSampler,
+    collate_grader,
     localiser_batches,
     make_loader,
     set_epoch,
 )
 from training.memory import bound_heap_growth
 from training.metrics import competition_score, fill_not_assessed, prior_baseline
-from training.models import CONDITION_GROUP, Grader, Localiser
+from training.models import CONDITION_GROUP, GraderNetwork, Localiser, grader_logits
+from training.presets import PresetConfig, resolve
 from training.report import OOF_FILE, describe_device, write_oof
 from training.rsna import LayoutError, fold_study_ids, split_study_ids
 from training.runner import MODEL_NAME, TorchRunner, device_of, save_model
@@ -92,9 +93,21 @@ class TrainConfig:
     training_data: str = "synthetic lumbar MRI phantom (lumbar-node phantom); not clinical data"
     workers: int = field(default_factory=default_workers)  # DataLoader worker processes (0: none)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    preset: str = "small"  # training.presets.Preset
+    grader_crop: tuple[str, ...] = ()  # --grader-crop overrides, GROUP=SIZE_MM,PIXELS,SLICES
+    init_weights: str | None = None  # a state dict for the grader's backbone (training.init_weights)
 
     def to_json(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "augment"}, "augment": self.augment.to_dict()}
+        return {**{k: v for k, v in asdict(self).items() if k != "augment"}, "augment": self.augment.to_dict(),
+                "grader_crop": list(self.grader_crop)}
+
+    def model(self) -> PresetConfig:
+        """The preset's crops and networks with the overrides (ValueError when they do not fit)."""
+        return resolve(self.preset, self.grader_crop)
+
+    def prepare_spec(self) -> PrepareSpec:
+        """The cache spec this training reads."""
+        return PrepareSpec(model=self.model().spec)
 
 
 # ---- losses, batches, calibration ------------------------------------------------------------------
@@ -174,7 +187,7 @@ class _Split:
 
 def _load_split(cache: Path, cfg: TrainConfig, device: torch.device) -> _Split:
     """The prepared cache at ``cache``, split by study."""
-    manifest = open_cache(cache)
+    manifest = open_cache(cache, cfg.prepare_spec())
     ids = list(manifest.studies)
     train_ids, val_ids = (fold_study_ids(ids, cfg.folds, cfg.fold, cfg.seed) if cfg.folds else
                           split_study_ids(ids, cfg.val_fraction, cfg.seed))
@@ -217,8 +230,11 @@ def _triple(values: NDArray[np.float64]) -> tuple[float, float, float]:
 
 def _metadata(split: _Split, cfg: TrainConfig) -> ModelMetadata:
     """The model's metadata as far as training knows it before calibration and validation."""
+    model = cfg.model()
     return ModelMetadata(name=MODEL_NAME, version=__version__, training_data=cfg.training_data,
-                         offsets_mm=_offsets(split.cache, split.train), train_studies=len(split.train), seed=cfg.seed)
+                         offsets_mm=_offsets(split.cache, split.train), train_studies=len(split.train), seed=cfg.seed,
+                         preprocessing=model.spec.to_preprocessing(), preset=cfg.preset,
+                         networks=model.networks.to_json())
 
 
 # ---- the run folder and the shared epoch loop --------------------------------------------------------
@@ -230,7 +246,7 @@ class _Run:
 
     folder: Path
     localiser: Localiser
-    grader: Grader
+    grader: GraderNetwork
     resumed: dict[str, Any] = field(default_factory=dict)  # state.pt as found ({} for a new run)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -256,17 +272,23 @@ class _Run:
         (self.folder / "history.json").write_text(json.dumps(self.history, indent=1))
 
 
-def _open_run(folder: Path, device: torch.device) -> _Run:
-    """The run in ``folder``: new networks, or those of its state.pt with its history."""
+def _open_run(folder: Path, device: torch.device, cfg: TrainConfig) -> _Run:
+    """The run in ``folder``: new networks of the configured preset (the grader's backbone from
+    ``cfg.init_weights`` when given), or those of its state.pt with its history."""
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "state.pt"
     state: dict[str, Any] = torch.load(state_path, weights_only=False) if state_path.exists() else {}
     if state:
         log.info("resuming from checkpoint", path=str(state_path), stage=state["stage"], epoch=state["epoch"])
-    run = _Run(folder, Localiser().to(device), Grader().to(device), state, state.get("history", []))
+    localiser, grader = cfg.model().networks.build()
+    run = _Run(folder, localiser.to(device), grader.to(device), state, state.get("history", []))
     if state:
         run.localiser.load_state_dict(state["localiser"])
         run.grader.load_state_dict(state["grader"])
+    elif cfg.init_weights:
+        from training.init_weights import init_grader
+
+        init_grader(run.grader, Path(cfg.init_weights))
     return run
 
 
@@ -389,7 +411,7 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, device: torch.d
         return done
 
     def validate() -> tuple[float, dict[str, Any]]:
-        errors = np.array(_localiser_errors(localiser, val_loader, device))
+        errors = np.array(_localiser_errors(localiser, val_loader, device, cfg.model().spec.localiser.mm_per_pixel))
         median = float(np.median(errors)) if len(errors) else float("nan")
         mean = float(errors.mean()) if len(errors) else float("inf")
         return mean, {"val_median_error_mm": median, "val_mean_error_mm": mean,
@@ -400,8 +422,8 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, device: torch.d
 
 @torch.no_grad()
 def _localiser_errors(localiser: Localiser, val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                      device: torch.device) -> list[float]:
-    """Pixel distance (x2.5 mm) between heatmap peaks and targets' peaks on validation images."""
+                      device: torch.device, mm_per_pixel: float) -> list[float]:
+    """Distance (mm) between heatmap peaks and targets' peaks on validation images."""
     localiser.eval()
     errors = []
     for images, targets in val_loader:
@@ -412,7 +434,7 @@ def _localiser_errors(localiser: Localiser, val_loader: Iterable[tuple[torch.Ten
                     continue
                 p = np.array(np.unravel_index(int(np.argmax(hm[k])), hm[k].shape))
                 t = np.array(np.unravel_index(int(np.argmax(target[k])), target[k].shape))
-                errors.append(float(np.linalg.norm(p - t)) * LOCALISER_SPEC.mm_per_pixel)
+                errors.append(float(np.linalg.norm(p - t)) * mm_per_pixel)
     return errors
 
 
@@ -437,10 +459,13 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
     error, cosine learning rate; keeps the weights of the best validation score through the pipeline.
     A batch holds every labelled window of ``batch_studies`` studies (the any-severe term is per study)."""
     grader = run.grader
-    sigma_px = {g: max(sigma_mm[g] / GRADER_SPEC.mm_per_pixel, 0.5) for g in range(3)}
-    index = GraderIndex.build(split.cache, split.train)
-    data = GraderDataset(split.cache, index, sigma_px, cfg.augment, cfg.seed)
-    loader = make_loader(data, StudyBatchSampler(index.starts, cfg.batch_studies, cfg.seed), cfg.workers, device)
+    spec = cfg.prepare_spec()
+    sigma_px = {g: max(sigma_mm[g] / spec.model.grader(group).mm_per_pixel, 0.5)
+                for g, group in enumerate(ConditionGroup)}
+    index = GraderIndex.build(split.cache, split.train, spec)
+    data = GraderDataset(split.cache, index, sigma_px, cfg.augment, cfg.seed, spec)
+    loader = make_loader(data, StudyBatchSampler(index.starts, cfg.batch_studies, cfg.seed), cfg.workers, device,
+                         collate_grader)
     opt = torch.optim.AdamW(grader.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grader_epochs)
     with warnings.catch_warnings():  # fast-forwarding warns that no optimiser step came first
@@ -455,7 +480,8 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
         for x, t, c, s in tqdm(done.batches(loader), total=len(loader), desc=f"grader epoch {epoch + 1}", leave=False):
             if len(t) == 0:
                 continue
-            loss = grader_loss(grader.logits(x.to(device, non_blocking=True)), t.to(device), c.to(device), s.to(device))
+            logits = grader_logits(grader, [xs.to(device, non_blocking=True) for xs in x])  # one tensor per crop shape
+            loss = grader_loss(logits, t.to(device), c.to(device), s.to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -516,7 +542,7 @@ def train(cache: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
     device = device_of(cfg.device)
     bound_heap_growth()
     torch.manual_seed(cfg.seed)
-    training = _open_run(run, device)
+    training = _open_run(run, device, cfg)
     split = _load_split(cache, cfg, device)
     (run / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": str(Path(cache).resolve()),
                                                  "spec_hash": Manifest.load(cache).spec.hash,
