@@ -374,8 +374,9 @@ def export_ensemble(runs: list[Path], out: Path, tta: bool = False) -> ModelMeta
     log.info("ensemble export verified", model_dir=str(out), members=len(members), **checks["fp32"])
     io = _io_text(cast(TorchRunner, runner), runner.metadata.spec)
     io["outputs"]["localiser"].append("the members' mean")
+    cam = io["outputs"]["grader"][1].split(")")[0] + ")"
     io["outputs"]["grader"] = ["probabilities (B, 3): the members' mean, calibrated after averaging",
-                               io["outputs"]["grader"][1].split(")")[0] + "): the members' mean map of the predicted class"]
+                               f"{cam}: the members' mean map of the predicted class"]
     meta = replace(
         runner.metadata,
         checkpoint_sha256=runner.info.sha256,
