@@ -7,6 +7,9 @@ Importing this module imports neither torch nor the training code: the commands 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -74,27 +77,52 @@ def prepare_command(data: Path, cache: Path, workers: int | None) -> None:
                    "'{\"mirror_p\": 0, \"rotate_deg\": 5}'. Recorded in RUN/config.json.")
 @click.option("--training-data", default=None,
               help="How to describe the training data in the model's metadata and outputs.")
+@click.option("--batch-studies", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Studies per grader batch (every labelled window of each): the global batch, whatever --nproc.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Training precision: auto is bf16 on a GPU that supports it, else fp16 with a gradient "
+                   "scaler, and fp32 on CPU.")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient accumulation: micro-batches per optimiser step.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the training forward pass.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training processes on this machine (distributed data parallel under torch.distributed.run: "
+                   "one per GPU on CUDA, gloo on CPU). Across machines run this command under your own torchrun.")
 def train_command(data: Path | None, cache: Path | None, run: Path, localiser_epochs: int, grader_epochs: int,
                   patience: int, seed: int, device: str, workers: int | None, augment: str,
-                  training_data: str | None) -> None:
+                  training_data: str | None, batch_studies: int, precision: str, accumulate: int, compile_: bool,
+                  nproc: int) -> None:
     """Train the level localiser and the grader (PyTorch) on a prepared cache or an RSNA 2024 folder.
 
     Splits by study, trains the localiser, measures its real error on validation, trains the
     grader on crops jittered by that error with the competition loss, calibrates a temperature
-    per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume.
+    per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume (with any --nproc).
     """
     if data is None and cache is None:
         raise click.UsageError("give --data RSNA_DIR (prepared first) or --cache CACHE (from `lumbar-node prepare`)")
     require_torch()
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if under_torchrun and nproc > 1:
+        raise click.UsageError("--nproc starts torchrun itself: under your own torchrun leave it out")
+    if under_torchrun and data is not None:
+        raise click.UsageError("under torchrun give --cache (prepare it first with `lumbar-node prepare`), "
+                               "not --data: the processes would all prepare it")
     if data is not None:
         _rsna_folder(data)
     from training.cache import CacheError
+    from training.precision import resolve_precision
     from training.prepare import prepare
     from training.rsna import LayoutError
+    from training.runner import device_of
     from training.train import TrainConfig, train
 
+    try:
+        resolve_precision(precision, device_of(device))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--precision") from None
     cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
-                      seed=seed, device=device, augment=_augment_config(augment))
+                      seed=seed, device=device, augment=_augment_config(augment), batch_studies=batch_studies,
+                      precision=precision, accumulate=accumulate, compile=compile_)
     if workers is not None:
         cfg.workers = workers
     if training_data:
@@ -104,9 +132,37 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
             cache = cache or run / "cache"
             click.echo(prepare(data, cache, cfg.workers).line(), err=True)
         assert cache is not None
+        if nproc > 1:
+            _launch(nproc, cache)
+            return
         train(cache, run, cfg)
     except (LayoutError, CacheError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _launch(nproc: int, cache: Path) -> None:
+    """Run this train command again in ``nproc`` processes under torch.distributed.run: the same
+    arguments without --nproc, and the prepared ``cache`` in place of --data."""
+    from training.distributed import launch
+
+    args = _without(_without(sys.argv[1:], "--nproc"), "--data")
+    if "--cache" not in args and not any(a.startswith("--cache=") for a in args):
+        args += ["--cache", str(cache)]
+    if launch(nproc, args) != 0:
+        raise click.ClickException(f"training failed in one of its {nproc} processes (their output is above)")
+
+
+def _without(args: Sequence[str], option: str) -> list[str]:
+    """``args`` without ``option`` and its value (``--option VALUE`` or ``--option=VALUE``)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def _augment_config(text: str):  # noqa: ANN202 - training.augment.AugmentConfig, imported lazily
