@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -109,6 +109,19 @@ class World:
         box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def mean_of_parts(self, numerators: Tensor, denominators: Tensor) -> Tensor:
+        """The mean over a loss's parts of numerator / denominator (a part whose denominator is 0 is
+        absent), over the global batch from this rank's share: the denominators are summed over the
+        ranks and the result multiplied by the number of ranks, so that the ranks' values average to
+        the global batch's loss and their gradients, which DDP averages, to its gradient."""
+        den = denominators.detach()
+        if self.distributed:
+            den = den.clone()
+            torch.distributed.all_reduce(den)
+        present = den > 0
+        mean = (numerators[present] / den[present]).mean()
+        return mean * self.size if self.distributed else mean
 
     def mean_sum(self, losses: list[float], samples: int) -> tuple[list[float], int]:
         """Per-batch losses averaged over the ranks (every rank ran the same number of batches)

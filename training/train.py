@@ -102,25 +102,41 @@ class TrainConfig:
 # ---- losses, batches, calibration ------------------------------------------------------------------
 
 
-def _localiser_loss(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _localiser_loss(pred_logits: torch.Tensor, target: torch.Tensor, world: World | None = None) -> torch.Tensor:
+    """The heatmap loss: a mean over pixels (over the global batch's, with several processes)."""
     pred = torch.sigmoid(pred_logits)
-    return ((pred - target) ** 2 * (1 + 30 * target)).mean()
+    terms = (pred - target) ** 2 * (1 + 30 * target)
+    if world is None or not world.distributed:
+        return terms.mean()
+    return world.mean_of_parts(terms.sum().reshape(1), torch.full((1,), float(terms.numel()), device=terms.device))
 
 
 def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.Tensor,
-                studies: torch.Tensor) -> torch.Tensor:
+                studies: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """The competition loss: class-weighted cross-entropy per condition group (normalised by the
-    weights) plus the any-severe-spinal binary term per study; the mean of the four parts."""
+    weights) plus the any-severe-spinal binary term per study; the mean of the four parts.
+
+    With several processes (``world``) each part is normalised by the global batch's weights, so
+    that the ranks' losses average to the global batch's loss and DDP's averaged gradient is its
+    gradient (a rank's share is whole studies: the any-severe term is the study's own)."""
+    return (world or World()).mean_of_parts(*grader_loss_parts(logits, targets, conditions, studies))
+
+
+def grader_loss_parts(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.Tensor,
+                      studies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grader_loss``'s four weighted means as numerators and denominators (4,) each: the three
+    groups' weighted cross-entropy and the any-severe-spinal term; a part absent from the batch
+    has 0 over 0."""
     group = torch.tensor(CONDITION_GROUP, device=logits.device)[conditions]
     own = logits[torch.arange(len(logits)), group]
     logp = F.log_softmax(own, dim=1)
     w = WEIGHTS.to(logits.device)[targets]
     nll = -logp[torch.arange(len(logp)), targets]
-    parts = []
+    numerators, denominators = [], []
     for g in range(3):
         m = group == g
-        if m.any():
-            parts.append((w[m] * nll[m]).sum() / w[m].sum())
+        numerators.append((w[m] * nll[m]).sum())
+        denominators.append(w[m].sum())
     spinal = group == 0
     if spinal.any():
         p_severe = logp[:, 2].exp()
@@ -132,8 +148,12 @@ def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.T
             terms.append(-(y * p.log() + (1 - y) * (1 - p).log()))
             weights.append(w[m].max())
         tw = torch.stack(weights)
-        parts.append((torch.stack(terms) * tw).sum() / tw.sum())
-    return torch.stack(parts).mean()
+        numerators.append((torch.stack(terms) * tw).sum())
+        denominators.append(tw.sum())
+    else:
+        numerators.append(logits.new_zeros(()))
+        denominators.append(logits.new_zeros(()))
+    return torch.stack(numerators), torch.stack(denominators)
 
 
 def fit_temperatures(probs: np.ndarray, targets: np.ndarray) -> list[float]:
@@ -264,15 +284,17 @@ class _Run:
 
 def _open_run(folder: Path, device: torch.device, world: World | None = None) -> _Run:
     """The run in ``folder``: new networks, or those of its state.pt with its history (written by
-    any number of processes: it holds the unwrapped networks)."""
+    any number of processes: it holds the unwrapped networks). Rank 0 reads it and sends it to the
+    others (the run folder need not be shared between machines)."""
+    world = world or World()
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "state.pt"
     state: dict[str, Any] = (torch.load(state_path, map_location="cpu", weights_only=False)
-                             if state_path.exists() else {})
+                             if world.main and state_path.exists() else {})
+    state = world.broadcast(state)
     if state:
         log.info("resuming from checkpoint", path=str(state_path), stage=state["stage"], epoch=state["epoch"])
-    run = _Run(folder, Localiser().to(device), Grader().to(device), state, state.get("history", []),
-               world or World())
+    run = _Run(folder, Localiser().to(device), Grader().to(device), state, state.get("history", []), world)
     if state:
         run.localiser.load_state_dict(state["localiser"])
         run.grader.load_state_dict(state["grader"])
@@ -408,7 +430,7 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, device: torch.d
                          disable=not world.main):
             with step.forward():
                 logits = step.net(step.input(x))
-            loss = _localiser_loss(logits, y.to(device, non_blocking=True))
+            loss = _localiser_loss(logits, y.to(device, non_blocking=True), world)
             step.backward(loss)
             done.losses.append(loss.item())
             done.samples += len(x)
@@ -489,7 +511,7 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
                 continue
             with step.forward():
                 logits = step.net(step.input(x))
-            loss = grader_loss(logits, t.to(device), c.to(device), s.to(device))
+            loss = grader_loss(logits, t.to(device), c.to(device), s.to(device), world)
             step.backward(loss)
             done.losses.append(loss.item())
             done.samples += len(t)

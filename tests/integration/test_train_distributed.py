@@ -39,16 +39,18 @@ def test_two_gloo_processes_train_the_global_batches_one_process_does(cache: Pat
     launched = lumbar_node(*args, "--out", str(two), "--nproc", "2")
     h1, h2 = _history(one), _history(two)
     assert [(h["stage"], h["epoch"], h["samples"]) for h in h1] == [(h["stage"], h["epoch"], h["samples"]) for h in h2]
-    # The localiser's loss is a mean over equal shards and it has no dropout: only BatchNorm's batch
-    # statistics differ (per rank, over half the batch), measured 0.1 % apart after 2 epochs.
+    # Each rank's loss is normalised by the global batch's weights (training.distributed.World.mean_of_parts):
+    # without BatchNorm and dropout the ranks' averaged gradient is the global batch's to float precision
+    # (tests/unit/test_training_distributed.py). What is left is per rank: BatchNorm's batch statistics
+    # (over a rank's share: here 1 study's windows against 2) and the grader's dropout masks. The
+    # localiser (no dropout) stays within 0.5 % after 2 epochs (measured 0.01 % and 0.4 %).
     for a, b in zip(h1[:2], h2[:2], strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=0.02)
-    # The grader's differs more, by construction: BatchNorm per rank, dropout masks drawn per rank,
-    # each rank's loss normalised by its own share's class weights (the parts are weighted means,
-    # DDP averages the ranks' gradients), and the jitter set by the localiser's crop error, which
-    # the tiny differences above move: measured 2 to 6 % apart; a wrong sharding (a rank training
-    # the whole batch, or other batches) shows in the samples compared above.
-    assert h2[2]["loss"] == pytest.approx(h1[2]["loss"], rel=0.15)
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.03)
+    # The grader drifts more: the localiser's small difference moves the crop jitter (its measured
+    # placement error), BatchNorm over 1 study's ~23 crops differs per step, and AdamW's first steps
+    # are nearly sign steps; measured 5 % apart after its epoch (12 % with --augment off). A wrong
+    # sharding (a rank training the whole batch, or other batches) shows in the samples above.
+    assert h2[2]["loss"] == pytest.approx(h1[2]["loss"], rel=0.25)
     assert json.loads((two / "config.json").read_text())["world_size"] == 2
     studies = [load_model(run / "model.pt").metadata.validation["studies"] for run in (one, two)]
     assert studies[0] == studies[1] > 0
@@ -71,7 +73,7 @@ def _children(pid: int) -> list[int]:
 
 def test_a_run_killed_mid_epoch_under_two_processes_resumes_under_one(cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = ("train", "--cache", str(cache), "--out", str(run), "--localiser-epochs", "3", "--grader-epochs", "1",
+    args = ("train", "--cache", str(cache), "--out", str(run), "--localiser-epochs", "2", "--grader-epochs", "1",
             *SMALL)
     exe = Path(sys.executable).with_name("lumbar-node")
     launcher = subprocess.Popen([str(exe), *args, "--nproc", "2"], stdout=subprocess.DEVNULL,
@@ -98,7 +100,6 @@ def test_a_run_killed_mid_epoch_under_two_processes_resumes_under_one(cache: Pat
     assert "resuming" in resumed.stderr
     history = _history(run)
     assert history[0] == killed[0]
-    assert [(h["stage"], h["epoch"]) for h in history] == [("localiser", 1), ("localiser", 2), ("localiser", 3),
-                                                           ("grader", 1)]
+    assert [(h["stage"], h["epoch"]) for h in history] == [("localiser", 1), ("localiser", 2), ("grader", 1)]
     assert json.loads((run / "config.json").read_text())["world_size"] == 1
     assert (run / "model.pt").is_file()

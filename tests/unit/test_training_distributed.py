@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from training.cli import _without
 from training.distributed import World, shard
 from training.loader import StudyBatchSampler, localiser_batches
+from training.models import Grader
 from training.precision import Stepper
+from training.train import grader_loss
 
 
 def test_the_shards_of_a_global_batch_are_disjoint_and_cover_it() -> None:
@@ -97,3 +99,44 @@ def test_accumulation_inside_ddp_steps_as_without_it(gloo_group: None) -> None:
         step.end_epoch()
     assert torch.allclose(nets[0].fc.weight, nets[1].fc.weight, atol=1e-6)
     assert not torch.equal(nets[0].fc.weight, _Linear().fc.weight)
+
+
+def _study_batch(n_studies: int = 5, per_study: int = 3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(7)
+    n = n_studies * per_study
+    return (torch.randn(n, 3, 48, 48, generator=g), torch.randint(0, 3, (n,), generator=g),
+            torch.randint(0, 5, (n,), generator=g), torch.arange(n) // per_study)
+
+
+def _rank_gradients(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of ``test_ddp_gradients_of_the_shards_are_the_global_batchs``: its loss and gradients."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        ranks = World(rank, world, rank)
+        torch.manual_seed(0)
+        net = Grader(width=8).eval()  # BatchNorm's running statistics, no dropout: nothing per rank
+        step = Stepper(net, torch.optim.SGD(net.parameters(), lr=0.0), torch.device("cpu"), wrap=ranks.wrap)
+        x, t, c, s = _study_batch()
+        rows = torch.cat([torch.nonzero(s == study).flatten() for study in shard(list(range(5)), rank, world)])
+        step.begin_epoch(1)
+        with step.forward():
+            logits = step.net(x[rows])
+        loss = grader_loss(logits, t[rows], c[rows], s[rows], ranks)
+        loss.backward()  # DDP averages the gradients here
+        losses, _ = ranks.mean_sum([loss.item()], 0)
+        torch.save({"loss": losses[0], "grads": [p.grad for p in net.parameters()]}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_gradients_of_the_shards_are_the_global_batchs(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_rank_gradients, args=(2, str(tmp_path / "store"), str(tmp_path / "rank.pt")),
+                                nprocs=2)
+    got = torch.load(tmp_path / "rank.pt")  # rank 1 wrote last or first: the values are the same on both
+    torch.manual_seed(0)
+    net = Grader(width=8).eval()
+    loss = grader_loss(net.logits(_study_batch()[0]), *_study_batch()[1:])
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for mine, theirs in zip((p.grad for p in net.parameters()), got["grads"], strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6)
