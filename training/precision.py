@@ -60,7 +60,7 @@ class Logits(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:
-        logits: Tensor = self.net.logits(x)  # type: ignore[operator]  # Localiser and Grader have logits
+        logits: Tensor = self.net.logits(x)  # type: ignore[operator]  # Module.__getattr__'s type; nets define it
         return logits.float()
 
 
@@ -82,10 +82,10 @@ class Stepper:
         self.device, self.optimiser, self.accumulate = device, optimiser, accumulate
         self.channels_last = device.type == "cuda"
         if self.channels_last:
-            net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it
+            net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # accepted, not in the stubs
         module: nn.Module = Logits(net)
         self.ddp = wrap(module) if wrap is not None else module
-        self.net: Callable[..., Tensor] = torch.compile(self.ddp) if compile else self.ddp  # type: ignore[assignment]
+        self.net: Callable[..., Tensor] = torch.compile(self.ddp) if compile else self.ddp
         self.scaler = torch.amp.GradScaler("cuda") if self.precision is Precision.FP16 else None
         self._params = [p for p in net.parameters() if p.requires_grad]
         self._in_epoch, self._seen, self._pending = 0, 0, 0
