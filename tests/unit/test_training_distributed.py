@@ -140,3 +140,19 @@ def test_ddp_gradients_of_the_shards_are_the_global_batchs(tmp_path: Path) -> No
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
     for mine, theirs in zip((p.grad for p in net.parameters()), got["grads"], strict=True):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_under_torchrun_train_takes_a_cache_and_no_nproc(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from training.cli import train_command
+
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    data = CliRunner().invoke(train_command, ["--data", str(tmp_path), "--out", str(tmp_path / "run")], env=env)
+    assert data.exit_code == 2 and "--cache" in data.output and "torchrun" in data.output
+    nproc = CliRunner().invoke(train_command, ["--cache", str(tmp_path), "--out", str(tmp_path / "run"),
+                                               "--nproc", "2"], env=env)
+    assert nproc.exit_code == 2 and "--nproc starts torchrun itself" in nproc.output
+    fp16 = CliRunner().invoke(train_command, ["--cache", str(tmp_path), "--out", str(tmp_path / "run"),
+                                              "--device", "cpu", "--precision", "fp16"])
+    assert fp16.exit_code == 2 and "fp16 training needs CUDA" in fp16.output
