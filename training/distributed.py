@@ -67,6 +67,9 @@ class World:
 
         device = device_of(name)
         if self.distributed and device.type == "cuda":
+            if self.local_rank >= torch.cuda.device_count():
+                raise RuntimeError(f"process {self.local_rank} of this machine has no GPU of its own "
+                                   f"({torch.cuda.device_count()} GPUs): start at most one process per GPU")
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         return device
