@@ -7,6 +7,9 @@ Importing this module imports neither torch nor the training code: the commands 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -109,38 +112,64 @@ def prepare_command(data: Path, cache: Path, workers: int | None, preset: str, g
 @click.option("--init-weights", "init_weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Start the grader's backbone (competition preset) from this state dict: torchvision's ResNet-34 "
                    "layout, a .pth/.pt file or .safetensors, matched by name and shape. Nothing is downloaded.")
+@click.option("--batch-studies", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Studies per grader batch (every labelled window of each): the global batch, whatever --nproc.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Training precision: auto is bf16 on a GPU that supports it, else fp16 with a gradient "
+                   "scaler, and fp32 on CPU.")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient accumulation: micro-batches per optimiser step.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the training forward pass.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training processes on this machine (distributed data parallel under torch.distributed.run: "
+                   "one per GPU on CUDA, gloo on CPU). Across machines run this command under your own torchrun.")
 def train_command(data: Path | None, cache: Path | None, run: Path, localiser_epochs: int, grader_epochs: int,
                   patience: int, seed: int, device: str, workers: int | None, augment: str,
                   training_data: str | None, folds: int | None, preset: str, grader_crop: tuple[str, ...],
-                  init_weights: Path | None) -> None:
+                  init_weights: Path | None, batch_studies: int, precision: str, accumulate: int, compile_: bool,
+                  nproc: int) -> None:
     """Train the level localiser and the grader (PyTorch) on a prepared cache or an RSNA 2024 folder.
 
     Splits by study, trains the localiser, measures its real error on validation, trains the
     grader on crops jittered by that error with the competition loss, calibrates a temperature
-    per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume.
+    per condition, and writes RUN/model.pt. Checkpoints every epoch; rerun to resume (with any --nproc).
     With --folds K: K such runs in RUN/fold-<i>. Ends with RUN/report.md (what the model is, its
     out-of-fold score with bootstrap intervals).
     """
     if data is None and cache is None:
         raise click.UsageError("give --data RSNA_DIR (prepared first) or --cache CACHE (from `lumbar-node prepare`)")
     require_torch()
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if under_torchrun and nproc > 1:
+        raise click.UsageError("--nproc starts torchrun itself: under your own torchrun leave it out")
+    if under_torchrun and data is not None:
+        raise click.UsageError("under torchrun give --cache (prepare it first with `lumbar-node prepare`), "
+                               "not --data: the processes would all prepare it")
     if data is not None:
         _rsna_folder(data)
     from training.cache import CacheError
+    from training.distributed import World
     from training.folds import FoldsError, train_folds
     from training.init_weights import InitWeightsError
+    from training.precision import resolve_precision
     from training.prepare import prepare
     from training.report import write_report
     from training.rsna import LayoutError
+    from training.runner import device_of
     from training.train import TrainConfig, train
 
     spec = _prepare_spec(preset, grader_crop)
     if init_weights is not None and not init_weights.is_file():
         raise click.BadParameter(f"{init_weights} is not a file", param_hint="--init-weights")
+    try:
+        resolve_precision(precision, device_of(device))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--precision") from None
     cfg = TrainConfig(localiser_epochs=localiser_epochs, grader_epochs=grader_epochs, patience=patience,
                       seed=seed, device=device, augment=_augment_config(augment), preset=preset,
                       grader_crop=tuple(grader_crop),
-                      init_weights=str(init_weights.resolve()) if init_weights else None)
+                      init_weights=str(init_weights.resolve()) if init_weights else None,
+                      batch_studies=batch_studies, precision=precision, accumulate=accumulate, compile=compile_)
     if workers is not None:
         cfg.workers = workers
     if training_data:
@@ -150,15 +179,44 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
             cache = cache or run / "cache"
             click.echo(prepare(data, cache, cfg.workers, spec=spec).line(), err=True)
         assert cache is not None
-        if folds:
+        if nproc > 1:
+            _launch(nproc, cache)
+        elif folds:
             train_folds(cache, run, cfg, folds)
         else:
             train(cache, run, cfg)
     except (LayoutError, CacheError, FoldsError, InitWeightsError) as exc:
         raise click.ClickException(str(exc)) from None
+    if not World.from_env().main:
+        return  # rank 0 (or the launcher) writes the report
     report = write_report(run)
     click.echo(f"CV score {report['cv_score']['score']:.3f} (95% interval {report['cv_score']['low']:.3f} to "
                f"{report['cv_score']['high']:.3f}, {report['studies']} studies): {run / 'report.md'}", err=True)
+
+
+def _launch(nproc: int, cache: Path) -> None:
+    """Run this train command again in ``nproc`` processes under torch.distributed.run: the same
+    arguments without --nproc, and the prepared ``cache`` in place of --data."""
+    from training.distributed import launch
+
+    args = _without(_without(sys.argv[1:], "--nproc"), "--data")
+    if "--cache" not in args and not any(a.startswith("--cache=") for a in args):
+        args += ["--cache", str(cache)]
+    if launch(nproc, args) != 0:
+        raise click.ClickException(f"training failed in one of its {nproc} processes (their output is above)")
+
+
+def _without(args: Sequence[str], option: str) -> list[str]:
+    """``args`` without ``option`` and its value (``--option VALUE`` or ``--option=VALUE``)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def _augment_config(text: str):  # noqa: ANN202 - training.augment.AugmentConfig, imported lazily

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from training.cache import open_cache
+from training.distributed import World
 from training.report import OOF_FILE
 from training.rsna import fold_study_ids
 from training.runner import MODEL_NAME
@@ -65,9 +66,10 @@ def train_folds(cache: Path, run: Path, cfg: TrainConfig, folds: int) -> list[Pa
     studies = assignment(list(manifest.studies), folds, cfg.seed)
     if len(manifest.ok()) < 2 * folds:
         raise FoldsError(f"{len(manifest.ok())} usable studies are too few for {folds} folds")
-    (run / FOLDS_FILE).write_text(json.dumps({"folds": folds, "seed": cfg.seed, "model": MODEL_NAME,
-                                              "study_fold": {str(k): v for k, v in sorted(studies.items())}},
-                                             indent=1))
+    if World.from_env().main:  # under torchrun, rank 0 writes
+        (run / FOLDS_FILE).write_text(json.dumps({"folds": folds, "seed": cfg.seed, "model": MODEL_NAME,
+                                                  "study_fold": {str(k): v for k, v in sorted(studies.items())}},
+                                                 indent=1))
     models = []
     for k in range(folds):
         folder = fold_folder(run, k)

@@ -25,6 +25,7 @@ from inference.labels import CONDITIONS, LABELS, ConditionGroup
 from training.augment import AugmentConfig, augment_grader_crop, augment_localiser
 from training.cache import PrepareSpec, load_array, window_array
 from training.data import HEATMAP_SIGMA_PX, render_heatmaps, window_crop
+from training.distributed import shard
 
 OPEN_STUDIES = 8  # studies kept memory-mapped per dataset copy (a batch visits a study's samples together)
 Key = tuple[int, int]  # (epoch, sample index): what the samplers yield and the datasets take
@@ -157,10 +158,17 @@ def collate_grader(items: list[tuple[NDArray[np.float32], int, int, int]]) -> Gr
 
 class StudyBatchSampler(Sampler[list[Key]]):
     """Batches of all the samples of ``batch_studies`` studies (the loss's any-severe-spinal term is
-    per study), studies shuffled per epoch by (seed, epoch); call ``set_epoch`` before each epoch."""
+    per study), studies shuffled per epoch by (seed, epoch); call ``set_epoch`` before each epoch.
 
-    def __init__(self, starts: NDArray[np.int64], batch_studies: int, seed: int = 0, shuffle: bool = True):
+    With several training processes (``rank`` of ``world``) this is the DistributedSampler idea
+    applied to batches: every rank draws the same global batches from (seed, epoch) and takes its
+    share of each one's studies (``training.distributed.shard``), so N processes train on the global
+    batches that one process would; ``batch_studies`` is the global batch."""
+
+    def __init__(self, starts: NDArray[np.int64], batch_studies: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
         self.starts, self.k, self.seed, self.shuffle, self.epoch = starts, batch_studies, seed, shuffle, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -172,7 +180,7 @@ class StudyBatchSampler(Sampler[list[Key]]):
         n = len(self.starts) - 1
         order = np.random.default_rng([self.seed, _GRADER, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
         for b in range(0, n, self.k):
-            studies = order[b: b + self.k]
+            studies = shard(order[b: b + self.k].tolist(), self.rank, self.world)
             yield [(self.epoch, int(i)) for s in studies for i in range(self.starts[s], self.starts[s + 1])]
 
 
@@ -222,10 +230,12 @@ class LocaliserDataset(Dataset):
 
 class EpochBatchSampler(Sampler[list[Key]]):
     """Every sample index once per epoch, as (epoch, index) keys in batches of ``batch`` (the last
-    one smaller): shuffled by (seed, epoch), or in order."""
+    one smaller): shuffled by (seed, epoch), or in order. With ``world`` processes, rank ``rank``
+    takes its share of each global batch of ``batch`` (as ``StudyBatchSampler``)."""
 
-    def __init__(self, n: int, batch: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, batch: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
         self.n, self.batch, self.seed, self.shuffle, self.epoch = n, batch, seed, shuffle, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -237,7 +247,7 @@ class EpochBatchSampler(Sampler[list[Key]]):
         order = (np.random.default_rng([self.seed, _LOCALISER, self.epoch]).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
         for b in range(0, self.n, self.batch):
-            yield [(self.epoch, int(i)) for i in order[b: b + self.batch]]
+            yield [(self.epoch, int(i)) for i in shard(order[b: b + self.batch].tolist(), self.rank, self.world)]
 
 
 def _worker_init(_: int) -> None:
@@ -260,9 +270,10 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, device: 
                       multiprocessing_context="spawn")
 
 
-def localiser_batches(n: int, batch: int, seed: int, shuffle: bool) -> EpochBatchSampler:
-    """Batches of ``batch`` localiser keys (the last one smaller)."""
-    return EpochBatchSampler(n, batch, seed, shuffle)
+def localiser_batches(n: int, batch: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> EpochBatchSampler:
+    """Batches of ``batch`` localiser keys (the last one smaller); rank ``rank``'s share of each of
+    ``world`` processes."""
+    return EpochBatchSampler(n, batch, seed, shuffle, rank, world)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -36,6 +36,7 @@ from inference.model import ModelInfo, ModelMetadata, Offset
 from training.augment import AugmentConfig
 from training.cache import Manifest, PrepareSpec, load_array, open_cache, study_points
 from training.data import canal_points, local_components
+from training.distributed import World
 from training.level_calibration import LevelFit, fit_on_results, with_level_check
 from training.loader import (
     GraderDataset,
@@ -50,11 +51,12 @@ from training.loader import (
 )
 from training.memory import bound_heap_growth
 from training.metrics import competition_score, fill_not_assessed, prior_baseline
-from training.models import CONDITION_GROUP, GraderNetwork, Localiser, grader_logits
+from training.models import CONDITION_GROUP, GraderNetwork, Localiser
+from training.precision import Precision, Stepper
 from training.presets import PresetConfig, resolve
 from training.report import OOF_FILE, describe_device, write_oof
 from training.rsna import LayoutError, fold_study_ids, split_study_ids
-from training.runner import MODEL_NAME, TorchRunner, device_of, save_model
+from training.runner import MODEL_NAME, TorchRunner, save_model
 from training.validation import ValidationSet, crop_errors, evaluate_pipeline, result_errors
 
 log = structlog.stdlib.get_logger(__name__)
@@ -92,6 +94,9 @@ class TrainConfig:
     device: str = "auto"
     training_data: str = "synthetic lumbar MRI phantom (lumbar-node phantom); not clinical data"
     workers: int = field(default_factory=default_workers)  # DataLoader worker processes (0: none)
+    precision: str = Precision.AUTO.value  # training.precision.Precision: auto, fp32, bf16 or fp16
+    accumulate: int = 1  # micro-batches per optimiser step
+    compile: bool = False  # torch.compile the training forward
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     preset: str = "small"  # training.presets.Preset
     grader_crop: tuple[str, ...] = ()  # --grader-crop overrides, GROUP=SIZE_MM,PIXELS,SLICES
@@ -113,25 +118,41 @@ class TrainConfig:
 # ---- losses, batches, calibration ------------------------------------------------------------------
 
 
-def _localiser_loss(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _localiser_loss(pred_logits: torch.Tensor, target: torch.Tensor, world: World | None = None) -> torch.Tensor:
+    """The heatmap loss: a mean over pixels (over the global batch's, with several processes)."""
     pred = torch.sigmoid(pred_logits)
-    return ((pred - target) ** 2 * (1 + 30 * target)).mean()
+    terms = (pred - target) ** 2 * (1 + 30 * target)
+    if world is None or not world.distributed:
+        return terms.mean()
+    return world.mean_of_parts(terms.sum().reshape(1), torch.full((1,), float(terms.numel()), device=terms.device))
 
 
 def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.Tensor,
-                studies: torch.Tensor) -> torch.Tensor:
+                studies: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """The competition loss: class-weighted cross-entropy per condition group (normalised by the
-    weights) plus the any-severe-spinal binary term per study; the mean of the four parts."""
+    weights) plus the any-severe-spinal binary term per study; the mean of the four parts.
+
+    With several processes (``world``) each part is normalised by the global batch's weights, so
+    that the ranks' losses average to the global batch's loss and DDP's averaged gradient is its
+    gradient (a rank's share is whole studies: the any-severe term is the study's own)."""
+    return (world or World()).mean_of_parts(*grader_loss_parts(logits, targets, conditions, studies))
+
+
+def grader_loss_parts(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.Tensor,
+                      studies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grader_loss``'s four weighted means as numerators and denominators (4,) each: the three
+    groups' weighted cross-entropy and the any-severe-spinal term; a part absent from the batch
+    has 0 over 0."""
     group = torch.tensor(CONDITION_GROUP, device=logits.device)[conditions]
     own = logits[torch.arange(len(logits)), group]
     logp = F.log_softmax(own, dim=1)
     w = WEIGHTS.to(logits.device)[targets]
     nll = -logp[torch.arange(len(logp)), targets]
-    parts = []
+    numerators, denominators = [], []
     for g in range(3):
         m = group == g
-        if m.any():
-            parts.append((w[m] * nll[m]).sum() / w[m].sum())
+        numerators.append((w[m] * nll[m]).sum())
+        denominators.append(w[m].sum())
     spinal = group == 0
     if spinal.any():
         p_severe = logp[:, 2].exp()
@@ -143,8 +164,12 @@ def grader_loss(logits: torch.Tensor, targets: torch.Tensor, conditions: torch.T
             terms.append(-(y * p.log() + (1 - y) * (1 - p).log()))
             weights.append(w[m].max())
         tw = torch.stack(weights)
-        parts.append((torch.stack(terms) * tw).sum() / tw.sum())
-    return torch.stack(parts).mean()
+        numerators.append((torch.stack(terms) * tw).sum())
+        denominators.append(tw.sum())
+    else:
+        numerators.append(logits.new_zeros(()))
+        denominators.append(logits.new_zeros(()))
+    return torch.stack(numerators), torch.stack(denominators)
 
 
 def fit_temperatures(probs: np.ndarray, targets: np.ndarray) -> list[float]:
@@ -249,6 +274,7 @@ class _Run:
     grader: GraderNetwork
     resumed: dict[str, Any] = field(default_factory=dict)  # state.pt as found ({} for a new run)
     history: list[dict[str, Any]] = field(default_factory=list)
+    world: World = field(default_factory=World)  # the training processes (only rank 0 writes)
 
     @property
     def state_path(self) -> Path:
@@ -265,23 +291,33 @@ class _Run:
 
     def checkpoint(self, stage: Stage, epoch: int, best: dict[str, Any], optimiser: torch.optim.Optimizer,
                    extra: dict[str, Any]) -> None:
-        """Write state.pt (everything to resume after ``epoch`` of ``stage``) and history.json."""
+        """Write state.pt (everything to resume after ``epoch`` of ``stage``) and history.json (rank 0
+        only; state.pt whole or not at all: written beside and renamed, a kill cannot leave half)."""
+        if not self.world.main:
+            return
+        part = self.state_path.with_suffix(".pt.part")
         torch.save({"stage": stage.value, "epoch": epoch, "localiser": self.localiser.state_dict(),
                     "grader": self.grader.state_dict(), "optimiser": optimiser.state_dict(), "best": best,
-                    "history": self.history, **extra}, self.state_path)
+                    "history": self.history, **extra}, part)
+        os.replace(part, self.state_path)
         (self.folder / "history.json").write_text(json.dumps(self.history, indent=1))
 
 
-def _open_run(folder: Path, device: torch.device, cfg: TrainConfig) -> _Run:
+def _open_run(folder: Path, device: torch.device, cfg: TrainConfig, world: World | None = None) -> _Run:
     """The run in ``folder``: new networks of the configured preset (the grader's backbone from
-    ``cfg.init_weights`` when given), or those of its state.pt with its history."""
+    ``cfg.init_weights`` when given), or those of its state.pt with its history (written by any
+    number of processes: it holds the unwrapped networks). Rank 0 reads it and sends it to the
+    others (the run folder need not be shared between machines)."""
+    world = world or World()
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / "state.pt"
-    state: dict[str, Any] = torch.load(state_path, weights_only=False) if state_path.exists() else {}
+    state: dict[str, Any] = (torch.load(state_path, map_location="cpu", weights_only=False)
+                             if world.main and state_path.exists() else {})
+    state = world.broadcast(state)
     if state:
         log.info("resuming from checkpoint", path=str(state_path), stage=state["stage"], epoch=state["epoch"])
     localiser, grader = cfg.model().networks.build()
-    run = _Run(folder, localiser.to(device), grader.to(device), state, state.get("history", []))
+    run = _Run(folder, localiser.to(device), grader.to(device), state, state.get("history", []), world)
     if state:
         run.localiser.load_state_dict(state["localiser"])
         run.grader.load_state_dict(state["grader"])
@@ -356,7 +392,9 @@ def _run_epochs(run: _Run, stage: Stage, epochs: int, patience: int, model: torc
     stop after ``epochs`` or ``patience`` epochs without improvement; leave ``model`` at its best.
 
     Resumes from the run's checkpoint when it was written in this stage: after its epoch, with its
-    optimiser state and best so far (no epoch is repeated). ``extra`` goes into every checkpoint."""
+    optimiser state and best so far (no epoch is repeated). ``extra`` goes into every checkpoint.
+    With several processes, rank 0 validates and broadcasts the number (every rank keeps the same
+    best weights and stops at the same epoch); losses are averaged and samples summed over ranks."""
     resumed = run.resumed_stage(stage)
     key = _BEST_KEY[stage]
     best = _Best.from_state(resumed.get("best"), key)
@@ -366,8 +404,10 @@ def _run_epochs(run: _Run, stage: Stage, epochs: int, patience: int, model: torc
     while epoch < epochs and best.stale < patience:
         t0 = time.perf_counter()
         done = train_epoch(epoch)
+        done.losses, done.samples = run.world.mean_sum(done.losses, done.samples)
         t1 = time.perf_counter()
-        number, fields = validate()
+        number, fields = validate() if run.world.main else (0.0, {})
+        number = run.world.broadcast(number)
         epoch, loss = epoch + 1, float(np.mean(done.losses))
         timing = {**done.timing(), "train_seconds": round(t1 - t0, 3),
                   "validation_seconds": round(time.perf_counter() - t1, 3)}
@@ -381,6 +421,15 @@ def _run_epochs(run: _Run, stage: Stage, epochs: int, patience: int, model: torc
         model.load_state_dict(best.weights)
 
 
+def _stepper(net: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
+             world: World) -> Stepper:
+    """The training steps of ``net``: precision, accumulation and compile as configured, in DDP
+    with several processes."""
+    step = Stepper(net, opt, device, cfg.precision, cfg.accumulate, cfg.compile, world.wrap)
+    log.info("training steps", network=type(net).__name__, **step.settings())
+    return step
+
+
 # ---- step 2: the localiser ------------------------------------------------------------------------
 
 
@@ -390,24 +439,29 @@ def _train_localiser(run: _Run, split: _Split, cfg: TrainConfig, device: torch.d
     localiser = run.localiser
     index = LocaliserIndex.build(split.cache, split.train)
     data = LocaliserDataset(split.cache, index, train=True, augment=cfg.augment, seed=cfg.seed)
-    loader = make_loader(data, localiser_batches(len(index), cfg.localiser_batch, cfg.seed, shuffle=True),
-                         cfg.workers, device)
+    world = run.world
+    loader = make_loader(data, localiser_batches(len(index), cfg.localiser_batch, cfg.seed, shuffle=True,
+                                                 rank=world.rank, world=world.size), cfg.workers, device)
     val_index = LocaliserIndex.build(split.cache, list(split.val.study_ids), jittered=False)  # the served centre
     val_loader = make_loader(LocaliserDataset(split.cache, val_index, train=False),  # no augmentation: read here
                              localiser_batches(len(val_index), cfg.localiser_batch, cfg.seed, shuffle=False), 0, device)
     opt = torch.optim.AdamW(localiser.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    step = _stepper(localiser, opt, cfg, device, world)
 
     def train_epoch(epoch: int) -> _Epoch:
         localiser.train()
         set_epoch(loader, epoch)
         done = _Epoch()
-        for x, y in tqdm(done.batches(loader), total=len(loader), desc=f"localiser epoch {epoch + 1}", leave=False):
-            loss = _localiser_loss(localiser.logits(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        step.begin_epoch(len(loader))
+        for x, y in tqdm(done.batches(loader), total=len(loader), desc=f"localiser epoch {epoch + 1}", leave=False,
+                         disable=not world.main):
+            with step.forward():
+                logits = step.net(step.input(x))
+            loss = _localiser_loss(logits, y.to(device, non_blocking=True), world)
+            step.backward(loss)
             done.losses.append(loss.item())
             done.samples += len(x)
+        step.end_epoch()
         return done
 
     def validate() -> tuple[float, dict[str, Any]]:
@@ -464,9 +518,11 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
                 for g, group in enumerate(ConditionGroup)}
     index = GraderIndex.build(split.cache, split.train, spec)
     data = GraderDataset(split.cache, index, sigma_px, cfg.augment, cfg.seed, spec)
-    loader = make_loader(data, StudyBatchSampler(index.starts, cfg.batch_studies, cfg.seed), cfg.workers, device,
-                         collate_grader)
+    world = run.world
+    loader = make_loader(data, StudyBatchSampler(index.starts, cfg.batch_studies, cfg.seed, rank=world.rank,
+                                                 world=world.size), cfg.workers, device, collate_grader)
     opt = torch.optim.AdamW(grader.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    step = _stepper(grader, opt, cfg, device, world)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grader_epochs)
     with warnings.catch_warnings():  # fast-forwarding warns that no optimiser step came first
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
@@ -477,16 +533,18 @@ def _train_grader(run: _Run, runner: TorchRunner, split: _Split, sigma_mm: dict[
         grader.train()
         set_epoch(loader, epoch)
         done = _Epoch()
-        for x, t, c, s in tqdm(done.batches(loader), total=len(loader), desc=f"grader epoch {epoch + 1}", leave=False):
+        step.begin_epoch(len(loader))
+        for x, t, c, s in tqdm(done.batches(loader), total=len(loader), desc=f"grader epoch {epoch + 1}", leave=False,
+                               disable=not world.main):
             if len(t) == 0:
                 continue
-            logits = grader_logits(grader, [xs.to(device, non_blocking=True) for xs in x])  # one tensor per crop shape
-            loss = grader_loss(logits, t.to(device), c.to(device), s.to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with step.forward():
+                logits = step.net(*[step.input(xs) for xs in x])  # one tensor per crop shape
+            loss = grader_loss(logits, t.to(device), c.to(device), s.to(device), world)
+            step.backward(loss)
             done.losses.append(loss.item())
             done.samples += len(t)
+        step.end_epoch()
         sched.step()
         return done
 
@@ -539,27 +597,42 @@ def train(cache: Path, run: Path, cfg: TrainConfig | None = None) -> Path:
     """Train on the prepared cache at ``cache`` (``lumbar-node prepare``); write checkpoints and
     the final model under ``run``. A run folder with a state.pt is resumed at its stage and epoch."""
     cfg = cfg or TrainConfig()
-    device = device_of(cfg.device)
+    world = World.from_env()  # several processes under torchrun (training.distributed)
+    device = world.device(cfg.device)
+    world.start(device)
+    try:
+        return _train(cache, run, cfg, world, device)
+    finally:
+        world.stop()
+
+
+def _train(cache: Path, run: Path, cfg: TrainConfig, world: World, device: torch.device) -> Path:
     bound_heap_growth()
     torch.manual_seed(cfg.seed)
-    training = _open_run(run, device, cfg)
+    training = _open_run(run, device, cfg, world)
     split = _load_split(cache, cfg, device)
-    (run / "config.json").write_text(json.dumps({**cfg.to_json(), "cache": str(Path(cache).resolve()),
-                                                 "spec_hash": Manifest.load(cache).spec.hash,
-                                                 "device_used": describe_device(device)}, indent=1))
+    if world.main:
+        (run / "config.json").write_text(json.dumps({**cfg.to_json(), "world_size": world.size,
+                                                     "cache": str(Path(cache).resolve()),
+                                                     "spec_hash": Manifest.load(cache).spec.hash,
+                                                     "device_used": describe_device(device)}, indent=1))
     meta = _metadata(split, cfg)
     if training.stage is Stage.LOCALISER:
         _train_localiser(training, split, cfg, device)
     runner = TorchRunner(training.localiser, training.grader, ModelInfo(meta, ""), device)
-    sigma_mm = _crop_error_mm(training, runner, split)
+    sigma_mm = world.broadcast(_crop_error_mm(training, runner, split) if world.main else None)
     _train_grader(training, runner, split, sigma_mm, cfg, device)
+    path = run / "model.pt"
+    if not world.main:
+        world.barrier()  # rank 0 calibrates, validates and writes the model
+        return path
     temperatures, level_fit = _calibrate(runner, split)
     meta = with_level_check(meta, level_fit)
     runner.info = ModelInfo(meta, "")  # validation below grades with the fitted level check, as serving will
     meta = _validated(meta, runner, split, temperatures, run / OOF_FILE)
-    path = run / "model.pt"
     sha = save_model(path, training.localiser.cpu(), training.grader.cpu(), meta)
     log.info("model written", path=str(path), sha256=sha[:12], temperatures=[round(t, 2) for t in temperatures],
              val_score=meta.validation["score"]["total"],
              class_prior_score=meta.validation["class_prior_score"]["total"])
+    world.barrier()
     return path
