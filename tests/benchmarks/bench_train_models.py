@@ -98,6 +98,22 @@ def grader_rate(preset: Preset, precision: str, steps: int, studies: int, device
     return steps * batch / seconds
 
 
+def grader_flops(preset: Preset) -> float:
+    """Floating-point operations of one grader training sample (forward and backward), counted by
+    ``torch.utils.flop_counter`` on one study's mix of crop shapes, per sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = PRESETS[preset]
+    _, grader = config.networks.build()
+    crops = []
+    for c in CONDITIONS:
+        spec = config.spec.grader(c.group)
+        crops.append(torch.rand(1, spec.n_slices, spec.pixels, spec.pixels))
+    with FlopCounterMode(display=False) as counter:
+        torch.cat([grader.logits(x) for x in crops]).sum().backward()
+    return counter.get_total_flops() / len(crops)
+
+
 def localiser_rate(preset: Preset, precision: str, steps: int, batch: int, device: torch.device) -> float:
     """Localiser images/s on batches of ``batch`` images of the preset's grid."""
     config = PRESETS[preset]
@@ -189,8 +205,13 @@ def main() -> None:
         for preset in [Preset(p) for p in (args.preset or [p.value for p in Preset])]:
             config = PRESETS[preset]
             localiser, grader = config.networks.build()
+            flops = grader_flops(preset)
             print(f"\n## {preset.value}: grader {_params(grader):,} parameters, localiser {_params(localiser):,}; "
-                  f"crops {config.spec.describe()}")
+                  f"crops {config.spec.describe()}; {flops / 1e9:.2f} GFLOP per grader training sample "
+                  f"(forward and backward; {flops * RSNA_STUDIES * TRAIN_SHARE * WINDOWS_PER_STUDY / 1e15:.2f} "
+                  "PFLOP per grader epoch on the RSNA training studies)")
+            rows.append({"preset": preset.value, "grader_parameters": _params(grader),
+                         "localiser_parameters": _params(localiser), "grader_training_flops_per_sample": flops})
             for precision in args.precision or ["fp32"]:
                 g = grader_rate(preset, precision, args.steps, args.batch_studies, device)
                 lo = localiser_rate(preset, precision, args.steps, args.localiser_batch, device)
