@@ -369,7 +369,7 @@ def export_ensemble(runs: list[Path], out: Path, tta: bool = False) -> ModelMeta
     _export(runner.localiser, (torch.from_numpy(images),), out / "localiser.onnx", ["images"], ["heatmaps"])
     _export(runner.grader, (torch.from_numpy(crops), torch.from_numpy(conditions)), out / "grader.onnx",
             ["crops", "conditions"], ["probabilities", "cam"],
-            _grader_axes(cast(GraderNetwork, members[0].runner.grader)))
+            _grader_axes(members[0].runner.grader))
     checks = {"fp32": verify_ensemble(out, runner)}
     log.info("ensemble export verified", model_dir=str(out), members=len(members), **checks["fp32"])
     io = _io_text(cast(TorchRunner, runner), runner.metadata.spec)
