@@ -126,8 +126,8 @@ class AugmentConfig:
     @classmethod
     def off(cls) -> AugmentConfig:
         """No augmentation at all: the centre crop, the cached localiser pair."""
-        return cls(**{f.name: 0.0 for f in fields(cls) if f.name.endswith("_p")},
-                   slice_shift_probs=(0.0, 1.0, 0.0))
+        probabilities: dict[str, Any] = {f.name: 0.0 for f in fields(cls) if f.name.endswith("_p")}
+        return cls(**probabilities, slice_shift_probs=(0.0, 1.0, 0.0))
 
     @classmethod
     def legacy(cls) -> AugmentConfig:
@@ -239,8 +239,9 @@ def _warp(plane: NDArray[np.float32], affine: Affine, center: tuple[float, float
     ``center + A^-1 (p - center - shift) + offset`` (A: the affine's rotation and scale)."""
     m = affine.inverse_matrix(center)
     m[:, 2] += offset
-    return cv2.warpAffine(plane, m, (out_hw[1], out_hw[0]), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=border, borderValue=0.0)
+    warped = cv2.warpAffine(plane, m, (out_hw[1], out_hw[0]), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                            borderMode=border, borderValue=0.0)
+    return warped.astype(np.float32, copy=False)
 
 
 # ---- intensity (image only) ----------------------------------------------------------------------------

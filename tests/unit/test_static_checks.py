@@ -16,13 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Packages mypy finds nothing in: strict on dicom_node and inference, the lenient config on the rest.
-TYPED = ("dicom_node", "inference", "export", "demo", "phantom")
-#: Packages with mypy findings left while other branches rewrite them (training/train.py and the new loaders):
-#: the test fails once they are clean, then the marker goes. tests/ is not type-checked (see [tool.mypy] in
-#: pyproject.toml).
-PENDING = ("training",)
-MYPY_PACKAGES = [*TYPED, *(pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="mypy findings left"))
-                           for p in PENDING)]
+TYPED = ("dicom_node", "inference", "export", "demo", "phantom", "training")
 #: Folders that hold no code of the project's own (the suppression review skips them).
 _NOT_OURS = {"node_modules", "__pycache__", "build", "dist"}
 
@@ -51,11 +45,11 @@ def _by_package(lines: list[str]) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def mypy_findings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
-    """One mypy run over the typed and the pending packages (the modules they import are checked too, and
+    """One mypy run over the typed packages (the modules they import are checked too, and
     reported under their own package)."""
     cache = tmp_path_factory.mktemp("mypy") / ".mypy_cache"
     proc = _tool("mypy", "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(cache),
-                 "--no-error-summary", "--no-pretty", *TYPED, *PENDING)
+                 "--no-error-summary", "--no-pretty", *TYPED)
     assert proc.returncode in (0, 1), f"mypy failed to run (exit {proc.returncode}):\n{proc.stderr}{proc.stdout}"
     return _by_package([line for line in proc.stdout.splitlines() if ": error:" in line or ": note:" in line])
 
@@ -69,7 +63,7 @@ def test_ruff_finds_nothing_in_the_repository() -> None:
         "\n".join(line for lines in found.values() for line in lines)
 
 
-@pytest.mark.parametrize("package", MYPY_PACKAGES)
+@pytest.mark.parametrize("package", TYPED)
 def test_mypy_finds_nothing(mypy_findings: dict[str, list[str]], package: str) -> None:
     found = mypy_findings.get(package, [])
     errors = sum(": error:" in line for line in found)
