@@ -73,7 +73,8 @@ def test_an_instance_is_answered_only_after_its_round_commits_and_the_others_sha
         assert ledger.instance("1.2.3.1", f"1.2.3.1.{n}") is not None
         assert (spool / "1.2.3" / "1.2.3.1" / f"{n}.dcm").read_bytes() == f"DICMdigest-{n}".encode()
     assert not [p for p in (spool / "1.2.3" / "1.2.3.1").iterdir() if p.name.startswith(".incoming-")]
-    assert ledger.study("1.2.3").state is StudyState.RECEIVING  # type: ignore[union-attr]
+    study = ledger.study("1.2.3")
+    assert study is not None and study.state is StudyState.RECEIVING
     ledger.close()
 
 
@@ -154,5 +155,6 @@ def test_the_ledger_writers_take_turns_across_processes(tmp_path: Path) -> None:
     waited = time.monotonic() - started
     os.waitpid(child, 0)
     assert 0.2 < waited < 5, waited
-    assert ledger.study("1").state is StudyState.ANALYSING  # type: ignore[union-attr]
+    study = ledger.study("1")
+    assert study is not None and study.state is StudyState.ANALYSING
     ledger.close()
