@@ -43,8 +43,12 @@ READY_TIMEOUT_S = 120.0  # how long the node waits for its receivers to listen w
 
 
 def receiver_count(settings: Settings) -> int:
-    """How many receiver processes (the node's own included): ``node.receivers``, or the CPU count."""
-    return settings.node.receivers or os.cpu_count() or 1
+    """How many receiver processes (the node's own included): ``node.receivers``, or half the CPUs
+    (at least one). Each receiver is one interpreter that keeps about a core busy under load, and
+    the senders, the kernel's network and disk work and the grading need the rest: on the 2-CPU
+    machine where it was measured, two receivers took fewer images per second than one, with 1
+    and with 4 senders, on a quiet machine and a loaded one (README, "Performance")."""
+    return settings.node.receivers or max(1, (os.cpu_count() or 1) // 2)
 
 
 def slots_path(settings: Settings) -> Path:

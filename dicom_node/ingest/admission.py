@@ -5,8 +5,9 @@ Deflate bound (inflated in bounded steps, never whole, before it is read); the h
 every large value deferred; the UIDs (pydicom's ``UID.is_valid``); truncation; the image-size
 bound (``limits.max_pixels``); the spool path; the conflict check (the same (series, SOP
 instance) filed under another study is refused, the same bytes again are a re-send); then the
-write (bytes) or the rename (a file staged under the spool), fsynced, the ledger record, the
-metrics, and the audit trail's line per association and study (``Batch``).
+write (bytes) or the rename (a file staged under the spool), fsynced, the ledger record (renames,
+folder fsyncs and ledger commits shared by the instances filed at the same time: ``GroupCommit``),
+the metrics, and the audit trail's line per association and study (``Batch``).
 
 ``Admission.admit`` does it all for one instance (C-STORE, STOW-RS); an upload, which is taken
 whole or not at all, calls ``inspect`` on every file first and ``file`` on each once all passed.
@@ -38,7 +39,16 @@ from dicom_node.ingest.staging import Staging
 from dicom_node.ingest.statuses import StoreStatus
 from dicom_node.observability import PHI_VALUES, NodeMetrics, get_logger, study_scope
 from dicom_node.states import EventKind
-from dicom_node.store import Ledger, Recorded, UnsafePath, fsync_dir, spool_path, uid_problem, write_durably
+from dicom_node.store import (
+    GroupCommit,
+    InstanceRecord,
+    Ledger,
+    Recorded,
+    UnsafePath,
+    spool_path,
+    uid_problem,
+    write_beside,
+)
 
 log = get_logger(__name__)
 
@@ -189,6 +199,7 @@ class Admission:
         self.spool = Path(settings.storage.spool_dir)
         self.spool.mkdir(parents=True, exist_ok=True)
         self.staging = Staging(self.spool)
+        self.commits = GroupCommit(ledger, settings.storage.fsync)  # shared by the threads that file at once
         self.max_instance_bytes = int(settings.limits.max_instance_mb * 2**20)
         self._repeats_logged: set[str] = set()  # studies said to repeat SOP Instance UIDs across series
 
@@ -340,15 +351,17 @@ class Admission:
             log.debug("re-sent instance, same content", sop_instance_uid=sop_uid, study_uid=study_uid)
             return Verdict(Outcome.RESENT, StoreStatus.SUCCESS, instance=item)
         fsync = self.settings.storage.fsync
+        record = InstanceRecord(sop_uid, study_uid, item.series_uid, item.sop_class_uid, item.target,
+                                candidate.sender if candidate.source in _AE_SOURCES else candidate.source.value.upper(),
+                                item.series_size, reopens_study(item.sop_class_uid), item.digest)
         try:
             if isinstance(candidate.body, Path):
-                _move_durably(candidate.body, item.target, fsync)
+                staged = _synced_staged(candidate.body, item.target, fsync)
             else:
-                write_durably(item.head + candidate.body, item.target, fsync)
-            recorded = self.ledger.record_instance(sop_uid, study_uid, item.series_uid, item.sop_class_uid,
-                                                   item.target, candidate.sender if candidate.source in _AE_SOURCES
-                                                   else candidate.source.value.upper(), item.series_size,
-                                                   reopens_study(item.sop_class_uid), item.digest)
+                staged = write_beside(item.head + candidate.body, item.target, fsync)
+            # renamed into place, its folder fsynced and recorded in a round shared with the instances
+            # other associations file meanwhile: returns once that round's ledger commit is done
+            recorded = self.commits.file(staged, record)
         except OSError as exc:
             log.error("could not store an instance", sop_instance_uid=sop_uid, error=str(exc))
             status = StoreStatus.OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else StoreStatus.PROCESSING_FAILURE
@@ -421,8 +434,9 @@ def _opened(body: bytes | Path) -> Iterator[tuple[BinaryIO, int]]:
         yield f, os.fstat(f.fileno()).st_size
 
 
-def _move_durably(staged: Path, target: Path, fsync: bool) -> None:
-    """Rename a staged file into the spool (the same file system), fsynced, its folder too."""
+def _synced_staged(staged: Path, target: Path, fsync: bool) -> Path:
+    """A staged file (under the spool: the same file system) fsynced, and the target's folder made,
+    for ``GroupCommit.file`` to rename into place."""
     if fsync:
         fd = os.open(staged, os.O_RDONLY)
         try:
@@ -430,6 +444,4 @@ def _move_durably(staged: Path, target: Path, fsync: bool) -> None:
         finally:
             os.close(fd)
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, target)
-    if fsync:
-        fsync_dir(target.parent)
+    return staged

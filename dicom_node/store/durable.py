@@ -49,6 +49,19 @@ def write_durably(data: bytes, target: Path, fsync: bool = True, mode: int | Non
     The file gets the permission bits any new file of the process gets (0666 less the umask that
     ``restrict_access`` set: 0600, or 0640 with a group), and the folder's group when the folder is
     setgid; ``mode`` sets exactly these bits instead (the file is never wider than ``mode`` meanwhile)."""
+    tmp = write_beside(data, target, fsync, mode)
+    try:
+        os.replace(tmp, target)
+        if fsync:
+            fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_beside(data: bytes, target: Path, fsync: bool = True, mode: int | None = None) -> Path:
+    """The first half of ``write_durably``: ``data`` in a new temporary file beside ``target`` (its
+    folders made), fsynced, closed; its path, for the caller to rename into place (``GroupCommit``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_beside(target, 0o666 if mode is None else mode)
     try:
@@ -59,12 +72,10 @@ def write_durably(data: bytes, target: Path, fsync: bool = True, mode: int | Non
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, target)
-        if fsync:
-            fsync_dir(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def _create_beside(target: Path, mode: int) -> tuple[int, Path]:

@@ -12,7 +12,9 @@ transaction, by the numbered steps of MIGRATIONS; a ledger of a newer version is
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -236,6 +238,20 @@ class KnownInstance(NamedTuple):
     digest: str | None
 
 
+class InstanceRecord(NamedTuple):
+    """A stored instance to record (``Ledger.record_instances``): keyed by (series, SOP Instance UID)."""
+
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    path: Path
+    calling_aet: str
+    series_size: int | None = None
+    reopens: bool = True  # an image to grade: (re)opens its study; False: our own SR/SC coming back
+    digest: str | None = None
+
+
 class SeriesCount(NamedTuple):
     """A series of a study as received so far."""
 
@@ -290,6 +306,40 @@ class Delivery:
     last_error: str | None
 
 
+class WriterLock:
+    """The ledger's writers in turn across processes (the receiver processes, the node's own): an
+    exclusive ``flock`` on a file beside the ledger, taken before ``BEGIN IMMEDIATE``. SQLite's own
+    busy handler polls a held write lock with sleeps of 1, 2, 5, 10 ms and longer, so two processes
+    committing often wait far longer than the commit takes; a blocked ``flock`` wakes the moment
+    the lock is released. Without the file (a ledger folder the process may not write), SQLite's
+    busy timeout alone serialises the writers, as before."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+        self._tried = False
+
+    def __enter__(self) -> WriterLock:
+        if not self._tried:
+            self._tried = True
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError:
+                self._fd = None
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocks without the interpreter lock
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Ledger:
     """Thread-safe SQLite ledger (one connection, serialised access, synchronous=FULL).
     ``migrated_from`` is the schema version the file had when opened (SCHEMA_VERSION: none to do)."""
@@ -306,6 +356,11 @@ class Ledger:
         except BaseException:
             self._db.close()
             raise
+        # the look-ups of the receiving path (``instance``, ``sop_uid_repeats``) read on a connection of
+        # their own: under WAL they see the last commit and wait neither for a writer nor its sync
+        self._writers = WriterLock(path.with_name(path.name + "-writer.lock"))
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
 
     def _migrate(self, path: Path) -> int:
         """Bring the ledger to SCHEMA_VERSION in one transaction (all steps or none); the version
@@ -338,12 +393,15 @@ class Ledger:
         return version
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
+            self._writers.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._writers:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -356,19 +414,24 @@ class Ledger:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """A query on the reading connection (the last commit; never waits for a writer)."""
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
     # -- instances and studies --------------------------------------------------------------------
 
     def instance(self, series_uid: str, sop_instance_uid: str) -> KnownInstance | None:
         """The study and content digest of a recorded instance (a series' SOP instance), or None."""
-        rows = self._query("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
-                           (series_uid, sop_instance_uid))
+        rows = self._read("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
+                          (series_uid, sop_instance_uid))
         return KnownInstance(*rows[0]) if rows else None
 
     def sop_uid_repeats(self, study_uid: str, sop_instance_uid: str) -> bool:
         """Whether this SOP Instance UID is recorded in more than one series of the study (as the
         RSNA Kaggle files have it)."""
-        rows = self._query("SELECT COUNT(DISTINCT series_uid) FROM instances WHERE study_uid=? AND sop_instance_uid=?",
-                           (study_uid, sop_instance_uid))
+        rows = self._read("SELECT COUNT(DISTINCT series_uid) FROM instances WHERE study_uid=? AND sop_instance_uid=?",
+                          (study_uid, sop_instance_uid))
         return int(rows[0][0]) > 1
 
     def record_instance(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str,
@@ -382,28 +445,15 @@ class Ledger:
         bytes again change nothing; a series' SOP Instance UID filed under another study is not
         recorded. The same SOP Instance UID in another series of the study is another instance.
         """
+        return self.record_instances([InstanceRecord(sop_instance_uid, study_uid, series_uid, sop_class_uid, path,
+                                                     calling_aet, series_size, reopens, digest)])[0]
+
+    def record_instances(self, records: list[InstanceRecord]) -> list[Recorded]:
+        """Record several stored instances in one transaction (one commit, one sync of the WAL), in
+        order, each as ``record_instance`` would; what each came to. All or none: an error records none."""
         now = time.time()
         with self._transaction() as db:
-            row = db.execute("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
-                             (series_uid, sop_instance_uid)).fetchone()
-            known = KnownInstance(*row) if row is not None else None
-            if known is not None and known.study_uid != study_uid:
-                return Recorded.OTHER_STUDY
-            if known is not None and (digest is None or known.digest == digest):
-                return Recorded.RESENT
-            outcome = Recorded.NEW if known is None else Recorded.REPLACED
-            db.execute(f"INSERT OR REPLACE INTO instances ({INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (sop_instance_uid, study_uid, series_uid, sop_class_uid, str(path), calling_aet, now,
-                        series_size, digest))
-            new_study = f"INTO studies ({STUDY_COLUMNS}) VALUES (?, ?, NULL, ?, ?, ?, 1, 0, NULL, NULL)"
-            if reopens:
-                db.execute(f"INSERT {new_study} "
-                           "ON CONFLICT(study_uid) DO UPDATE SET state=excluded.state, reason=NULL, "
-                           "last_received=excluded.last_received, updated_at=excluded.updated_at, "
-                           "generation=studies.generation + 1", (study_uid, StudyState.RECEIVING, now, now, now))
-            else:
-                db.execute(f"INSERT OR IGNORE {new_study}", (study_uid, StudyState.RECEIVING, now, now, now))
-        return outcome
+            return [_record(db, record, now) for record in records]
 
     def set_state(self, study_uid: str, state: StudyState, reason: str | None = None,
                   generation: int | None = None) -> bool:
@@ -693,6 +743,30 @@ class Ledger:
             out.append(StudyRow(study_uid, StudyState(state_value), reason, instances, series, first_received,
                                 last_received, released_at, graded_at, delivered_at, roles, uploaded_by))
         return out, total
+
+
+def _record(db: sqlite3.Connection, record: InstanceRecord, now: float) -> Recorded:
+    """One instance's rows, in the open transaction (``Ledger.record_instances``)."""
+    row = db.execute("SELECT study_uid, digest FROM instances WHERE series_uid=? AND sop_instance_uid=?",
+                     (record.series_uid, record.sop_instance_uid)).fetchone()
+    known = KnownInstance(*row) if row is not None else None
+    if known is not None and known.study_uid != record.study_uid:
+        return Recorded.OTHER_STUDY
+    if known is not None and (record.digest is None or known.digest == record.digest):
+        return Recorded.RESENT
+    outcome = Recorded.NEW if known is None else Recorded.REPLACED
+    db.execute(f"INSERT OR REPLACE INTO instances ({INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (record.sop_instance_uid, record.study_uid, record.series_uid, record.sop_class_uid, str(record.path),
+                record.calling_aet, now, record.series_size, record.digest))
+    new_study = f"INTO studies ({STUDY_COLUMNS}) VALUES (?, ?, NULL, ?, ?, ?, 1, 0, NULL, NULL)"
+    if record.reopens:
+        db.execute(f"INSERT {new_study} "
+                   "ON CONFLICT(study_uid) DO UPDATE SET state=excluded.state, reason=NULL, "
+                   "last_received=excluded.last_received, updated_at=excluded.updated_at, "
+                   "generation=studies.generation + 1", (record.study_uid, StudyState.RECEIVING, now, now, now))
+    else:
+        db.execute(f"INSERT OR IGNORE {new_study}", (record.study_uid, StudyState.RECEIVING, now, now, now))
+    return outcome
 
 
 def _queue_deliveries(db: sqlite3.Connection, study_uid: str, run: int, destinations: list[str], paths: list[str],

@@ -3,11 +3,12 @@ senders at once, side by side in one run; and a backlog: 20 studies from 4 sende
 the last SR is in Orthanc.
 
     .venv/bin/python tests/benchmarks/bench_ingest.py [--studies 8] [--senders 1 2 4 8] [--repeats 3]
-        [--backlog-studies 20] [--backlog-senders 4] [--data DIR] [--node-env KEY=VALUE ...] [--json]
+        [--backlog-studies 20] [--backlog-senders 4] [--data DIR] [--node-env KEY=VALUE ...] [--base DIR] [--json]
 
 Receivers: (a) the node as it runs, `lumbar-node serve` (storage SCP + ledger; nothing released
 for grading during the ingest runs), with storage.fsync on (the product default: "node"), and, when
-asked (--receivers), off ("node-nofsync") or with pynetdicom's own 1 ms poll ("node-fsync-1ms");
+asked (--receivers), off ("node-nofsync") or with pynetdicom's own 1 ms poll ("node-fsync-1ms"), and
+with --base DIR the node's code of another checkout ("node-base", e.g. a worktree of main: a "before");
 (b) DCMTK storescp (--fork, +B bit-preserving, default 16 KB PDU, no fsync); (c) a real Orthanc
 (demo.orthanc.running_orthanc, its defaults: SyncStorageArea=true, i.e. fdatasync of each file, SQLite
 index, 4 DICOM threads, 16 KB PDU). storage.fsync=false skips the node's file and folder fsyncs only:
@@ -53,12 +54,14 @@ from demo.orthanc import ORTHANC_AET, Orthanc, free_port, running_orthanc, store
 CALLING = "BENCH"
 NODE_AET = "LUMBAR_AI"
 DCMTK_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
-RECEIVERS = ["node", "node-nofsync", "node-fsync-1ms", "storescp", "orthanc"]
+RECEIVERS = ["node", "node-base", "node-nofsync", "node-fsync-1ms", "storescp", "orthanc"]
 DEFAULT_RECEIVERS = ["node", "orthanc", "storescp"]
 # What each receiver syncs per image (checked with strace -f -e fsync,fdatasync on this machine).
-FSYNC = {"node": "file+dir+ledger", "node-nofsync": "ledger only", "node-fsync-1ms": "file+dir+ledger",
+FSYNC = {"node": "file+dir+ledger", "node-base": "file+dir+ledger", "node-nofsync": "ledger only",
+         "node-fsync-1ms": "file+dir+ledger",
          "storescp": "none", "orthanc": "file (fdatasync)"}
 ROLES = {"Sagittal T1", "Sagittal T2/STIR", "Axial T2"}
+BASE: list[Path] = []  # --base: the checkout whose dicom_node the receiver "node-base" runs (PYTHONPATH)
 
 
 @dataclass
@@ -107,6 +110,8 @@ def _node_env(name: str, workdir: Path, port: int, extra: dict[str, str], pacs_p
                 "LUMBAR_NODE__LOGGING__LEVEL": "INFO", "LUMBAR_NODE__LOGGING__FORMAT": "json",
                 "LUMBAR_NODE__DESTINATIONS":
                     f"[{{name: pacs, ae_title: {ORTHANC_AET}, host: 127.0.0.1, port: {pacs_port}}}]"}
+    if name == "node-base":  # another checkout's code (a "before"), with this venv's packages
+        env["PYTHONPATH"] = str(BASE[0])
     if name == "node-fsync-1ms":  # pynetdicom's own poll interval, for comparison
         env["LUMBAR_NODE__NODE__POLL_INTERVAL_MS"] = "1"
     return {**env, **extra}
@@ -250,9 +255,18 @@ def main() -> None:
     parser.add_argument("--backlog-studies", type=int, default=20, help="studies of the backlog case (0: none)")
     parser.add_argument("--backlog-senders", type=int, default=4)
     parser.add_argument("--node-env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for the node")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="a checkout (e.g. a worktree of main) run as receiver node-base, interleaved with node")
+    parser.add_argument("--base-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="settings for node-base only (over --node-env)")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
+    if args.base is not None:
+        BASE.append(args.base.resolve())
+        if "node-base" not in args.receivers:
+            args.receivers = [args.receivers[0], "node-base", *args.receivers[1:]]
     node_env = dict(item.split("=", 1) for item in args.node_env)
+    base_env = node_env | dict(item.split("=", 1) for item in args.base_env)
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         data = args.data
@@ -271,7 +285,7 @@ def main() -> None:
             for n in args.senders:
                 for name in args.receivers:
                     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
-                    with receiver(name, workdir, node_env) as target:
+                    with receiver(name, workdir, base_env if name == "node-base" else node_env) as target:
                         seconds = send([files[i::n] for i in range(n)], target)
                         got = target.received()
                     if got != len(files):
@@ -327,6 +341,8 @@ def main() -> None:
     print("storescp options: --fork +B -aet STORESCP -od DIR (one child process per association, no fsync)")
     if node_env:
         print(f"node settings: {' '.join(f'{k}={v}' for k, v in node_env.items())}")
+    if args.base is not None:
+        print(f"node-base: the code of {args.base}; settings: {' '.join(f'{k}={v}' for k, v in base_env.items())}")
     if args.json:
         print(json.dumps({"machine": machine, "results": rows, "backlog": late}))
 

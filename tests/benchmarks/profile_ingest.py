@@ -1,6 +1,7 @@
 """Profile the node's per-instance C-STORE path: where the receiving process spends its time.
 
-    .venv/bin/python tests/benchmarks/profile_ingest.py [--studies 4] [--rounds 3] [--top 25] [--data DIR]
+    .venv/bin/python tests/benchmarks/profile_ingest.py [--studies 4] [--rounds 3] [--senders 1] [--top 25]
+        [--data DIR] [--receivers 1]
 
 Starts ``lumbar-node serve`` with one receiver process (``node.receivers: 1``, no destinations, a long
 quiet time: nothing is graded meanwhile), samples it with py-spy (``pip install py-spy``; all threads,
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.support
@@ -59,6 +61,10 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--senders", type=int, default=1, help="storescu processes at once (the files dealt out)")
+    parser.add_argument("--receivers", type=int, default=1, help="node.receivers (py-spy samples the node's own)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="every thread that is running (py-spy's default) instead of the one holding the GIL")
     parser.add_argument("--data", type=Path)
     parser.add_argument("--out", type=Path, help="keep the raw profile here")
     args = parser.parse_args()
@@ -72,18 +78,22 @@ def main() -> None:
                            check=True, capture_output=True)
         files = sorted(data.rglob("*.dcm"))
         node = ServedNode(work / "node", destination_port=1, quiet_time_s=3600, destinations=[],
-                          node={"receivers": 1}, logging={"format": "json", "level": "INFO"})
+                          node={"receivers": args.receivers}, logging={"format": "json", "level": "INFO"})
         node.start()
         assert node.process is not None
         raw = args.out or work / "profile.txt"
         spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
-                                "--rate", "250", "--gil", "--nonblocking", "-o", str(raw), "-p", str(node.process.pid)],
+                                "--rate", "250", *([] if args.cpu else ["--gil"]), "--nonblocking", "-o", str(raw),
+                                "-p", str(node.process.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         started = time.monotonic()
         for _ in range(args.rounds):
-            sent = storescu(files, node.port, called=NODE_AET, calling=SENDER_AET)
-            assert sent.returncode == 0, sent.stderr[-1000:]
+            with ThreadPoolExecutor(args.senders) as pool:
+                shares = [files[i::args.senders] for i in range(args.senders)]
+                for sent in pool.map(lambda share: storescu(share, node.port, called=NODE_AET, calling=SENDER_AET),
+                                     shares):
+                    assert sent.returncode == 0, sent.stderr[-1000:]
         seconds = time.monotonic() - started
         spy.send_signal(2)  # SIGINT: py-spy writes the profile and exits
         spy.wait(60)

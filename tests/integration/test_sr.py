@@ -6,7 +6,9 @@ the Contributing Equipment Sequence)."""
 
 from __future__ import annotations
 
+import copy
 import html
+import io
 import re
 import subprocess
 from pathlib import Path
@@ -18,6 +20,7 @@ from dicom_node.results import codes as C
 from dicom_node.results.identity import MANUFACTURER, model_device_uid
 from dicom_node.results.sources import ImageKey, image_key
 from dicom_node.results.sr import build_sr, percent
+from dicom_node.results.writer import settle_encoding
 from inference.analyze import (
     AssessedLabel,
     LabelResult,
@@ -203,3 +206,15 @@ def test_dsr2html_shows_the_summary_and_the_disclaimer(rendered: str) -> None:
     assert re.search(r"Highest probability of severe spinal canal stenosis: \d+(\.\d+)? % \(L\d/[LS]\d\)", evaluations)
     assert "not for diagnosis" in rendered  # series description, in the document header
     assert "not for clinical use" in rendered  # algorithm parameters
+
+
+def test_settled_encoding_writes_the_same_bytes(graded: Graded) -> None:
+    """``settle_encoding`` (the run writer's one pass before saving) changes nothing in the file."""
+    result, sources = graded
+    sr = build_sr(result, sources)
+    twin = copy.deepcopy(sr)
+    plain, settled = io.BytesIO(), io.BytesIO()
+    sr.save_as(plain, enforce_file_format=True)
+    settle_encoding(twin)
+    twin.save_as(settled, enforce_file_format=True)
+    assert settled.getvalue() == plain.getvalue()

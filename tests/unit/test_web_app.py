@@ -338,7 +338,7 @@ def test_the_ledger_and_argon2_are_never_called_on_the_event_loop(site: tuple, t
     assert client.post("/studies/1.2.3/grade-again", data={"csrf": viewer}).status_code == 403  # refused: audited
     expected = {"authenticate", "node.grade_again", "node.send_again", "ledger.dashboard", "ledger.state_counts",
                 "ledger.study", "ledger.series_counts", "ledger.last_report", "ledger.events", "ledger.add_event",
-                "ledger.record_instance", "ledger.upload"}
+                "ledger.record_instances", "ledger.upload"}
     assert expected <= watch.calls, expected - watch.calls  # the watch saw them all...
     assert watch.on_loop == set()  # ...and none on the event loop
 
