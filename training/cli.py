@@ -108,6 +108,9 @@ def prepare_command(data: Path, cache: Path, workers: int | None, preset: str, g
               help="K-fold cross-validation: K models on disjoint validation folds (by study, from --seed) in "
                    "RUN/fold-0 ... RUN/fold-<K-1>, scored together out of fold in RUN/report.md. A rerun skips "
                    "finished folds and resumes the interrupted one.")
+@click.option("--fold", type=click.IntRange(min=0), default=None,
+              help="With --folds K: train only this fold (0 to K-1), e.g. one fold per GPU as separate jobs into "
+                   "the same RUN; the report is written once every fold is finished.")
 @_preset_options
 @click.option("--init-weights", "init_weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Start the grader's backbone (competition preset) from this state dict: torchvision's ResNet-34 "
@@ -125,7 +128,8 @@ def prepare_command(data: Path, cache: Path, workers: int | None, preset: str, g
                    "one per GPU on CUDA, gloo on CPU). Across machines run this command under your own torchrun.")
 def train_command(data: Path | None, cache: Path | None, run: Path, localiser_epochs: int, grader_epochs: int,
                   patience: int, seed: int, device: str, workers: int | None, augment: str,
-                  training_data: str | None, folds: int | None, preset: str, grader_crop: tuple[str, ...],
+                  training_data: str | None, folds: int | None, fold: int | None, preset: str,
+                  grader_crop: tuple[str, ...],
                   init_weights: Path | None, batch_studies: int, precision: str, accumulate: int, compile_: bool,
                   nproc: int) -> None:
     """Train the level localiser and the grader (PyTorch) on a prepared cache or an RSNA 2024 folder.
@@ -136,6 +140,8 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
     With --folds K: K such runs in RUN/fold-<i>. Ends with RUN/report.md (what the model is, its
     out-of-fold score with bootstrap intervals).
     """
+    if fold is not None and (folds is None or fold >= folds):
+        raise click.BadParameter("needs --folds K with K above it", param_hint="--fold")
     if data is None and cache is None:
         raise click.UsageError("give --data RSNA_DIR (prepared first) or --cache CACHE (from `lumbar-node prepare`)")
     require_torch()
@@ -149,11 +155,11 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
         _rsna_folder(data)
     from training.cache import CacheError
     from training.distributed import World
-    from training.folds import FoldsError, train_folds
+    from training.folds import FoldsError, fold_folder, train_folds
     from training.init_weights import InitWeightsError
     from training.precision import resolve_precision
     from training.prepare import prepare
-    from training.report import write_report
+    from training.report import OOF_FILE, write_report
     from training.rsna import LayoutError
     from training.runner import device_of
     from training.train import TrainConfig, train
@@ -182,13 +188,16 @@ def train_command(data: Path | None, cache: Path | None, run: Path, localiser_ep
         if nproc > 1:
             _launch(nproc, cache)
         elif folds:
-            train_folds(cache, run, cfg, folds)
+            train_folds(cache, run, cfg, folds, only=fold)
         else:
             train(cache, run, cfg)
     except (LayoutError, CacheError, FoldsError, InitWeightsError) as exc:
         raise click.ClickException(str(exc)) from None
     if not World.from_env().main:
         return  # rank 0 (or the launcher) writes the report
+    if fold is not None and not all((fold_folder(run, k) / OOF_FILE).is_file() for k in range(folds or 0)):
+        click.echo(f"fold {fold} of {folds} finished; {run / 'report.md'} is written when every fold is", err=True)
+        return
     report = write_report(run)
     click.echo(f"CV score {report['cv_score']['score']:.3f} (95% interval {report['cv_score']['low']:.3f} to "
                f"{report['cv_score']['high']:.3f}, {report['studies']} studies): {run / 'report.md'}", err=True)

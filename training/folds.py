@@ -55,9 +55,9 @@ def _check_same_split(run: Path, folds: int, seed: int) -> None:
                          f"{seed}: give another --out, or the same --folds and --seed to resume")
 
 
-def train_folds(cache: Path, run: Path, cfg: TrainConfig, folds: int) -> list[Path]:
-    """Train ``folds`` models into ``run/fold-<i>``; skip finished folds, resume an interrupted one.
-    Returns the folds' model.pt paths."""
+def train_folds(cache: Path, run: Path, cfg: TrainConfig, folds: int, only: int | None = None) -> list[Path]:
+    """Train ``folds`` models into ``run/fold-<i>`` (``only``: that fold alone); skip finished folds,
+    resume an interrupted one. Returns the trained folds' model.pt paths."""
     if folds < 2:
         raise FoldsError(f"--folds needs at least 2 folds, not {folds}")
     run.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def train_folds(cache: Path, run: Path, cfg: TrainConfig, folds: int) -> list[Pa
                                                   "study_fold": {str(k): v for k, v in sorted(studies.items())}},
                                                  indent=1))
     models = []
-    for k in range(folds):
+    for k in range(folds) if only is None else [only]:
         folder = fold_folder(run, k)
         if (folder / "model.pt").is_file() and (folder / OOF_FILE).is_file():
             log.info("fold finished: skipped", fold=k, folds=folds, run=str(folder))
