@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from tests.support.nets import LinearNet
 from training.cli import _without
 from training.distributed import World, shard
 from training.loader import StudyBatchSampler, localiser_batches
@@ -64,14 +65,6 @@ def test_the_relaunch_drops_nproc_and_data() -> None:
     assert _without(_without(args, "--nproc"), "--data") == ["train", "--out", "r", "--compile"]
 
 
-class _Linear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.fc = nn.Linear(6, 3)
-
-    def logits(self, x: Tensor) -> Tensor:
-        return self.fc(x)
 
 
 @pytest.fixture
@@ -86,7 +79,7 @@ def test_accumulation_inside_ddp_steps_as_without_it(gloo_group: None) -> None:
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
-    nets = [_Linear(), _Linear()]
+    nets = [LinearNet(), LinearNet()]
     steps = [Stepper(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.device("cpu"), accumulate=2, wrap=wrap)
              for net, wrap in zip(nets, (None, DistributedDataParallel), strict=True)]
     assert isinstance(steps[1].ddp, DistributedDataParallel)
@@ -98,7 +91,7 @@ def test_accumulation_inside_ddp_steps_as_without_it(gloo_group: None) -> None:
             step.backward(((out - y[part]) ** 2).mean())
         step.end_epoch()
     assert torch.allclose(nets[0].fc.weight, nets[1].fc.weight, atol=1e-6)
-    assert not torch.equal(nets[0].fc.weight, _Linear().fc.weight)
+    assert not torch.equal(nets[0].fc.weight, LinearNet().fc.weight)
 
 
 def _study_batch(n_studies: int = 5, per_study: int = 3) -> tuple[Tensor, Tensor, Tensor, Tensor]:

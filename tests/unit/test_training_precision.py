@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from tests.support.nets import LinearNet
 from training.models import Grader
 from training.precision import Precision, Stepper, resolve_precision
 from training.train import grader_loss
-
-
-class _Linear(nn.Module):
-    """A network without BatchNorm or dropout (accumulated micro-batches then equal one batch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.fc = nn.Linear(6, 3)
-
-    def logits(self, x: Tensor) -> Tensor:
-        return self.fc(x)
 
 
 def _batch(seed: int, n: int = 12) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -63,7 +52,7 @@ def test_a_cpu_step_with_the_helper_is_the_plain_step() -> None:
 def test_accumulated_micro_batches_step_as_their_union_does() -> None:
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
-    whole, accumulated = _Linear(), _Linear()
+    whole, accumulated = LinearNet(), LinearNet()
     opt = torch.optim.SGD(whole.parameters(), lr=0.1)
     loss = ((whole.logits(x) - y) ** 2).mean()
     loss.backward()
@@ -76,7 +65,7 @@ def test_accumulated_micro_batches_step_as_their_union_does() -> None:
             out = step.net(x[part])
         step.backward(((out - y[part]) ** 2).mean())
     assert torch.allclose(accumulated.fc.weight, whole.fc.weight, atol=1e-6)
-    single = _Linear()
+    single = LinearNet()
     single.load_state_dict(accumulated.state_dict())
     with step.forward():
         out = step.net(x[:4])
@@ -109,4 +98,4 @@ def test_precision_resolves_per_device() -> None:
     with pytest.raises(ValueError, match="fp16 training needs CUDA"):
         resolve_precision("fp16", cpu)
     with pytest.raises(ValueError, match="accumulate"):
-        Stepper(_Linear(), torch.optim.SGD(_Linear().parameters(), lr=0.1), cpu, accumulate=0)
+        Stepper(LinearNet(), torch.optim.SGD(LinearNet().parameters(), lr=0.1), cpu, accumulate=0)
