@@ -308,21 +308,26 @@ def plot_report(report: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [*_PARTS, *(lv.key for lv in LEVELS)]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    names = [*(k.replace("_", " ") for k in _PARTS), *(lv.value for lv in LEVELS)]
+    folds = report["per_fold"] if report["folds"] else []
+    fig, panels = plt.subplots(1, 2 if folds else 1, figsize=(13 if folds else 10, 4.2), squeeze=False,
+                               gridspec_kw={"width_ratios": [3, 1] if folds else [1]})
+    axes = panels[0]
     x = np.arange(len(keys))
     for offset, (name, scores) in zip((-0.2, 0.2), (("model", report["scores"]),
                                                     ("class prior", report["class_prior_baseline"])), strict=True):
         mid = np.array([scores[k]["score"] for k in keys])
         err = np.abs(np.array([[scores[k]["low"] for k in keys], [scores[k]["high"] for k in keys]]) - mid)
         axes[0].bar(x + offset, mid, 0.4, yerr=err, capsize=3, label=name)
-    axes[0].set_xticks(x, [k.replace("_", " ") for k in keys], rotation=30, ha="right")
+    axes[0].set_xticks(x, names, rotation=30, ha="right")
     axes[0].set_ylabel("competition score (lower is better)")
-    axes[0].set_title(f"out-of-fold, {report['studies']} studies, 95% bootstrap intervals")
+    scored = f"out-of-fold, {report['folds']} folds" if folds else "validation split"
+    axes[0].set_title(f"{scored}, {report['studies']} studies, 95% bootstrap intervals")
     axes[0].legend()
-    folds = report["per_fold"]
-    axes[1].bar([str(f["fold"]) for f in folds], [f["score"] for f in folds])
-    axes[1].set_xlabel("fold")
-    axes[1].set_title("per fold")
+    if folds:
+        axes[1].bar([str(f["fold"]) for f in folds], [f["score"] for f in folds])
+        axes[1].set_xlabel("fold")
+        axes[1].set_title("per fold")
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=90)
     plt.close(fig)
