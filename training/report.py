@@ -287,8 +287,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| part | score [95% interval] | class-prior baseline |",
         "|---|---|---|",
     ]
-    for key in (*_PARTS, *(lv.key for lv in LEVELS)):
-        name = key.replace("_", " ") if key in _PARTS else f"level {key}"
+    for key, name in (*((k, k.replace("_", " ")) for k in _PARTS), *((lv.key, lv.value) for lv in LEVELS)):
         lines.append(f"| {name} | {_ci(report['scores'][key])} | {_ci(report['class_prior_baseline'][key])} |")
     if folds:
         lines += ["", "| fold | studies | score | class-prior baseline |", "|---|---|---|---|"]
