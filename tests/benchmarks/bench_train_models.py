@@ -74,15 +74,18 @@ def _timed_steps(step: Stepper, steps: int, run_one: Any, device: torch.device) 
     return seconds
 
 
+def _stepper(net: torch.nn.Module, precision: str, device: torch.device) -> Stepper:
+    """``net`` in training mode on ``device`` with AdamW, behind the training step helper."""
+    net.to(device).train()
+    return Stepper(net, torch.optim.AdamW(net.parameters(), lr=1e-4), device, precision)
+
+
 def grader_rate(preset: Preset, precision: str, steps: int, studies: int, device: torch.device) -> float:
     """Grader samples/s: batches of ``studies`` studies' windows (WINDOWS_PER_STUDY each, the groups mixed
     as a study has them), the competition loss, one optimiser step per batch."""
     config = PRESETS[preset]
     torch.manual_seed(0)
-    _, grader = config.networks.build()
-    grader.to(device).train()
-    opt = torch.optim.AdamW(grader.parameters(), lr=1e-4)
-    step = Stepper(grader, opt, device, precision)
+    step = _stepper(config.networks.build()[1], precision, device)
     batch = studies * WINDOWS_PER_STUDY
     conditions = torch.tensor([i % len(CONDITIONS) for i in range(batch)])
     shapes: dict[tuple[int, int, int], list[int]] = {}
@@ -118,10 +121,7 @@ def localiser_rate(preset: Preset, precision: str, steps: int, batch: int, devic
     """Localiser images/s on batches of ``batch`` images of the preset's grid."""
     config = PRESETS[preset]
     torch.manual_seed(0)
-    localiser, _ = config.networks.build()
-    localiser.to(device).train()
-    opt = torch.optim.AdamW(localiser.parameters(), lr=1e-4)
-    step = Stepper(localiser, opt, device, precision)
+    step = _stepper(config.networks.build()[0], precision, device)
     loc = config.spec.localiser
     x = torch.rand(batch, loc.n_slices, loc.pixels, loc.pixels)
     y = torch.zeros(batch, 5, loc.pixels, loc.pixels, device=device)
