@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import DicomWebDestination, Settings
-from dicom_node.dicom import Receivers, SharedSlots, StorageSCP, StudyQuery, receiver_count, slots_path
+from dicom_node.dicom import Handoff, Receivers, SharedSlots, StorageSCP, StudyQuery, receiver_count, slots_path
 from dicom_node.ingest import Staging
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.pipeline import (
@@ -60,8 +60,10 @@ class Node:
         count = receiver_count(settings)
         self.slots = None if count == 1 else SharedSlots(slots_path(settings), settings.limits.max_associations,
                                                          settings.limits.max_associations_per_address)
-        self.scp = StorageSCP(settings, self.ledger, self.metrics, slots=self.slots, reuse_port=count > 1)
-        self.receivers = None if self.slots is None else Receivers(settings, count - 1, self.slots, self.metrics)
+        self.handoff = None if self.slots is None else Handoff()  # the connections this process passes on
+        self.scp = StorageSCP(settings, self.ledger, self.metrics, slots=self.slots, handoff=self.handoff)
+        self.receivers = (None if self.slots is None or self.handoff is None
+                          else Receivers(settings, count - 1, self.slots, self.metrics, self.handoff))
         self.web: WebServer | None = None  # the web page (dicom_node.web), started by start() when web.port is set
         self.scheduler = BackgroundScheduler(timezone=UTC,
                                              job_defaults={"misfire_grace_time": None, "coalesce": True})

@@ -15,17 +15,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import Settings
+from dicom_node.dicom.handoff import Handoff, accept_handed, report_closed
 from dicom_node.dicom.statuses import ProviderRejectReason, RejectReason, RejectResult, RejectSource
 from dicom_node.observability import NodeMetrics, get_logger
 
-__all__ = ["AssociationSlots", "GuardedServer", "PeerGate", "SharedSlots", "SlotGrant", "Slots"]
+__all__ = ["AssociationSlots", "GuardedServer", "HandedOver", "HandedServer", "PeerGate", "SharedSlots", "SlotGrant",
+           "Slots"]
 
 log = get_logger(__name__)
 
@@ -43,9 +45,12 @@ class _EndingHandler(RequestHandler):
             try:
                 run()
             finally:
-                ended = getattr(server, "ended", None)
-                if ended is not None:
-                    ended(assoc)
+                if isinstance(server, GuardedServer):
+                    server.association_ended(assoc)
+                else:
+                    ended = getattr(server, "ended", None)
+                    if ended is not None:
+                        ended(assoc)
 
         assoc.run = run_then_end  # type: ignore[method-assign]  # Thread.run of this one thread
         return assoc
@@ -55,15 +60,21 @@ class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with a timeout on each accepted socket (a peer that sends half
     a PDU is dropped after ``socket_timeout_s`` instead of holding its thread for ever) and a cap
     on open connections (each costs a thread until it associates or its ACSE timeout ends it):
-    beyond ``max_connections`` a new connection is closed at once."""
+    beyond ``max_connections`` a new connection is closed at once. It counts the connections it
+    took and those that ended; with ``handoff`` (the node's process, when there are receiver
+    processes) it passes each accepted connection to the least busy process (``dicom.handoff``)."""
 
     socket_timeout_s: float = 30.0
     max_connections: int = 64
     #: called with each association when its thread ends, however it ended (``_EndingHandler``)
     ended: Callable[[Association], None] | None = None
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, handoff: Handoff | None = None, **kwargs: object) -> None:
         kwargs.setdefault("request_handler", _EndingHandler)
+        self.handoff = handoff
+        self.taken = 0  # connections this process took (accepted and kept, or handed to it)
+        self.finished = 0  # of them, how many have ended
+        self._count_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]  # pynetdicom's own arguments
 
     def verify_request(self, request: object, client_address: object) -> bool:
@@ -72,24 +83,87 @@ class GuardedServer(ThreadedAssociationServer):
         log.warning("closed a connection: too many open connections", limit=self.max_connections)
         return False
 
-    #: bind with SO_REUSEPORT: several receiver processes listen on the one port (``dicom.receivers``)
-    reuse_port: bool = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    def accept(self) -> tuple[socket.socket, tuple[object, ...]]:
+        """The next connection, as the listening socket gives it (before TLS)."""
+        assert self.socket is not None  # bound in __init__
+        connection, address = self.socket.accept()
+        return connection, tuple(address)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
-        client.settimeout(self.socket_timeout_s)
-        return client, address
+        """Accept (or take a handed) connection; hand it on to a less busy receiver process, or
+        wrap it in TLS (as pynetdicom's own ``get_request``) and give it its socket timeout."""
+        connection, address = self.accept()
+        if self.handoff is not None:
+            with self._count_lock:
+                kept_open = self.taken - self.finished
+            if self.handoff.pass_on(connection, address, kept_open):
+                connection.close()  # the receiver has its own descriptor now
+                raise HandedOver  # socketserver skips a request whose get_request raised OSError
+        with self._count_lock:
+            self.taken += 1
+        try:
+            if self.ssl_context:
+                connection = self.ssl_context.wrap_socket(connection, server_side=True)
+            connection.settimeout(self.socket_timeout_s)
+        except BaseException:
+            connection.close()
+            self._count_finished()
+            raise
+        return connection, cast(tuple[str, int], address)
+
+    def shutdown_request(self, request: object) -> None:
+        """A connection closed before any association thread ran for it (refused, or it failed)."""
+        super().shutdown_request(request)  # type: ignore[arg-type]  # socketserver's own request
+        self._count_finished()
+
+    def association_ended(self, assoc: Association) -> None:
+        """The ``finally`` of every association thread: counted, then ``ended``."""
+        self._count_finished()
+        if self.ended is not None:
+            self.ended(assoc)
+
+    def _count_finished(self) -> None:
+        with self._count_lock:
+            self.finished += 1
+            finished = self.finished
+        self.connection_finished(finished)
+
+    def connection_finished(self, finished: int) -> None:
+        """A connection this process took has ended (``finished`` so far); ``HandedServer`` tells the node."""
 
     def shutdown(self) -> None:
         """Stop serving and close the listening socket (this server is not in the AE's own list:
         the node starts it itself, not through ``AE.start_server``)."""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+class HandedOver(OSError):
+    """``get_request`` of the node's process: the connection went to a receiver process."""
+
+
+class HandedServer(GuardedServer):
+    """A receiver process's server: it does not listen on the port; it takes the connections the
+    node's process hands it over ``lane`` (``dicom.handoff``) and reports each one that ends."""
+
+    def __init__(self, *args: object, lane: socket.socket, **kwargs: object) -> None:
+        self.lane = lane
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]  # pynetdicom's own arguments
+        assert self.socket is not None  # socketserver made one in __init__; never bound (server_bind)
+        self.socket.close()
+        self.socket = lane  # serve_forever selects on it; get_request takes the handed connections from it
+
+    def server_bind(self) -> None:
+        """Nothing to bind: the node's process listens."""
+
+    def server_activate(self) -> None:
+        """Nothing to listen on: the node's process listens."""
+
+    def accept(self) -> tuple[socket.socket, tuple[object, ...]]:
+        return accept_handed(self.lane)
+
+    def connection_finished(self, finished: int) -> None:
+        report_closed(self.lane, finished)
 
 
 @dataclass(frozen=True)

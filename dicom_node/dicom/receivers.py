@@ -1,12 +1,14 @@
-"""Receiving in several processes: ``node.receivers`` storage SCPs share the DICOM port (each binds
-it with SO_REUSEPORT; the kernel spreads the connections), so C-STOREs are not serialised by one
-interpreter lock. The node's own process runs one of them; ``Receivers`` runs the others, each a
-spawned process with the same admission (``dicom_node.ingest``), its own ledger connection (SQLite
-WAL, ``BEGIN IMMEDIATE`` transactions, a busy timeout), the association limits in one
+"""Receiving in several processes: ``node.receivers`` storage SCPs share the DICOM port, so C-STOREs
+are not serialised by one interpreter lock. The node's own process runs one of them and alone
+listens: it hands each connection it accepts to the least busy process, itself included
+(``dicom.handoff``). ``Receivers`` runs the others, each a spawned process with the same admission
+(``dicom_node.ingest``), its own ledger connection (SQLite WAL, ``BEGIN IMMEDIATE`` transactions, a
+busy timeout), the association limits in one
 ``SharedSlots`` table, the node's logging (and scrubbing) configured from the same settings, and
 its counters sent to the node's process about once a second (``NodeMetrics.add_source``).
 
-A receiver that dies (even by SIGKILL) loses its slots at once and is started again; SIGTERM to
+A receiver that dies (even by SIGKILL) loses its slots and its lane at once (the node takes the new
+connections meanwhile) and is started again with a new lane; SIGTERM to
 the node stops every receiver the way it stops its own (new associations refused, the writes in
 flight finished); a receiver whose node died (SIGKILL) is killed by the kernel with it.
 """
@@ -19,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,6 +29,7 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 
 from dicom_node.config import Settings
+from dicom_node.dicom.handoff import Handoff
 from dicom_node.dicom.peers import SharedSlots
 from dicom_node.dicom.scp import StorageSCP
 from dicom_node.observability import NodeMetrics, Snapshot, configure_logging, get_logger
@@ -43,12 +47,12 @@ READY_TIMEOUT_S = 120.0  # how long the node waits for its receivers to listen w
 
 
 def receiver_count(settings: Settings) -> int:
-    """How many receiver processes (the node's own included): ``node.receivers``, or half the CPUs
-    (at least one). Each receiver is one interpreter that keeps about a core busy under load, and
-    the senders, the kernel's network and disk work and the grading need the rest: on the 2-CPU
-    machine where it was measured, two receivers took fewer images per second than one, with 1
-    and with 4 senders, on a quiet machine and a loaded one (README, "Performance")."""
-    return settings.node.receivers or max(1, (os.cpu_count() or 1) // 2)
+    """How many receiver processes (the node's own included): ``node.receivers``, or the CPU count
+    (at least one). Each receiver is one interpreter (one lock) that keeps at most about a core
+    busy; the node's process hands each connection to the least busy one (``dicom.handoff``). On
+    the 2-CPU machine where it was measured, two took 1.6x one's images per second with 4 senders
+    (README, "Performance")."""
+    return settings.node.receivers or max(1, os.cpu_count() or 1)
 
 
 def slots_path(settings: Settings) -> Path:
@@ -57,9 +61,9 @@ def slots_path(settings: Settings) -> Path:
     return ledger.with_name(ledger.stem + "-associations.sqlite")
 
 
-def _receive(settings: Settings, index: int,
-             metrics_out: multiprocessing.Queue[tuple[int, Snapshot | None]]) -> None:
-    """A receiver process: one storage SCP on the shared port until SIGTERM."""
+def _receive(settings: Settings, index: int, metrics_out: multiprocessing.Queue[tuple[int, Snapshot | None]],
+             lane: socket.socket) -> None:
+    """A receiver process: one storage SCP serving the connections the node hands it over ``lane``, until SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     _die_with_parent()
@@ -69,7 +73,7 @@ def _receive(settings: Settings, index: int,
     slots = SharedSlots(slots_path(settings), limits.max_associations, limits.max_associations_per_address)
     ledger = Ledger(Path(settings.storage.ledger_path))
     metrics = NodeMetrics()
-    scp = StorageSCP(settings, ledger, metrics, slots=slots, reuse_port=True)
+    scp = StorageSCP(settings, ledger, metrics, slots=slots, lane=lane)
     scp.start()
     metrics_out.put((os.getpid(), None))  # listening: the node waits for this before it says it is ready
     log.info("receiver process started", receiver=index, pid=os.getpid())
@@ -106,8 +110,8 @@ class Receivers:
     """The receiver processes besides the node's own: started, watched (one that dies loses its
     slots and is started again), their counters collected, stopped by SIGTERM."""
 
-    def __init__(self, settings: Settings, count: int, slots: SharedSlots, metrics: NodeMetrics):
-        self.settings, self.count, self.slots = settings, count, slots
+    def __init__(self, settings: Settings, count: int, slots: SharedSlots, metrics: NodeMetrics, handoff: Handoff):
+        self.settings, self.count, self.slots, self.handoff = settings, count, slots, handoff
         self._context = multiprocessing.get_context("spawn")
         self._metrics_in: multiprocessing.Queue[tuple[int, Snapshot | None]] = self._context.Queue()
         self._processes: dict[int, SpawnProcess] = {}
@@ -172,9 +176,13 @@ class Receivers:
         log.info("receiver processes stopped", receivers=len(processes))
 
     def _spawn(self, index: int) -> None:
-        process = self._context.Process(target=_receive, args=(self.settings, index, self._metrics_in),
+        lane = self.handoff.open_lane(index)
+        process = self._context.Process(target=_receive, args=(self.settings, index, self._metrics_in, lane),
                                         name=f"receiver-{index}", daemon=True)
-        process.start()
+        try:
+            process.start()
+        finally:
+            lane.close()  # the receiver has its own copy
         with self._lock:
             self._processes[index] = process
 

@@ -5,12 +5,15 @@ admission's status. The audit trail gets one line per association and study when
 
 from __future__ import annotations
 
+import re
+import socket
 import struct
 import threading
 import time
 from pathlib import Path
 from typing import cast
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -42,7 +45,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import tls
 from dicom_node.config import Settings
 from dicom_node.dicom import tuning
-from dicom_node.dicom.peers import GuardedServer, PeerGate, Slots
+from dicom_node.dicom.handoff import Handoff
+from dicom_node.dicom.peers import GuardedServer, HandedServer, PeerGate, Slots
 from dicom_node.ingest import Admission, Batch, Candidate, Source, StoreStatus
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.store import Ledger, uid_problem
@@ -72,11 +76,13 @@ class StorageSCP:
     """Receives studies into the spool and the ledger."""
 
     def __init__(self, settings: Settings, ledger: Ledger, metrics: NodeMetrics | None = None,
-                 slots: Slots | None = None, reuse_port: bool = False):
-        """``slots``: the association counts (``SharedSlots`` when several receiver processes share
-        the port, bound with SO_REUSEPORT: ``reuse_port``); one of this process's own by default."""
+                 slots: Slots | None = None, handoff: Handoff | None = None, lane: socket.socket | None = None):
+        """``slots``: the association counts (``SharedSlots`` when there are receiver processes; one
+        of this process's own by default). The node's process listens and, given ``handoff``, passes
+        connections on to the receiver processes; a receiver process takes them from its ``lane``
+        instead of listening (``dicom.handoff``)."""
         self.settings = settings
-        self.reuse_port = reuse_port
+        self.handoff, self.lane = handoff, lane
         self.ledger = ledger
         self.metrics = metrics or NodeMetrics()
         self.admission = Admission(settings, ledger, self.metrics)
@@ -113,22 +119,25 @@ class StorageSCP:
                     (evt.EVT_DIMSE_RECV, self._answer_malformed), (evt.EVT_CONN_CLOSE, self._closed)]
         GuardedServer.socket_timeout_s = self.settings.limits.socket_timeout_s
         GuardedServer.max_connections = self.settings.limits.max_connections
-        GuardedServer.reuse_port = self.reuse_port
         # With node.tls, every connection must speak TLS (plain TCP fails the handshake and is closed).
         ssl_context = tls.server_context(node.tls) if node.tls is not None else None
         # process-wide, and before the server binds its event handlers; stop() restores it
         tuning.apply(node.poll_interval_ms / 1000)
         try:
+            # a receiver process takes its connections from its lane; the node's process listens
+            kind, extra = ((HandedServer, {"lane": self.lane}) if self.lane is not None
+                           else (GuardedServer, {"handoff": self.handoff}))
             server = cast(GuardedServer, self.ae.make_server((node.bind_address, node.port), evt_handlers=handlers,
-                                                             server_class=GuardedServer, ssl_context=ssl_context))
+                                                             server_class=kind, ssl_context=ssl_context, **extra))
         except BaseException:
             tuning.restore()
             raise
         server.ended = self._ended  # every association thread's `finally`: its slot back, however it ended
         threading.Thread(target=server.serve_forever, name="storage-scp-acceptor", daemon=True).start()
         self.server = server
-        log.info("storage SCP listening", ae_title=node.ae_title, address=node.bind_address, port=node.port,
-                 tls=tls.describe(node.tls))
+        if self.lane is None:
+            log.info("storage SCP listening", ae_title=node.ae_title, address=node.bind_address, port=node.port,
+                     tls=tls.describe(node.tls))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new associations, let the C-STORE writes in flight finish, then abort what is left."""
@@ -180,6 +189,8 @@ class StorageSCP:
         command = message.command_set
         if command is None or command.get("CommandField") != C_STORE_RQ_FIELD or message.context_id is None:
             return
+        if _plainly_valid(command):
+            return  # the usual case, seen without building pynetdicom's primitive (which it builds next)
         try:
             request = message.message_to_primitive()
             if isinstance(request, C_STORE) and request.is_valid_request:
@@ -260,6 +271,26 @@ class StorageSCP:
         if key not in self._batches:
             self._batches[key] = self.admission.batch(Source.DICOM, calling)
         return self.admission.admit(candidate, self._batches[key]).status
+
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows
+
+
+def _plainly_valid(command: Dataset) -> bool:
+    """Whether a C-STORE request's command set is one pynetdicom surely serves: a Message ID in
+    range, both UIDs well formed, a data set announced, a known priority (or none). Anything else
+    is looked at closely (``_answer_malformed``)."""
+    message_id = command.get("MessageID")
+    if not isinstance(message_id, int) or not 0 <= message_id < 2**16:
+        return False
+    if command.get("CommandDataSetType", NO_DATA_SET) == NO_DATA_SET or command.get("Priority", 0) not in (0, 1, 2):
+        return False
+    for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+        value = command.get(keyword)
+        if not isinstance(value, str) or len(value) > 64 or _UID.fullmatch(value) is None:
+            return False
+    return True
 
 
 def _abort_quietly(assoc: Association) -> None:

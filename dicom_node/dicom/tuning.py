@@ -1,8 +1,12 @@
 """The node's process-wide changes to pynetdicom, applied together by ``apply()`` when the storage
 SCP starts and undone together by ``restore()`` when it stops:
 
-- the poll clock: pynetdicom's association and DUL reactors poll every ``node.poll_interval_ms``
-  instead of every 1 ms, and slow down once idle (``_PollClock``);
+- the reactors wait for their work (``wakeups``): a DUL reactor in ``select`` on its socket and a
+  wake-up pipe (written to by ``send_pdu``, ``kill_dul``, ``stop_dul``), an acceptor's association
+  reactor on an event set after every action of its DUL's state machine; instead of pynetdicom's
+  1 ms polls, which cost CPU under the interpreter lock and delay every C-STORE and its response;
+- the poll clock for pynetdicom's other sleeps (a requestor's reactor, the waits for a reactor to
+  pause): every ``node.poll_interval_ms`` instead of every 1 ms, slower once idle (``_PollClock``);
 - a filter on the root log handlers that lets one pynetdicom error per association thread through
   and counts the rest (``ERRORS``);
 - a guard on pynetdicom's state machine (``StateMachine.do_action``): an exception in a protocol
@@ -14,6 +18,9 @@ SCP starts and undone together by ``restore()`` when it stops:
 - a check on every received P-DATA (``DIMSEServiceProvider.receive_primitive``): a PDV on a
   presentation context that was not accepted, or a command set that cannot be decoded, is answered
   with an A-ABORT and one warning line;
+- a PDU is read from the socket in reads of up to 256 KB (``AssociationSocket.recv``), not 4 KB;
+- a plain C-STORE response is encoded directly, the same bytes as pynetdicom's
+  (``DIMSEServiceProvider.send_msg``, ``responses``);
 - ``threading.excepthook``: a pynetdicom reactor thread that meets an exception anyway ends its
   connection (A-ABORT, socket closed) without ever blocking in that thread;
 - pynetdicom's own "standard" event handlers (``_config.LOG_HANDLER_LEVEL``) are not bound to new
@@ -36,13 +43,18 @@ from collections.abc import Callable
 import pynetdicom._config
 import pynetdicom.association
 import pynetdicom.dul
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
 
+from dicom_node.dicom import wakeups
+from dicom_node.dicom.responses import encode_store_response
 from dicom_node.dicom.statuses import AbortReason
 from dicom_node.observability import get_logger
 
@@ -51,6 +63,7 @@ __all__ = ["ERRORS", "IDLE_AFTER_S", "IDLE_POLL_S", "OncePerConnection", "abort_
 
 log = get_logger(__name__)
 
+P_DATA_RECEIVED = "Evt10"  # the state machine's event for a P-DATA-TF PDU received (PS3.8 9.2)
 IDLE_POLL_S = 0.1  # an association idle for IDLE_AFTER_S polls ten times a second
 IDLE_AFTER_S = 1.0
 
@@ -74,6 +87,8 @@ class _PollClock:
         self._threads = threading.local()
 
     def sleep(self, seconds: float) -> None:
+        if seconds == wakeups.REACTOR_SLEEP_S and _waited_for_work(threading.current_thread()):
+            return
         state, now = self._threads, time.monotonic()
         if now - getattr(state, "last_wake", 0.0) > self.BUSY_GAP_S:
             state.idle_since = now
@@ -83,6 +98,18 @@ class _PollClock:
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
+
+
+def _waited_for_work(thread: threading.Thread) -> bool:
+    """A reactor's idle sleep made a wait for its work (``wakeups``): a DUL reactor's, and an
+    acceptor's association reactor's while it runs (not paused, not ending). Whether it was."""
+    if isinstance(thread, DULServiceProvider):
+        return wakeups.wait_dul(thread)
+    if (isinstance(thread, Association) and thread.is_acceptor and not thread._kill
+            and not getattr(thread, "_is_paused", True)):
+        wakeups.wait_acceptor(thread)
+        return True
+    return False
 
 
 def set_poll_interval(poll_s: float) -> None:
@@ -150,6 +177,8 @@ def abort_connection(assoc: Association, reason: AbortReason = AbortReason.NOT_S
     assoc._kill = True  # the association reactor returns at its next poll
     dul._kill_thread = True  # and the DUL reactor
     assoc._reactor_checkpoint.set()
+    wakeups.wake_dul(dul)
+    wakeups.wake_acceptor(assoc)
     if assoc.is_acceptor and assoc.requestor.primitive is None:
         _wake_acceptor(dul)
     return raw is not None
@@ -195,6 +224,9 @@ def _guarded_action(original: Callable[[StateMachine, str], None]) -> Callable[[
     def do_action(self: StateMachine, event: str) -> None:
         try:
             original(self, event)
+            assoc = self.dul.assoc
+            if event != P_DATA_RECEIVED or assoc.dimse.msg_queue.qsize():  # not a fragment of a message
+                wakeups.wake_acceptor(assoc)  # whatever the action queued for it
         except Exception as exc:  # noqa: BLE001 - the reactor would die with it: the connection ends instead
             dul = self.dul
             if isinstance(exc, ProtocolViolation):
@@ -210,14 +242,78 @@ def _guarded_action(original: Callable[[StateMachine, str], None]) -> Callable[[
 
 def _waking_acceptor(original: Callable[[DULServiceProvider], None]) -> Callable[[DULServiceProvider], None]:
     def run_reactor(self: DULServiceProvider) -> None:
+        wakeups.open_dul(self)
         try:
             original(self)
         finally:  # ended before an A-ASSOCIATE-RQ was read (pynetdicom aborted a PDU it could not decode):
             assoc = self.assoc  # the acceptor waiting for that request ends now, not after its ACSE timeout
             if assoc.is_acceptor and assoc.requestor.primitive is None:
                 _wake_acceptor(self)
+            wakeups.close_dul(self)
+            wakeups.wake_acceptor(assoc)  # its reactor sees the DUL gone now
 
     return run_reactor
+
+
+def _waking_dul(original: Callable[..., object]) -> Callable[..., object]:
+    """``send_pdu``, ``kill_dul``: then the DUL reactor looks at once (it may be waiting in ``wakeups``)."""
+    def wrapped(self: DULServiceProvider, *args: object) -> object:
+        result = original(self, *args)
+        wakeups.wake_dul(self)
+        return result
+
+    return wrapped
+
+
+def _stopping_dul(original: Callable[[DULServiceProvider], bool]) -> Callable[[DULServiceProvider], bool]:
+    """``stop_dul``: the DUL reactor is woken to see its stop flag before pynetdicom waits for it to end."""
+    def stop_dul(self: DULServiceProvider) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            wakeups.wake_dul(self)
+        return original(self)
+
+    return stop_dul
+
+
+def _plain_store_responses(original: Callable[..., None]) -> Callable[..., None]:
+    """``DIMSEServiceProvider.send_msg``: a plain C-STORE response is encoded directly
+    (``responses.encode_store_response``, the same bytes) unless someone listens to EVT_DIMSE_SENT
+    (which wants pynetdicom's message object)."""
+    def send_msg(self: DIMSEServiceProvider, primitive: object, context_id: int) -> None:
+        if (isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None
+                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            encoded = encode_store_response(primitive)
+            if encoded is not None and (not self.maximum_pdu_size or len(encoded) + 6 <= self.maximum_pdu_size):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))  # last command fragment
+                self.dul.send_pdu(pdata)
+                return
+        original(self, primitive, context_id)
+
+    return send_msg
+
+
+RECV_CHUNK = 256 * 1024  # the most one read of a PDU asks the socket for
+
+
+def _larger_reads(original: Callable[..., bytearray]) -> Callable[..., bytearray]:
+    """``AssociationSocket.recv``: read what the socket holds, up to ``RECV_CHUNK`` a call, instead
+    of pynetdicom's 4 KB a call (32 reads and copies per 128 KB PDU, each under the interpreter
+    lock). Memory still grows only with what the peer sends, never with what a PDU header claims."""
+    def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        if sock is None:
+            return original(self, nr_bytes)
+        received = bytearray()
+        while len(received) < nr_bytes:
+            data = sock.recv(min(nr_bytes - len(received), RECV_CHUNK))
+            if not data:  # the connection is broken: what came so far (as pynetdicom's own)
+                break
+            received += data
+        return received
+
+    return recv
 
 
 def _thread_died(args: threading.ExceptHookArgs) -> None:
@@ -258,7 +354,12 @@ def apply(poll_s: float) -> None:
         threading.excepthook = _thread_died
         for owner, name, wrap in ((StateMachine, "do_action", _guarded_action),
                                   (DIMSEServiceProvider, "receive_primitive", _checked_receive),
-                                  (DULServiceProvider, "run_reactor", _waking_acceptor)):
+                                  (DIMSEServiceProvider, "send_msg", _plain_store_responses),
+                                  (AssociationSocket, "recv", _larger_reads),
+                                  (DULServiceProvider, "run_reactor", _waking_acceptor),
+                                  (DULServiceProvider, "send_pdu", _waking_dul),
+                                  (DULServiceProvider, "kill_dul", _waking_dul),
+                                  (DULServiceProvider, "stop_dul", _stopping_dul)):
             original = owner.__dict__[name]
             _saved_methods.append((owner, name, original))
             setattr(owner, name, wrap(original))

@@ -34,16 +34,17 @@ def truncation(ds: Dataset, sop_class_uid: str, transfer_syntax: UID, end: int) 
     None. Reads raw element lengths and a few image attributes, never decodes pixels: an image
     without Pixel Data, a last element shorter than its declared length, or native Pixel Data
     shorter than Rows x Columns x samples x frames."""
-    tags = list(ds.keys())
+    tags = list(ds.keys())  # in the order read; membership is looked up by hash (``in ds``), never scanned
     if not tags:
         return "empty dataset"
-    if "Image Storage" in as_uid(sop_class_uid).name and PIXEL_DATA not in tags:
+    has_pixels = PIXEL_DATA in ds
+    if not has_pixels and "Image Storage" in as_uid(sop_class_uid).name:
         return "an image without Pixel Data"
     last = ds.get_item(tags[-1], keep_deferred=True)
     if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH \
             and (held := _held(last, end)) != last.length:
         return f"element {last.tag} holds {held} of its {last.length} bytes"
-    if PIXEL_DATA in tags and not transfer_syntax.is_compressed:
+    if has_pixels and not transfer_syntax.is_compressed:
         try:
             expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
                         * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) + 7) // 8

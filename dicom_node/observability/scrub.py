@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
 
 REDACTED = "[redacted]"
@@ -48,6 +49,7 @@ DATASET_SUMMARY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
 PHI_VALUE_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAge",
                       "IssuerOfPatientID", "AccessionNumber", "ReferringPhysicianName", "PatientBirthName",
                       "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers")
+_PHI_VALUE_TAGS = tuple(Tag(keyword) for keyword in PHI_VALUE_KEYWORDS)
 MIN_PHI_VALUE_LENGTH = 3  # shorter values ("M", "1") would redact half of every line
 #: Values shorter than this are scrubbed only as a whole word, not inside a longer run of letters and
 #: digits: a name part "x47" leaves "Unknown PDU type received '0x47'" alone; longer values (IDs,
@@ -75,9 +77,13 @@ class PhiValues:
         self._size = size
         self._pattern: re.Pattern[str] | None = None
         self._lock = threading.Lock()
+        self._added: set[str] = set()  # values added whose variants are all still remembered
+        self._read: set[tuple[object, ...]] = set()  # the raw identifying elements of datasets read
 
     def add(self, value: object) -> None:
         text = str(value).strip()
+        if text in self._added:  # every image of a study carries the same values: known, nothing to do
+            return
         variants = {text, *re.split(r"[\\^=]", text)}
         if re.fullmatch(r"\d{8}", text):  # a DA: also as a person would write it
             variants |= {f"{text[:4]}-{text[4:6]}-{text[6:]}", f"{text[6:]}.{text[4:6]}.{text[:4]}"}
@@ -87,16 +93,37 @@ class PhiValues:
         variants = {v.strip() for v in variants if len(v.strip()) >= MIN_PHI_VALUE_LENGTH}
         with self._lock:
             new = [v for v in variants if v not in self._values]
+            self._added.add(text)
             if not new:
                 return
             for v in new:
                 self._values[v] = None
+            if len(self._values) > self._size:
+                self._added.clear()  # some variants are forgotten now: add() looks at each value again
+                self._read.clear()
             while len(self._values) > self._size:
                 self._values.pop(next(iter(self._values)))
             self._pattern = None
 
     def add_from(self, ds: Dataset) -> None:
-        """Remember the identifying values a dataset carries (never raises)."""
+        """Remember the identifying values a dataset carries (never raises). A dataset whose
+        identifying elements are, byte for byte, those of one already read is skipped: every image
+        of a study carries the same, and decoding them costs a receiver a tenth of its time."""
+        try:
+            raw = tuple(getattr(ds.get_item(tag), "value", None) if tag in ds else None for tag in _PHI_VALUE_TAGS)
+            hash(raw)
+        except Exception:  # noqa: BLE001 - an odd element: read them one by one below
+            raw = None
+        if raw is not None and raw in self._read:
+            return
+        self._add_values(ds)
+        if raw is not None:
+            with self._lock:
+                if len(self._read) >= self._size:
+                    self._read.clear()
+                self._read.add(raw)
+
+    def _add_values(self, ds: Dataset) -> None:
         for keyword in PHI_VALUE_KEYWORDS:
             try:
                 value = ds.get(keyword)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -34,12 +35,19 @@ def uid_problem(value: object, name: str) -> str | None:
 
 
 def under(root: Path, *parts: str) -> Path:
-    """``root / parts...``, resolved; UnsafePath unless it lies inside ``root``."""
-    base = root.resolve()
-    path = base.joinpath(*parts).resolve()
-    if path == base or not path.is_relative_to(base):
-        raise UnsafePath(f"{'/'.join(parts)!r} leaves {base}")
-    return path
+    """``root`` resolved, then ``/ parts...``; UnsafePath unless every part is one plain name (no
+    separator, no NUL, not '.' or '..', not empty), so the path lies inside ``root``. The parts are
+    checked as names, not resolved one by one against the disk (a lookup of every folder above them,
+    per received image): the node's own folders hold no links, it makes none."""
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\0" in part:
+            raise UnsafePath(f"{'/'.join(parts)!r} leaves {root}")
+    return _resolved(str(root)).joinpath(*parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(root: str) -> Path:
+    return Path(root).resolve()
 
 
 def remove_tree(root: Path, path: Path) -> None:

@@ -18,8 +18,9 @@ Senders: N DCMTK storescu processes (TCP_NODELAY=1) at the same time, one associ
 dealt round-robin (sorted by path) so that each sends 1/N of them. Every measurement gets a freshly
 started receiver on an empty folder (a fresh spool and ledger for the node, a fresh workdir for
 Orthanc), so nothing is deduplicated. Timed: from starting the senders to the last storescu exiting
-(storescu waits for every C-STORE response, so the receiver has stored each image). Prints the
-median of --repeats runs; measurements are interleaved across receivers and sender counts so
+(storescu waits for every C-STORE response, so the receiver has stored each image). "CPU ms/img": the
+receiver's CPU time (user + system, with its child processes: the node's receiver processes) over the
+run, per image. Prints the median of --repeats runs; measurements are interleaved across receivers and sender counts so
 background load affects them alike.
 Backlog (unless --backlog-studies 0): the node with grading on (study.release_when_complete, one
 destination: a real Orthanc), 4 senders each sending 5 whole studies (studies with the three series
@@ -66,11 +67,31 @@ BASE: list[Path] = []  # --base: the checkout whose dicom_node the receiver "nod
 
 @dataclass
 class Target:
-    """A running receiver: where to send, and how many images it holds now."""
+    """A running receiver: where to send, how many images it holds now, and its process (whose CPU
+    time, its children's included, is counted per image; None: storescp, a process per association)."""
 
     port: int
     aet: str
     received: Callable[[], int]
+    pid: int | None = None
+
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its living descendants (Linux /proc)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) * TICK_S
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+    return total
 
 
 def _wait_echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -134,7 +155,7 @@ def running_node(name: str, workdir: Path, extra_env: dict[str, str],
         return min(recorded, sum(1 for _ in spool.rglob("*.dcm")))
     try:
         _wait_echo(port, NODE_AET, proc)
-        yield Target(port, NODE_AET, count)
+        yield Target(port, NODE_AET, count, proc.pid)
     finally:
         _stop(proc)
         log.close()
@@ -160,7 +181,8 @@ def receiver(name: str, workdir: Path, node_env: dict[str, str]) -> Iterator[Tar
     elif name == "orthanc":
         with running_orthanc(workdir / "orthanc") as orthanc:
             _wait_echo(orthanc.dicom_port, ORTHANC_AET, orthanc.process)
-            yield Target(orthanc.dicom_port, ORTHANC_AET, lambda: orthanc.get("/statistics")["CountInstances"])
+            yield Target(orthanc.dicom_port, ORTHANC_AET, lambda: orthanc.get("/statistics")["CountInstances"],
+                         orthanc.process.pid)
     else:
         raise ValueError(name)
 
@@ -281,12 +303,17 @@ def main() -> None:
         n_bytes = sum(len(f.read_bytes()) for f in files)  # also warms the page cache for the sender
         megabytes = n_bytes / 1e6
         runs: dict[tuple[str, int], list[float]] = {(r, n): [] for n in args.senders for r in args.receivers}
+        cpu_ms: dict[tuple[str, int], list[float]] = {key: [] for key in runs}  # receiver CPU ms per image
         for rep in range(args.repeats):
             for n in args.senders:
                 for name in args.receivers:
                     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
                     with receiver(name, workdir, base_env if name == "node-base" else node_env) as target:
+                        time.sleep(1.0)  # a node's receiver processes have started and settled
+                        cpu_before = cpu_seconds(target.pid) if target.pid is not None else None
                         seconds = send([files[i::n] for i in range(n)], target)
+                        if target.pid is not None and cpu_before is not None:
+                            cpu_ms[name, n].append(1000 * (cpu_seconds(target.pid) - cpu_before) / len(files))
                         got = target.received()
                     if got != len(files):
                         raise RuntimeError(f"{name} {n} senders: {got} of {len(files)} images stored")
@@ -305,15 +332,18 @@ def main() -> None:
         fsync_ms = fsync_cost_ms(probe, n_bytes // len(files))
 
     rate = {key: len(files) / statistics.median(seconds) for key, seconds in runs.items()}
+    cpu = {key: statistics.median(ms) if ms else None for key, ms in cpu_ms.items()}
     rows = [{"receiver": name, "fsync": FSYNC[name], "senders": n, "images": len(files), "mb": round(megabytes, 1),
              "seconds": round(statistics.median(seconds), 3), "images_per_s": round(rate[name, n], 1),
+             "cpu_ms_per_image": None if (c := cpu[name, n]) is None else round(c, 2),
              "runs_s": [round(x, 3) for x in seconds]} for (name, n), seconds in runs.items()]
     print(f"\n{len(files)} images, {megabytes:.1f} MB ({n_bytes / len(files) / 1e3:.0f} KB each), {len(folders)} "
           f"studies; median of {args.repeats} run(s); senders: DCMTK storescu, TCP_NODELAY=1, one association each")
-    print(f"{'receiver':15} {'synced per image':17} {'senders':>7} {'s':>7} {'img/s':>7}  runs (s)")
+    print(f"{'receiver':15} {'synced per image':17} {'senders':>7} {'s':>7} {'img/s':>7} {'CPU ms/img':>10}  runs (s)")
     for r in rows:
-        print(f"{r['receiver']:15} {r['fsync']:17} {r['senders']:>7} {r['seconds']:>7.2f} {r['images_per_s']:>7.1f}  "
-              f"{' '.join(f'{x:.2f}' for x in r['runs_s'])}")
+        cpu_text = "-" if r["cpu_ms_per_image"] is None else f"{r['cpu_ms_per_image']:.2f}"
+        print(f"{r['receiver']:15} {r['fsync']:17} {r['senders']:>7} {r['seconds']:>7.2f} {r['images_per_s']:>7.1f} "
+              f"{cpu_text:>10}  {' '.join(f'{x:.2f}' for x in r['runs_s'])}")
     print("\nimages per second (median), side by side")
     others = [name for name in args.receivers if name != "node"] if "node" in args.receivers else []
     print(f"{'senders':>7}" + "".join(f"{name:>16}" for name in args.receivers)

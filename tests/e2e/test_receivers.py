@@ -1,13 +1,14 @@
-"""The node receiving in several processes on one port (``node.receivers``): the association limits
-hold across them, senders racing on one study lose nothing and record nothing twice, a receiver
-killed with SIGKILL hands its slots back and is started again, the metrics count every process,
-and SIGTERM stops them all."""
+"""The node receiving in several processes on one port (``node.receivers``): connections spread
+evenly over them, the association limits hold across them, senders racing on one study lose
+nothing and record nothing twice, a receiver killed with SIGKILL hands its slots back and is
+started again, the metrics count every process, and SIGTERM stops them all."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -59,6 +60,12 @@ def _held_slots(node: ServedNode) -> int:
         slots.close()
 
 
+def _slots_per_process(node: ServedNode) -> list[int]:
+    """How many associations each process holds now, sorted."""
+    with sqlite3.connect(node.root / "ledger-associations.sqlite") as db:
+        return sorted(n for (n,) in db.execute("SELECT count(*) FROM slots GROUP BY pid"))
+
+
 def _receiver_pids(node: ServedNode) -> list[int]:
     """The receiver processes now running (each logs its process id when it starts)."""
     assert node.process is not None
@@ -91,9 +98,10 @@ def test_a_receiver_killed_with_sigkill_hands_its_slots_back_and_is_started_agai
     node = _node(tmp_path)
     receivers = _receiver_pids(node)
     assert len(receivers) == RECEIVERS - 1, receivers
-    held = [_associate(node.port) for _ in range(6)]  # spread over the processes by the kernel
+    held = [_associate(node.port) for _ in range(6)]
     assert all(a.is_established for a in held)
     assert _held_slots(node) == 6
+    assert _slots_per_process(node) == [2, 2, 2]  # handed to the least busy process: evenly spread
     for pid in receivers:
         os.kill(pid, signal.SIGKILL)
     wait_for("the killed receivers to be started again",

@@ -1,4 +1,4 @@
-"""The default number of receiver processes: half the CPUs, at least one; ``node.receivers`` wins."""
+"""The default number of receiver processes: the CPU count, at least one; ``node.receivers`` wins."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dicom_node.config import load_settings
 from dicom_node.dicom import receiver_count
 
 
-@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 1), (3, 1), (4, 2), (16, 8), (None, 1)])
-def test_half_the_cpus_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpus: int | None,
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 2), (3, 3), (16, 16), (None, 1)])
+def test_the_cpu_count_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpus: int | None,
                                   expected: int) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: cpus)
     settings = load_settings(environ={"LUMBAR_NODE__STORAGE__SPOOL_DIR": str(tmp_path / "spool")})

@@ -35,7 +35,7 @@ def test_paths_stay_under_their_root(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     root.mkdir()
     assert under(root, "1.2.3", "4.5.dcm") == (root / "1.2.3" / "4.5.dcm").resolve()
-    for parts in (("..", "x"), ("/tmp/x",), ("1.2", "..", "..", "x"), (".",), ("",)):
+    for parts in (("..", "x"), ("/tmp/x",), ("1.2", "..", "..", "x"), (".",), ("",), ("1.2/../..",), ("1.2\0",)):
         with pytest.raises(UnsafePath):
             under(root, *parts)
 
