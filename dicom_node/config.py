@@ -131,7 +131,7 @@ class NodeSettings(_Section):
     allowed_peers: list[Peer]
     refuse_unknown_peers: bool
     tls: Annotated[TLSSettings | None, AfterValidator(_check_server_tls)] = None  # None: plain TCP only
-    receivers: int | None = Field(default=None, ge=1, le=64)  # receiver processes on the port (None: half the CPUs)
+    receivers: int | None = Field(default=None, ge=1, le=64)  # receiver processes on the port (None: the CPU count)
 
 
 class Destination(_Section):
