@@ -7,13 +7,22 @@ study about to be released without a series it needs is first completed from the
 release hands a ``GradeJob`` to a pool of worker processes (``worker.py``); the outcome becomes a
 report with its deliveries (``delivery.py``), or a skipped or failed study. A worker that dies is
 counted against the study, and the pool is replaced.
+
+The report goes ahead of the rest of its run: a worker tells the node (``worker.ReportNotice``, a
+datagram to the ``ReportInbox``) once the SR is written and on disk, the node records it with
+deliveries that hold it alone (``Ledger.add_report(more=True)``) and sends it while the worker
+draws the heatmaps, the PDF and the KOS; the outcome then completes the run (``Ledger.complete_run``).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import socket
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
@@ -27,18 +36,59 @@ from dicom_node.pipeline.audit import audit
 from dicom_node.pipeline.delivery import Deliveries
 from dicom_node.pipeline.eligibility import has_all_roles
 from dicom_node.pipeline.fetch import Fetcher, missing_note
-from dicom_node.pipeline.worker import GradeJob, GradeOutcome, grade, init_worker
+from dicom_node.pipeline.worker import GradeJob, GradeOutcome, ReportNotice, grade, init_worker
 from dicom_node.results import OutputKind, RunFolder
 from dicom_node.states import EventKind, GradeResult, StudyState
 from dicom_node.store import Ledger, Report, Study, UnsafePath, remove_tree, under
 from inference.analyze import AnalysisLimits
 from inference.labels import SeriesRole
 
-__all__ = ["SWEEP_INTERVAL_S", "Releaser"]
+__all__ = ["SWEEP_INTERVAL_S", "Releaser", "ReportInbox"]
 
 log = get_logger(__name__)
 
 SWEEP_INTERVAL_S = 0.1  # a study complete by completeness is released within this (issue 24: 0.5 s waited 0.31 s)
+
+
+class ReportInbox:
+    """The node's end of the workers' report notices: a Unix datagram socket in a folder of its own
+    (mode 0700: only this user's processes can send to it) and a thread that hands each notice to
+    ``receive``. Datagrams: a worker killed mid-send harms no other's notice."""
+
+    def __init__(self, receive: Callable[[ReportNotice], None]):
+        self._folder = Path(tempfile.mkdtemp(prefix="lumbar-node-"))
+        self.path = str(self._folder / "reports")
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(self.path)
+        self._socket.settimeout(0.5)
+        self._receive = receive
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="report-inbox", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self._socket.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            try:
+                notice = ReportNotice.decode(data)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignored a malformed report notice", size=len(data))
+                continue
+            try:
+                self._receive(notice)
+            except Exception:  # the outcome records the run in full instead
+                log.exception("could not record a report ahead of its run", study_uid=notice.study_uid)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(2.0)
+        self._socket.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 class Releaser:
@@ -61,6 +111,10 @@ class Releaser:
         self._checked: dict[str, int] = {}  # study -> instance count already found incomplete by roles
         self._pool_lock = threading.Lock()
         self.started_at = time.time()
+        self._jobs: dict[str, GradeJob] = {}  # study -> its job with the pool, until its outcome is recorded
+        self._ahead: dict[str, Report] = {}  # study -> its run's report, recorded ahead of the rest
+        self._recording = threading.Lock()  # a report notice and the outcome of its run recorded one at a time
+        self.inbox = ReportInbox(self._report_written)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         s = self.settings
@@ -202,17 +256,21 @@ class Releaser:
                        report_when_nothing_assessed=self.settings.study.report_when_nothing_assessed,
                        key_images=self.settings.outputs.key_images,
                        missing_note=missing_note(self.ledger.pacs_query(uid)),
-                       fsync=self.settings.storage.fsync)
+                       fsync=self.settings.storage.fsync, notify=self.inbox.path)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self.metrics.released.labels(why).inc()
         audit(self.ledger, EventKind.RELEASED, uid, f"run {run}: {why}, {study.instances} instances",
               {"run": run, "why": why, "instances": study.instances})
         self.grading.add(uid)
+        with self._recording:
+            self._jobs[uid] = job
         pool = self.pool
         try:
             future = pool.submit(grade, job)
         except (RuntimeError, BrokenProcessPool) as exc:  # shutting down, or a dead pool
             self.grading.discard(uid)
+            with self._recording:
+                self._jobs.pop(uid, None)
             self.ledger.set_state(uid, StudyState.RECEIVING, generation=study.generation)
             if isinstance(exc, BrokenProcessPool):
                 self._replace_pool(pool)
@@ -228,11 +286,42 @@ class Releaser:
 
     # -- recording outcomes --------------------------------------------------------------------------
 
+    def _report_written(self, notice: ReportNotice) -> None:
+        """A worker wrote a run's report (the inbox's thread): record it with deliveries that hold it
+        alone, and send it. Ignored unless it is the report of a job with the pool, in its folder."""
+        uid = notice.study_uid
+        with self._recording:
+            job = self._jobs.get(uid)
+            sr = Path(notice.sr_path)
+            if (job is None or job.run != notice.run or uid in self._ahead or sr.parent != Path(job.folder)
+                    or not sr.is_file()):
+                return
+            report = Report(uid, job.run, str(sr), notice.sr_series_uid, notice.sc_series_uid)
+            upload = self.ledger.upload(uid)
+            destinations = list(self.deliveries.destinations) if upload is None or upload.send else []
+            ids = self.ledger.add_report(report, job.generation, destinations, [str(sr)], more=True)
+            if ids is None:
+                return  # a late instance re-opened the study: the outcome discards the run
+            self._ahead[uid] = report
+        log.info("report recorded ahead of its run", study_uid=uid, run=job.run, sr=report.sr_path,
+                 waited_s=round(time.time() - notice.sent_at, 4))
+        self.deliveries.schedule_ids(ids)
+
     def _graded(self, job: GradeJob, pool: ProcessPoolExecutor, future: Future[GradeOutcome]) -> None:
         """Record a worker's outcome (in the pool's thread): report + deliveries, or skipped/failed."""
+        with self._recording:
+            self._jobs.pop(job.study_uid, None)
+            ahead = self._ahead.pop(job.study_uid, None)
+            self._record(job, pool, future, ahead)
+
+    def _record(self, job: GradeJob, pool: ProcessPoolExecutor, future: Future[GradeOutcome],
+                ahead: Report | None) -> None:
+        """``_graded``'s work; ``ahead``: the run's report, recorded already (``_report_written``)."""
         uid = job.study_uid
         try:
             if future.cancelled():
+                if ahead is not None:
+                    self.ledger.abandon_run(uid)
                 return  # shut down before it ran: resumed at the next start
             try:
                 outcome: GradeOutcome = future.result()
@@ -248,6 +337,8 @@ class Releaser:
             except Exception as exc:  # noqa: BLE001 - whatever the pool raises fails this study, not the node
                 outcome = GradeOutcome.failed(f"grading failed: {type(exc).__name__}: {exc}")
             if outcome.result is not GradeResult.REPORTED or outcome.outputs is None:
+                if ahead is not None:  # failed after its report was recorded (and maybe sent)
+                    self.ledger.abandon_run(uid)
                 state = outcome.result.study_state
                 if self.ledger.set_state(uid, state, outcome.reason, generation=job.generation):
                     log.warning(f"study {state}", study_uid=uid, reason=outcome.reason)
@@ -262,7 +353,10 @@ class Releaser:
             files = [str(p) for p in outputs.paths]  # on disk (job.fsync): the commit below publishes them
             upload = self.ledger.upload(uid)
             destinations = list(self.deliveries.destinations) if upload is None or upload.send else []
-            ids = self.ledger.add_report(report, job.generation, destinations, files)
+            if ahead is not None:
+                ids: list[int] | None = self.ledger.complete_run(uid, job.run, job.generation, files)
+            else:
+                ids = self.ledger.add_report(report, job.generation, destinations, files)
             if ids is None:
                 log.info("graded run discarded: new instances arrived while grading", study_uid=uid, run=job.run)
                 remove_tree(self.results_dir, Path(job.folder))
@@ -290,6 +384,7 @@ class Releaser:
                                     name="pool-shutdown", daemon=True)
         shutdown.start()
         shutdown.join(grace_s)
+        self.inbox.close()
         if shutdown.is_alive():  # a grading that hangs: end its worker rather than wait for ever
             for worker in multiprocessing.active_children():
                 log.warning("a grading worker did not finish in time: ended", pid=worker.pid, grace_s=grace_s)

@@ -1,16 +1,22 @@
 """Grading one spooled study, in a worker process of the node: read the headers, check that it is a
 lumbar spine MRI (``eligibility``), run the ONNX model, write the run's outputs into its folder.
 
-The worker never touches the ledger; it returns a GradeOutcome and the node records it.
+The worker never touches the ledger; it returns a GradeOutcome and the node records it. With
+``GradeJob.notify`` it also tells the node as soon as the run's report is written and on disk
+(``ReportNotice``: one datagram to the node's socket), so that the node records the report and
+sends it while the worker draws the rest of the run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +25,14 @@ import pydicom
 from dicom_node.errors import NodeError
 from dicom_node.observability import PHI_VALUES, configure_logging, get_logger, study_scope
 from dicom_node.pipeline.eligibility import mr_images, note_missing, nothing_assessed, skip_reason
-from dicom_node.results import DISCLAIMER, OutputKind, RunFolder, RunOutputs, Supersedes, write_run
+from dicom_node.results import DISCLAIMER, OutputFile, OutputKind, RunFolder, RunOutputs, Supersedes, write_run
 from dicom_node.states import GradeResult
-from dicom_node.store import Syncer
+from dicom_node.store import Syncer, fsync_files
 from inference.analyze import AnalysisLimits, analyze_study
 from inference.instances import read_headers
 from inference.runtime import OnnxRunner
 
-__all__ = ["MIXED_PATIENTS", "GradeJob", "GradeOutcome", "GradingTimeout", "grade", "init_worker",
+__all__ = ["MIXED_PATIENTS", "GradeJob", "GradeOutcome", "GradingTimeout", "ReportNotice", "grade", "init_worker",
            "worker_ready"]
 
 log = get_logger(__name__)
@@ -58,6 +64,7 @@ class GradeJob:
     key_images: bool = True  # outputs.key_images: write the Key Object Selection too
     missing_note: str | None = None  # the PACS was asked for the missing series: added to their labels' reasons
     fsync: bool = False  # storage.fsync: the files are on disk when the worker returns (store.Syncer)
+    notify: str | None = None  # the node's datagram socket: told when the report is written (ReportNotice)
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,50 @@ def worker_ready() -> dict[str, object]:
 
 
 
+@dataclass(frozen=True)
+class ReportNotice:
+    """The datagram a worker sends the node once the run's report is written (and, with fsync,
+    on disk): which run, the SR, and the series the run's Secondary Captures will have."""
+
+    study_uid: str
+    run: int
+    sr_path: str
+    sr_series_uid: str
+    sc_series_uid: str | None
+    sent_at: float  # time.time() when sent
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReportNotice:
+        """The notice in ``data`` (ValueError, KeyError or TypeError when it is not one)."""
+        fields = json.loads(data)
+        return cls(str(fields["study_uid"]), int(fields["run"]), str(fields["sr_path"]), str(fields["sr_series_uid"]),
+                   None if fields["sc_series_uid"] is None else str(fields["sc_series_uid"]), float(fields["sent_at"]))
+
+
+def _notifier(job: GradeJob) -> Callable[[OutputFile, str | None], None] | None:
+    """What the writer calls with the report once written: it is made durable (with ``job.fsync``:
+    the file, its folder and the folder's parent) and the node told (``job.notify``). A node that
+    cannot be told learns of the report from the outcome, as without a socket."""
+    if job.notify is None:
+        return None
+    notify = job.notify
+
+    def report_written(sr: OutputFile, sc_series_uid: str | None) -> None:
+        if job.fsync:
+            fsync_files([sr.path])
+        notice = ReportNotice(job.study_uid, job.run, str(sr.path), sr.series_uid, sc_series_uid, time.time())
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(notice.encode(), notify)
+        except OSError as exc:
+            log.warning("could not tell the node that the report is written", study_uid=job.study_uid, error=str(exc))
+
+    return report_written
+
+
 def _timed_out(signum: int, frame: object) -> None:
     raise GradingTimeout
 
@@ -179,7 +230,7 @@ def _grade_study(job: GradeJob) -> GradeOutcome:
         analysed = time.perf_counter()
         with Syncer() as syncer:  # each file fsynced while the next is drawn and written
             outputs = write_run(result, mr, Path(job.folder), supersedes, pdf=job.pdf, key_images=job.key_images,
-                                sink=syncer.add if job.fsync else None)
+                                sink=syncer.add if job.fsync else None, on_report=_notifier(job))
             written = time.perf_counter()
             syncer.finish()
         assessed = len(result.assessed())

@@ -30,9 +30,10 @@ import pydicom
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataset import Dataset
 from pydicom.filewriter import correct_ambiguous_vr
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
 
+from dicom_node.results.encoding import write_dataset_file
 from dicom_node.results.kos import build_kos, key_images_json, key_images_of, note
 from dicom_node.results.pdf import build_pdf, key_findings
 from dicom_node.results.sc import build_sc_images, render_pictures
@@ -193,7 +194,7 @@ class Supersedes:
 
 def _save(ds: Dataset, kind: OutputKind, path: Path, sink: Callable[[Path], object] | None) -> OutputFile:
     settle_encoding(ds)
-    ds.save_as(path, enforce_file_format=True)  # preamble and complete file meta (PS3.10)
+    write_dataset_file(ds, path)  # as ds.save_as(path, enforce_file_format=True): preamble, complete file meta
     if sink is not None:
         sink(path)
     return OutputFile(kind, path, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
@@ -226,9 +227,14 @@ def _threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+#: Called with the report once it is written (and given to ``sink``), before the rest of the run is
+#: drawn: the SR and the series its Secondary Captures will have (None: the run writes none).
+ReportWritten = Callable[[OutputFile, str | None], object]
+
+
 def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
               supersedes: Supersedes | None = None, pdf: bool = True, key_images: bool = True,
-              sink: Callable[[Path], object] | None = None) -> RunOutputs:
+              sink: Callable[[Path], object] | None = None, on_report: ReportWritten | None = None) -> RunOutputs:
     """Write a study's SR, Grad-CAM SCs, PDF summary (with ``pdf``), Key Object Selection (with
     ``key_images``, when a finding is graded Moderate or Severe), table and JSON into ``folder``.
 
@@ -240,7 +246,9 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
     file's path once it is written and closed (the node fsyncs it meanwhile, ``store.Syncer``).
 
     The heatmaps are drawn on a few threads (OpenCV and NumPy release the interpreter lock) while
-    this thread builds and writes the SR, which is pure Python.
+    this thread builds and writes the SR, which is pure Python. With ``on_report`` the SR comes
+    first, alone (the node sends it while the rest is drawn): it is written, ``on_report`` is
+    called, and only then are the heatmaps drawn.
     """
     run = RunFolder(folder)
     seconds: dict[str, float] = {}
@@ -252,16 +260,20 @@ def write_run(result: StudyResult, instances: Sequence[Instance], folder: Path,
     patient = patient_study([*full.values(), *headers.values()], result.study_uid)  # logged once per run
     run.sc_dir.mkdir(parents=True, exist_ok=True)
     previous = supersedes.sr if supersedes else None
+    sc_series = ((supersedes.sc_series_uid if supersedes else None) or generate_uid()) if result.assessed() else None
     lap("read")
     with ThreadPoolExecutor(_threads(), thread_name_prefix="heatmap") as pool:
-        pictures = render_pictures(result, full, pool)
+        pictures = render_pictures(result, full, pool) if on_report is None else None
         sr = build_sr(result, headers, series_uid=None if previous is None else str(previous.SeriesInstanceUID),
                       instance_number=1 if previous is None else int(previous.InstanceNumber) + 1,
                       predecessors=[] if previous is None else [previous], patient=patient)
         files = [_save(sr, OutputKind.SR, run.sr_path(sr.SOPInstanceUID), sink)]
         lap("sr")
-        scs = build_sc_images(result, full, series_uid=supersedes.sc_series_uid if supersedes else None,
-                              patient=patient, pictures=pictures)
+        if on_report is not None:
+            on_report(files[0], sc_series)
+            lap("report")
+            pictures = render_pictures(result, full, pool)
+        scs = build_sc_images(result, full, series_uid=sc_series, patient=patient, pictures=pictures)
     for sc in scs:
         files.append(_save(sc, OutputKind.SC, run.sc_path(int(sc.InstanceNumber), sc.SOPInstanceUID), sink))
     lap("sc")

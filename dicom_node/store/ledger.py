@@ -169,6 +169,13 @@ def _web_tables(db: sqlite3.Connection) -> None:
     _run_script(db, _WEB_TABLES)
 
 
+def _open_deliveries(db: sqlite3.Connection) -> None:
+    present = {row[1] for row in _columns(db, "deliveries")}  # an unversioned ledger is migrated from step 1
+    for column in ("sent", "open"):
+        if column not in present:
+            db.execute(f"ALTER TABLE deliveries ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
 def _pacs_queries(db: sqlite3.Connection) -> None:
     _run_script(db, _PACS_QUERIES_TABLE)
 
@@ -190,6 +197,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "instances keyed by (series, SOP Instance UID)", _instance_key),
     Migration(4, "the audit trail, the web page's uploads and the dashboard's indexes", _web_tables),
     Migration(5, "the studies the node asked a query/retrieve source about (once each)", _pacs_queries),
+    Migration(6, "deliveries in parts: the files sent so far, and whether more of the run's files follow",
+              _open_deliveries),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -304,6 +313,17 @@ class Delivery:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    sent: int = 0  # the first ``sent`` paths are stored on the destination
+    open: bool = False  # the run's report is recorded, its other files follow (``Ledger.complete_run``)
+
+
+class DeliveryProgress(StrEnum):
+    """Where a delivery stands after some of its files were stored (``Ledger.delivery_sent``)."""
+
+    DELIVERED = "delivered"  # every file of the complete run
+    OPEN = "open"  # all it holds, and the run's other files are not recorded yet
+    MORE = "more"  # the run's other files were recorded meanwhile: send them
+    GONE = "gone"  # no longer pending (superseded meanwhile)
 
 
 class WriterLock:
@@ -503,8 +523,12 @@ class Ledger:
                               (StudyState.RECEIVING, time.time(), study_uid)).rowcount == 1
 
     def resume(self) -> int:
-        """After a restart: a study that was being graded is graded again. Returns how many."""
+        """After a restart: a study that was being graded is graded again. Returns how many. The
+        pending deliveries of a run whose report was recorded before its other files were written
+        (``open``) are superseded: the study's next run replaces that run (and supersedes its report
+        where any of it reached a destination, see ``last_report``)."""
         with self._transaction() as db:
+            _close_open(db, None, time.time())
             return db.execute("UPDATE studies SET state=?, updated_at=? WHERE state=?",
                               (StudyState.RECEIVING, time.time(), StudyState.ANALYSING)).rowcount
 
@@ -513,6 +537,7 @@ class Ledger:
         fails with ``reason`` and is not graded again until ``reopen`` (True); before that it is
         queued to be graded once more (False)."""
         with self._transaction() as db:
+            _close_open(db, study_uid, time.time())  # the run it died in is replaced, or the study fails
             db.execute("UPDATE studies SET worker_deaths=worker_deaths+1 WHERE study_uid=?", (study_uid,))
             row = db.execute("SELECT worker_deaths FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
             given_up = row is not None and row[0] >= limit
@@ -578,20 +603,26 @@ class Ledger:
 
     def last_report(self, study_uid: str, published: bool = False) -> Report | None:
         """The newest report of a study; with ``published``, the newest that a destination has (or
-        that had no destination to go to): the one a new report supersedes."""
+        that had no destination to go to; or part of whose files, its SR first, a destination has):
+        the one a new report supersedes."""
         where = ("AND (EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid=r.study_uid AND d.run=r.run "
-                 "AND d.state=?) OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid=r.study_uid "
-                 "AND d.run=r.run))") if published else ""
+                 "AND (d.state=? OR d.sent > 0)) "
+                 "OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid=r.study_uid AND d.run=r.run))"
+                 ) if published else ""
         rows = self._query("SELECT study_uid, run, sr_path, sr_series_uid, sc_series_uid FROM reports r "
                            f"WHERE study_uid=? {where} ORDER BY run DESC LIMIT 1",
                            (study_uid, DeliveryState.DELIVERED) if published else (study_uid,))
         return Report(*rows[0]) if rows else None
 
     def add_report(self, report: Report, generation: int, destinations: list[str],
-                   paths: list[str]) -> list[int] | None:
+                   paths: list[str], more: bool = False) -> list[int] | None:
         """Commit a finished run: the report, one pending delivery per destination (their ids), the
         study 'sending'; earlier undelivered results are superseded. Nothing (None) if the study
-        was re-opened by a late instance meanwhile."""
+        was re-opened by a late instance meanwhile.
+
+        With ``more``, only the report is written yet (``paths``: the SR, on disk): its deliveries
+        are ``open`` (sent as far as they go, never delivered while open) and the study stays
+        'analysing' until ``complete_run`` adds the run's other files."""
         now = time.time()
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM studies WHERE study_uid=? AND generation=?",
@@ -599,23 +630,64 @@ class Ledger:
                 return None
             db.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)",
                        (report.study_uid, report.run, report.sr_path, report.sr_series_uid, report.sc_series_uid, now))
-            ids = _queue_deliveries(db, report.study_uid, report.run, destinations, paths, now)
-            state = StudyState.SENDING if destinations else StudyState.DONE
-            db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
-                       (state, now, report.study_uid))
+            ids = _queue_deliveries(db, report.study_uid, report.run, destinations, paths, now, is_open=more)
+            if not more:
+                state = StudyState.SENDING if destinations else StudyState.DONE
+                db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
+                           (state, now, report.study_uid))
         return ids
+
+    def complete_run(self, study_uid: str, run: int, generation: int, paths: list[str]) -> list[int]:
+        """Commit the rest of a run recorded with ``add_report(more=True)``: its open deliveries
+        still pending now hold every file (``paths``, on disk, the SR first) and are no longer
+        open (their ids: schedule them). The study, unless a late instance re-opened it meanwhile,
+        is 'sending' while a delivery of it is pending, else 'failed' if one of the run's failed
+        for good, else 'done'. The report itself stays, whatever the generation: it may be on a
+        destination already, and the study's next run supersedes it."""
+        now = time.time()
+        with self._transaction() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM deliveries WHERE study_uid=? AND run=? AND open=1 "
+                                            "AND state=? ORDER BY id", (study_uid, run, DeliveryState.PENDING))]
+            db.execute("UPDATE deliveries SET paths=?, open=0, updated_at=? WHERE study_uid=? AND run=? AND open=1 "
+                       "AND state=?", (json.dumps(paths), now, study_uid, run, DeliveryState.PENDING))
+            db.execute("UPDATE deliveries SET open=0 WHERE study_uid=? AND run=? AND open=1", (study_uid, run))
+            if db.execute("SELECT 1 FROM studies WHERE study_uid=? AND generation=?",
+                          (study_uid, generation)).fetchone() is None:
+                return ids
+            failed = db.execute("SELECT destination, attempts, last_error FROM deliveries WHERE study_uid=? "
+                                "AND run=? AND state=? ORDER BY id LIMIT 1",
+                                (study_uid, run, DeliveryState.FAILED)).fetchone()
+            pending = db.execute("SELECT 1 FROM deliveries WHERE study_uid=? AND state=?",
+                                 (study_uid, DeliveryState.PENDING)).fetchone()
+            state, reason = StudyState.DONE, None
+            if pending is not None:
+                state = StudyState.SENDING
+            elif failed is not None:
+                state, reason = StudyState.FAILED, f"delivery to {failed[0]} failed after {failed[1]} attempts: " \
+                                                   f"{failed[2]}"
+            db.execute("UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
+                       (state, reason, now, study_uid))
+        return ids
+
+    def abandon_run(self, study_uid: str) -> None:
+        """The grading of a run recorded with ``add_report(more=True)`` failed before its other
+        files were written: its pending open deliveries are superseded (what of them reached a
+        destination stays there, and the study's next run supersedes it)."""
+        with self._transaction() as db:
+            _close_open(db, study_uid, time.time())
 
     def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None,
                    delivery_id: int | None = None) -> list[Delivery]:
         """Deliveries, optionally of one study, in one state, or the one with this id."""
-        sql = ("SELECT id, study_uid, run, destination, paths, state, attempts, next_attempt_at, last_error "
-               "FROM deliveries WHERE 1=1")
+        sql = ("SELECT id, study_uid, run, destination, paths, state, attempts, next_attempt_at, last_error, "
+               "sent, open FROM deliveries WHERE 1=1")
         args: list[object] = []
         for column, value in (("study_uid", study_uid), ("state", state), ("id", delivery_id)):
             if value is not None:
                 sql, args = sql + f" AND {column}=?", [*args, value]
         rows = self._query(sql + " ORDER BY id", tuple(args))
-        return [Delivery(r[0], r[1], r[2], r[3], json.loads(r[4]), DeliveryState(r[5]), *r[6:]) for r in rows]
+        return [Delivery(r[0], r[1], r[2], r[3], json.loads(r[4]), DeliveryState(r[5]), r[6], r[7], r[8], r[9],
+                         bool(r[10])) for r in rows]
 
     def delivery(self, delivery_id: int) -> Delivery | None:
         found = self.deliveries(delivery_id=delivery_id)
@@ -633,6 +705,24 @@ class Ledger:
             if pending is None:
                 db.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=? AND state=?",
                            (StudyState.DONE, now, study_uid, StudyState.SENDING))
+
+    def delivery_sent(self, delivery_id: int, sent: int) -> DeliveryProgress:
+        """Record that the first ``sent`` paths of a pending delivery are stored on its destination:
+        delivered (as ``delivery_done``) when that is all of them and the run is complete; else
+        ``OPEN`` (the rest of the run is not recorded yet) or ``MORE`` (it is: send the rest)."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT paths, open, state FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
+            if row is None or row[2] != DeliveryState.PENDING:
+                return DeliveryProgress.GONE
+            db.execute("UPDATE deliveries SET sent=MAX(sent, ?), last_error=NULL, updated_at=? WHERE id=?",
+                       (sent, now, delivery_id))
+            if row[1]:
+                return DeliveryProgress.OPEN
+            if sent < len(json.loads(row[0])):
+                return DeliveryProgress.MORE
+        self.delivery_done(delivery_id)
+        return DeliveryProgress.DELIVERED
 
     def delivery_failed(self, delivery_id: int, error: str, next_attempt_at: float | None) -> None:
         """Record a failed attempt: retry at ``next_attempt_at``, or (None) give up and fail the study."""
@@ -770,20 +860,31 @@ def _record(db: sqlite3.Connection, record: InstanceRecord, now: float) -> Recor
 
 
 def _queue_deliveries(db: sqlite3.Connection, study_uid: str, run: int, destinations: list[str], paths: list[str],
-                      now: float) -> list[int]:
+                      now: float, is_open: bool = False) -> list[int]:
     """In the caller's transaction: the study's pending deliveries superseded, one new pending
-    delivery of run ``run`` (``paths``, in the order sent) per destination; their ids."""
-    db.execute("UPDATE deliveries SET state=?, updated_at=? WHERE study_uid=? AND state=?",
+    delivery of run ``run`` (``paths``, in the order sent; ``is_open``: more follow) per destination;
+    their ids."""
+    db.execute("UPDATE deliveries SET state=?, open=0, updated_at=? WHERE study_uid=? AND state=?",
                (DeliveryState.SUPERSEDED, now, study_uid, DeliveryState.PENDING))
     ids = []
     for name in destinations:
         row_id = db.execute("INSERT INTO deliveries (study_uid, run, destination, paths, state, next_attempt_at, "
-                            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (study_uid, run, name, json.dumps(paths), DeliveryState.PENDING, now, now)).lastrowid
+                            "updated_at, open) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (study_uid, run, name, json.dumps(paths), DeliveryState.PENDING, now, now,
+                             int(is_open))).lastrowid
         if row_id is None:  # sqlite3 sets it after every INSERT of a row; None would be a broken driver
             raise RuntimeError("the ledger's INSERT returned no delivery id")
         ids.append(row_id)
     return ids
+
+
+def _close_open(db: sqlite3.Connection, study_uid: str | None, now: float) -> None:
+    """In the caller's transaction: the open deliveries (of one study, or all) closed, the pending
+    ones superseded (their run's other files will not be written)."""
+    where, args = ("AND study_uid=?", (study_uid,)) if study_uid is not None else ("", ())
+    db.execute(f"UPDATE deliveries SET state=?, updated_at=? WHERE open=1 AND state=? {where}",
+               (DeliveryState.SUPERSEDED, now, DeliveryState.PENDING, *args))
+    db.execute(f"UPDATE deliveries SET open=0 WHERE open=1 {where}", args)
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,22 @@ JSON log) per mode; the phantom studies (``lumbar-node phantom --seed 11``, or t
 as one DCMTK storescu association, the next one only once the previous one is delivered. Per study:
   t0          storescu exits (every C-STORE acknowledged; send = storescu start -> exit)
   t_release   "study released for grading" in the node's log     wait   = t_release - t0
-  t_graded    "results ready" (SR + SC written, in the ledger)     grade  = t_graded - t_release
-  t_delivered "results delivered" (the C-STORE of SR + SCs ended) deliver = t_delivered - t_graded
+  t_report    "report recorded ahead of its run" (the SR in the ledger, its delivery started; a node
+              without it: t_graded)
+  t_graded    "results ready" (every file written, in the ledger)  grade  = t_graded - t_release
+  t_delivered "results delivered" (the last C-STORE of the run ended) deliver = t_delivered - t_report
   t_orthanc   the script first sees an SR instance of the study in Orthanc's REST API (polled every 20 ms
-              once "results ready" is logged; the SR is sent first, so this may precede t_delivered)
+              once the report is recorded; the SR is sent first, so this may precede t_delivered)
   total = t_orthanc - t0; worker = the grading worker's own "seconds" ("study graded"); cstore = the
-  node's own "seconds" of the delivery association ("results delivered"; deliver - cstore = scheduling).
-The grading, step by step (the worker's "study graded" line; a node from before issue 24 logs none of
-them, shown as -): queue = from the release to the worker starting (t_worker_end - worker - t_release);
-headers (read and checked), analysis (the model), read (the located images in full), sr (built and
-written; the heatmaps are being drawn meanwhile on other threads), sc (the rest of the heatmaps, wrapped
-and written), pdf, text, fsync (waiting for the files' fsyncs); record = from the worker's end to
-"results ready" (the node records the report); pacs = t_orthanc - t_graded (SR in the PACS after it is recorded).
+  node's own "seconds" of the last delivery association ("results delivered").
+The SR's path, step by step (the worker's "study graded" line; a node that does not log a step shows -):
+queue = from the release to the worker starting (t_worker_end - worker - t_release); headers (read and
+checked), analysis (the model), read (the located images in full), sr (built and written), report (its
+fsync and the notice to the node), record = the node's "waited_s" from the notice to the report
+recorded (a node without notices: from the worker's end to "results ready"); pacs = t_orthanc - t_report.
+Off the SR's path (the rest of the run, drawn while the SR is sent; a node without notices draws the
+heatmaps during sr and records everything at once): sc (the heatmaps, wrapped and written), pdf, kos,
+text, fsync (waiting for the files' fsyncs), ready = t_graded - t_report, deliver.
 Log timestamps are UTC from time.time() on this machine, as are t0 and t_orthanc. Modes:
   complete  release_when_complete=true, quiet_time_s=30: released when every series is complete
   quiet     release_when_complete=false, quiet_time_s=2: released by the quiet time (+ <=0.1 s sweep)
@@ -53,8 +57,8 @@ MODES: dict[str, dict[str, Any]] = {
 }
 COLUMNS = ["images", "send", "wait", "grade", "deliver", "orthanc", "total", "worker", "cstore"]
 #: The per-step breakdown (see the module's docstring), in the order the steps happen.
-STEPS = ["wait", "queue", "headers", "analysis", "read", "sr", "sc", "pdf", "text", "fsync", "record", "pacs",
-         "deliver", "total"]
+STEPS = ["wait", "queue", "headers", "analysis", "read", "sr", "report", "record", "pacs", "total",
+         "sc", "pdf", "kos", "text", "fsync", "ready", "deliver"]
 POLL_S = 0.02
 
 
@@ -108,22 +112,27 @@ def measure(files: list[Path], node: ServedNode, log: LogTail, pacs: Orthanc) ->
     def tail() -> str:
         return f"study {study_uid}; node log tail:\n{node.log_text()[-3000:]}"
 
-    ready = wait_for(tail, lambda: log.find("results ready", study_uid), timeout=300, every=POLL_S)
+    wait_for(tail, lambda: log.find("report recorded ahead of its run", study_uid)
+             or log.find("results ready", study_uid), timeout=300, every=POLL_S)
     wait_for(tail, lambda: sr_in_orthanc(pacs, study_uid), timeout=60, every=POLL_S)
     t_orthanc = time.time()
+    ready = wait_for(tail, lambda: log.find("results ready", study_uid), timeout=300, every=POLL_S)
     delivered = wait_for(tail, lambda: log.find("results delivered", study_uid), timeout=60, every=POLL_S)
     released = log.find("study released for grading", study_uid)
     graded = log.find("study graded", study_uid)
+    ahead = log.find("report recorded ahead of its run", study_uid)
     assert released is not None and graded is not None, tail()
     t_release, t_graded, t_delivered = stamp(released), stamp(ready), stamp(delivered)
+    t_report = stamp(ahead) if ahead is not None else t_graded
     t_worker_end, worker = stamp(graded), float(graded["seconds"])
     steps = {step: (float(graded[f"{step}_s"]) if f"{step}_s" in graded else None)
-             for step in ("headers", "analysis", "read", "sr", "sc", "pdf", "text", "fsync")}
+             for step in ("headers", "analysis", "read", "sr", "report", "sc", "pdf", "kos", "text", "fsync")}
+    record = float(ahead["waited_s"]) if ahead is not None else t_graded - t_worker_end
     return {"images": len(files), "send": t0 - started, "wait": t_release - t0, "grade": t_graded - t_release,
-            "deliver": t_delivered - t_graded, "orthanc": t_orthanc - t_delivered, "total": t_orthanc - t0,
+            "deliver": t_delivered - t_report, "orthanc": t_orthanc - t_delivered, "total": t_orthanc - t0,
             "worker": worker, "cstore": float(delivered["seconds"]), "why": released["why"],
             "files_delivered": delivered["files"], "queue": t_worker_end - worker - t_release, **steps,
-            "record": t_graded - t_worker_end, "pacs": t_orthanc - t_graded}
+            "record": record, "pacs": t_orthanc - t_report, "ready": t_graded - t_report}
 
 
 def run_mode(mode: str, studies: list[list[Path]], work: Path) -> list[dict[str, Any]]:
@@ -191,7 +200,8 @@ def main() -> None:
         cells = [_cell(stats[c], 0 if c == "images" else 2) for c in COLUMNS]
         whys = ",".join(sorted({r["why"] for r in rows}))
         print(f"{mode:<9}" + "".join(f"{c:>15}" for c in cells) + f"   (released by: {whys})")
-    print("\nper step, seconds (median / max): from the last image acknowledged to the SR in the PACS")
+    print("\nper step, seconds (median / max): from the last image acknowledged to the SR in the PACS (to total),"
+          " then the rest of the run")
     print(f"{'step':<10}" + "".join(f"{mode:>16}" for mode in results))
     for step in STEPS:
         print(f"{step:<10}" + "".join(f"{_cell(summary(rows)[step], 3):>16}" for rows in results.values()))

@@ -22,6 +22,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from demo.orthanc import Orthanc, free_port, running_orthanc, storescu
+from dicom_node.results import RunFolder
 from tests.support.served_node import (
     NODE_AET,
     SENDER_AET,
@@ -123,6 +124,19 @@ def test_storescu_to_node_to_orthanc_released_when_complete(study: list[Path], t
         assert '"why": "complete"' in node.log_text()
         sr = _check_results(pacs, study_uid, sources, patient_id)
         assert "not for diagnosis" in sr.SeriesDescription
+        # the report was recorded (and sent) before the rest of its run; the run is one delivery, delivered once
+        log = node.log_text()
+        assert log.index('"report recorded ahead of its run"') < log.index('"results ready"')
+        assert log.count('"results delivered"') == 1
+        ledger = node.ledger()
+        try:
+            [delivery] = ledger.deliveries(study_uid)
+            report = ledger.last_report(study_uid)
+        finally:
+            ledger.close()
+        assert delivery.state == "delivered" and not delivery.open and delivery.sent == len(delivery.paths)
+        assert delivery.paths == [str(p) for p in RunFolder.of_sr(report.sr_path).files_to_send(Path(report.sr_path))]
+        assert delivery.paths[0] == report.sr_path and len(delivery.paths) > 20
         status = node.command("status")
         assert study_uid in status.stdout and " done " in status.stdout
         assert node.stop() == 0

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from dicom_node.results import codes as C
+from dicom_node.results.encoding import write_dataset_file
 from dicom_node.results.identity import MANUFACTURER, model_device_uid
 from dicom_node.results.sources import ImageKey, image_key
 from dicom_node.results.sr import build_sr, percent
@@ -218,3 +219,20 @@ def test_settled_encoding_writes_the_same_bytes(graded: Graded) -> None:
     settle_encoding(twin)
     twin.save_as(settled, enforce_file_format=True)
     assert settled.getvalue() == plain.getvalue()
+
+
+def test_the_run_writers_encoder_writes_pydicoms_bytes(graded: Graded, tmp_path: Path) -> None:
+    """``write_dataset_file`` (how the run writer saves the report) writes the file pydicom writes, for a
+    first report and for one that supersedes it."""
+    result, sources = graded
+    first = build_sr(result, sources)
+    plain = tmp_path / "plain.dcm"
+    first.save_as(plain, enforce_file_format=True)
+    superseding = build_sr(result, sources, series_uid=str(first.SeriesInstanceUID), instance_number=2,
+                           predecessors=[pydicom.dcmread(plain)])
+    for n, sr in enumerate((first, superseding)):
+        expected = io.BytesIO()
+        copy.deepcopy(sr).save_as(expected, enforce_file_format=True)
+        settle_encoding(sr)
+        write_dataset_file(sr, tmp_path / f"{n}.dcm")
+        assert (tmp_path / f"{n}.dcm").read_bytes() == expected.getvalue()

@@ -323,3 +323,74 @@ def test_rows_come_back_with_named_fields(ledger: Ledger) -> None:
                                                               Path("/spool/1.2.3/1.2.3.4/2.dcm")]
     _study_uid, files = old
     assert files == old.files
+
+
+def _ahead(ledger: Ledger, destinations: list[str]) -> tuple[int, list[int]]:
+    """A study being graded whose run's report is recorded ahead of the rest: its generation, deliveries."""
+    _add(ledger, "1")
+    study = ledger.study("1.2.3")
+    assert ledger.set_state("1.2.3", StudyState.ANALYSING, generation=study.generation)
+    ids = ledger.add_report(Report("1.2.3", 1, "/r/SR.dcm", "9.9", "9.8"), study.generation, destinations,
+                            ["/r/SR.dcm"], more=True)
+    assert ids is not None
+    return study.generation, ids
+
+
+def test_a_report_ahead_of_its_run_is_sent_but_delivered_only_with_the_rest(ledger: Ledger) -> None:
+    generation, [d] = _ahead(ledger, ["pacs"])
+    assert ledger.study("1.2.3").state == "analysing" and ledger.delivery(d).open
+    assert ledger.delivery_sent(d, 1) == "open"  # the SR is stored; the run is not complete
+    assert ledger.delivery(d).state == "pending" and ledger.study("1.2.3").state == "analysing"
+    assert ledger.last_report("1.2.3", published=True).run == 1  # the PACS has its SR: a re-run supersedes it
+    files = ["/r/SR.dcm", "/r/SC/01.dcm", "/r/PDF.dcm"]
+    assert ledger.complete_run("1.2.3", 1, generation, files) == [d]
+    delivery = ledger.delivery(d)
+    assert not delivery.open and delivery.paths == files and delivery.sent == 1
+    assert ledger.study("1.2.3").state == "sending"
+    assert ledger.delivery_sent(d, 3) == "delivered"
+    assert ledger.delivery(d).state == "delivered" and ledger.study("1.2.3").state == "done"
+
+
+def test_the_rest_recorded_while_the_report_is_sent_is_sent_next(ledger: Ledger) -> None:
+    generation, [d] = _ahead(ledger, ["pacs"])
+    ledger.complete_run("1.2.3", 1, generation, ["/r/SR.dcm", "/r/SC/01.dcm"])  # while the SR was on its way
+    assert ledger.delivery_sent(d, 1) == "more" and ledger.delivery(d).state == "pending"
+
+
+def test_an_open_delivery_that_failed_for_good_fails_the_study_when_the_run_completes(ledger: Ledger) -> None:
+    generation, [d] = _ahead(ledger, ["pacs"])
+    ledger.delivery_failed(d, "association rejected", None)
+    assert ledger.study("1.2.3").state == "analysing"  # still grading
+    assert ledger.complete_run("1.2.3", 1, generation, ["/r/SR.dcm", "/r/SC/01.dcm"]) == []
+    study = ledger.study("1.2.3")
+    assert study.state == "failed" and study.reason == "delivery to pacs failed after 1 attempts: association rejected"
+
+
+def test_a_run_cut_off_after_its_report_is_superseded_at_restart_and_regraded(ledger: Ledger) -> None:
+    _, [d] = _ahead(ledger, ["pacs"])
+    assert ledger.resume() == 1 and ledger.study("1.2.3").state == "receiving"
+    assert ledger.delivery(d).state == "superseded" and not ledger.delivery(d).open
+    assert ledger.last_report("1.2.3", published=True) is None  # none of it reached the PACS
+
+
+def test_a_failed_or_killed_grading_after_its_report_supersedes_the_open_deliveries(ledger: Ledger) -> None:
+    _, [d] = _ahead(ledger, ["pacs"])
+    ledger.abandon_run("1.2.3")
+    assert ledger.delivery(d).state == "superseded"
+    ledger.reopen("1.2.3")
+    _, [e] = _ahead(ledger, ["pacs"])
+    assert not ledger.worker_died("1.2.3", 3, "died") and ledger.delivery(e).state == "superseded"
+
+
+def test_a_late_instance_while_the_rest_is_drawn_leaves_the_study_to_its_next_run(ledger: Ledger) -> None:
+    generation, [d] = _ahead(ledger, ["pacs"])
+    _add(ledger, "2")
+    assert ledger.complete_run("1.2.3", 1, generation, ["/r/SR.dcm", "/r/SC/01.dcm"]) == [d]
+    assert ledger.study("1.2.3").state == "receiving"  # graded again; the next run supersedes this one
+
+
+def test_without_destinations_a_run_ahead_is_done_when_complete(ledger: Ledger) -> None:
+    generation, ids = _ahead(ledger, [])
+    assert ids == [] and ledger.study("1.2.3").state == "analysing"
+    assert ledger.complete_run("1.2.3", 1, generation, ["/r/SR.dcm"]) == []
+    assert ledger.study("1.2.3").state == "done"
