@@ -17,9 +17,7 @@ draws the heatmaps, the PDF and the KOS; the outcome then completes the run (``L
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -51,15 +49,13 @@ SWEEP_INTERVAL_S = 0.1  # a study complete by completeness is released within th
 
 
 class ReportInbox:
-    """The node's end of the workers' report notices: a Unix datagram socket in a folder of its own
-    (mode 0700: only this user's processes can send to it) and a thread that hands each notice to
-    ``receive``. Datagrams: a worker killed mid-send harms no other's notice."""
+    """The node's end of the workers' report notices: one end of a Unix datagram socket pair whose
+    other end (``worker_end``) every grading worker inherits when the pool starts it
+    (``init_worker``), and a thread that hands each notice to ``receive``. Nothing on the file
+    system, nobody else can send to it; datagrams: a worker killed mid-send harms no other's notice."""
 
     def __init__(self, receive: Callable[[ReportNotice], None]):
-        self._folder = Path(tempfile.mkdtemp(prefix="lumbar-node-"))
-        self.path = str(self._folder / "reports")
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.bind(self.path)
+        self._socket, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.settimeout(0.5)
         self._receive = receive
         self._closed = threading.Event()
@@ -88,7 +84,7 @@ class ReportInbox:
         self._closed.set()
         self._thread.join(2.0)
         self._socket.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self.worker_end.close()
 
 
 class Releaser:
@@ -103,6 +99,7 @@ class Releaser:
         self.deliveries = deliveries
         self.stopping = stopping
         self.results_dir = Path(settings.storage.results_dir)
+        self.inbox = ReportInbox(self._report_written)  # before the pool: its workers inherit its end
         self.pool = self._new_pool()
         self.grading: set[str] = set()  # studies handed to the pool and not back yet
         self._release_now: dict[str, str] = {}  # studies the next sweep releases at once, and why
@@ -114,14 +111,13 @@ class Releaser:
         self._jobs: dict[str, GradeJob] = {}  # study -> its job with the pool, until its outcome is recorded
         self._ahead: dict[str, Report] = {}  # study -> its run's report, recorded ahead of the rest
         self._recording = threading.Lock()  # a report notice and the outcome of its run recorded one at a time
-        self.inbox = ReportInbox(self._report_written)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         s = self.settings
         return ProcessPoolExecutor(
             s.workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
             initargs=(str(s.models.dir) if s.models.dir else None, tuple(s.models.providers), s.logging.format,
-                      s.logging.level, s.limits.worker_memory_mb))
+                      s.logging.level, s.limits.worker_memory_mb, self.inbox.worker_end))
 
     def _run_folder(self, study_uid: str, run: int) -> Path:
         """results/<study>/run-<n>, checked to lie under the results folder (UnsafePath otherwise)."""
@@ -256,7 +252,7 @@ class Releaser:
                        report_when_nothing_assessed=self.settings.study.report_when_nothing_assessed,
                        key_images=self.settings.outputs.key_images,
                        missing_note=missing_note(self.ledger.pacs_query(uid)),
-                       fsync=self.settings.storage.fsync, notify=self.inbox.path)
+                       fsync=self.settings.storage.fsync, notify=True)
         log.info("study released for grading", study_uid=uid, why=why, instances=study.instances, run=run)
         self.metrics.released.labels(why).inc()
         audit(self.ledger, EventKind.RELEASED, uid, f"run {run}: {why}, {study.instances} instances",

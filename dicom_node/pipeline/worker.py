@@ -3,7 +3,7 @@ lumbar spine MRI (``eligibility``), run the ONNX model, write the run's outputs 
 
 The worker never touches the ledger; it returns a GradeOutcome and the node records it. With
 ``GradeJob.notify`` it also tells the node as soon as the run's report is written and on disk
-(``ReportNotice``: one datagram to the node's socket), so that the node records the report and
+(``ReportNotice``: one datagram on the socket it inherited from the node), so that the node records the report and
 sends it while the worker draws the rest of the run.
 """
 
@@ -40,6 +40,7 @@ log = get_logger(__name__)
 MIXED_PATIENTS = "instances of more than one patient (PatientID differs): not graded, nothing sent"
 
 _runner: OnnxRunner | None = None
+_reports: socket.socket | None = None  # the node's report inbox (``init_worker``)
 
 
 class GradingTimeout(NodeError):
@@ -64,7 +65,7 @@ class GradeJob:
     key_images: bool = True  # outputs.key_images: write the Key Object Selection too
     missing_note: str | None = None  # the PACS was asked for the missing series: added to their labels' reasons
     fsync: bool = False  # storage.fsync: the files are on disk when the worker returns (store.Syncer)
-    notify: str | None = None  # the node's datagram socket: told when the report is written (ReportNotice)
+    notify: bool = False  # tell the node when the report is written (ReportNotice, to the worker's ``reports``)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class GradeOutcome:
 
 
 def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: str, log_level: str,
-                memory_mb: int | None = None) -> None:
+                memory_mb: int | None = None, reports: socket.socket | None = None) -> None:
     """Process-pool initializer: logging, the memory limit, and the ONNX sessions loaded once.
 
     Ctrl-C and SIGTERM go to the node, which shuts the pool down in order; workers ignore them.
@@ -105,7 +106,8 @@ def init_worker(model_dir: str | None, providers: tuple[str, ...], log_format: s
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     configure_logging(log_format, log_level)
-    global _runner
+    global _runner, _reports
+    _reports = reports  # the node's report inbox (``ReportNotice``), inherited from the node
     _runner = OnnxRunner(Path(model_dir) if model_dir else None, providers)
 
 
@@ -155,19 +157,19 @@ class ReportNotice:
 
 def _notifier(job: GradeJob) -> Callable[[OutputFile, str | None], None] | None:
     """What the writer calls with the report once written: it is made durable (with ``job.fsync``:
-    the file, its folder and the folder's parent) and the node told (``job.notify``). A node that
-    cannot be told learns of the report from the outcome, as without a socket."""
-    if job.notify is None:
+    the file, its folder and the folder's parent) and the node told (``job.notify``, through the
+    socket this worker inherited, ``init_worker``). A node that cannot be told learns of the report
+    from the outcome, as without a notice."""
+    reports = _reports
+    if not job.notify or reports is None:
         return None
-    notify = job.notify
 
     def report_written(sr: OutputFile, sc_series_uid: str | None) -> None:
         if job.fsync:
             fsync_files([sr.path])
         notice = ReportNotice(job.study_uid, job.run, str(sr.path), sr.series_uid, sc_series_uid, time.time())
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(notice.encode(), notify)
+            reports.send(notice.encode(), socket.MSG_DONTWAIT)  # never waits on a node that does not read
         except OSError as exc:
             log.warning("could not tell the node that the report is written", study_uid=job.study_uid, error=str(exc))
 
