@@ -9,6 +9,7 @@ import pydicom
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # a name made at import
 
 from dicom_node.config import Destination
 from dicom_node.dicom.statuses import STORED
@@ -41,6 +42,10 @@ def send_files(destination: Destination, calling_aet: str, paths: list[Path], ti
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class in sop_classes:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    # Verification too, which every SCP accepts: a destination that accepts none of the files' SOP
+    # classes (the rest of a run, sent after its SR: SCs, a PDF) still associates, and the refusal
+    # names the SOP class it would not take instead of reading as an unreachable peer
+    ae.add_requested_context(Verification)
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     tls_args = (client_context(destination.tls), destination.host) if destination.tls is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
