@@ -14,7 +14,7 @@ import struct
 
 from pynetdicom.dimse_primitives import C_STORE
 
-__all__ = ["C_STORE_RSP_FIELD", "encode_store_response"]
+__all__ = ["C_STORE_RSP_FIELD", "NO_DATA_SET", "encode_store_response"]
 
 C_STORE_RSP_FIELD = 0x8001  # Command Field of a C-STORE response (PS3.7 E.1)
 NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows

@@ -5,7 +5,6 @@ admission's status. The audit trail gets one line per association and study when
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import threading
@@ -47,6 +46,7 @@ from dicom_node.config import Settings
 from dicom_node.dicom import tuning
 from dicom_node.dicom.handoff import Handoff
 from dicom_node.dicom.peers import GuardedServer, HandedServer, PeerGate, Slots
+from dicom_node.dicom.responses import NO_DATA_SET
 from dicom_node.ingest import Admission, Batch, Candidate, Source, StoreStatus
 from dicom_node.observability import NodeMetrics, get_logger
 from dicom_node.store import Ledger, uid_problem
@@ -273,10 +273,6 @@ class StorageSCP:
         return self.admission.admit(candidate, self._batches[key]).status
 
 
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows
-
-
 def _plainly_valid(command: Dataset) -> bool:
     """Whether a C-STORE request's command set is one pynetdicom surely serves: a Message ID in
     range, both UIDs well formed, a data set announced, a known priority (or none). Anything else
@@ -286,11 +282,8 @@ def _plainly_valid(command: Dataset) -> bool:
         return False
     if command.get("CommandDataSetType", NO_DATA_SET) == NO_DATA_SET or command.get("Priority", 0) not in (0, 1, 2):
         return False
-    for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
-        value = command.get(keyword)
-        if not isinstance(value, str) or len(value) > 64 or _UID.fullmatch(value) is None:
-            return False
-    return True
+    return all(isinstance(value := command.get(keyword), str) and uid_problem(value, keyword) is None
+               for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"))
 
 
 def _abort_quietly(assoc: Association) -> None:

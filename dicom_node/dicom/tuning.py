@@ -240,7 +240,9 @@ def _guarded_action(original: Callable[[StateMachine, str], None]) -> Callable[[
     return do_action
 
 
-def _waking_acceptor(original: Callable[[DULServiceProvider], None]) -> Callable[[DULServiceProvider], None]:
+def _dul_reactor(original: Callable[[DULServiceProvider], None]) -> Callable[[DULServiceProvider], None]:
+    """``run_reactor``: its wake-up pipe opened and closed around it (``wakeups``); when it ends, the
+    acceptor is told at once (and one still waiting for its A-ASSOCIATE-RQ ends)."""
     def run_reactor(self: DULServiceProvider) -> None:
         wakeups.open_dul(self)
         try:
@@ -356,7 +358,7 @@ def apply(poll_s: float) -> None:
                                   (DIMSEServiceProvider, "receive_primitive", _checked_receive),
                                   (DIMSEServiceProvider, "send_msg", _plain_store_responses),
                                   (AssociationSocket, "recv", _larger_reads),
-                                  (DULServiceProvider, "run_reactor", _waking_acceptor),
+                                  (DULServiceProvider, "run_reactor", _dul_reactor),
                                   (DULServiceProvider, "send_pdu", _waking_dul),
                                   (DULServiceProvider, "kill_dul", _waking_dul),
                                   (DULServiceProvider, "stop_dul", _stopping_dul)):

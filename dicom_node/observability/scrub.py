@@ -77,13 +77,10 @@ class PhiValues:
         self._size = size
         self._pattern: re.Pattern[str] | None = None
         self._lock = threading.Lock()
-        self._added: set[str] = set()  # values added whose variants are all still remembered
         self._read: set[tuple[object, ...]] = set()  # the raw identifying elements of datasets read
 
     def add(self, value: object) -> None:
         text = str(value).strip()
-        if text in self._added:  # every image of a study carries the same values: known, nothing to do
-            return
         variants = {text, *re.split(r"[\\^=]", text)}
         if re.fullmatch(r"\d{8}", text):  # a DA: also as a person would write it
             variants |= {f"{text[:4]}-{text[4:6]}-{text[6:]}", f"{text[6:]}.{text[4:6]}.{text[:4]}"}
@@ -93,14 +90,12 @@ class PhiValues:
         variants = {v.strip() for v in variants if len(v.strip()) >= MIN_PHI_VALUE_LENGTH}
         with self._lock:
             new = [v for v in variants if v not in self._values]
-            self._added.add(text)
             if not new:
                 return
             for v in new:
                 self._values[v] = None
             if len(self._values) > self._size:
-                self._added.clear()  # some variants are forgotten now: add() looks at each value again
-                self._read.clear()
+                self._read.clear()  # some values are forgotten now: add_from() reads each dataset again
             while len(self._values) > self._size:
                 self._values.pop(next(iter(self._values)))
             self._pattern = None
